@@ -1,0 +1,77 @@
+"""Loading the compiled extensions and talking to them without torch's C++ ABI.
+
+Both extensions are plain pybind11 modules: they take data pointers (ints), sizes,
+strides (in elements), dtype codes and, for CUDA, a stream handle. They never see a
+``torch.Tensor``, so one build works with any torch >= 2.4.
+
+- ``spar_kernels._C_cpu``: always built; the CPU twins of the CUDA C++ kernels.
+- ``spar_kernels._C_cuda``: built when nvcc is found; imports without a GPU or driver.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+from types import ModuleType
+
+import torch
+
+# Must match csrc/common/spar_common.h (enum class DType).
+DTYPE_CODES = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.float8_e4m3fn: 3,
+}
+
+
+def dtype_code(t: torch.Tensor) -> int:
+    try:
+        return DTYPE_CODES[t.dtype]
+    except KeyError:
+        raise TypeError(f"dtype {t.dtype} has no code in the compiled extensions") from None
+
+
+@lru_cache(maxsize=None)
+def _load(name: str) -> tuple[ModuleType | None, str]:
+    try:
+        return importlib.import_module(f"spar_kernels.{name}"), ""
+    except ImportError as e:
+        return None, str(e)
+
+
+def has_cpu_extension() -> bool:
+    return _load("_C_cpu")[0] is not None
+
+
+def has_cuda_extension() -> bool:
+    return _load("_C_cuda")[0] is not None
+
+
+def cuda_extension_error() -> str:
+    return _load("_C_cuda")[1] or "built"
+
+
+def cpu_ext() -> ModuleType:
+    mod, err = _load("_C_cpu")
+    if mod is None:
+        raise RuntimeError(
+            "spar_kernels._C_cpu is missing: spar was installed without its compiled CPU "
+            f"extension ({err}). Reinstall with `pip install -e .` from the repository root.")
+    return mod
+
+
+def cuda_ext() -> ModuleType:
+    mod, err = _load("_C_cuda")
+    if mod is None:
+        raise RuntimeError(
+            "spar_kernels._C_cuda is missing: spar was built without nvcc or with "
+            f"SPAR_BUILD_CUDA=0 ({err}).")
+    return mod
+
+
+def stream_of(t: torch.Tensor) -> int:
+    """The raw cudaStream_t of the current stream on t's device (0 for CPU tensors)."""
+    if t.device.type != "cuda":
+        return 0
+    return torch.cuda.current_stream(t.device).cuda_stream

@@ -1,0 +1,47 @@
+"""Argument checks shared by every launcher. Each raises ValueError/TypeError naming the
+argument, what it got and what was expected (never a bare assert)."""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fmt(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(name: str, t, *, ndim: int | Iterable[int] | None = None,
+                 dtypes: Sequence[torch.dtype] | None = None,
+                 device: torch.device | None = None,
+                 last_contiguous: bool = False) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            raise ValueError(f"{name}: expected {' or '.join(map(str, allowed))} dimensions, got {_fmt(t)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {_fmt(t)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of the inputs), got {_fmt(t)}")
+    if last_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {t.stride()}")
+    return t
+
+
+def check_shape(name: str, t: torch.Tensor, shape: Sequence[int]) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {_fmt(t)}")
+
+
+def check_out(name: str, out, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Validate a caller-provided output buffer (must be contiguous, exact shape and dtype)."""
+    check_tensor(name, out, dtypes=(dtype,), device=device)
+    check_shape(name, out, shape)
+    if not out.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {out.stride()}")
+    return out

@@ -1,0 +1,97 @@
+"""FP8 (float8_e4m3fn) quantization with float32 scales, per token row or per tensor.
+
+CUDA C++ (csrc/quantize_fp8/) with its CPU twin; the element math lives in
+csrc/quantize_fp8/quantize_fp8.h and is shared by both. The outputs are ready for
+``torch._scaled_mm``: per-token scales are shaped ``[..., 1]`` (``[M, 1]`` for a 2-D x),
+the per-tensor scale is a 0-dim tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ext
+from ._backend import select
+from ._validate import FLOAT_DTYPES, check_out, check_tensor
+from .reference import quantize_fp8 as _ref
+
+GRANULARITIES = ("token", "tensor")
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])  # a view whenever the layout allows, else a copy
+    if x2.shape[-1] > 1 and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def _impl_cpu(x, q, scales, per_token, workspace):
+    x2 = _as_rows(x)
+    _ext.cpu_ext().quantize_fp8(x2.data_ptr(), _ext.dtype_code(x2), x2.shape[0], x2.shape[1],
+                                x2.stride(0), q.data_ptr(), scales.data_ptr(), per_token)
+
+
+def _impl_cuda(x, q, scales, per_token, workspace):
+    x2 = _as_rows(x)
+    with torch.cuda.device(x.device):
+        _ext.cuda_ext().quantize_fp8(x2.data_ptr(), _ext.dtype_code(x2), x2.shape[0], x2.shape[1],
+                                     x2.stride(0), q.data_ptr(), scales.data_ptr(), per_token,
+                                     workspace.data_ptr() if workspace is not None else 0, _ext.stream_of(x))
+
+
+def _impl_reference(x, q, scales, per_token, workspace):
+    rq, rs = _ref.quantize_fp8(x, "token" if per_token else "tensor")
+    q.copy_(rq)
+    scales.copy_(rs.reshape(scales.shape))
+
+
+_IMPLS = {"cuda": _impl_cuda, "cpu": _impl_cpu, "reference": _impl_reference}
+
+
+@torch.library.custom_op("spar::quantize_fp8", mutates_args=("q", "scales", "workspace"))
+def _quantize_fp8_op(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, per_token: bool,
+                     workspace: torch.Tensor | None) -> None:
+    select("quantize_fp8", x.device, _IMPLS)(x, q, scales, per_token, workspace)
+
+
+@_quantize_fp8_op.register_fake
+def _(x, q, scales, per_token, workspace) -> None:
+    return None
+
+
+def quantize_fp8(x: torch.Tensor, granularity: str = "token", out=None):
+    """Quantize ``x`` to float8_e4m3fn, saturating at +-448.
+
+    Args:
+        x: ``[..., K]`` float32 / float16 / bfloat16, at least 1-D.
+        granularity: ``"token"`` (one scale per row of the last dimension) or ``"tensor"``.
+        out: optional ``(q, scales)`` pair of preallocated contiguous buffers: ``q`` float8_e4m3fn
+            of x's shape, ``scales`` float32 of shape ``x.shape[:-1] + (1,)`` (token) or ``()``
+            (tensor).
+
+    Returns:
+        ``(q, scales)`` with ``x ~= q.float() * scales``.
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise ValueError("x: expected at least 1 dimension, got a scalar")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
+    per_token = granularity == "token"
+    scale_shape = tuple(x.shape[:-1]) + (1,) if per_token else ()
+    if out is None:
+        q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+        scales = torch.empty(scale_shape, dtype=torch.float32, device=x.device)
+    else:
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise TypeError(f"out: expected a (q, scales) pair of tensors, got {type(out).__name__}")
+        q, scales = out
+        check_out("out[0] (q)", q, x.shape, torch.float8_e4m3fn, x.device)
+        check_out("out[1] (scales)", scales, scale_shape, torch.float32, x.device)
+    # one float for the tensor-wide amax of the CUDA path; the CPU twin and per-token need none
+    workspace = torch.empty(1, dtype=torch.float32, device=x.device) if x.is_cuda and not per_token else None
+    if x.numel() == 0:  # amax of nothing is 0: the scale of an all-zero input
+        scales.fill_(_ref.MIN_AMAX / _ref.FP8_MAX)
+        return q, scales
+    _quantize_fp8_op(x, q, scales, per_token, workspace)
+    return q, scales

@@ -1,0 +1,209 @@
+"""RMSNorm, optionally fused with the residual add of a decoder layer (Triton).
+
+    s = x + residual            (rounded to x's dtype and returned, when residual is given)
+    y = s * rsqrt(mean(s^2) + eps) * weight      (fp32 math, one rounding to x's dtype)
+
+One program per row. Rows up to ``_MAX_SINGLE_PASS`` wide stay in registers (one read, one
+write); wider rows are streamed in ``_CHUNK`` pieces twice (the second read hits L2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _aot
+from ._backend import select
+from ._triton import DOT_UPCAST, tl, triton  # noqa: F401
+from ._validate import FLOAT_DTYPES, check_out, check_shape, check_tensor
+from .reference import rms_norm as _ref
+
+_MAX_SINGLE_PASS = 8192   # widest row kept in registers (fp32: 32 KB/row across the warps)
+_CHUNK = 4096             # chunk of the two-pass path for wider rows
+_MIN_BLOCK = 128
+
+
+@triton.jit
+def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, D, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_PASS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride can pass 2^31 elements
+    x_row = X + row * stride_x
+    r_row = R + row * stride_r
+    s_row = S + row * stride_s
+    y_row = Y + row * stride_y
+    cols = tl.arange(0, BLOCK_D)
+    if SINGLE_PASS:
+        mask = cols < D
+        h = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            h += tl.load(r_row + cols, mask=mask, other=0.0).to(tl.float32)
+            s = h.to(S.dtype.element_ty)  # the stored sum is what gets normalized
+            tl.store(s_row + cols, s, mask=mask)
+            h = s.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(h * h, axis=0) / D + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_row + cols, (h * rstd * w).to(Y.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for start in range(0, D, BLOCK_D):
+            c = start + cols
+            mask = c < D
+            h = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                h += tl.load(r_row + c, mask=mask, other=0.0).to(tl.float32)
+                s = h.to(S.dtype.element_ty)
+                tl.store(s_row + c, s, mask=mask)
+                h = s.to(tl.float32)
+            acc += h * h
+        rstd = tl.rsqrt(tl.sum(acc, axis=0) / D + eps)
+        for start in range(0, D, BLOCK_D):
+            c = start + cols
+            mask = c < D
+            if HAS_RESIDUAL:
+                h = tl.load(s_row + c, mask=mask, other=0.0).to(tl.float32)
+            else:
+                h = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_row + c, (h * rstd * w).to(Y.dtype.element_ty), mask=mask)
+
+
+def _launch_config(D: int) -> tuple[int, int, bool]:
+    """(BLOCK_D, num_warps, single_pass) for a row of D elements."""
+    if D <= _MAX_SINGLE_PASS:
+        block = max(_MIN_BLOCK, triton.next_power_of_2(D))
+        return block, min(16, max(1, block // 256)), True
+    return _CHUNK, 8, False
+
+
+_LAUNCH_BLOCKS = [1 << p for p in range(_MIN_BLOCK.bit_length() - 1, _MAX_SINGLE_PASS.bit_length())]
+
+
+@_aot.register
+def _aot_specs():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        t = _aot.TRITON_DTYPE[dtype]
+        for has_res in (False, True):
+            for D in _LAUNCH_BLOCKS + [_MAX_SINGLE_PASS + 1]:
+                block, warps, single = _launch_config(D)
+                yield _aot.AOTSpec(
+                    kernel_name="rms_norm", fn=_rms_norm_kernel,
+                    config=f"{t} residual={int(has_res)} BLOCK_D={block} {'single' if single else 'two-pass'} warps={warps}",
+                    signature={"X": f"*{t}", "R": f"*{t}", "W": f"*{t}", "Y": f"*{t}", "S": f"*{t}",
+                               "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "stride_s": "i32",
+                               "D": "i32", "eps": "fp32", "HAS_RESIDUAL": "constexpr", "BLOCK_D": "constexpr",
+                               "SINGLE_PASS": "constexpr"},
+                    constexprs={"HAS_RESIDUAL": has_res, "BLOCK_D": block, "SINGLE_PASS": single},
+                    num_warps=warps, num_stages=1, aligned=("X", "R", "W", "Y", "S"))
+
+
+# ---------------------------------------------------------------------------------------------
+# implementations (all write into preallocated out / residual_out)
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _impl_triton(x, weight, eps, residual, out, residual_out):
+    x2, y2 = _rows(x), out.view(-1, x.shape[-1])
+    n_rows, D = x2.shape
+    if n_rows == 0:
+        return
+    if residual is not None:
+        r2, s2 = _rows(residual), residual_out.view(-1, D)
+    else:
+        r2, s2 = x2, y2  # unused (HAS_RESIDUAL=False); any valid pointers
+    block, warps, single = _launch_config(D)
+    with torch.cuda.device(x.device) if x.is_cuda else _nullctx():
+        _rms_norm_kernel[(n_rows,)](
+            x2, r2, weight, y2, s2, x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0), D, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK_D=block, SINGLE_PASS=single, num_warps=warps)
+
+
+class _nullctx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def _impl_reference(x, weight, eps, residual, out, residual_out):
+    res = _ref.rms_norm(x, weight, eps, residual)
+    if residual is None:
+        out.copy_(res)
+    else:
+        out.copy_(res[0])
+        residual_out.copy_(res[1])
+
+
+def _impl_cpu(x, weight, eps, residual, out, residual_out):
+    # The reference is already a handful of vectorized ATen passes on CPU; process rows in
+    # chunks so the fp32 temporaries stay cache-sized and bounded.
+    D = x.shape[-1]
+    x2, y2 = _rows(x), out.view(-1, D)
+    r2 = _rows(residual) if residual is not None else None
+    s2 = residual_out.view(-1, D) if residual is not None else None
+    chunk = max(1, (1 << 20) // max(D, 1))
+    for i in range(0, x2.shape[0], chunk):
+        sl = slice(i, i + chunk)
+        res = _ref.rms_norm(x2[sl], weight, eps, None if r2 is None else r2[sl])
+        if r2 is None:
+            y2[sl].copy_(res)
+        else:
+            y2[sl].copy_(res[0])
+            s2[sl].copy_(res[1])
+
+
+_IMPLS = {"triton": _impl_triton, "cpu": _impl_cpu, "reference": _impl_reference}
+
+
+@torch.library.custom_op("spar::rms_norm", mutates_args=("out", "residual_out"))
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+                 out: torch.Tensor, residual_out: torch.Tensor | None) -> None:
+    select("rms_norm", x.device, _IMPLS)(x, weight, eps, residual, out, residual_out)
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps, residual, out, residual_out) -> None:
+    return None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
+             out: torch.Tensor | None = None, *, residual_out: torch.Tensor | None = None):
+    """RMSNorm over the last dimension, optionally adding ``residual`` first.
+
+    Args:
+        x: ``[..., D]`` float32 / float16 / bfloat16; any strides (rows that are not a view
+            of a 2-D layout are copied).
+        weight: ``[D]``, any float dtype.
+        eps: added to the mean square.
+        residual: optional, same shape and dtype as ``x``; ``s = x + residual`` is normalized.
+        out: optional contiguous output of x's shape and dtype.
+        residual_out: optional contiguous buffer for ``s`` (may be ``residual`` itself when it
+            is contiguous, for the in-place update decoder layers do).
+
+    Returns:
+        ``y``, or ``(y, s)`` when ``residual`` is given.
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise ValueError("x: expected at least 1 dimension, got a scalar")
+    D = x.shape[-1]
+    check_tensor("weight", weight, ndim=1, dtypes=FLOAT_DTYPES, device=x.device, last_contiguous=True)
+    check_shape("weight", weight, (D,))
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+    if residual is not None:
+        check_tensor("residual", residual, dtypes=(x.dtype,), device=x.device)
+        check_shape("residual", residual, x.shape)
+        if residual_out is None:
+            residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        else:
+            check_out("residual_out", residual_out, x.shape, x.dtype, x.device)
+    elif residual_out is not None:
+        raise ValueError("residual_out: only meaningful together with residual")
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    else:
+        check_out("out", out, x.shape, x.dtype, x.device)
+    _rms_norm_op(x, weight, float(eps), residual, out, residual_out)
+    return out if residual is None else (out, residual_out)
