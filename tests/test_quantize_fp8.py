@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+import spar_kernels as sk
+from spar_kernels.reference import quantize_fp8 as ref
+from spar_kernels.testing import non_contiguous, poison
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _bits(q):
+    return q.view(torch.uint8)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("granularity", ["token", "tensor"])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 113), (3, 5, 257), (16, 896), (2, 4096)])
+def test_quantize_fp8_bit_exact_vs_reference(backend, dtype, granularity, shape):
+    x = (torch.randn(shape) * torch.logspace(-3, 3, shape[-1])).to(dtype)
+    q = torch.empty(shape, dtype=torch.float8_e4m3fn)
+    s = torch.empty(tuple(shape[:-1]) + (1,) if granularity == "token" else (), dtype=torch.float32)
+    poison(q, s)
+    with sk.backend(backend):
+        got_q, got_s = sk.quantize_fp8(x, granularity, out=(q, s))
+    want_q, want_s = ref.quantize_fp8(x, granularity)
+    assert got_q is q and got_s is s
+    assert torch.equal(_bits(got_q), _bits(want_q))
+    assert torch.equal(got_s, want_s.reshape(got_s.shape))
+    # dequantized error is within half an fp8 ulp (3 mantissa bits) of each value
+    deq = ref.dequantize_fp8(got_q, got_s)
+    assert bool(((deq - x.float()).abs() <= x.float().abs() * 2**-4 + got_s * 2**-9 + 1e-30).all())
+
+
+def test_quantize_fp8_encoding_every_code():
+    # Every finite e4m3fn value, the midpoints between neighbours (ties to even), and values
+    # beyond the range (saturate to +-448) must encode exactly as torch does.
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    finite = codes[torch.isfinite(codes)].unique()
+    mids = (finite[1:] + finite[:-1]) / 2
+    x = torch.cat([finite, mids, torch.tensor([500.0, -1e6, 448.0, 464.0, -464.0, 1e-7])])
+    # per tensor with amax 448 * s -> scale 1 exactly when we scale the input by 1
+    scale = float(x.abs().max()) / 448.0
+    xs = x * scale  # so that x / scale reproduces x (scale is a power-of-two-free exact factor here)
+    got_q, got_s = sk.quantize_fp8(xs, "tensor")
+    want_q, want_s = ref.quantize_fp8(xs, "tensor")
+    assert torch.equal(_bits(got_q), _bits(want_q))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_fp8_non_contiguous(dtype):
+    x = non_contiguous(torch.randn(33, 70).to(dtype), 0)
+    for g in ("token", "tensor"):
+        got_q, got_s = sk.quantize_fp8(x, g)
+        want_q, want_s = ref.quantize_fp8(x.contiguous(), g)
+        assert torch.equal(_bits(got_q), _bits(want_q))
+        assert torch.equal(got_s, want_s.reshape(got_s.shape))
+    xt = torch.randn(40, 24).to(dtype).t()  # last dim strided: copied to rows
+    got_q, _ = sk.quantize_fp8(xt, "token")
+    assert torch.equal(_bits(got_q), _bits(ref.quantize_fp8(xt, "token")[0]))
+
+
+def test_quantize_fp8_zero_and_empty_inputs():
+    q, s = sk.quantize_fp8(torch.zeros(3, 16), "token")
+    assert torch.equal(_bits(q), torch.zeros(3, 16, dtype=torch.uint8))
+    assert bool((s > 0).all())
+    q, s = sk.quantize_fp8(torch.zeros(0, 16), "tensor")
+    assert q.shape == (0, 16) and s.shape == ()
+
+
+def test_quantize_fp8_feeds_scaled_mm():
+    a, b = torch.randn(32, 64), torch.randn(48, 64)
+    qa, sa = sk.quantize_fp8(a, "token")
+    qb, sb = sk.quantize_fp8(b, "token")
+    y = torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t(), out_dtype=torch.float32)
+    rel = (y - a @ b.t()).norm() / (a @ b.t()).norm()
+    assert rel < 0.05
+    qa, sa = sk.quantize_fp8(a, "tensor")
+    qb, sb = sk.quantize_fp8(b, "tensor")
+    y = torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb, out_dtype=torch.float32)
+    assert (y - a @ b.t()).norm() / (a @ b.t()).norm() < 0.05
+
+
+def test_quantize_fp8_opcheck_and_compile():
+    x = torch.randn(4, 32)
+    q = torch.empty(4, 32, dtype=torch.float8_e4m3fn)
+    s = torch.empty(4, 1)
+    # test_schema compares fp8 outputs with arithmetic fp8 lacks on CPU; the rest applies
+    torch.library.opcheck(torch.ops.spar.quantize_fp8.default, (x, q, s, True, None),
+                          test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
+    f = torch.compile(lambda x: sk.quantize_fp8(x, "token")[1] * 2, fullgraph=True, backend="eager")
+    torch.testing.assert_close(f(x), ref.quantize_fp8(x, "token")[1] * 2)
+
+
+@pytest.mark.parametrize("call, match, exc", [
+    (lambda: sk.quantize_fp8(torch.ones(4, 8, dtype=torch.int32)), "x: expected dtype", ValueError),
+    (lambda: sk.quantize_fp8(torch.ones(4, 8), "channel"), "granularity", ValueError),
+    (lambda: sk.quantize_fp8(torch.tensor(1.0)), "x: expected at least 1", ValueError),
+    (lambda: sk.quantize_fp8(torch.ones(4, 8), out=torch.empty(4, 8)), "out: expected a \\(q, scales\\)", TypeError),
+    (lambda: sk.quantize_fp8(torch.ones(4, 8), out=(torch.empty(4, 8), torch.empty(4, 1))), "out\\[0\\]", ValueError),
+    (lambda: sk.quantize_fp8(torch.ones(4, 8), out=(torch.empty(4, 8, dtype=torch.float8_e4m3fn), torch.empty(4))),
+     "out\\[1\\]", ValueError),
+])
+def test_quantize_fp8_bad_inputs(call, match, exc):
+    with pytest.raises(exc, match=match):
+        call()

@@ -1,0 +1,119 @@
+import pytest
+import torch
+
+import spar_kernels as sk
+from spar_kernels.reference import rms_norm as ref
+from spar_kernels.testing import assert_close_fa, fp64, non_contiguous, poisoned_empty
+
+from conftest import requires_triton
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BACKENDS = [pytest.param("triton", marks=requires_triton), "cpu", "reference"]
+
+
+def _check(backend, shape, dtype, with_residual, weight_dtype=None, noncontig=False, eps=1e-6):
+    D = shape[-1]
+    x = torch.randn(shape, dtype=dtype) * 3 + 0.5
+    w = torch.randn(D, dtype=weight_dtype or dtype)
+    r = torch.randn(shape, dtype=dtype) if with_residual else None
+    if noncontig:
+        x = non_contiguous(x, 0)
+        r = non_contiguous(r, -1).contiguous() if r is not None else None
+    out = poisoned_empty(shape, dtype=dtype)
+    with sk.backend(backend):
+        got = sk.rms_norm(x, w, eps, residual=r, out=out)
+    want64 = fp64(ref.rms_norm, x, w, eps, r, compute_dtype=torch.float64)
+    base = ref.rms_norm(x, w, eps, r, compute_dtype=dtype)  # torch in the same low precision
+    if with_residual:
+        y, s = got
+        assert y is out
+        # the stored sum is one rounding of x + r, bit-identical to torch's
+        torch.testing.assert_close(s, (x.double() + r.double()).to(dtype), atol=0, rtol=0)
+        assert_close_fa(y, base[0], want64[0], name="y")
+    else:
+        assert got is out
+        assert_close_fa(got, base, want64, name="y")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 113), (3, 5, 257), (2, 896), (4, 1536)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_reference(backend, dtype, shape, with_residual):
+    _check(backend, shape, dtype, with_residual)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rms_norm_wide_rows_two_pass(backend):
+    # wider than the single-pass limit: exercises the chunked path
+    _check(backend, (3, 9000), torch.bfloat16, True)
+    _check(backend, (2, 8193), torch.float32, False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_non_contiguous_and_mixed_weight(backend, dtype):
+    _check(backend, (9, 130), dtype, True, weight_dtype=torch.float32, noncontig=True)
+    x = torch.randn(6, 200, dtype=dtype)[:, 3:103]  # row stride 200, 100 wide
+    w = torch.randn(100, dtype=dtype)
+    with sk.backend(backend):
+        y = sk.rms_norm(x, w, 1e-5)
+    assert_close_fa(y, ref.rms_norm(x, w, 1e-5, compute_dtype=dtype), fp64(ref.rms_norm, x, w, 1e-5, compute_dtype=torch.float64))
+
+
+def test_rms_norm_in_place_residual_update():
+    x = torch.randn(5, 64)
+    r = torch.randn(5, 64)
+    want_s = x + r
+    y, s = sk.rms_norm(x, torch.ones(64), 1e-6, residual=r, residual_out=r)
+    assert s is r
+    torch.testing.assert_close(r, want_s)
+
+
+def test_rms_norm_empty_rows():
+    y = sk.rms_norm(torch.randn(0, 32), torch.ones(32))
+    assert y.shape == (0, 32)
+
+
+def test_rms_norm_torch_compile_fullgraph():
+    f = torch.compile(lambda x, w: sk.rms_norm(x, w, 1e-6) * 2, fullgraph=True, backend="eager")
+    x, w = torch.randn(4, 40), torch.randn(40)
+    torch.testing.assert_close(f(x, w), ref.rms_norm(x, w, 1e-6) * 2)
+
+
+def test_rms_norm_opcheck():
+    x, w = torch.randn(3, 24), torch.randn(24)
+    out = torch.empty_like(x)
+    torch.library.opcheck(torch.ops.spar.rms_norm.default, (x, w, 1e-6, None, out, None))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: sk.rms_norm(torch.randn(4, 8).int(), torch.ones(8)), "x: expected dtype"),
+    (lambda: sk.rms_norm(torch.randn(4, 8), torch.ones(9)), "weight: expected shape"),
+    (lambda: sk.rms_norm(torch.randn(4, 8), torch.ones(8, 1)), "weight: expected 1 dimensions"),
+    (lambda: sk.rms_norm(torch.randn(4, 8), torch.ones(8), -1.0), "eps"),
+    (lambda: sk.rms_norm(torch.randn(4, 8), torch.ones(8), residual=torch.randn(4, 7)), "residual: expected shape"),
+    (lambda: sk.rms_norm(torch.randn(4, 8), torch.ones(8), residual=torch.randn(4, 8).half()), "residual: expected dtype"),
+    (lambda: sk.rms_norm(torch.randn(4, 8), torch.ones(8), out=torch.empty(4, 8).half()), "out: expected dtype"),
+    (lambda: sk.rms_norm(torch.randn(4, 8), torch.ones(8), out=torch.empty(8, 4).t()), "out: expected a contiguous"),
+    (lambda: sk.rms_norm(torch.randn(4, 8), torch.ones(8), residual_out=torch.empty(4, 8)), "residual_out"),
+    (lambda: sk.rms_norm(torch.tensor(1.0), torch.ones(1)), "x: expected at least 1"),
+    (lambda: sk.rms_norm(torch.randn(4, 8), torch.ones(16)[::2]), "weight: the last dimension must be contiguous"),
+])
+def test_rms_norm_bad_inputs(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+def test_backend_errors():
+    x, w = torch.randn(2, 8), torch.ones(8)
+    with pytest.raises(sk.BackendUnavailableError, match="no 'cuda' implementation"):
+        with sk.backend("cuda"):
+            sk.rms_norm(x, w)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        with sk.backend("gpu"):
+            pass
+    with pytest.raises(sk.BackendUnavailableError, match="needs CUDA tensors"):
+        with sk.backend("cuda"):
+            sk.quantize_fp8(x)
+    assert sk.current_backend() == "auto"
