@@ -1,0 +1,1 @@
+"""spar benchmarks: ``python -m bench`` (see bench/harness.py)."""

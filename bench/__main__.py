@@ -1,0 +1,46 @@
+"""python -m bench [--device cpu|cuda] [--quick] [--only op1,op2] [--out DIR]
+
+Runs every case of every bench/bench_<op>.py on one device, spar against its reference and
+peers in the same run, prints a Markdown table and writes JSON + Markdown (+ PNG) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from bench import harness
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--quick", action="store_true", help="fewer cases and repetitions (about a minute on CPU)")
+    p.add_argument("--only", default=None, help=f"comma-separated ops among {[m[6:] for m in harness.discover()]}")
+    p.add_argument("--out", default="bench/results", help="directory for the JSON / Markdown / PNG")
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device available")
+    only = [s.strip() for s in args.only.split(",")] if args.only else None
+    dev = harness.device_name(device)
+    print(f"spar bench on {dev}{' (quick)' if args.quick else ''}", flush=True)
+    t0 = time.time()
+    results = []
+    for case in harness.collect(device, args.quick, only):
+        rows = harness.run_case(case, device, quick=args.quick)
+        results.extend(rows)
+        summary = ", ".join(f"{r.provider} {r.median_us:.1f}us" if r.median_us else f"{r.provider} n/a" for r in rows)
+        print(f"  {case.op}: {case.name}: {summary}", flush=True)
+    print()
+    print(harness.markdown(results, dev, args.quick))
+    paths = harness.write(results, dev, args.quick, args.out)
+    print(f"wrote {', '.join(paths.values())} in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

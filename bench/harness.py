@@ -1,0 +1,221 @@
+"""The benchmark harness every bench/bench_<op>.py plugs into.
+
+A bench module defines ``cases(device: torch.device, quick: bool) -> Iterable[Case]``. A
+:class:`Case` names its op and shape, the bytes and FLOPs the op must move/compute (written in
+code, so GB/s and TFLOP/s are derived, not guessed), and its providers: ``{name: factory}``,
+where ``factory()`` builds inputs and returns the zero-argument callable to time, or raises
+:class:`Unavailable` (a peer not installed, a path not supported on this device). spar and
+its peers are timed in the same run, on the same device, one after another.
+
+Timing: CUDA -> CUDA events around each call (after warm-up, with an L2-sized buffer flushed
+between calls); CPU -> ``time.perf_counter`` per call. Reported: median, p20, p80 in
+microseconds, GB/s and TFLOP/s at the median, and each provider's speedup over the case's
+baseline provider.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import importlib
+import json
+import os
+import pkgutil
+import platform
+import statistics
+import time
+from typing import Callable, Iterable
+
+import torch
+
+
+class Unavailable(Exception):
+    """Raised by a provider factory when that provider cannot run here (reason in the message)."""
+
+
+@dataclasses.dataclass
+class Case:
+    op: str                       # e.g. "rms_norm"
+    name: str                     # e.g. "qwen2.5-0.5b prefill 2x330x896 bf16"
+    providers: dict[str, Callable[[], Callable[[], object]]]
+    bytes: int | None = None      # minimum bytes the op must read + write
+    flops: int | None = None      # FLOPs of the op
+    baseline: str | None = None   # provider the speedups are relative to (default: the second one)
+    note: str = ""
+
+
+@dataclasses.dataclass
+class Result:
+    op: str
+    case: str
+    provider: str
+    device: str
+    median_us: float | None
+    p20_us: float | None
+    p80_us: float | None
+    gbps: float | None
+    tflops: float | None
+    speedup: float | None
+    error: str | None = None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA)"
+    model = platform.processor() or "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU: {model}, {torch.get_num_threads()} threads"
+
+
+def _time_cuda(fn, reps: int, warmup: int) -> list[float]:
+    flush = torch.empty(64 * 1024 * 1024, dtype=torch.int8, device="cuda")
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends):
+        flush.zero_()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]  # ms -> us
+
+
+def _time_cpu(fn, reps: int, warmup: int, budget_s: float) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times, t_end = [], time.perf_counter() + budget_s
+    for i in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+        if i >= 2 and time.perf_counter() > t_end:
+            break
+    return times
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0]
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def run_case(case: Case, device: torch.device, *, quick: bool) -> list[Result]:
+    dev = device_name(device)
+    reps, warmup, budget = (10, 2, 1.0) if quick else (50, 5, 5.0)
+    rows: list[Result] = []
+    for prov, factory in case.providers.items():
+        try:
+            fn = factory()
+            times = _time_cuda(fn, reps, warmup) if device.type == "cuda" else _time_cpu(fn, reps, warmup, budget)
+        except Unavailable as e:
+            rows.append(Result(case.op, case.name, prov, dev, None, None, None, None, None, None, f"unavailable: {e}"))
+            continue
+        except Exception as e:  # noqa: BLE001 - a broken provider is reported, not fatal
+            rows.append(Result(case.op, case.name, prov, dev, None, None, None, None, None, None,
+                               f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
+            continue
+        med = statistics.median(times)
+        rows.append(Result(case.op, case.name, prov, dev, med, _quantile(times, 0.2), _quantile(times, 0.8),
+                           case.bytes / med / 1e3 if case.bytes else None,
+                           case.flops / med / 1e6 if case.flops else None, None))
+    base_name = case.baseline or (list(case.providers)[1] if len(case.providers) > 1 else None)
+    base = next((r for r in rows if r.provider == base_name and r.median_us), None)
+    for r in rows:
+        if base and r.median_us:
+            r.speedup = base.median_us / r.median_us
+    return rows
+
+
+def discover() -> list[str]:
+    """Names of the bench modules (bench/bench_*.py)."""
+    here = os.path.dirname(__file__)
+    return sorted(m.name for m in pkgutil.iter_modules([here]) if m.name.startswith("bench_"))
+
+
+def collect(device: torch.device, quick: bool, only: Iterable[str] | None = None) -> list[Case]:
+    cases: list[Case] = []
+    wanted = set(only) if only else None
+    for mod_name in discover():
+        op = mod_name[len("bench_"):]
+        if wanted and op not in wanted:
+            continue
+        mod = importlib.import_module(f"bench.{mod_name}")
+        cases.extend(mod.cases(device, quick))
+    return cases
+
+
+def markdown(results: list[Result], device: str, quick: bool) -> str:
+    lines = [f"# spar benchmarks on {device}", "",
+             f"{_dt.datetime.now().isoformat(timespec='seconds')}, {'quick' if quick else 'full'} run, "
+             f"torch {torch.__version__}. Times in microseconds (median [p20, p80]); speedup is relative "
+             "to the case's baseline provider measured in the same run." +
+             (" These are CPU figures." if device.startswith("CPU") else ""), ""]
+    lines.append("| op | case | provider | median us | p20-p80 us | GB/s | TFLOP/s | speedup |")
+    lines.append("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        if r.median_us is None:
+            lines.append(f"| {r.op} | {r.case} | {r.provider} | - | - | - | - | {r.error} |")
+            continue
+        lines.append(f"| {r.op} | {r.case} | {r.provider} | {r.median_us:.1f} | {r.p20_us:.1f}-{r.p80_us:.1f} | "
+                     f"{'' if r.gbps is None else f'{r.gbps:.1f}'} | {'' if r.tflops is None else f'{r.tflops:.3f}'} | "
+                     f"{'' if r.speedup is None else f'{r.speedup:.2f}x'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[Result], path: str) -> bool:
+    """Speedup per case and provider as a PNG (when matplotlib is installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001
+        return False
+    ok = [r for r in results if r.speedup]
+    if not ok:
+        return False
+    labels = sorted({f"{r.op}: {r.case}" for r in ok})
+    provs = sorted({r.provider for r in ok})
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(labels) * len(provs) + 1.5))
+    h = 0.8 / len(provs)
+    for j, p in enumerate(provs):
+        ys = [i + j * h for i in range(len(labels))]
+        vals = [next((r.speedup for r in ok if f"{r.op}: {r.case}" == l and r.provider == p), 0) for l in labels]
+        ax.barh(ys, vals, height=h, label=p)
+    ax.set_yticks([i + 0.4 - h / 2 for i in range(len(labels))], labels, fontsize=7)
+    ax.axvline(1.0, color="k", lw=0.5)
+    ax.set_xlabel("speedup over baseline (same run)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def write(results: list[Result], device: str, quick: bool, out_dir: str) -> dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    tag = "cuda" if "(CUDA)" in device else "cpu"
+    base = os.path.join(out_dir, f"bench-{tag}-{stamp}")
+    with open(base + ".json", "w") as f:
+        json.dump({"device": device, "quick": quick, "torch": torch.__version__,
+                   "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(markdown(results, device, quick))
+    paths = {"json": base + ".json", "markdown": base + ".md"}
+    if plot(results, base + ".png"):
+        paths["png"] = base + ".png"
+    return paths
