@@ -1,0 +1,207 @@
+"""Checkpoint loading: safetensors only, with errors that name what is missing or mis-shaped.
+
+Every spar_runtime component loads through here:
+
+- :func:`read_json` reads a config file (``config.json``, ``spar_config.json``);
+- :func:`load_safetensors_dir` reads the weights of a component folder in its public format
+  (transformers' ``model.safetensors``, diffusers' ``diffusion_pytorch_model.safetensors``, or
+  the shards named by a ``*.safetensors.index.json``), or one ``.safetensors`` file;
+- :func:`check_state_dict` compares what was read with the names and shapes a module expects.
+
+Pickle-based checkpoints (``.bin``, ``.pt``, ``.pth``, ``.ckpt``, ``.pkl``) are refused: loading
+them executes code from the file. Convert them with ``safetensors.torch.save_file`` first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Mapping
+
+import torch
+
+__all__ = ["CheckpointError", "PICKLE_SUFFIXES", "read_json", "load_safetensors_file",
+           "load_safetensors_dir", "check_state_dict"]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_SINGLE_FILE_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")  # transformers, diffusers
+_LIST_LIMIT = 20  # names listed per category in an error message
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: missing file, pickle format, missing/unknown/mis-shaped keys."""
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """Read a JSON object from ``path``; raise :class:`CheckpointError` naming the file otherwise."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON file ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _refuse_pickle(path: str) -> None:
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        raise CheckpointError(
+            f"{path}: pickle-based checkpoints are refused (loading them runs code from the file); "
+            "convert the weights to safetensors (safetensors.torch.save_file) first")
+
+
+def _convert(t: torch.Tensor, device, dtype) -> torch.Tensor:
+    if dtype is not None and t.is_floating_point():
+        return t.to(device=device, dtype=dtype) if device is not None else t.to(dtype=dtype)
+    return t.to(device=device) if device is not None else t
+
+
+def _read_file(path: str, prefix: str | None, device, dtype, names: Iterable[str] | None = None,
+               into: dict | None = None) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    _refuse_pickle(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: file not found")
+    out = {} if into is None else into
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            keys = list(f.keys()) if names is None else list(names)
+            present = set(f.keys()) if names is not None else None
+            for key in keys:
+                if present is not None and key not in present:
+                    raise CheckpointError(f"{path}: the index maps {key!r} to this file, which does not hold it")
+                if prefix is not None:
+                    if not key.startswith(prefix):
+                        continue
+                    name = key[len(prefix):]
+                else:
+                    name = key
+                if name in out:
+                    raise CheckpointError(f"{path}: key {key!r} appears in more than one file")
+                out[name] = _convert(f.get_tensor(key), device, dtype)
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from e
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e})") from e
+    return out
+
+
+def load_safetensors_file(path: str | os.PathLike, *, prefix: str | None = None, device=None,
+                          dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of one ``.safetensors`` file (see :func:`load_safetensors_dir` for the arguments)."""
+    return _read_file(os.fspath(path), prefix, device, dtype)
+
+
+def _index_files(folder: str) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n.endswith(".safetensors.index.json"))
+
+
+def _load_index(folder: str, index_name: str, prefix, device, dtype) -> dict[str, torch.Tensor]:
+    index_path = os.path.join(folder, index_name)
+    index = read_json(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: expected a non-empty 'weight_map' object")
+    by_file: dict[str, list[str]] = {}
+    for key, fname in weight_map.items():
+        if not isinstance(fname, str):
+            raise CheckpointError(f"{index_path}: weight_map[{key!r}] must be a file name, got {fname!r}")
+        if prefix is None or key.startswith(prefix):
+            by_file.setdefault(fname, []).append(key)
+    shard_names = sorted(set(weight_map.values()))
+    for fname in shard_names:
+        _refuse_pickle(os.path.join(folder, fname))
+    missing = [f for f in shard_names if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise CheckpointError(f"{index_path}: shard file(s) missing from {folder}: {', '.join(missing)}")
+    out: dict[str, torch.Tensor] = {}
+    for fname, keys in by_file.items():
+        _read_file(os.path.join(folder, fname), prefix, device, dtype, names=keys, into=out)
+    return out
+
+
+def load_safetensors_dir(folder: str | os.PathLike, *, prefix: str | None = None, device=None,
+                         dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read the weights of a component folder (or a single ``.safetensors`` file).
+
+    Resolution order inside ``folder``: ``model.safetensors`` or
+    ``diffusion_pytorch_model.safetensors``; else a ``*.safetensors.index.json``
+    (its shards, every one of which must exist); else the folder's ``*.safetensors`` files
+    (several are merged, a key present twice is an error). A folder holding only pickle files (``pytorch_model.bin``...) is refused.
+
+    Args:
+        folder: a directory, or the path of one ``.safetensors`` file.
+        prefix: keep only keys starting with it, and strip it from the returned names
+            (``prefix="language_model."`` turns ``language_model.model.norm.weight`` into
+            ``model.norm.weight``).
+        device: where the tensors go (loaded on CPU first).
+        dtype: floating-point tensors are converted to it; integer tensors are left as stored.
+
+    Returns:
+        ``{name: tensor}``.
+
+    Raises:
+        CheckpointError: missing folder or files, pickle checkpoints, invalid files, a key in two files.
+    """
+    folder = os.fspath(folder)
+    if os.path.isfile(folder):
+        if not folder.endswith(".safetensors"):
+            _refuse_pickle(folder)
+            raise CheckpointError(f"{folder}: expected a .safetensors file or a folder holding one")
+        return _read_file(folder, prefix, device, dtype)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: no such checkpoint folder or file")
+    for name in _SINGLE_FILE_NAMES:
+        single = os.path.join(folder, name)
+        if os.path.isfile(single):
+            return _read_file(single, prefix, device, dtype)
+    indexes = _index_files(folder)
+    if len(indexes) > 1:
+        raise CheckpointError(f"{folder}: several safetensors index files ({', '.join(indexes)}); expected one")
+    if indexes:
+        return _load_index(folder, indexes[0], prefix, device, dtype)
+    files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    if not files:
+        pickles = sorted(n for n in os.listdir(folder) if n.lower().endswith(PICKLE_SUFFIXES))
+        if pickles:
+            raise CheckpointError(
+                f"{folder}: only pickle-based weights found ({', '.join(pickles)}); they are refused "
+                "(loading them runs code from the file); convert them to safetensors first")
+        raise CheckpointError(f"{folder}: no weights found (expected model.safetensors, a "
+                              "*.safetensors.index.json with its shards, or *.safetensors files)")
+    out: dict[str, torch.Tensor] = {}
+    for name in files:
+        _read_file(os.path.join(folder, name), prefix, device, dtype, into=out)
+    return out
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:_LIST_LIMIT])
+    return shown + (f", ... ({len(names) - _LIST_LIMIT} more)" if len(names) > _LIST_LIMIT else "")
+
+
+def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """Raise :class:`CheckpointError` unless ``sd`` holds exactly the ``expected`` names and shapes.
+
+    The message lists every missing key, every unexpected key and every mis-shaped key
+    (name, shape got, shape expected), prefixed with ``where`` (e.g. the folder it came from).
+    """
+    missing = sorted(k for k in expected if k not in sd)
+    unexpected = sorted(k for k in sd if k not in expected)
+    misshaped = sorted(k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k]))
+    if not (missing or unexpected or misshaped):
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+    if misshaped:
+        shown = [f"{k}: got {tuple(sd[k].shape)}, expected {tuple(expected[k])}" for k in misshaped]
+        parts.append(f"mis-shaped keys ({len(misshaped)}): {_listing(shown)}")
+    raise CheckpointError(f"{where}: " + "; ".join(parts))
