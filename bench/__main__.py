@@ -20,6 +20,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="fewer cases and repetitions (about a minute on CPU)")
     p.add_argument("--only", default=None, help=f"comma-separated ops among {[m[6:] for m in harness.discover()]}")
+    p.add_argument("--max-cases", type=int, default=0, help="stop after this many cases (0: all)")
     p.add_argument("--out", default="bench/results", help="directory for the JSON / Markdown / PNG")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -30,7 +31,8 @@ def main(argv=None) -> int:
     print(f"spar bench on {dev}{' (quick)' if args.quick else ''}", flush=True)
     t0 = time.time()
     results = []
-    for case in harness.collect(device, args.quick, only):
+    cases = harness.collect(device, args.quick, only)
+    for case in cases[:args.max_cases] if args.max_cases > 0 else cases:
         rows = harness.run_case(case, device, quick=args.quick)
         results.extend(rows)
         summary = ", ".join(f"{r.provider} {r.median_us:.1f}us" if r.median_us else f"{r.provider} n/a" for r in rows)

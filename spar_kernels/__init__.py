@@ -10,16 +10,33 @@ from ._backend import BACKENDS, BackendUnavailableError, backend, current_backen
 from .quantize_fp8 import quantize_fp8
 from .rms_norm import rms_norm
 
+from .routing import route_layers
 # @ops-imports (one line per op module: from .<op> import <public names>)
 
 __version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """What this installation can run: compiled extensions, triton, interpreter mode."""
+    from . import _ext, _triton
+
+    return {
+        "version": __version__,
+        "cpu_extension": _ext.has_cpu_extension(),
+        "cuda_extension": _ext.has_cuda_extension(),
+        "cuda_extension_note": _ext.cuda_extension_error(),
+        "triton": _triton.HAS_TRITON,
+        "triton_interpret": _triton.INTERPRET,
+    }
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "backend",
+    "build_info",
     "current_backend",
     "quantize_fp8",
     "rms_norm",
+    "route_layers",
     # @ops-all
 ]

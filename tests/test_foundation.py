@@ -1,0 +1,118 @@
+"""The foundation itself: dispatch, the testing helpers, imports without a GPU, the bench harness."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import spar_kernels as sk
+from spar_kernels import testing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code: str, env_extra=None, drop=("TRITON_INTERPRET",)):
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error():
+    p = _run("import torch, spar_kernels as sk\n"
+             "with sk.backend('triton'):\n"
+             "    sk.rms_norm(torch.randn(2, 8), torch.ones(8))\n")
+    assert p.returncode != 0
+    assert "BackendUnavailableError" in p.stderr and "TRITON_INTERPRET=1" in p.stderr
+
+
+def test_import_without_gpu_and_auto_dispatch_on_cpu():
+    p = _run("import torch, spar_kernels as sk\n"
+             "assert not torch.cuda.is_available()\n"
+             "y = sk.rms_norm(torch.randn(3, 8), torch.ones(8))\n"
+             "q, s = sk.quantize_fp8(torch.randn(3, 8))\n"
+             "print(sk.build_info())\n", env_extra={"CUDA_VISIBLE_DEVICES": ""})
+    assert p.returncode == 0, p.stderr
+    assert "cpu_extension" in p.stdout
+
+
+def test_backend_context_nests_and_restores():
+    assert sk.current_backend() == "auto"
+    with sk.backend("reference"):
+        with sk.backend("cpu"):
+            assert sk.current_backend() == "cpu"
+        assert sk.current_backend() == "reference"
+    assert sk.current_backend() == "auto"
+    with pytest.raises(RuntimeError):
+        with sk.backend("cpu"):
+            raise RuntimeError("boom")
+    assert sk.current_backend() == "auto"
+
+
+def test_assert_close_fa_catches_a_wrong_kernel():
+    ref = torch.randn(64, 64, dtype=torch.float64)
+    base = ref.to(torch.bfloat16)
+    testing.assert_close_fa(base.clone(), base, ref)  # as good as torch: passes
+    bad = base.clone()
+    bad[3, 5] += 0.5
+    with pytest.raises(AssertionError, match=r"at \(3, 5\)"):
+        testing.assert_close_fa(bad, base, ref)
+    nan = base.clone()
+    nan[0, 0] = float("nan")
+    with pytest.raises(AssertionError, match="NaN: 1"):
+        testing.assert_close_fa(nan, base, ref)
+
+
+def test_assert_close_and_report():
+    a = torch.zeros(4, 4)
+    testing.assert_close(a, a.clone())
+    b = a.clone()
+    b[1, 2] = float("inf")
+    with pytest.raises(AssertionError, match="inf: 1"):
+        testing.assert_close(b, a)
+    with pytest.raises(AssertionError, match="shape"):
+        testing.assert_close(a, torch.zeros(4, 5))
+    inf = torch.tensor([float("inf"), 1.0])
+    testing.assert_close(inf, inf.clone())  # matching infinities are equal
+
+
+def test_poison_and_non_contiguous():
+    t = torch.empty(3, 4)
+    testing.poison(t)
+    assert torch.isnan(t).all()
+    q = torch.empty(5, dtype=torch.float8_e4m3fn)
+    testing.poison(q)
+    assert torch.isnan(q.float()).all()
+    i = torch.empty(3, dtype=torch.int32)
+    testing.poison(i)
+    assert (i == -0x7FFFFFFF).all()
+    x = torch.randn(5, 6)
+    v = testing.non_contiguous(x, 1)
+    assert not v.is_contiguous() and torch.equal(v, x)
+
+
+def test_fp64_helper_upcasts_only_floats():
+    seen = {}
+
+    def f(a, idx, *, b):
+        seen.update(a=a.dtype, idx=idx.dtype, b=b.dtype)
+        return a
+
+    testing.fp64(f, torch.ones(2, dtype=torch.bfloat16), torch.ones(2, dtype=torch.int64), b=torch.ones(1))
+    assert seen == {"a": torch.float64, "idx": torch.int64, "b": torch.float64}
+
+
+def test_tolerance_table_covers_claimed_dtypes():
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        tol = testing.tolerance(dt)
+        assert tol["atol"] > 0 and tol["rtol"] > 0
+
+
+def test_bench_quick_runs_and_writes_reports(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--only", "rms_norm",
+                        "--max-cases", "1", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "| rms_norm |" in p.stdout and "CPU" in p.stdout
+    files = os.listdir(tmp_path)
+    assert any(f.endswith(".json") for f in files) and any(f.endswith(".md") for f in files)
