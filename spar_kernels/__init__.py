@@ -11,6 +11,14 @@ from .quantize_fp8 import quantize_fp8
 from .rms_norm import rms_norm
 
 from .routing import route_layers
+from .attention import AttentionLayout, hybrid_attention, hybrid_attention_varlen
+from .linear_attention import linear_attention
+from .adaln import adaln_layernorm, gated_residual
+from .dwconv_glu import dwconv_glu
+from .sampler import FlowSampler
+from .schedules import flow_sigmas
+from .row_moves import gather_rows, pack_sequences, scatter_rows, unpack_sequences
+from .moe_routing import ExpertSplit, merge_experts, split_by_expert
 # @ops-imports (one line per op module: from .<op> import <public names>)
 
 __version__ = "0.1.0"
@@ -38,5 +46,21 @@ __all__ = [
     "quantize_fp8",
     "rms_norm",
     "route_layers",
+    "AttentionLayout",
+    "hybrid_attention",
+    "hybrid_attention_varlen",
+    "linear_attention",
+    "adaln_layernorm",
+    "gated_residual",
+    "dwconv_glu",
+    "FlowSampler",
+    "flow_sigmas",
+    "gather_rows",
+    "scatter_rows",
+    "pack_sequences",
+    "unpack_sequences",
+    "split_by_expert",
+    "merge_experts",
+    "ExpertSplit",
     # @ops-all
 ]

@@ -24,6 +24,7 @@ from ._validate import FLOAT_DTYPES, check_out, check_shape, check_tensor
 from .reference import routing as _ref
 
 MAX_K = 16
+_CUDA_MAX_D = 8192  # csrc/route_layers/api.h kRouteMaxDCuda: widest row the CUDA kernel keeps in registers
 ALL_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -46,7 +47,7 @@ def as_index(name: str, idx, device: torch.device, *, ndim: int = 1) -> torch.Te
 def check_index_range(name: str, idx: torch.Tensor, size: int, what: str) -> None:
     """Range check of an index tensor: runs on CPU tensors only (on CUDA it would sync the host;
     the kernels there bounds-check instead and never read outside the buffer)."""
-    if idx.device.type != "cpu" or idx.numel() == 0:
+    if idx.device.type != "cpu" or idx.numel() == 0 or torch.compiler.is_compiling():
         return
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= size:
@@ -66,13 +67,19 @@ def check_float_param(name: str, t, shape, device) -> None:
 # ---------------------------------------------------------------------------------------------
 # implementations (all write into a preallocated out)
 
-def _param_pack(hidden, alpha, ln_weight, ln_bias):
-    """alpha as fp32 contiguous; ln_weight/ln_bias in hidden's dtype or fp32 (code), contiguous."""
+def _param_pack(hidden, alpha, ln_weight, ln_bias, materialize):
+    """alpha as fp32 contiguous; ln_weight/ln_bias in hidden's dtype or fp32 (code), contiguous.
+    With ``materialize`` (the CUDA kernel), a None weight/bias becomes ones/zeros."""
     a = alpha.to(torch.float32).contiguous()
     pdt = hidden.dtype
     ws = [t for t in (ln_weight, ln_bias) if t is not None]
     if any(t.dtype != pdt for t in ws):
         pdt = torch.float32
+    D = hidden.shape[-1]
+    if materialize and ln_weight is None:
+        ln_weight = torch.ones(D, dtype=pdt, device=hidden.device)
+    if materialize and ln_bias is None:
+        ln_bias = torch.zeros(D, dtype=pdt, device=hidden.device)
     w = ln_weight.to(pdt).contiguous() if ln_weight is not None else None
     b = ln_bias.to(pdt).contiguous() if ln_bias is not None else None
     return a, w, b, _ext.DTYPE_CODES[pdt]
@@ -82,11 +89,11 @@ def _logits_view(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype in FLOAT_DTYPES else logits.to(torch.float32)
 
 
-def _launch_args(hidden, layer_ids, logits, alpha, ln_weight, ln_bias, tau, eps, rows, out):
+def _launch_args(hidden, layer_ids, logits, alpha, ln_weight, ln_bias, tau, eps, rows, out, materialize=False):
     L, N, D = hidden.shape
     K = layer_ids.shape[0]
     lg = _logits_view(logits)
-    a, w, b, pcode = _param_pack(hidden, alpha, ln_weight, ln_bias)
+    a, w, b, pcode = _param_pack(hidden, alpha, ln_weight, ln_bias, materialize)
     M = out.shape[0]
     args = (hidden.data_ptr(), _ext.dtype_code(hidden), L, N, D,
             hidden.stride(0), hidden.stride(1), hidden.stride(2),
@@ -115,9 +122,11 @@ def _impl_cpu(hidden, layer_ids, logits, alpha, ln_weight, ln_bias, tau, eps, ro
 
 
 def _impl_cuda(hidden, layer_ids, logits, alpha, ln_weight, ln_bias, tau, eps, rows, out):
-    if hidden.dtype == torch.float64:
+    if hidden.dtype == torch.float64 or hidden.shape[-1] > _CUDA_MAX_D:
+        # fp64, or rows wider than the register-resident kernel holds: the (unfused) reference
         return _impl_reference(hidden, layer_ids, logits, alpha, ln_weight, ln_bias, tau, eps, rows, out)
-    args, keep = _launch_args(hidden, layer_ids, logits, alpha, ln_weight, ln_bias, tau, eps, rows, out)
+    args, keep = _launch_args(hidden, layer_ids, logits, alpha, ln_weight, ln_bias, tau, eps, rows, out,
+                              materialize=True)
     with torch.cuda.device(hidden.device):
         _ext.cuda_ext().route_layers(*args, _ext.stream_of(hidden))
     del keep

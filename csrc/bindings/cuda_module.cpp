@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 
 #include "quantize_fp8/api.h"
+#include "route_layers/api.h"
+#include "flow_sampler/api.h"
 // @ops-cuda-includes (one line per op: #include "<op>/api.h")
 
 namespace py = pybind11;
@@ -13,5 +15,15 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("quantize_fp8", &spar::quantize_fp8_cuda, py::arg("x"), py::arg("dtype"), py::arg("rows"),
         py::arg("cols"), py::arg("row_stride"), py::arg("q"), py::arg("scales"), py::arg("per_token"),
         py::arg("workspace"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("route_layers", &spar::route_layers_cuda, py::arg("hidden"), py::arg("dtype"), py::arg("L"), py::arg("N"),
+        py::arg("D"), py::arg("stride_l"), py::arg("stride_n"), py::arg("stride_d"), py::arg("layer_ids"),
+        py::arg("ids_int64"), py::arg("K"), py::arg("logits"), py::arg("logits_dtype"), py::arg("logits_stride_n"),
+        py::arg("logits_stride_k"), py::arg("alpha"), py::arg("ln_weight"), py::arg("ln_bias"),
+        py::arg("param_dtype"), py::arg("tau"), py::arg("eps"), py::arg("rows"), py::arg("rows_int64"),
+        py::arg("M"), py::arg("out"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.attr("route_layers_max_d") = spar::kRouteMaxDCuda;
+  m.def("flow_sampler_step", &spar::flow_sampler_step_cuda,
+        "fused flow-sampler step (arguments: see csrc/flow_sampler/api.h)",
+        py::call_guard<py::gil_scoped_release>());
   // @ops-cuda-defs (one m.def block per op)
 }

@@ -1,0 +1,141 @@
+"""Dynamic Token Routing (route_layers) and the row moves: spar vs PyTorch eager vs torch.compile.
+
+route_layers eager is the obvious formulation (stack K layers, softmax, multiply, sum,
+layer_norm: spar_kernels.reference.routing.route_layers_eager); torch.compile compiles that same
+function. Minimum bytes: read the K selected rows of [N, D] once + logits, write [N, D] once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import spar_kernels as sk
+from bench.harness import Case, Unavailable
+from spar_kernels.reference import routing as ref
+
+# (label, L, N, D, layer_ids): SPAR-1B / SPAR-3B prefill of the CFG batch (2 x ~330 tokens),
+# BAGEL's 7B width, and a large N.
+SHAPES = [
+    ("spar-1b 660x896 K=4", 25, 660, 896, [6, 12, 18, 24]),
+    ("spar-3b 660x1536 K=4", 29, 660, 1536, [7, 14, 21, 28]),
+    ("bagel-7b 660x3584 K=4", 29, 660, 3584, [7, 14, 21, 28]),
+    ("large N 16384x1536 K=4", 5, 16384, 1536, [1, 2, 3, 4]),
+]
+
+
+def _compiled(fn):
+    def factory():
+        try:
+            return torch.compile(fn, dynamic=False)
+        except Exception as e:  # noqa: BLE001
+            raise Unavailable(f"torch.compile: {e}") from e
+    return factory
+
+
+def _route_cases(device, quick):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    es = torch.tensor([], dtype=dtype).element_size()
+    shapes = SHAPES[:1] if quick else SHAPES  # --quick: one case (torch.compile alone takes seconds)
+    for label, L, N, D, ids in shapes:
+        K = len(ids)
+        hidden = torch.randn(L, N, D, device=device, dtype=dtype)
+        logits = torch.randn(N, K, device=device, dtype=dtype)
+        alpha = torch.rand(K, device=device, dtype=dtype) + 0.5
+        w = torch.randn(D, device=device, dtype=dtype)
+        b = torch.randn(D, device=device, dtype=dtype)
+        lid = torch.tensor(ids, device=device)
+        out = torch.empty(N, D, device=device, dtype=dtype)
+        moved = (K + 1) * N * D * es + N * K * es + 2 * D * es
+        eager = lambda: ref.route_layers_eager(hidden, ids, logits, alpha, w, b)  # noqa: E731
+        compiled = _compiled(lambda h, lg, a, w_, b_: ref.route_layers_eager(h, ids, lg, a, w_, b_))
+        yield Case(
+            op="routing", name=f"route_layers {label} {str(dtype)[6:]}",
+            providers={
+                "spar": lambda: (lambda: sk.route_layers(hidden, lid, logits, alpha, w, b, out=out)),
+                "torch eager": lambda: eager,
+                "torch.compile": lambda: (lambda c: (lambda: c(hidden, logits, alpha, w, b)))(compiled()),
+            },
+            bytes=moved, baseline="torch eager")
+
+
+def _row_move_cases(device, quick):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    es = torch.tensor([], dtype=dtype).element_size()
+    N, D = (4096, 1536) if quick else (16384, 3584)
+    x = torch.randn(N, D, device=device, dtype=dtype)
+    idx = torch.randperm(N, device=device)[: N // 2]
+    out = torch.empty(N // 2, D, device=device, dtype=dtype)
+    yield Case(op="routing", name=f"gather_rows {N}x{D} -> {N // 2} {str(dtype)[6:]}",
+               providers={"spar": lambda: (lambda: sk.gather_rows(x, idx, out=out)),
+                          "torch eager": lambda: (lambda: torch.index_select(x, 0, idx))},
+               bytes=2 * (N // 2) * D * es, baseline="torch eager")
+    E = 2
+    ids = torch.randint(0, E, (N,), device=device)
+    nw = torch.randn(E, D, device=device, dtype=dtype)
+
+    def eager_split():
+        order = torch.sort(ids, stable=True).indices
+        rows = x[order]
+        h = rows.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * nw.float()[ids[order]]).to(dtype)
+
+    yield Case(op="routing", name=f"split_by_expert+rmsnorm {N}x{D} E={E} {str(dtype)[6:]}",
+               providers={"spar": lambda: (lambda: sk.split_by_expert(x, ids, E, nw)),
+                          "torch eager": lambda: eager_split},
+               bytes=2 * N * D * es, baseline="torch eager")
+
+
+def cases(device: torch.device, quick: bool):
+    yield from _route_cases(device, quick)
+    if hasattr(sk, "gather_rows") and hasattr(sk, "split_by_expert"):
+        yield from _row_move_cases(device, quick)
+
+
+def _main(argv=None) -> int:
+    """Single-thread CPU-time run, robust on a shared machine (wall time there measures the queue):
+        python -m bench.bench_routing --clock cpu [--quick] [--reps 7]
+    Sets OMP_NUM_THREADS=1 and torch threads to 1, and times each call with the process CPU clock."""
+    import argparse
+    import statistics
+    import time
+
+    p = argparse.ArgumentParser(prog="python -m bench.bench_routing")
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--reps", type=int, default=7)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(f"CPU figures, 1 thread, {'process CPU time' if args.clock == 'cpu' else 'wall time'}, "
+          f"median of {args.reps} (min in brackets)")
+    print("| case | provider | median ms [min] | GB/s at median | speedup vs eager |")
+    print("|---|---|---:|---:|---:|")
+    for case in cases(torch.device("cpu"), args.quick):
+        res = {}
+        for prov, factory in case.providers.items():
+            try:
+                fn = factory()
+                for _ in range(2):
+                    fn()
+                ts = []
+                for _ in range(args.reps):
+                    t0 = clock()
+                    fn()
+                    ts.append(clock() - t0)
+                res[prov] = (statistics.median(ts), min(ts))
+            except Exception as e:  # noqa: BLE001
+                print(f"| {case.name} | {prov} | {type(e).__name__}: {e} | | |")
+        base = res.get(case.baseline or "torch eager")
+        for prov, (med, mn) in res.items():
+            gbps = case.bytes / med / 1e9 if case.bytes else float("nan")
+            sp = f"{base[0] / med:.2f}x" if base else ""
+            print(f"| {case.name} | {prov} | {med * 1e3:.2f} [{mn * 1e3:.2f}] | {gbps:.1f} | {sp} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    import os
+    import sys
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # read when spar_kernels._C_cpu's OpenMP starts
+    sys.exit(_main())

@@ -1,0 +1,32 @@
+// Launch entry points of the fused flow-sampler step, in plain C++ types (no torch, no CUDA
+// headers), so the pybind11 bindings compile with any host compiler.
+//
+// The state is viewed as [B, P, Q]; element (b, p, q) of tensor t lives at
+// t + b * sb + p * sp + q * sq (strides in elements). out, h1, h2 are contiguous [B, P, Q].
+//   x_dtype / v_dtype: DType codes of the state (x, out) and of the three branches
+//   vu / vi: 0 when absent (the table never turns their use on then)
+//   h1 / h2: fp32 solver history, 0 when the method has none
+//   table: `rows` x flow::kNumCols float32 coefficient rows (the last is the identity)
+//   counter: int32[2] on the same device: {evaluation index, block-done count (CUDA only)}
+//   stats: fp32 workspace of the CUDA global / col renorm (2 * B or 2 * B * Q floats), else 0
+//   renorm_mode: flow::Renorm; renorm_min: the lower clamp of the renorm factor
+#pragma once
+#include <cstdint>
+
+namespace spar {
+void flow_sampler_step_cpu(int x_dtype, int v_dtype, int64_t B, int64_t P, int64_t Q,
+                           uintptr_t x, int64_t sxb, int64_t sxp, int64_t sxq,
+                           uintptr_t vc, int64_t scb, int64_t scp, int64_t scq,
+                           uintptr_t vu, int64_t sub, int64_t sup, int64_t suq,
+                           uintptr_t vi, int64_t sib, int64_t sip, int64_t siq,
+                           uintptr_t out, uintptr_t h1, uintptr_t h2, uintptr_t table, int64_t rows,
+                           uintptr_t counter, uintptr_t stats, int renorm_mode, float renorm_min);
+void flow_sampler_step_cuda(int x_dtype, int v_dtype, int64_t B, int64_t P, int64_t Q,
+                            uintptr_t x, int64_t sxb, int64_t sxp, int64_t sxq,
+                            uintptr_t vc, int64_t scb, int64_t scp, int64_t scq,
+                            uintptr_t vu, int64_t sub, int64_t sup, int64_t suq,
+                            uintptr_t vi, int64_t sib, int64_t sip, int64_t siq,
+                            uintptr_t out, uintptr_t h1, uintptr_t h2, uintptr_t table, int64_t rows,
+                            uintptr_t counter, uintptr_t stats, int renorm_mode, float renorm_min,
+                            uintptr_t stream);
+}  // namespace spar

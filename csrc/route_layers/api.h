@@ -1,0 +1,43 @@
+// Launch entry points of route_layers, in plain C++ types (no torch, no CUDA headers), so the
+// pybind11 bindings compile with any host compiler.
+//
+//   hidden:    [L, N, D] elements of dtype `dtype` (DType code), element (l, n, d) at
+//              hidden + l * stride_l + n * stride_n + d * stride_d
+//   layer_ids: [K] int32 (ids_int64 = false) or int64, contiguous, 1 <= K <= 16
+//   logits:    [N, K] of dtype `logits_dtype` (F32/F16/BF16), element (n, k) at
+//              logits + n * logits_stride_n + k * logits_stride_k
+//   alpha:     [K] float32, contiguous
+//   ln_weight, ln_bias: [D] contiguous of dtype `param_dtype` (hidden's dtype or F32), 0 = absent
+//   rows:      [M] int32/int64 row indices into N (0 = none: M == N, row i is hidden row i)
+//   out:       [M, D] of hidden's dtype, contiguous
+// Out-of-range layer ids or rows produce NaN output rows; nothing outside `hidden` is read.
+#pragma once
+#include <cstdint>
+
+namespace spar {
+void route_layers_cpu(uintptr_t hidden, int dtype, int64_t L, int64_t N, int64_t D, int64_t stride_l,
+                      int64_t stride_n, int64_t stride_d, uintptr_t layer_ids, bool ids_int64, int64_t K,
+                      uintptr_t logits, int logits_dtype, int64_t logits_stride_n, int64_t logits_stride_k,
+                      uintptr_t alpha, uintptr_t ln_weight, uintptr_t ln_bias, int param_dtype, float tau,
+                      float eps, uintptr_t rows, bool rows_int64, int64_t M, uintptr_t out);
+
+// Same arguments plus the cudaStream_t; ln_weight and ln_bias must not be 0 here. Requires D <= kRouteMaxDCuda (the Python wrapper
+// falls back to the reference above it).
+void route_layers_cuda(uintptr_t hidden, int dtype, int64_t L, int64_t N, int64_t D, int64_t stride_l,
+                       int64_t stride_n, int64_t stride_d, uintptr_t layer_ids, bool ids_int64, int64_t K,
+                       uintptr_t logits, int logits_dtype, int64_t logits_stride_n, int64_t logits_stride_k,
+                       uintptr_t alpha, uintptr_t ln_weight, uintptr_t ln_bias, int param_dtype, float tau,
+                       float eps, uintptr_t rows, bool rows_int64, int64_t M, uintptr_t out,
+                       uintptr_t stream);
+
+constexpr int64_t kRouteMaxDCuda = 8192;
+
+// split_by_expert's CPU path with the per-expert RMSNorm fused (split_by_expert_cpu.cpp):
+//   out[j] = x[perm[j]] * rsqrt(mean(x[perm[j]]^2) + eps) * weights[clamp(expert_ids[perm[j]], 0, E-1)]
+//   x: [N, D] of dtype `dtype`, element (n, d) at x + n * stride_n + d * stride_d; perm: [N] int64;
+//   expert_ids: [N] int32/int64; weights: [E, D] of `weight_dtype` (x's dtype or F32), row e at
+//   weights + e * weight_stride, unit inner stride; out: [N, D] contiguous of x's dtype.
+void split_by_expert_cpu(uintptr_t x, int dtype, int64_t N, int64_t D, int64_t stride_n, int64_t stride_d,
+                         uintptr_t perm, uintptr_t expert_ids, bool ids_int64, uintptr_t weights, int weight_dtype,
+                         int64_t E, int64_t weight_stride, float eps, uintptr_t out);
+}  // namespace spar

@@ -1,0 +1,306 @@
+"""Hybrid causal/bidirectional attention over packed sequences: one key interval per query row.
+
+    out[i, h] = softmax_j(scale * q[i, h] . k[j, h // g]) v[j, h // g]   over kv_start[i] <= j < kv_end[i]
+
+for the keys ``j`` of row ``i``'s own sequence (``g = Hq / Hkv``, grouped-query attention).
+``q [total_q, Hq, D]`` and ``k, v [total_k, Hkv, D]`` are packed like flash-attn's varlen API;
+the intervals come from an :class:`~spar_kernels.AttentionLayout`. Rows with an empty interval
+get zeros and ``lse = -inf``.
+
+Implementations (``spar_kernels.backend`` forces one):
+
+- ``"triton"``: FlashAttention-2 style kernel (:mod:`spar_kernels.attention_kernels`) that skips
+  empty key tiles and masks only boundary tiles, plus a split-KV decode path for few query rows
+  per sequence and a float8_e4m3fn path with per-head descales;
+- ``"cpu"``: fp32 attention per sequence, in query chunks whose mask stays under
+  ``_CPU_CHUNK_BYTES`` and whose keys are only the chunk's ``[min kv_start, max kv_end)``: ATen's
+  fused CPU attention with an additive mask built from the intervals (explicit matmul-softmax where
+  that op is missing); never a mask over the whole packed batch;
+- ``"reference"``: :mod:`spar_kernels.reference.attention` (one dense mask per sequence).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._backend import select
+from ._validate import check_out, check_tensor
+from .attention_layout import AttentionLayout, TileWork, validate_intervals
+from .reference import attention as _ref
+
+# Head dims the kernels take (the model heads: 64, 72, 80, 96, 112, 128; 16 and 32 for the small
+# test configs of the runtime). Non powers of two are padded inside the kernel, never by the caller.
+HEAD_DIMS = (16, 32, 64, 72, 80, 96, 112, 128)
+INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
+
+# CPU path: the fp32 scores (explicit path) or additive mask (fused path) of one query chunk stay
+# under this many bytes; keys are limited to the chunk's [min kv_start, max kv_end).
+_CPU_CHUNK_BYTES = 16 << 20
+# ATen's fused CPU attention (blocked online softmax, returns the log-sum-exp); takes an additive
+# float mask of the query's dtype. None where this torch lacks it: the explicit path runs instead.
+_CPU_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _cpu_chunk_fused(qc, kc, vc, visible, scale, g):
+    """qc [C, Hq, D], kc/vc [n, Hkv, D] fp32, visible [C, n] -> (out [C, Hq, D], lse [Hq, C])."""
+    C, Hq, D = qc.shape
+    Hkv, n = kc.shape[1], kc.shape[0]
+    # GQA without copying K/V: the g query heads of a KV head become g * C rows of that head
+    qh = qc.view(C, Hkv, g, D).permute(1, 2, 0, 3).reshape(1, Hkv, g * C, D)
+    bias = torch.zeros((C, n), dtype=qc.dtype).masked_fill_(~visible, float("-inf"))
+    bias = bias.repeat(g, 1).view(1, 1, g * C, n)
+    o, lse = _CPU_FUSED(qh, kc.transpose(0, 1).unsqueeze(0), vc.transpose(0, 1).unsqueeze(0), 0.0, False,
+                        attn_mask=bias, scale=scale)
+    return o.reshape(Hkv, g, C, D).permute(2, 0, 1, 3).reshape(C, Hq, D), lse.reshape(Hq, C)
+
+
+def _cpu_chunk_explicit(qc, kc, vc, visible, scale, g):
+    """Same contract as :func:`_cpu_chunk_fused`: matmul, masked softmax, matmul in fp32."""
+    C, Hq, D = qc.shape
+    Hkv, n = kc.shape[1], kc.shape[0]
+    qh = qc.view(C, Hkv, g, D).permute(1, 2, 0, 3).reshape(Hkv, g * C, D)
+    s = torch.bmm(qh, kc.permute(1, 2, 0)).view(Hkv, g, C, n)
+    s.mul_(scale).masked_fill_(~visible, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # empty rows: exp(-inf) = 0
+    s.sub_(m).exp_()
+    l = s.sum(dim=-1, keepdim=True)
+    o = torch.bmm(s.view(Hkv, g * C, n), vc.transpose(0, 1)).view(Hkv, g, C, D) / l.clamp(min=1e-38)
+    return o.permute(2, 0, 1, 3).reshape(C, Hq, D), (m + torch.log(l)).view(Hq, C)
+
+
+def _impl_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_q, max_seqlen_k, softmax_scale,
+              out, lse, q_descale, k_descale, v_descale):
+    Hq = q.shape[1]
+    g = Hq // k.shape[1]
+    chunk_fn = _cpu_chunk_fused if _CPU_FUSED is not None else _cpu_chunk_explicit
+    per_key = 4 * (g if _CPU_FUSED is not None else Hq)  # bytes per (query row, key) of a chunk
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()  # CPU tensors: no device sync
+    f32 = torch.float32
+    for b in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if q1 == q0:
+            continue
+        # fp32 (and per-head dequantized) keys and values of this sequence (a view when already fp32)
+        kb = _ref.dequantize(k[k0:k1], k_descale, f32)
+        vb = _ref.dequantize(v[k0:k1], v_descale, f32)
+        rows = max(1, _CPU_CHUNK_BYTES // (per_key * max(1, k1 - k0)))
+        for c0 in range(q0, q1, rows):
+            c1 = min(c0 + rows, q1)
+            st, en = kv_start[c0:c1].long(), kv_end[c0:c1].long()
+            nonempty = en > st
+            if not bool(nonempty.any()):
+                out[c0:c1].zero_()
+                if lse is not None:
+                    lse[:, c0:c1] = float("-inf")
+                continue
+            lo, hi = int(st[nonempty].min()), int(en[nonempty].max())
+            j = torch.arange(lo, hi)
+            visible = (j >= st.unsqueeze(1)) & (j < en.unsqueeze(1))            # [C, hi - lo]
+            qc = _ref.dequantize(q[c0:c1], q_descale, f32)
+            o, l = chunk_fn(qc, kb[lo:hi], vb[lo:hi], visible, softmax_scale, g)
+            empty = ~nonempty
+            o[empty] = 0.0
+            l[:, empty] = float("-inf")
+            out[c0:c1] = o
+            if lse is not None:
+                lse[:, c0:c1] = l
+
+
+def _impl_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_q, max_seqlen_k,
+                    softmax_scale, out, lse, q_descale, k_descale, v_descale):
+    o, l = _ref.hybrid_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, softmax_scale,
+                                 q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+                                 out_dtype=out.dtype)
+    out.copy_(o)
+    if lse is not None:
+        lse.copy_(l)
+
+
+_IMPLS = {"cpu": _impl_cpu, "reference": _impl_reference}
+
+
+def _register_triton_impl(fn) -> None:
+    """Called by :mod:`spar_kernels.attention_kernels` once its kernels are defined."""
+    _IMPLS["triton"] = fn
+
+
+@torch.library.custom_op("spar::hybrid_attention", mutates_args=("out", "lse"))
+def _hybrid_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                         cu_seqlens_k: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor,
+                         max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, out: torch.Tensor,
+                         lse: torch.Tensor | None, q_descale: torch.Tensor | None,
+                         k_descale: torch.Tensor | None, v_descale: torch.Tensor | None) -> None:
+    select("hybrid_attention", q.device, _IMPLS)(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end,
+                                                  max_seqlen_q, max_seqlen_k, softmax_scale, out, lse,
+                                                  q_descale, k_descale, v_descale)
+
+
+@_hybrid_attention_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_q, max_seqlen_k, softmax_scale, out, lse,
+      q_descale, k_descale, v_descale) -> None:
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+def _check_qkv(q, k, v):
+    check_tensor("q", q, ndim=3, dtypes=INPUT_DTYPES, last_contiguous=True)
+    check_tensor("k", k, ndim=3, dtypes=(q.dtype,), device=q.device, last_contiguous=True)
+    check_tensor("v", v, ndim=3, dtypes=(q.dtype,), device=q.device, last_contiguous=True)
+    total_q, Hq, D = q.shape
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[2] != D:
+        raise ValueError(f"k: expected head dim {D} (q's), got shape {tuple(k.shape)}")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"q: head dim {D} is not supported; expected one of {HEAD_DIMS}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"k: the number of query heads ({Hq}) must be a multiple of the number of key/value "
+                         f"heads ({Hkv})")
+
+
+def _check_descale(name: str, t, heads: int, device, fp8: bool):
+    if t is None:
+        return None
+    if not fp8:
+        raise ValueError(f"{name}: descale factors apply to float8_e4m3fn inputs only")
+    check_tensor(name, t, dtypes=(torch.float32,), device=device)
+    if t.numel() == 1:
+        return t.reshape(1).expand(heads).contiguous()
+    if t.dim() != 1 or t.shape[0] != heads:
+        raise ValueError(f"{name}: expected a float32 tensor of shape ({heads},) (one factor per head) or a "
+                         f"single factor, got shape {tuple(t.shape)}")
+    return t.contiguous()
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover
+        return False
+
+
+def hybrid_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            cu_seqlens_k: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor,
+                            max_seqlen_q: int, max_seqlen_k: int, *, softmax_scale: float | None = None,
+                            return_lse: bool = False, out: torch.Tensor | None = None,
+                            q_descale: torch.Tensor | None = None, k_descale: torch.Tensor | None = None,
+                            v_descale: torch.Tensor | None = None):
+    """:func:`hybrid_attention` without the layout object.
+
+    ``cu_seqlens_q``, ``cu_seqlens_k``: int32 ``[B+1]``; ``kv_start``, ``kv_end``: int32
+    ``[total_q]``; ``max_seqlen_q``/``max_seqlen_k``: at least the longest sequence (they size the
+    grid). On CPU the interval values are validated like :meth:`AttentionLayout.from_intervals`;
+    on CUDA only shapes, dtypes and devices are (checking values would sync with the host: build
+    the layout once with ``from_intervals`` to validate it).
+    """
+    return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_q, max_seqlen_k,
+                      softmax_scale, return_lse, out, q_descale, k_descale, v_descale, check_values=True)
+
+
+def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_q, max_seqlen_k, softmax_scale,
+               return_lse, out, q_descale, k_descale, v_descale, *, check_values: bool):
+    _check_qkv(q, k, v)
+    dev = q.device
+    total_q, Hq, D = q.shape
+    Hkv = k.shape[1]
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(name, t, ndim=1, dtypes=(torch.int32,), device=dev)
+        if t.shape[0] < 1:
+            raise ValueError(f"{name}: expected [B+1] offsets starting at 0, got an empty tensor")
+    if cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
+        raise ValueError(f"cu_seqlens_k: expected {cu_seqlens_q.shape[0]} entries (as many sequences as "
+                         f"cu_seqlens_q), got {cu_seqlens_k.shape[0]}")
+    for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
+        check_tensor(name, t, ndim=1, dtypes=(torch.int32,), device=dev)
+        if t.shape[0] != total_q:
+            raise ValueError(f"{name}: expected {total_q} entries (one per query row of q), got {t.shape[0]}")
+        if t.stride(0) != 1 and t.shape[0] > 1:
+            raise ValueError(f"{name}: expected a contiguous tensor, got stride {t.stride()}")
+    for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+            raise ValueError(f"{name}: expected a non-negative int, got {val!r}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(D)
+    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0 \
+            or not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale: expected a positive finite float or None, got {softmax_scale!r}")
+    fp8 = q.dtype == torch.float8_e4m3fn
+    q_descale = _check_descale("q_descale", q_descale, Hq, dev, fp8)
+    k_descale = _check_descale("k_descale", k_descale, Hkv, dev, fp8)
+    v_descale = _check_descale("v_descale", v_descale, Hkv, dev, fp8)
+    if check_values and dev.type == "cpu" and not _is_compiling():
+        import numpy as np
+
+        cu_q = cu_seqlens_q.numpy().astype(np.int64)
+        cu_k = cu_seqlens_k.numpy().astype(np.int64)
+        validate_intervals(cu_q, cu_k, kv_start.numpy().astype(np.int64), kv_end.numpy().astype(np.int64))
+        _check_totals(cu_q[-1], cu_k[-1], q, k)
+        lq, lk = np.diff(cu_q), np.diff(cu_k)
+        for name, given, need in (("max_seqlen_q", max_seqlen_q, lq), ("max_seqlen_k", max_seqlen_k, lk)):
+            if need.size and given < int(need.max()):
+                raise ValueError(f"{name}: {given} is shorter than the longest sequence ({int(need.max())})")
+    out_dtype = torch.bfloat16 if fp8 else q.dtype
+    if out is None:
+        out = torch.empty((total_q, Hq, D), dtype=out_dtype, device=dev)
+    else:
+        check_out("out", out, (total_q, Hq, D), out_dtype, dev)
+    lse = torch.empty((Hq, total_q), dtype=torch.float32, device=dev) if return_lse else None
+    if total_q > 0:
+        _hybrid_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, int(max_seqlen_q),
+                             int(max_seqlen_k), float(softmax_scale), out, lse, q_descale, k_descale, v_descale)
+    return (out, lse) if return_lse else out
+
+
+def _check_totals(total_q, total_k, q, k):
+    if int(total_q) != q.shape[0]:
+        raise ValueError(f"q: the layout has {int(total_q)} query rows (cu_seqlens_q[-1]) but q has "
+                         f"{q.shape[0]} (shape {tuple(q.shape)})")
+    if int(total_k) != k.shape[0]:
+        raise ValueError(f"k: the layout has {int(total_k)} keys (cu_seqlens_k[-1]) but k has "
+                         f"{k.shape[0]} (shape {tuple(k.shape)})")
+
+
+def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, *,
+                     softmax_scale: float | None = None, return_lse: bool = False, out: torch.Tensor | None = None,
+                     q_descale: torch.Tensor | None = None, k_descale: torch.Tensor | None = None,
+                     v_descale: torch.Tensor | None = None):
+    """Attention over a packed batch where each query row sees one interval of its sequence's keys.
+
+    Args:
+        q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]`` with ``Hq % Hkv == 0`` and D in
+            :data:`HEAD_DIMS`; float32 / float16 / bfloat16 / float8_e4m3fn, all the same dtype and
+            device; the last dimension contiguous (other strides are free).
+        layout: an :class:`AttentionLayout` on the tensors' device whose totals match q and k.
+        softmax_scale: defaults to ``1 / sqrt(D)``.
+        return_lse: also return ``lse`` float32 ``[Hq, total_q]`` (natural log; ``-inf`` on rows
+            with an empty interval).
+        out: optional contiguous ``[total_q, Hq, D]`` output (q's dtype; bfloat16 for FP8 inputs).
+        q_descale, k_descale, v_descale: float32 per-head factors (``[Hq]``, ``[Hkv]``, ``[Hkv]``, or
+            one value) of float8_e4m3fn inputs: ``q_real = q.float() * q_descale[h]``.
+
+    Returns:
+        ``out``, or ``(out, lse)`` with ``return_lse``.
+    """
+    if not isinstance(layout, AttentionLayout):
+        raise TypeError(f"layout: expected an AttentionLayout, got {type(layout).__name__}")
+    if isinstance(q, torch.Tensor):
+        if layout.device != q.device:
+            raise ValueError(f"layout: its tensors are on {layout.device} but q is on {q.device}; "
+                             "use layout.to(device)")
+        if q.dim() == 3 and isinstance(k, torch.Tensor) and k.dim() == 3:
+            _check_totals(layout.total_q, layout.total_k, q, k)
+    # the layout was validated when it was built: only shapes, dtypes and devices are checked here
+    return _attention(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.kv_start, layout.kv_end,
+                      layout.max_seqlen_q, layout.max_seqlen_k, softmax_scale, return_lse, out,
+                      q_descale, k_descale, v_descale, check_values=False)
+
+
+__all__ = ["AttentionLayout", "TileWork", "hybrid_attention", "hybrid_attention_varlen", "HEAD_DIMS"]
+
+from . import attention_kernels as _kernels  # noqa: E402,F401  - registers the "triton" implementation

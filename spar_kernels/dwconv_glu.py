@@ -1,0 +1,203 @@
+"""The middle of SANA's Mix-FFN (diffusers' ``GLUMBConv``), fused (Triton):
+
+    h = depthwise_conv3x3(x; weight, bias, stride 1, zero padding 1)     over the token grid
+    a, g = h[..., :C], h[..., C:]                                        (first half, gate half)
+    out = a * silu(g)
+
+x is channels-last tokens ``[B, H*W, 2C]`` (token ``i`` at grid row ``i // W``, column ``i % W``),
+exactly what the 1x1 "inverted" conv produces as a GEMM; out is ``[B, H*W, C]``, ready for the
+1x1 "point" conv GEMM. One read of x (the 9 taps of a tile re-read neighbouring rows from
+L1/L2), one write of out, no ``[B, 2C, H, W]`` intermediate. fp32 math, one rounding.
+
+Grid: ``(token tiles, channel tiles, B)``; each program computes ``BLOCK_P`` tokens x ``BLOCK_C``
+output channels, loading the matching ``a`` and ``g`` channels of the 9 neighbours.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _aot
+from ._backend import select
+from ._triton import tl, triton
+from ._validate import FLOAT_DTYPES, check_out, check_tensor
+from .reference import dwconv_glu as _ref
+
+_BLOCK_P = 16      # tokens per program
+_MAX_BLOCK_C = 128  # output channels per program (x2 for the gate half)
+
+
+@triton.jit
+def _dwconv_glu_kernel(X, Wt, Bias, O, Hh, Ww, C, stride_xb, stride_xn, stride_ob, stride_on, stride_w,
+                       HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_mask = p < Hh * Ww
+    c_mask = c < C
+    row = p // Ww
+    col = p % Ww
+    x_b = X + b * stride_xb
+    acc_a = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for t in range(9):  # not unrolled: 9 hoisted tile loads would spill
+        r = row + (t // 3 - 1)
+        cc = col + (t % 3 - 1)
+        valid = p_mask & (r >= 0) & (r < Hh) & (cc >= 0) & (cc < Ww)
+        src = (r * Ww + cc).to(tl.int64) * stride_xn
+        m = valid[:, None] & c_mask[None, :]
+        ptr = x_b + src[:, None] + c[None, :]
+        xa = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
+        xg = tl.load(ptr + C, mask=m, other=0.0).to(tl.float32)
+        wa = tl.load(Wt + c * stride_w + t, mask=c_mask, other=0.0).to(tl.float32)
+        wg = tl.load(Wt + (c + C) * stride_w + t, mask=c_mask, other=0.0).to(tl.float32)
+        acc_a += xa * wa[None, :]
+        acc_g += xg * wg[None, :]
+    if HAS_BIAS:
+        acc_a += tl.load(Bias + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        acc_g += tl.load(Bias + C + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    y = acc_a * (acc_g * tl.sigmoid(acc_g))
+    tl.store(O + b * stride_ob + p[:, None].to(tl.int64) * stride_on + c[None, :],
+             y.to(O.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
+
+
+def _config(C: int) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_C, num_warps)."""
+    block_c = min(_MAX_BLOCK_C, max(16, triton.next_power_of_2(C)))
+    return _BLOCK_P, block_c, 4 if block_c >= 64 else 2
+
+
+@_aot.register
+def _aot_specs():
+    dts = (torch.float32, torch.float16, torch.bfloat16)
+    for dtype in dts:
+        t = _aot.TRITON_DTYPE[dtype]
+        for wdtype in dts:
+            w = _aot.TRITON_DTYPE[wdtype]
+            for C in (16, 32, 64, 128):
+                bp, bc, warps = _config(C)
+                for has_bias in (True, False):
+                    yield _aot.AOTSpec(
+                        kernel_name="dwconv_glu", fn=_dwconv_glu_kernel,
+                        config=f"x={t} w={w} bias={int(has_bias)} BLOCK_P={bp} BLOCK_C={bc} warps={warps}",
+                        signature={"X": f"*{t}", "Wt": f"*{w}", "Bias": f"*{w}", "O": f"*{t}", "Hh": "i32",
+                                   "Ww": "i32", "C": "i32", "stride_xb": "i64", "stride_xn": "i64",
+                                   "stride_ob": "i64", "stride_on": "i64", "stride_w": "i32",
+                                   "HAS_BIAS": "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"},
+                        constexprs={"HAS_BIAS": has_bias, "BLOCK_P": bp, "BLOCK_C": bc},
+                        num_warps=warps, num_stages=1, aligned=("X", "Wt", "Bias", "O"))
+
+
+# ---------------------------------------------------------------------------------------------
+# implementations (write into the preallocated out); weight arrives as [2C, 9]
+
+class _nullctx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def _impl_triton(x, weight, bias, H, W, out):
+    B, HW, C2 = x.shape
+    C = C2 // 2
+    bp, bc, warps = _config(C)
+    with torch.cuda.device(x.device) if x.is_cuda else _nullctx():
+        _dwconv_glu_kernel[(triton.cdiv(HW, bp), triton.cdiv(C, bc), B)](
+            x, weight, bias if bias is not None else weight, out, H, W, C, x.stride(0), x.stride(1),
+            out.stride(0), out.stride(1), weight.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
+
+
+def _impl_reference(x, weight, bias, H, W, out):
+    out.copy_(_ref.dwconv_glu(x, weight, bias, H, W))
+
+
+def _impl_cpu(x, weight, bias, H, W, out):
+    # oneDNN's channels-last depthwise conv, then the GLU written straight into out, per sample.
+    B, HW, C2 = x.shape
+    C = C2 // 2
+    w = weight.float().reshape(C2, 1, 3, 3)
+    bf = bias.float() if bias is not None else None
+    for b in range(B):
+        img = x[b].float().reshape(1, H, W, C2).permute(0, 3, 1, 2)
+        h = F.conv2d(img, w, bf, padding=1, groups=C2).permute(0, 2, 3, 1).reshape(HW, C2)
+        a, g = h[:, :C], h[:, C:]
+        if out.dtype == torch.float32:
+            torch.mul(a, F.silu(g), out=out[b])
+        else:
+            out[b].copy_(a * F.silu(g))
+
+
+_IMPLS = {"triton": _impl_triton, "cpu": _impl_cpu, "reference": _impl_reference}
+
+
+@torch.library.custom_op("spar::dwconv_glu", mutates_args=("out",))
+def _dwconv_glu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, H: int, W: int,
+                   out: torch.Tensor) -> None:
+    select("dwconv_glu", x.device, _IMPLS)(x, weight, bias, H, W, out)
+
+
+@_dwconv_glu_op.register_fake
+def _(x, weight, bias, H, W, out) -> None:
+    return None
+
+
+def dwconv_glu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, H: int, W: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise 3x3 conv (padding 1) over the channels-last token grid, then ``a * silu(g)``.
+
+    Args:
+        x: ``[B, H*W, 2C]`` float32 / float16 / bfloat16 (channels last; any strides, a non-unit
+            channel stride is copied).
+        weight: the depthwise kernel, ``[2C, 1, 3, 3]`` (``GLUMBConv.conv_depth.weight``) or
+            ``[2C, 3, 3]``; any float dtype.
+        bias: ``[2C]`` or ``None``; any float dtype.
+        H, W: the token grid (``H * W`` must equal x's token count).
+        out: optional contiguous ``[B, H*W, C]`` output of x's dtype.
+
+    Returns:
+        ``out``, with ``a`` the first C channels of the conv result and ``g`` (the gate) the last C,
+        as ``torch.chunk(h, 2, dim=channels)`` in ``GLUMBConv``. fp32 math, one rounding.
+    """
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    B, HW, C2 = x.shape
+    for name, val in (("H", H), ("W", W)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name}: expected a positive int, got {val!r}")
+    if H * W != HW:
+        raise ValueError(f"H, W: expected H * W == x.shape[1] ({HW} tokens), got H={H}, W={W}")
+    if C2 % 2 or C2 == 0:
+        raise ValueError(f"x: expected an even, non-zero channel count (the a and gate halves), got {_shape(x)}")
+    C = C2 // 2
+    check_tensor("weight", weight, ndim=(3, 4), dtypes=FLOAT_DTYPES, device=x.device)
+    if tuple(weight.shape) not in ((C2, 1, 3, 3), (C2, 3, 3)):
+        raise ValueError(f"weight: expected shape ({C2}, 1, 3, 3) or ({C2}, 3, 3) (a depthwise 3x3 kernel for "
+                         f"x's {C2} channels), got shape {tuple(weight.shape)}")
+    weight = weight.reshape(C2, 9)
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
+        if tuple(bias.shape) != (C2,):
+            raise ValueError(f"bias: expected shape ({C2},), got shape {tuple(bias.shape)}")
+        if bias.stride(0) != 1:
+            bias = bias.contiguous()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    shape = (B, HW, C)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    else:
+        check_out("out", out, shape, x.dtype, x.device)
+    if out.numel():
+        _dwconv_glu_op(x, weight, bias, H, W, out)
+    return out
+
+
+def _shape(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}"

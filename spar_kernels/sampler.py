@@ -1,0 +1,420 @@
+"""Fused flow-matching sampler steps with classifier-free guidance, schedules kept on the device.
+
+:class:`FlowSampler` precomputes, at construction and on the host, one row of float32
+coefficients per model evaluation (``spar_kernels.reference.sampler`` documents the row) into a
+device table; ``step`` runs one fused kernel that picks its row with a device-side int32 counter,
+combines the guidance branches (CFG, BAGEL's image branch, renorm, guidance interval), applies the
+solver, writes the next state, updates the solver's fp32 history and advances the counter. No host
+sync and no Python branching on tensor values, so a whole denoising loop can be captured in one
+CUDA graph (a host-side counter only validates, it never feeds the kernel).
+
+The state is viewed as ``[B, P, Q]``: ``[T, C]`` (one packed sample, BAGEL) and ``[B, T, C]`` are
+channels-last (P = tokens, Q = channels); ``[B, C, H, W]`` and ``[B, C, F, H, W]`` channels-first
+(P = channels, Q = pixels). CUDA C++ in csrc/flow_sampler/ with its CPU twin; the per-element math
+is shared through csrc/flow_sampler/flow_sampler.h.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import _ext
+from ._backend import select
+from ._validate import FLOAT_DTYPES, check_out, check_tensor
+from .reference import sampler as _ref
+from .schedules import dpmsolver_flow_sigmas_f64, flow_sigmas
+
+METHODS = ("euler", "heun", "dpmsolver++2m")
+RENORMS = ("global", "channel", "token")
+NUM_TRAIN_TIMESTEPS = 1000  # diffusers' num_train_timesteps: timesteps = sigmas * 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch
+
+def _layout(x: torch.Tensor) -> tuple[int, int, int, bool]:
+    """(B, P, Q, channels_last) of the [B, P, Q] view of a state."""
+    if x.dim() == 2:
+        return 1, x.shape[0], x.shape[1], True
+    if x.dim() == 3:
+        return x.shape[0], x.shape[1], x.shape[2], True
+    return x.shape[0], x.shape[1], math.prod(x.shape[2:]), False
+
+
+def _view3(t, B, P, Q):
+    return None if t is None else t.reshape(B, P, Q)
+
+
+def _impl_reference(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, table, counter, stats, renorm_mode,
+                    renorm_min):
+    B, P, Q, _ = _layout(x)
+    _ref.flow_step(_view3(x, B, P, Q), _view3(v_cond, B, P, Q), _view3(v_uncond, B, P, Q),
+                   _view3(v_img_uncond, B, P, Q), out.view(B, P, Q), h1, h2, table, counter, renorm_mode,
+                   renorm_min)
+
+
+def _ext_args(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, table, counter, stats, renorm_mode, renorm_min):
+    B, P, Q, _ = _layout(x)
+    keep, args = [], []
+    for t in (x, v_cond, v_uncond, v_img_uncond):
+        if t is None:
+            args += [0, 0, 0, 0]
+            continue
+        t3 = t.reshape(B, P, Q)  # a view whenever the layout allows, else a copy (kept alive below)
+        keep.append(t3)
+        args += [t3.data_ptr(), t3.stride(0), t3.stride(1), t3.stride(2)]
+    return keep, (_ext.dtype_code(x), _ext.dtype_code(v_cond), B, P, Q, *args, out.data_ptr(),
+                  h1.data_ptr() if h1 is not None else 0, h2.data_ptr() if h2 is not None else 0,
+                  table.data_ptr(), table.shape[0], counter.data_ptr(),
+                  stats.data_ptr() if stats is not None else 0, renorm_mode, renorm_min)
+
+
+def _impl_cpu(*a):
+    keep, args = _ext_args(*a)
+    _ext.cpu_ext().flow_sampler_step(*args)
+
+
+def _impl_cuda(*a):
+    x = a[0]
+    keep, args = _ext_args(*a)
+    with torch.cuda.device(x.device):
+        _ext.cuda_ext().flow_sampler_step(*args, _ext.stream_of(x))
+
+
+_IMPLS = {"reference": _impl_reference}
+# The compiled twins are registered once the installed extensions export them.
+if _ext.has_cpu_extension() and hasattr(_ext.cpu_ext(), "flow_sampler_step"):
+    _IMPLS["cpu"] = _impl_cpu
+if _ext.has_cuda_extension() and hasattr(_ext.cuda_ext(), "flow_sampler_step"):
+    _IMPLS["cuda"] = _impl_cuda
+
+
+@torch.library.custom_op("spar::flow_sampler_step", mutates_args=("out", "h1", "h2", "counter", "stats"))
+def _flow_step_op(x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor | None,
+                  v_img_uncond: torch.Tensor | None, out: torch.Tensor, h1: torch.Tensor | None,
+                  h2: torch.Tensor | None, table: torch.Tensor, counter: torch.Tensor,
+                  stats: torch.Tensor | None, renorm_mode: int, renorm_min: float) -> None:
+    select("flow_sampler_step", x.device, _IMPLS)(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, table, counter,
+                                                 stats, renorm_mode, renorm_min)
+
+
+@_flow_step_op.register_fake
+def _(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, table, counter, stats, renorm_mode, renorm_min) -> None:
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# coefficient tables (host, float64 math on the float32 sigmas the solver steps between)
+
+def _flow_lambda(s: float) -> float:
+    """log(alpha) - log(sigma) with alpha = 1 - sigma (the DPM-Solver half-log-SNR of flow sigmas)."""
+    a = 1.0 - s
+    la = -math.inf if a <= 0 else math.log(a)
+    ls = -math.inf if s <= 0 else math.log(s)
+    return la - ls
+
+
+def _dpm_rows(s: np.ndarray) -> list[tuple]:
+    """(sigma, cx, c0, c1, flags) per step of DPM-Solver++ 2M (midpoint), as diffusers runs it:
+    first order at step 0 and at the final step (final sigma 0), second order in between."""
+    n = len(s) - 1
+    rows = []
+    for k in range(n):
+        st, s0 = float(s[k + 1]), float(s[k])
+        at = 1.0 - st
+        h = _flow_lambda(st) - _flow_lambda(s0)
+        em1 = math.exp(-h) - 1.0  # exp(-inf) - 1 = -1 at the final sigma 0
+        cx = st / s0
+        if k == 0 or k == n - 1:
+            rows.append((s0, cx, -at * em1, 0.0, _ref.F_STORE_H1_X0))
+        else:
+            h0 = _flow_lambda(s0) - _flow_lambda(float(s[k - 1]))
+            inv_r0 = h / h0 if math.isfinite(h0) else 0.0  # D1 = (m0 - m1) / r0, r0 = h0 / h
+            c0 = -at * em1 * (1.0 + 0.5 * inv_r0)
+            c1 = 0.5 * at * em1 * inv_r0
+            rows.append((s0, cx, c0, c1, _ref.F_STORE_H1_X0 | _ref.F_READ_H1))
+    return rows
+
+
+def _build_table(method, s32: np.ndarray, guidance, image_guidance, interval, renorm) -> tuple[np.ndarray, np.ndarray]:
+    """The [evals + 1, NCOL] float32 table (the extra last row is the identity) and the sigma
+    at which the model is evaluated for each row."""
+    n = len(s32) - 1
+    R = _ref
+    rows = []  # (eval_sigma, dict of columns, flags)
+    if method == "euler":
+        for k in range(n):
+            dt = np.float32(s32[k + 1]) - np.float32(s32[k])  # float32, as diffusers
+            rows.append((s32[k], {R.COL_SIGMA: s32[k], R.COL_CX: 1.0, R.COL_CV: dt}, 0))
+    elif method == "heun":
+        for k in range(n):
+            dt = np.float32(s32[k + 1]) - np.float32(s32[k])
+            if k == n - 1:  # diffusers ends on an Euler step to sigma 0
+                rows.append((s32[k], {R.COL_SIGMA: s32[k], R.COL_CX: 1.0, R.COL_CV: dt}, 0))
+                continue
+            rows.append((s32[k], {R.COL_SIGMA: s32[k], R.COL_CX: 1.0, R.COL_CV: dt},
+                         R.F_STORE_H1_X | R.F_STORE_H2_V))
+            half = float(dt) * 0.5
+            rows.append((s32[k + 1], {R.COL_SIGMA: s32[k + 1], R.COL_CX: 0.0, R.COL_CV: half, R.COL_C1: 1.0,
+                                      R.COL_C2: half}, R.F_READ_H1 | R.F_READ_H2))
+    else:
+        for sig, cx, c0, c1, fl in _dpm_rows(s32.astype(np.float64)):
+            rows.append((np.float32(sig), {R.COL_SIGMA: sig, R.COL_CX: cx, R.COL_C0: c0, R.COL_C1: c1}, fl))
+    table = np.zeros((len(rows) + 1, R.NCOL), dtype=np.float32)
+    eval_sigmas = np.zeros(len(rows), dtype=np.float32)
+    for i, (es, cols, fl) in enumerate(rows):
+        for c, v in cols.items():
+            table[i, c] = v
+        lo, hi = interval
+        cfg = guidance > 1.0 and float(es) > lo and float(es) <= hi  # BAGEL: t > lo and t <= hi
+        if cfg:
+            fl |= R.F_CFG
+            if image_guidance is not None and image_guidance > 1.0:
+                fl |= R.F_IMG
+            if renorm is not None:
+                fl |= R.F_RENORM
+        table[i, R.COL_G] = guidance
+        table[i, R.COL_GI] = 1.0 if image_guidance is None else image_guidance
+        table[i, R.COL_FLAGS] = fl
+        eval_sigmas[i] = es
+    table[-1, R.COL_CX] = 1.0  # past the end: out = x
+    return table, eval_sigmas
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+def _check_float(name, v, *, allow_none=False):
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite value, got {v}")
+    return float(v)
+
+
+def _as_sigmas(sigmas) -> np.ndarray:
+    if isinstance(sigmas, torch.Tensor):
+        arr = sigmas.detach().to("cpu", torch.float64).numpy()
+    else:
+        try:
+            arr = np.asarray(sigmas, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"sigmas: expected a 1-D tensor or sequence of floats, got {type(sigmas).__name__}") from None
+    if arr.ndim != 1 or arr.shape[0] < 2:
+        raise ValueError(f"sigmas: expected a 1-D sequence of at least 2 values (N steps + final 0), "
+                         f"got shape {tuple(arr.shape)}")
+    return arr
+
+
+class FlowSampler:
+    """A flow-matching solver with fused guidance, its schedule and step counter on the device.
+
+    Args:
+        method: ``"euler"`` (FlowMatchEulerDiscreteScheduler), ``"heun"``
+            (FlowMatchHeunDiscreteScheduler: two model evaluations per step, the last step Euler) or
+            ``"dpmsolver++2m"`` (DPMSolverMultistepScheduler with ``prediction_type="flow_prediction"``,
+            ``use_flow_sigmas=True``, ``solver_order=2``, ``algorithm_type="dpmsolver++"``, midpoint).
+        sigmas: the ``N + 1`` sigmas, strictly decreasing, in [0, 1], ending in 0 (a tensor, array or
+            list; used as given, ``shift`` is not applied to them). For ``"heun"``, diffusers'
+            interleaved ``FlowMatchHeunDiscreteScheduler.sigmas`` are accepted too. Float64 values
+            give exact ``"dpmsolver++2m"`` int64 timesteps (they are truncated from sigma * 1000).
+        num_steps: number of solver steps when ``sigmas`` is None: the schedule is
+            ``flow_sigmas(num_steps, shift=shift)`` (``schedule="dpmsolver"`` for
+            ``"dpmsolver++2m"``, ``"diffusers"`` otherwise).
+        shift: the timestep shift of that schedule.
+        guidance: text (or plain) CFG scale ``g``: ``v = v_uncond + g (v_cond - v_uncond)``, applied
+            when ``g > 1`` (BAGEL's and diffusers' pipelines' gate); otherwise ``v = v_cond``.
+        image_guidance: BAGEL's image scale: ``v = v_img_uncond + g_img (v_txt - v_img_uncond)``
+            when ``g_img > 1`` (and text guidance is on).
+        guidance_interval: ``(lo, hi)``: guidance (with its image branch and renorm) applies at an
+            evaluation whose sigma ``t`` satisfies ``lo < t <= hi`` (BAGEL's ``cfg_interval``).
+        renorm: None, ``"global"`` (one norm per sample), ``"channel"`` (one per channel) or
+            ``"token"`` (one per token): ``v *= clamp(|v_cond| / (|v| + 1e-8), renorm_min, 1)``.
+            BAGEL's ``"global"`` is ``"global"`` on its packed ``[T, C]`` latents; BAGEL's
+            ``"channel"`` (``torch.norm(v, dim=-1)`` on ``[T, C]``) is one norm per token, ``"token"``.
+        renorm_min: the lower clamp of the renorm factor, in [0, 1].
+        device: where the tables, counter and history live (default: torch's default device).
+
+    Attributes:
+        sigmas: float32 ``[N + 1]`` on the device.
+        timesteps: the model's timestep per evaluation, on the device: float32 ``sigmas[:-1] * 1000``
+            for ``"euler"`` (== FlowMatchEulerDiscreteScheduler.timesteps), the interleaved
+            ``[t0, t1, t1, ..., t_{N-1}, t_{N-1}]`` (2N - 1 values) for ``"heun"``
+            (== FlowMatchHeunDiscreteScheduler.timesteps), int64 ``trunc(sigma * 1000)`` for
+            ``"dpmsolver++2m"`` (== DPMSolverMultistepScheduler.timesteps).
+        eval_sigmas: float32 sigma of each evaluation (BAGEL feeds these to its model).
+        counter: int32 ``[1]`` device step counter (model evaluations done since ``reset``).
+    """
+
+    def __init__(self, method: str, *, sigmas=None, num_steps: int | None = None, shift: float = 1.0,
+                 guidance: float = 1.0, image_guidance: float | None = None, guidance_interval=None,
+                 renorm: str | None = None, renorm_min: float = 0.0, device=None):
+        if method not in METHODS:
+            raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+        if renorm is not None and renorm not in RENORMS:
+            raise ValueError(f"renorm: expected None or one of {RENORMS}, got {renorm!r}")
+        self.method = method
+        self.guidance = _check_float("guidance", guidance)
+        self.image_guidance = _check_float("image_guidance", image_guidance, allow_none=True)
+        self.renorm = renorm
+        self.renorm_min = _check_float("renorm_min", renorm_min)
+        if not 0.0 <= self.renorm_min <= 1.0:
+            raise ValueError(f"renorm_min: expected a value in [0, 1], got {renorm_min}")
+        if guidance_interval is None:
+            interval = (-math.inf, math.inf)
+        else:
+            if not (isinstance(guidance_interval, (tuple, list)) and len(guidance_interval) == 2):
+                raise ValueError(f"guidance_interval: expected a (lo, hi) pair, got {guidance_interval!r}")
+            lo = _check_float("guidance_interval[0]", guidance_interval[0])
+            hi = _check_float("guidance_interval[1]", guidance_interval[1])
+            if lo > hi:
+                raise ValueError(f"guidance_interval: expected lo <= hi, got {guidance_interval!r}")
+            interval = (lo, hi)
+        self.guidance_interval = guidance_interval
+        self.device = torch.device(device) if device is not None else torch.get_default_device()
+
+        s64, t_int = self._schedule(method, sigmas, num_steps, shift)
+        s32 = s64.astype(np.float32)
+        self.num_steps = len(s32) - 1
+        table, eval_sigmas = _build_table(method, s32, self.guidance, self.image_guidance, interval, renorm)
+        self.num_evals = table.shape[0] - 1
+        self._host_flags = table[:, _ref.COL_FLAGS].astype(np.int64)  # validation only
+        t32 = torch.from_numpy(s32[:-1].copy()) * NUM_TRAIN_TIMESTEPS  # float32, as diffusers
+        if method == "dpmsolver++2m":
+            timesteps = torch.from_numpy(t_int)
+        elif method == "heun":
+            timesteps = torch.cat([t32[:1], t32[1:].repeat_interleave(2)])
+        else:
+            timesteps = t32
+        dev = self.device
+        self.sigmas = torch.from_numpy(s32).to(dev)
+        self.timesteps = timesteps.to(dev)
+        self.eval_sigmas = torch.from_numpy(eval_sigmas).to(dev)
+        self.table = torch.from_numpy(table).to(dev)
+        # {evaluation index, the CUDA kernel's block-done count}; .counter is the first
+        self._state = torch.zeros(2, dtype=torch.int32, device=dev)
+        self.counter = self._state[:1]
+        self._host_step = 0
+        self._shape = None
+        self._h1 = self._h2 = self._stats = None
+
+    @staticmethod
+    def _schedule(method, sigmas, num_steps, shift):
+        """float64 sigmas (N + 1, ending in 0) and, for DPM-Solver, its int64 timesteps."""
+        if sigmas is None:
+            if num_steps is None:
+                raise ValueError("num_steps: expected an int when sigmas is None, got None")
+            if method == "dpmsolver++2m":
+                base = flow_sigmas(num_steps, shift=shift, schedule="dpmsolver")  # validates
+                s64 = dpmsolver_flow_sigmas_f64(num_steps, float(shift), NUM_TRAIN_TIMESTEPS)
+                t = (s64 * NUM_TRAIN_TIMESTEPS).astype(np.int64)
+                return np.concatenate([s64, [0.0]]), t
+            s64 = flow_sigmas(num_steps, shift=shift, schedule="diffusers").double().numpy()
+            return s64, None
+        s = _as_sigmas(sigmas)
+        if method == "heun" and len(s) >= 4 and len(s) % 2 == 0 and np.array_equal(s[1:-1:2], s[2:-1:2]):
+            s = np.concatenate([s[:1], s[1:-1:2], s[-1:]])  # diffusers' interleaved Heun sigmas
+        if not np.all(np.isfinite(s)):
+            raise ValueError(f"sigmas: expected finite values, got {s.tolist()}")
+        if s[-1] != 0.0:
+            raise ValueError(f"sigmas: expected the last value to be 0, got {s[-1]}")
+        if not np.all(np.diff(s) < 0):
+            raise ValueError(f"sigmas: expected strictly decreasing values, got {s.tolist()}")
+        if s[0] > 1.0:
+            raise ValueError(f"sigmas: expected values in [0, 1] (flow matching), got first value {s[0]}")
+        if num_steps is not None and num_steps != len(s) - 1:
+            raise ValueError(f"num_steps: got {num_steps} but sigmas has {len(s)} values ({len(s) - 1} steps)")
+        t = (s[:-1] * NUM_TRAIN_TIMESTEPS).astype(np.int64) if method == "dpmsolver++2m" else None
+        return s, t
+
+    # -- state ---------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Back to the first evaluation (zeroes the device counter; no host sync)."""
+        self._state.zero_()
+        self._host_step = 0
+
+    def current_timestep(self) -> torch.Tensor:
+        """``timesteps[counter]`` as a ``[1]`` device tensor (device-side lookup, capturable)."""
+        k = self.counter.long().clamp(max=self.num_evals - 1)
+        return self.timesteps.index_select(0, k)
+
+    def current_sigma(self) -> torch.Tensor:
+        """``eval_sigmas[counter]`` as a ``[1]`` device tensor (device-side lookup, capturable)."""
+        k = self.counter.long().clamp(max=self.num_evals - 1)
+        return self.eval_sigmas.index_select(0, k)
+
+    def _buffers(self, x, B, P, Q, mode):
+        shape = (B, P, Q)
+        if self._shape is not None and self._shape != shape:
+            raise ValueError(f"x: this sampler's state is {self._shape} (as [B, P, Q]) but got shape "
+                             f"{tuple(x.shape)}; use one FlowSampler per latent shape")
+        if self._shape is None:
+            dev = self.device
+            needs_h1 = self.method != "euler"
+            self._h1 = torch.zeros(shape, dtype=torch.float32, device=dev) if needs_h1 else None
+            self._h2 = torch.zeros(shape, dtype=torch.float32, device=dev) if self.method == "heun" else None
+            n = {_ref.RENORM_GLOBAL: B, _ref.RENORM_COL: B * Q}.get(mode, 0)
+            self._stats = torch.zeros(2 * n, dtype=torch.float32, device=dev) if n else None
+            self._shape = shape
+        return self._h1, self._h2, self._stats
+
+    def _renorm_mode(self, channels_last: bool) -> int:
+        if self.renorm is None:
+            return _ref.RENORM_NONE
+        if self.renorm == "global":
+            return _ref.RENORM_GLOBAL
+        along_q = (self.renorm == "token") == channels_last  # norm over Q: per token of [T, C]
+        return _ref.RENORM_ROW if along_q else _ref.RENORM_COL
+
+    def step(self, x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor | None = None,
+             v_img_uncond: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Combine the branches, take one solver evaluation step and return the next state.
+
+        ``x``: the state ``[T, C]``, ``[B, T, C]``, ``[B, C, H, W]`` or ``[B, C, F, H, W]`` in fp32 /
+        bf16 / fp16; the branches: velocities of x's shape, one dtype among the three. ``out``: an
+        optional contiguous buffer of x's shape and dtype (``out=x`` updates in place). For
+        ``"heun"`` each call is one model evaluation: call it at ``timesteps[k]`` with the state the
+        previous call returned (the odd calls are Heun's corrections).
+        """
+        check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=(2, 3, 4, 5), device=self.device)
+        check_tensor("v_cond", v_cond, dtypes=FLOAT_DTYPES, device=self.device)
+        if v_cond.shape != x.shape:
+            raise ValueError(f"v_cond: expected x's shape {tuple(x.shape)}, got {tuple(v_cond.shape)}")
+        for name, t in (("v_uncond", v_uncond), ("v_img_uncond", v_img_uncond)):
+            if t is None:
+                continue
+            check_tensor(name, t, dtypes=(v_cond.dtype,), device=self.device)
+            if t.shape != x.shape:
+                raise ValueError(f"{name}: expected x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+        if self._host_step >= self.num_evals:
+            raise ValueError(f"step: stepping past the last step: this sampler has {self.num_evals} model "
+                             f"evaluations and all were taken; call reset() to start over")
+        row_flags = int(self._host_flags[self._host_step])
+        if row_flags & _ref.F_CFG and v_uncond is None:
+            raise ValueError(f"v_uncond: guidance={self.guidance} > 1 is on at evaluation {self._host_step}, "
+                             "which needs the unconditional velocity, got None")
+        if row_flags & _ref.F_IMG and v_img_uncond is None:
+            raise ValueError(f"v_img_uncond: image_guidance={self.image_guidance} > 1 is on at evaluation "
+                             f"{self._host_step}, which needs the image-unconditional velocity, got None")
+        if v_img_uncond is not None and v_uncond is None:
+            raise ValueError("v_img_uncond: given without v_uncond (BAGEL's image branch guides the "
+                             "text-guided velocity)")
+        if out is None:
+            out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        else:
+            check_out("out", out, x.shape, x.dtype, self.device)
+        B, P, Q, channels_last = _layout(x)
+        mode = self._renorm_mode(channels_last)
+        h1, h2, stats = self._buffers(x, B, P, Q, mode)
+        self._host_step += 1
+        if x.numel() == 0:
+            self.counter.add_(1)
+            return out
+        _flow_step_op(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, self.table, self._state, stats, mode,
+                      self.renorm_min)
+        return out

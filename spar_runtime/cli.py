@@ -1,0 +1,173 @@
+"""The ``spar`` command line.
+
+    spar generate --checkpoint DIR --prompt "a red fox" --steps 20 --guidance 4.5 --seed 0 --out out.png
+    spar generate --config tiny --random-weights --prompt "anything" --out out.png
+    spar describe --checkpoint DIR --image x.png --prompt "Describe the image." --max-new-tokens 64
+
+``generate`` shows a progress bar over the solver steps and ends with a per-stage timing table
+(load, prefill, DTR, connector, DiT loop, decode, total). ``--random-weights`` builds the named
+config with random weights (no files needed; prompts are byte-tokenized), which exercises the
+whole path but draws noise-like images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+__all__ = ["main"]
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _Progress:
+    """A progress bar over solver steps: tqdm when installed, else a one-line text bar on stderr."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.bar = total, enabled, None
+        self.t0 = time.perf_counter()
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr)
+            except ImportError:
+                self.bar = None
+
+    def __call__(self, step: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            return
+        width = 30
+        done = int(width * step / total)
+        rate = step / max(time.perf_counter() - self.t0, 1e-9)
+        sys.stderr.write(f"\rdenoising [{'#' * done}{'.' * (width - done)}] {step}/{total} {rate:.2f} step/s")
+        if step == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def timing_table(timings: dict[str, float], load_s: float | None = None) -> str:
+    """Markdown table of per-stage wall times (seconds and share of the generation total)."""
+    rows = [("load", load_s)] if load_s is not None else []
+    rows += [(k, timings.get(k)) for k in ("prefill", "dtr", "connector", "dit_loop", "decode")]
+    total = sum(v for k, v in rows if v is not None and k != "load")
+    lines = ["| stage | seconds | share |", "|---|---:|---:|"]
+    for name, v in rows:
+        if v is None:
+            continue
+        share = "" if name == "load" or total <= 0 else f"{100 * v / total:.1f}%"
+        lines.append(f"| {name} | {v:.3f} | {share} |")
+    lines.append(f"| total (prefill..decode) | {total:.3f} | 100% |")
+    return "\n".join(lines)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("model (one of)")
+    src.add_argument("--checkpoint", help="a SPAR checkpoint directory (spar_config.json, mllm/, dit/, vae/, "
+                                          "spar.safetensors)")
+    src.add_argument("--config", help="a named config (SPAR-1B, SPAR-3B, tiny); needs --random-weights")
+    src.add_argument("--random-weights", action="store_true", help="random weights for --config (no files needed)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--weights-seed", type=int, default=0, help="seed of --random-weights")
+
+
+def _load(args, parser):
+    from .pipeline import SparPipeline
+
+    dtype = _DTYPES[args.dtype] if args.dtype else None
+    if args.checkpoint and (args.config or args.random_weights):
+        parser.error("give either --checkpoint DIR or --config NAME --random-weights, not both")
+    if args.checkpoint:
+        return SparPipeline.from_pretrained(args.checkpoint, device=args.device, dtype=dtype)
+    if args.config and args.random_weights:
+        return SparPipeline.random(args.config, args.weights_seed, device=args.device, dtype=dtype)
+    if args.config:
+        parser.error("--config NAME needs --random-weights (no official SPAR weights are public); "
+                     "or load real weights with --checkpoint DIR")
+    parser.error("give --checkpoint DIR, or --config NAME --random-weights")
+
+
+def _generate(args, parser) -> int:
+    t0 = time.perf_counter()
+    pipe = _load(args, parser)
+    load_s = time.perf_counter() - t0
+    pipe.sync_timings = True
+    steps = args.steps if args.steps is not None else pipe.config.num_steps
+    guidance = args.guidance if args.guidance is not None else pipe.config.guidance
+    print(f"spar generate: {pipe.config.name} on {pipe.device} ({str(pipe.dtype)[6:]}), {steps} steps "
+          f"{args.sampler}, guidance {guidance}, seed {args.seed}", file=sys.stderr)
+    progress = _Progress(steps, not args.no_progress)
+    try:
+        images = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, num_steps=steps,
+                               guidance=guidance, seed=args.seed, sampler=args.sampler, shift=args.shift,
+                               callback=progress)
+    finally:
+        progress.close()
+    images[0].save(args.out)
+    print(f"wrote {args.out} ({images[0].size[0]}x{images[0].size[1]})")
+    print(timing_table(pipe.timings, load_s))
+    return 0
+
+
+def _describe(args, parser) -> int:
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    pipe = _load(args, parser)
+    load_s = time.perf_counter() - t0
+    image = Image.open(args.image)
+    t1 = time.perf_counter()
+    text = pipe.describe(image, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample)
+    print(text)
+    print(f"load {load_s:.3f} s, describe {time.perf_counter() - t1:.3f} s", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spar", description="SPAR text-to-image and image understanding")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="text to image")
+    _add_model_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default=None, help="the unconditional prompt (default: a fixed instruction)")
+    g.add_argument("--steps", type=int, default=None, help="solver steps (default: the config's num_steps)")
+    g.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the config's guidance)")
+    g.add_argument("--sampler", default="dpmsolver++2m", choices=["dpmsolver++2m", "euler"])
+    g.add_argument("--shift", type=float, default=None, help="flow shift (default: the config's flow_shift)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default="out.png")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d = sub.add_parser("describe", help="image understanding (InternVL)")
+    _add_model_args(d)
+    d.add_argument("--image", required=True)
+    d.add_argument("--prompt", default="Describe the image.")
+    d.add_argument("--max-new-tokens", type=int, default=64)
+    d.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "steps", None) is not None and args.steps < 1:
+        parser.error(f"--steps: expected >= 1, got {args.steps}")
+    try:
+        return _generate(args, parser) if args.command == "generate" else _describe(args, parser)
+    except (ValueError, TypeError, OSError) as e:   # CheckpointError is a ValueError
+        print(f"spar {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

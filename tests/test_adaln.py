@@ -1,0 +1,201 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import spar_kernels as sk
+from spar_kernels.reference import adaln as ref
+from spar_kernels.testing import assert_close_fa, non_contiguous, poisoned_empty
+
+from conftest import requires_triton
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BACKENDS = [pytest.param("triton", marks=requires_triton), "cpu", "reference"]
+
+
+def _mods(B, C, dtype, n=6):
+    """Per-sample vectors as SanaTransformerBlock makes them: chunks of a [B, 6, C] sum."""
+    table = torch.randn(n, C) / C ** 0.5
+    t = torch.randn(B, n * C)
+    return (table[None] + t.reshape(B, n, C)).to(dtype).chunk(n, dim=1)  # [B, 1, C] strided views
+
+
+def _torch_same_dtype_adaln(x, shift, scale, eps):
+    """diffusers' own computation: nn.LayerNorm in x's dtype, then the modulation in that dtype."""
+    B, _, C = x.shape
+    n = F.layer_norm(x, (C,), eps=eps)
+    return n * (1 + ref.per_sample(scale, B, C).to(x.dtype)) + ref.per_sample(shift, B, C).to(x.dtype)
+
+
+def _check_adaln(backend, x, shift, scale, eps=1e-6):
+    out = poisoned_empty(x.shape, dtype=x.dtype)
+    with sk.backend(backend):
+        got = sk.adaln_layernorm(x, shift, scale, eps=eps, out=out)
+    assert got is out
+    want64 = ref.adaln_layernorm(x.double(), shift.double(), scale.double(), eps, compute_dtype=torch.float64)
+    assert_close_fa(got, _torch_same_dtype_adaln(x, shift, scale, eps), want64, name="adaln")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 7, 113), (1, 9, 1152), (2, 3, 2240), (1, 2, 9000)])
+def test_adaln_layernorm_matches_reference(backend, dtype, shape):
+    B, N, C = shape
+    x = (torch.randn(shape) * 2 + 0.7).to(dtype)
+    shift, scale, *_ = _mods(B, C, dtype)
+    _check_adaln(backend, x, shift, scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adaln_layernorm_shift_scale_forms(backend):
+    B, N, C = 2, 9, 96
+    x = torch.randn(B, N, C, dtype=torch.bfloat16)
+    full = torch.randn(B, C)
+    for shift, scale in [(full, full.flip(0)),                       # [B, C]
+                         (full[:, None], full[:, None] * 0.5),       # [B, 1, C]
+                         (torch.randn(C), torch.randn(1, C)),         # broadcast
+                         (torch.randn(1, 1, C), torch.randn(B, 2 * C)[:, ::2])]:  # strided columns
+        _check_adaln(backend, x, shift, scale)
+        _check_adaln(backend, x, shift.bfloat16(), scale.half())     # mixed modulation dtypes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adaln_layernorm_non_contiguous_x_and_eps(backend, dtype):
+    B, N, C = 2, 11, 130
+    shift, scale, *_ = _mods(B, C, dtype)
+    x = non_contiguous(torch.randn(B, N, C).to(dtype), 1)
+    _check_adaln(backend, x, shift, scale, eps=1e-5)
+    x = non_contiguous(torch.randn(B, N, C).to(dtype), 2)             # channel stride 2: copied
+    _check_adaln(backend, x, shift, scale, eps=0.1)
+    # a constant row: variance 0, the output is the shift
+    x = torch.full((1, 3, C), 2.5, dtype=dtype)
+    with sk.backend(backend):
+        got = sk.adaln_layernorm(x, shift[:1], scale[:1], eps=1e-6)
+    torch.testing.assert_close(got, shift[:1].expand(1, 3, C).to(dtype), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [1, 2])
+def test_adaln_matches_sana_block_norm_and_modulation(dtype, B):
+    from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
+
+    dim, N = 64, 35
+    blk = SanaTransformerBlock(dim, 2, 32, num_cross_attention_heads=2, cross_attention_head_dim=32,
+                               cross_attention_dim=dim).eval()
+    x, t = torch.randn(B, N, dim), torch.randn(B, 6 * dim)
+
+    def diffusers_norms(blk, x, t):
+        sh_msa, sc_msa, g_msa, sh_mlp, sc_mlp, g_mlp = (blk.scale_shift_table[None] + t.reshape(B, 6, -1)).chunk(6, dim=1)
+        h1 = (blk.norm1(x) * (1 + sc_msa) + sh_msa).to(x.dtype)
+        h2 = blk.norm2(x) * (1 + sc_mlp) + sh_mlp
+        return h1, h2, (sh_msa, sc_msa, sh_mlp, sc_mlp)
+
+    with torch.no_grad():
+        w1, w2, _ = diffusers_norms(blk.double(), x.double(), t.double())
+        blk = blk.to(dtype)
+        b1, b2, (sh_msa, sc_msa, sh_mlp, sc_mlp) = diffusers_norms(blk, x.to(dtype), t.to(dtype))
+        g1 = sk.adaln_layernorm(x.to(dtype), sh_msa, sc_msa, eps=blk.norm1.eps)
+        g2 = sk.adaln_layernorm(x.to(dtype), sh_mlp, sc_mlp, eps=blk.norm2.eps)
+    for got, base, want in ((g1, b1, w1), (g2, b2, w2)):
+        if dtype == torch.float32:
+            rel = float((got.double() - want).abs().max() / want.abs().max())
+            assert rel <= 1e-4, rel
+        assert_close_fa(got, base, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# gated_residual
+
+def _check_gr(backend, x, y, gate, out="new"):
+    want64 = ref.gated_residual(x.double(), y.double(), gate.double(), compute_dtype=torch.float64)
+    B, _, C = x.shape
+    base = x + ref.per_sample(gate, B, C).to(x.dtype) * y  # torch in x's dtype, as diffusers
+    with sk.backend(backend):
+        if out == "new":
+            got = sk.gated_residual(x, y, gate)
+        elif out == "inplace":
+            got = sk.gated_residual(x, y, gate, out=x)
+            assert got is x
+        else:
+            buf = poisoned_empty(x.shape, dtype=x.dtype)
+            got = sk.gated_residual(x, y, gate, out=buf)
+            assert got is buf
+    assert_close_fa(got, base, want64, name="gated_residual")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 7, 113), (2, 3, 2240)])
+@pytest.mark.parametrize("out", ["new", "inplace", "buffer"])
+def test_gated_residual_matches_reference(backend, dtype, shape, out):
+    B, N, C = shape
+    x, y = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    gate = _mods(B, C, dtype)[2]
+    _check_gr(backend, x.clone(), y, gate, out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gated_residual_strides_and_gate_forms(backend):
+    B, N, C = 2, 13, 96
+    x = torch.randn(B, N, C, dtype=torch.bfloat16)
+    y = non_contiguous(torch.randn(B, N, C, dtype=torch.bfloat16), 1)
+    for gate in (torch.randn(B, C), torch.randn(C), torch.randn(B, 1, C).half(), torch.randn(B, 3 * C)[:, ::3]):
+        _check_gr(backend, x.clone(), y, gate, "inplace")
+        _check_gr(backend, x, y, gate, "buffer")
+    xs = non_contiguous(torch.randn(B, N, C), 0)                      # strided batch: in place keeps strides
+    before = xs.clone()
+    g = torch.randn(B, C)
+    with sk.backend(backend):
+        sk.gated_residual(xs, y.float(), g, out=xs)
+    torch.testing.assert_close(xs, before + g[:, None] * y.float())
+
+
+def test_gated_residual_in_place_under_torch_compile():
+    def f(x, y, g):
+        sk.gated_residual(x, y, g, out=x)
+        return x * 1
+    c = torch.compile(f, fullgraph=True, backend="eager")
+    x, y, g = torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(2, 16)
+    want = x + g[:, None] * y
+    torch.testing.assert_close(c(x.clone(), y, g), want)
+
+
+def test_adaln_opcheck_and_compile():
+    x, sh, sc = torch.randn(2, 5, 24), torch.randn(2, 24), torch.randn(2, 24)
+    torch.library.opcheck(torch.ops.spar.adaln_layernorm.default, (x, sh, sc, 1e-6, torch.empty_like(x)))
+    torch.library.opcheck(torch.ops.spar.gated_residual.default, (x, x.clone(), sh, torch.empty_like(x)))
+    f = torch.compile(lambda x, a, b: sk.adaln_layernorm(x, a, b, eps=1e-6) + 1, fullgraph=True, backend="eager")
+    torch.testing.assert_close(f(x, sh, sc), ref.adaln_layernorm(x, sh, sc, 1e-6) + 1)
+
+
+def _x(*s, dtype=torch.float32):
+    return torch.randn(*s, dtype=dtype)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: sk.adaln_layernorm(_x(2, 4, 8).int(), _x(2, 8), _x(2, 8), eps=1e-6), "x: expected dtype"),
+    (lambda: sk.adaln_layernorm(_x(4, 8), _x(2, 8), _x(2, 8), eps=1e-6), "x: expected 3 dimensions"),
+    (lambda: sk.adaln_layernorm(_x(2, 4, 8), _x(2, 9), _x(2, 8), eps=1e-6), "shift: expected one 8-vector"),
+    (lambda: sk.adaln_layernorm(_x(2, 4, 8), _x(2, 8), _x(3, 8), eps=1e-6), "scale: expected one 8-vector"),
+    (lambda: sk.adaln_layernorm(_x(2, 4, 8), _x(2, 8), _x(2, 4, 8), eps=1e-6), "scale: expected one 8-vector"),
+    (lambda: sk.adaln_layernorm(_x(2, 4, 8), _x(2, 8).int(), _x(2, 8), eps=1e-6), "shift: expected dtype"),
+    (lambda: sk.adaln_layernorm(_x(2, 4, 8), "s", _x(2, 8), eps=1e-6), "shift: expected a torch.Tensor"),
+    (lambda: sk.adaln_layernorm(_x(2, 4, 8), _x(2, 8), _x(2, 8), eps=-1.0), "eps"),
+    (lambda: sk.adaln_layernorm(_x(2, 4, 8), _x(2, 8), _x(2, 8), eps=1e-6, out=_x(2, 4, 8).half()), "out: expected dtype"),
+    (lambda: sk.adaln_layernorm(_x(2, 4, 8), _x(2, 8), _x(2, 8), eps=1e-6, out=_x(2, 8, 4).transpose(1, 2)),
+     "out: expected a contiguous"),
+    (lambda: sk.gated_residual(_x(2, 4, 8), _x(2, 4, 9), _x(2, 8)), "y: expected shape"),
+    (lambda: sk.gated_residual(_x(2, 4, 8), _x(2, 4, 8).half(), _x(2, 8)), "y: expected dtype"),
+    (lambda: sk.gated_residual(_x(2, 4, 8), _x(2, 4, 8), _x(8, 2)), "gate: expected one 8-vector"),
+    (lambda: sk.gated_residual(_x(8), _x(8), _x(8)), "x: expected 3 dimensions"),
+    (lambda: sk.gated_residual(_x(2, 4, 8), _x(2, 4, 8), _x(2, 8), out=_x(2, 4, 7)), "out: expected shape"),
+])
+def test_adaln_bad_inputs(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+def test_gated_residual_in_place_needs_contiguous_channels():
+    x = _x(2, 4, 16)[..., ::2]
+    with pytest.raises(ValueError, match="out: in-place update"):
+        sk.gated_residual(x, _x(2, 4, 8), _x(2, 8), out=x)

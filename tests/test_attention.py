@@ -1,0 +1,296 @@
+"""hybrid_attention: every backend against an fp64 reference whose masks are built from the segments
+(not from the layout), the FlashAttention accuracy rule, GQA, head dims, dtypes, empty rows, out=,
+non-contiguous inputs, FP8, torch.compile / opcheck, FlexAttention as a second oracle, bad inputs.
+
+Triton kernels run under the interpreter with small shapes (tests/test_attention_triton.py holds
+the kernel-specific cases); the CPU path and the reference run the larger random layouts here.
+"""
+
+import math
+import random
+
+import pytest
+import torch
+
+import spar_kernels as sk
+from spar_kernels.reference import attention as ref
+from spar_kernels.testing import assert_close_fa, non_contiguous, poisoned_empty
+
+from test_attention_layout import random_segments
+
+HOST_BACKENDS = ["cpu", "reference"]
+
+
+def make_qkv(total_q, total_k, hq, hkv, d, dtype, scale=1.0):
+    q = (torch.randn(total_q, hq, d) * scale).to(dtype)
+    k = (torch.randn(total_k, hkv, d) * scale).to(dtype)
+    v = torch.randn(total_k, hkv, d).to(dtype)
+    return q, k, v
+
+
+def expected(q, k, v, masks, cu_q, cu_k, scale, compute_dtype):
+    """Per-sequence dense attention with the given masks; fp64 or the inputs' own dtype."""
+    out = torch.zeros(q.shape, dtype=compute_dtype)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float64)
+    for b, mask in enumerate(masks):
+        q0, q1, k0, k1 = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
+        if q1 == q0:
+            continue
+        o, l = ref.masked_attention(q[q0:q1], k[k0:k1], v[k0:k1], mask, scale, compute_dtype)
+        out[q0:q1] = o
+        lse[:, q0:q1] = l.double()
+    return out, lse
+
+
+def check(backend, q, k, v, layout, masks, *, softmax_scale=None, out=None, fa_atol=None):
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
+    cu_q, cu_k = layout.cu_seqlens_q.tolist(), layout.cu_seqlens_k.tolist()
+    with sk.backend(backend):
+        got, lse = sk.hybrid_attention(q, k, v, layout, softmax_scale=softmax_scale, return_lse=True, out=out)
+    assert got.dtype == q.dtype and got.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == (q.shape[1], q.shape[0])
+    if out is not None:
+        assert got is out
+    want64, lse64 = expected(q.double(), k.double(), v.double(), masks, cu_q, cu_k, scale, torch.float64)
+    base, _ = expected(q, k, v, masks, cu_q, cu_k, scale, q.dtype)  # torch in the same precision
+    assert_close_fa(got, base.to(q.dtype), want64, atol=fa_atol)
+    # lse: fp32 accumulation of the (rounded) inputs, -inf exactly where the row is empty
+    torch.testing.assert_close(lse.double(), lse64, atol=2e-4 if q.dtype != torch.float32 else 2e-5, rtol=1e-5)
+    return got, lse, want64
+
+
+def seg_masks(segments, nq):
+    return [ref.segments_mask(s, None if nq is None else nq[b]) for b, s in enumerate(segments)]
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("seed", range(5))
+def test_random_segment_layouts_fp32_fp64_accuracy(backend, seed):
+    rng = random.Random(seed)
+    segments = [random_segments(rng) for _ in range(rng.randint(1, 8))]
+    nq = [rng.randint(1, sum(n for _, n in s)) for s in segments] if seed % 2 else None
+    layout = sk.AttentionLayout.from_segments(segments, num_queries=nq)
+    hkv, g = rng.choice([(2, 1), (1, 2), (1, 7), (2, 7)])
+    d = rng.choice([64, 72, 80, 96, 112, 128])
+    q, k, v = make_qkv(layout.total_q, layout.total_k, hkv * g, hkv, d, torch.float32, scale=2.0)
+    got, _, want64 = check(backend, q, k, v, layout, seg_masks(segments, nq))
+    # fp32 path: ~1e-6 relative to the fp64 result
+    rel = (got.double() - want64).abs().max() / want64.abs().max()
+    assert rel < 3e-6, f"relative error {rel:.3g}"
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 72, 80, 96, 112, 128])
+def test_low_precision_every_head_dim(backend, dtype, d):
+    rng = random.Random(d)
+    segments = [random_segments(rng, 150) for _ in range(3)]
+    layout = sk.AttentionLayout.from_segments(segments)
+    q, k, v = make_qkv(layout.total_q, layout.total_k, 4, 2, d, dtype)
+    check(backend, q, k, v, layout, seg_masks(segments, None))
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("g", [1, 2, 7])
+def test_cross_attention_gqa(backend, g):
+    q_lens, k_lens = [256, 17, 1], [300, 5, 77]
+    layout = sk.AttentionLayout.cross(q_lens, k_lens)
+    q, k, v = make_qkv(layout.total_q, layout.total_k, 2 * g, 2, 72, torch.bfloat16)
+    masks = [torch.ones(a, b, dtype=torch.bool) for a, b in zip(q_lens, k_lens)]
+    check(backend, q, k, v, layout, masks)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_decode_rows_against_long_cache(backend):
+    segments = [[("causal", 700), ("full", 3)], [("causal", 1000)], [("causal", 33)]]
+    nq = [3, 1, 16]
+    layout = sk.AttentionLayout.from_segments(segments, num_queries=nq)
+    q, k, v = make_qkv(layout.total_q, layout.total_k, 14, 2, 64, torch.float32)
+    check(backend, q, k, v, layout, seg_masks(segments, nq))
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_empty_intervals_give_zeros_and_minus_inf(backend):
+    # rows 1 and 4 see nothing; sequence 1 has queries but no keys; sequence 2 has no queries
+    layout = sk.AttentionLayout.from_intervals([0, 4, 6, 6], [0, 40, 40, 45], [0, 3, 5, 0, 0, 0], [40, 3, 9, 1, 0, 0])
+    q, k, v = make_qkv(6, 45, 3, 3, 32, torch.float32)
+    out = poisoned_empty(6, 3, 32, dtype=torch.float32)
+    with sk.backend(backend):
+        got, lse = sk.hybrid_attention(q, k, v, layout, return_lse=True, out=out)
+    for r in (1, 4, 5):
+        assert torch.equal(got[r], torch.zeros(3, 32)) and bool(torch.isneginf(lse[:, r]).all())
+    assert torch.isfinite(got).all() and torch.isfinite(lse[:, [0, 2, 3]]).all()
+    masks = [ref.interval_mask(layout.kv_start[a:b], layout.kv_end[a:b], n)
+             for a, b, n in ((0, 4, 40), (4, 6, 0), (6, 6, 5))]
+    check(backend, q, k, v, layout, masks)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_windows_non_contiguous_inputs_scale_and_out(backend):
+    # document/window intervals not starting at 0, strided q/k/v, a custom softmax scale
+    n = 157
+    st = torch.tensor([max(0, i - 40) for i in range(n)], dtype=torch.int32)
+    en = torch.tensor([min(n, i + 1 + (i % 5)) for i in range(n)], dtype=torch.int32)
+    layout = sk.AttentionLayout.from_intervals(torch.tensor([0, n], dtype=torch.int32),
+                                               torch.tensor([0, n], dtype=torch.int32), st, en)
+    q, k, v = make_qkv(n, n, 6, 3, 80, torch.bfloat16)
+    q, k, v = non_contiguous(q, 0), non_contiguous(k, 1), non_contiguous(v, 0)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    out = poisoned_empty(n, 6, 80, dtype=torch.bfloat16)
+    check(backend, q, k, v, layout, [ref.interval_mask(st, en, n)], softmax_scale=0.3, out=out)
+
+
+def test_varlen_entry_point_and_return_values():
+    layout = sk.AttentionLayout.from_segments([[("causal", 9), ("full", 4)], [("full", 5)]])
+    q, k, v = make_qkv(18, 18, 4, 2, 64, torch.float32)
+    a = sk.hybrid_attention(q, k, v, layout)
+    b, lse = sk.hybrid_attention_varlen(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.kv_start,
+                                        layout.kv_end, layout.max_seqlen_q, layout.max_seqlen_k, return_lse=True)
+    assert isinstance(a, torch.Tensor) and torch.equal(a, b) and lse.shape == (4, 18)
+
+
+def test_cpu_path_is_chunked(monkeypatch):
+    # force many query chunks per sequence: results must not depend on the chunking
+    segments = [[("causal", 300), ("full", 100)], [("full", 77)]]
+    layout = sk.AttentionLayout.from_segments(segments)
+    q, k, v = make_qkv(layout.total_q, layout.total_k, 4, 4, 64, torch.float32)
+    with sk.backend("cpu"):
+        whole = sk.hybrid_attention(q, k, v, layout)
+        monkeypatch.setattr(sk.attention, "_CPU_CHUNK_BYTES", 4 * 4 * 400 * 7)
+        chunked = sk.hybrid_attention(q, k, v, layout)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+
+
+def test_empty_batch():
+    layout = sk.AttentionLayout.cross([0], [5])
+    q, k, v = make_qkv(0, 5, 2, 2, 64, torch.float32)
+    out, lse = sk.hybrid_attention(q, k, v, layout, return_lse=True)
+    assert out.shape == (0, 2, 64) and lse.shape == (2, 0)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_fp8_close_to_bf16(backend):
+    segments = [[("causal", 90), ("full", 40)], [("full", 50)]]
+    layout = sk.AttentionLayout.from_segments(segments)
+    q, k, v = make_qkv(layout.total_q, layout.total_k, 4, 2, 64, torch.bfloat16)
+    q8, qs = _per_head_fp8(q)
+    k8, ks = _per_head_fp8(k)
+    v8, vs = _per_head_fp8(v)
+    with sk.backend(backend):
+        got = sk.hybrid_attention(q8, k8, v8, layout, q_descale=qs, k_descale=ks, v_descale=vs)
+    want = sk.hybrid_attention(q, k, v, layout)
+    assert got.dtype == torch.bfloat16
+    cos = torch.nn.functional.cosine_similarity(got.double().flatten(), want.double().flatten(), dim=0)
+    assert cos >= 0.99, f"cosine similarity {cos:.4f}"
+
+
+def _per_head_fp8(x):
+    amax = x.float().abs().amax(dim=(0, 2)).clamp(min=1e-6)
+    scale = amax / 448.0
+    return (x.float() / scale.view(1, -1, 1)).to(torch.float8_e4m3fn), scale.float()
+
+
+def test_flex_attention_second_oracle():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    segments = [[("causal", 21), ("full", 16), ("causal", 9)], [("full", 12), ("causal", 15)]]
+    nq = [30, 27]
+    layout = sk.AttentionLayout.from_segments(segments, num_queries=nq)
+    q, k, v = make_qkv(layout.total_q, layout.total_k, 4, 2, 64, torch.float32)
+    # the mask, from the segments: same sequence and (earlier-or-same position, or same full segment)
+    seq_k, pos_k, seg_k, full_k = [], [], [], []
+    for b, segs in enumerate(segments):
+        p = 0
+        for s, (kind, n) in enumerate(segs):
+            for _ in range(n):
+                seq_k.append(b), pos_k.append(p), seg_k.append(s), full_k.append(kind == "full")
+                p += 1
+    q_rows = [i for b in range(2) for i in range(layout.cu_seqlens_k[b + 1] - nq[b], layout.cu_seqlens_k[b + 1])]
+    T = lambda x: torch.tensor(x)  # noqa: E731
+    seq_k, pos_k, seg_k, full_k = T(seq_k), T(pos_k), T(seg_k), T(full_k)
+    qi = T(q_rows)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        r = qi[q_idx]
+        same = seq_k[r] == seq_k[kv_idx]
+        return same & ((pos_k[kv_idx] <= pos_k[r]) | ((seg_k[kv_idx] == seg_k[r]) & full_k[r]))
+
+    bm = flex.create_block_mask(mask_mod, 1, 1, layout.total_q, layout.total_k, device="cpu")
+    want = flex.flex_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                               block_mask=bm, enable_gqa=True)[0].transpose(0, 1)
+    got = sk.hybrid_attention(q, k, v, layout)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_torch_compile_fullgraph():
+    layout = sk.AttentionLayout.from_segments([[("causal", 7), ("full", 5)]])
+    q, k, v = make_qkv(12, 12, 2, 1, 64, torch.float32)
+    f = torch.compile(lambda q, k, v: sk.hybrid_attention(q, k, v, layout) * 2, fullgraph=True, backend="eager")
+    torch.testing.assert_close(f(q, k, v), sk.hybrid_attention(q, k, v, layout) * 2)
+
+
+def test_opcheck():
+    layout = sk.AttentionLayout.from_segments([[("causal", 5), ("full", 3)]])
+    q, k, v = make_qkv(8, 8, 2, 1, 32, torch.float32)
+    out, lse = torch.empty_like(q), torch.empty(2, 8)
+    torch.library.opcheck(torch.ops.spar.hybrid_attention.default,
+                          (q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.kv_start, layout.kv_end,
+                           8, 8, 0.125, out, lse, None, None, None))
+
+
+_L = sk.AttentionLayout.from_segments([[("causal", 6), ("full", 4)]])
+
+
+def _qkv(hq=4, hkv=2, d=64, dtype=torch.float32, nq=10, nk=10):
+    return make_qkv(nq, nk, hq, hkv, d, dtype)
+
+
+def _varlen(q, k, v, cu_q=None, cu_k=None, st=None, en=None, mq=10, mk=10, **kw):
+    return sk.hybrid_attention_varlen(q, k, v, _L.cu_seqlens_q if cu_q is None else cu_q,
+                                      _L.cu_seqlens_k if cu_k is None else cu_k,
+                                      _L.kv_start if st is None else st, _L.kv_end if en is None else en, mq, mk, **kw)
+
+
+I32 = lambda *x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: sk.hybrid_attention(*_qkv(hq=3, hkv=2), _L), ValueError, "multiple of the number of key/value heads"),
+    (lambda: sk.hybrid_attention(*_qkv(d=100), _L), ValueError, "head dim 100 is not supported"),
+    (lambda: sk.hybrid_attention(*_qkv(d=256), _L), ValueError, "head dim 256 is not supported"),
+    (lambda: sk.hybrid_attention(_qkv()[0], _qkv()[1].half(), _qkv()[2], _L), ValueError, "k: expected dtype"),
+    (lambda: sk.hybrid_attention(*_qkv()[:2], _qkv()[2].bfloat16(), _L), ValueError, "v: expected dtype"),
+    (lambda: sk.hybrid_attention(*_qkv(dtype=torch.float64), _L), ValueError, "q: expected dtype"),
+    (lambda: sk.hybrid_attention(_qkv()[0], _qkv()[1].to("meta"), _qkv()[2], _L), ValueError, "k: expected a tensor on"),
+    (lambda: sk.hybrid_attention(*_qkv(), _L.to("meta")), ValueError, "layout: its tensors are on meta"),
+    (lambda: sk.hybrid_attention(torch.randn(10, 4, 128)[:, :, ::2], *_qkv()[1:], _L), ValueError,
+     "q: the last dimension must be contiguous"),
+    (lambda: sk.hybrid_attention(_qkv()[0], torch.randn(10, 2, 128)[:, :, ::2], _qkv()[2], _L), ValueError,
+     "k: the last dimension must be contiguous"),
+    (lambda: sk.hybrid_attention(_qkv()[0].flatten(1), *_qkv()[1:], _L), ValueError, "q: expected 3 dimensions"),
+    (lambda: sk.hybrid_attention(*_qkv()[:2], torch.randn(10, 2, 32), _L), ValueError, "v: expected the shape of k"),
+    (lambda: sk.hybrid_attention(*_qkv(nq=11), _L), ValueError, "q: the layout has 10 query rows"),
+    (lambda: sk.hybrid_attention(*_qkv(nk=12), _L), ValueError, "k: the layout has 10 keys"),
+    (lambda: sk.hybrid_attention(*_qkv(), "causal"), TypeError, "layout: expected an AttentionLayout"),
+    (lambda: sk.hybrid_attention(*_qkv(), _L, softmax_scale=-1.0), ValueError, "softmax_scale"),
+    (lambda: sk.hybrid_attention(*_qkv(), _L, out=torch.empty(10, 4, 64).half()), ValueError, "out: expected dtype"),
+    (lambda: sk.hybrid_attention(*_qkv(), _L, out=torch.empty(10, 64, 4).transpose(1, 2)), ValueError,
+     "out: expected a contiguous"),
+    (lambda: sk.hybrid_attention(*_qkv(), _L, q_descale=torch.ones(4)), ValueError, "q_descale: descale"),
+    (lambda: sk.hybrid_attention(*[t.to(torch.float8_e4m3fn) for t in _qkv()], _L, k_descale=torch.ones(3)),
+     ValueError, r"k_descale: expected a float32 tensor of shape \(2,\)"),
+    (lambda: _varlen(*_qkv(), cu_q=I32(1, 10)), ValueError, "cu_seqlens_q: must start at 0"),
+    (lambda: _varlen(*_qkv(), cu_q=I32(0, 6, 4, 10), cu_k=I32(0, 4, 6, 10)), ValueError,
+     "cu_seqlens_q: must be non-decreasing"),
+    (lambda: _varlen(*_qkv(), cu_k=I32(0, 12), mk=12), ValueError, "k: the layout has 12 keys"),
+    (lambda: _varlen(*_qkv(), en=I32(*([11] * 10))), ValueError, "outside its sequence"),
+    (lambda: _varlen(*_qkv(), st=I32(*([3] * 10)), en=I32(*([2] * 10))), ValueError, "outside its sequence"),
+    (lambda: _varlen(*_qkv(), cu_q=_L.cu_seqlens_q.long()), ValueError, "cu_seqlens_q: expected dtype"),
+    (lambda: _varlen(*_qkv(), en=_L.kv_end[:9]), ValueError, "kv_end: expected 10 entries"),
+    (lambda: _varlen(*_qkv(), cu_k=I32(0, 4, 10)), ValueError, "cu_seqlens_k: expected 2 entries"),
+    (lambda: _varlen(*_qkv(), mq=5), ValueError, "max_seqlen_q: 5 is shorter"),
+    (lambda: _varlen(*_qkv(), mk=-1), ValueError, "max_seqlen_k: expected a non-negative int"),
+])
+def test_bad_inputs(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()

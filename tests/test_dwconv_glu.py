@@ -1,0 +1,125 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import spar_kernels as sk
+from spar_kernels.reference import dwconv_glu as ref
+from spar_kernels.testing import assert_close_fa, non_contiguous, poisoned_empty
+
+from conftest import requires_triton
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BACKENDS = [pytest.param("triton", marks=requires_triton), "cpu", "reference"]
+
+
+def _torch_same_dtype(x, weight, bias, H, W):
+    """GLUMBConv's own middle in x's dtype: depthwise conv, chunk, a * silu(gate)."""
+    B, _, C2 = x.shape
+    img = x.reshape(B, H, W, C2).permute(0, 3, 1, 2)
+    h = F.conv2d(img, weight.to(x.dtype).reshape(C2, 1, 3, 3),
+                 bias.to(x.dtype) if bias is not None else None, padding=1, groups=C2)
+    a, g = torch.chunk(h, 2, dim=1)
+    return (a * F.silu(g)).permute(0, 2, 3, 1).reshape(B, H * W, C2 // 2)
+
+
+def _check(backend, x, weight, bias, H, W):
+    B, _, C2 = x.shape
+    out = poisoned_empty(B, H * W, C2 // 2, dtype=x.dtype)
+    with sk.backend(backend):
+        got = sk.dwconv_glu(x, weight, bias, H, W, out=out)
+    assert got is out
+    want64 = ref.dwconv_glu(x.double(), weight.double(), bias.double() if bias is not None else None, H, W,
+                            compute_dtype=torch.float64)
+    assert_close_fa(got, _torch_same_dtype(x, weight, bias, H, W), want64, name="dwconv_glu")
+
+
+# (B, H, W, C): square, H != W, 1 x N, N x 1, 1 x 1, odd channel counts
+GRIDS = [(1, 1, 1, 8), (2, 5, 7, 40), (1, 1, 13, 24), (2, 9, 1, 16), (1, 8, 8, 7), (2, 4, 6, 160)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grid", GRIDS)
+def test_dwconv_glu_matches_reference(backend, dtype, grid):
+    B, H, W, C = grid
+    x = torch.randn(B, H * W, 2 * C).to(dtype)
+    w = (torch.randn(2 * C, 1, 3, 3) / 3).to(dtype)
+    b = torch.randn(2 * C).to(dtype)
+    _check(backend, x, w, b, H, W)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dwconv_glu_layouts_and_optional_bias(backend, dtype):
+    B, H, W, C = 2, 3, 5, 24
+    x = torch.randn(B, H * W, 2 * C).to(dtype)
+    w = torch.randn(2 * C, 3, 3)                                   # [2C, 3, 3], fp32 next to a bf16 x
+    _check(backend, x, w, None, H, W)
+    _check(backend, non_contiguous(x, 1), w, torch.randn(2 * C), H, W)   # strided tokens
+    _check(backend, non_contiguous(x, 2), w.to(dtype), None, H, W)       # strided channels: copied
+    wide = torch.randn(B, H * W, 3 * C).to(dtype)[..., C:]               # a channel slice of a wider buffer
+    _check(backend, wide, w, torch.randn(2 * C).half(), H, W)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, H, W", [(1, 4, 4), (2, 3, 5), (1, 1, 6)])
+def test_dwconv_glu_matches_diffusers_glumbconv(dtype, B, H, W):
+    from diffusers.models.transformers.sana_transformer import GLUMBConv
+
+    dim = 32
+    ff = GLUMBConv(dim, dim, mlp_ratio := 2.5, norm_type=None, residual_connection=False).eval()
+    hidden = int(mlp_ratio * dim)
+    img = torch.randn(B, dim, H, W)
+
+    def middle(ff, img):  # GLUMBConv.forward up to (not including) conv_point
+        h = ff.nonlinearity(ff.conv_inverted(img))
+        h, gate = torch.chunk(ff.conv_depth(h), 2, dim=1)
+        return h * ff.nonlinearity(gate)
+
+    with torch.no_grad():
+        want64 = middle(ff.double(), img.double()).permute(0, 2, 3, 1).reshape(B, H * W, hidden)
+        full64 = ff(img.double())
+        ff = ff.to(dtype)
+        x = img.to(dtype)
+        base = middle(ff, x).permute(0, 2, 3, 1).reshape(B, H * W, hidden)
+        u = ff.nonlinearity(ff.conv_inverted(x)).permute(0, 2, 3, 1).reshape(B, H * W, 2 * hidden)
+        got = sk.dwconv_glu(u, ff.conv_depth.weight, ff.conv_depth.bias, H, W)
+        full = F.linear(got, ff.conv_point.weight.view(dim, hidden)).reshape(B, H, W, dim).permute(0, 3, 1, 2)
+        full_base = ff(x)
+    if dtype == torch.float32:
+        for a, w in ((got, want64), (full, full64)):
+            rel = float((a.double() - w).abs().max() / w.abs().max())
+            assert rel <= 1e-4, rel
+    assert_close_fa(got, base, want64, name="glu middle")
+    assert_close_fa(full, full_base, full64, name="GLUMBConv")
+
+
+def test_dwconv_glu_torch_compile_and_opcheck():
+    x, w, b = torch.randn(1, 12, 16), torch.randn(16, 1, 3, 3), torch.randn(16)
+    f = torch.compile(lambda x: sk.dwconv_glu(x, w, b, 3, 4) * 2, fullgraph=True, backend="eager")
+    torch.testing.assert_close(f(x), ref.dwconv_glu(x, w, b, 3, 4) * 2)
+    torch.library.opcheck(torch.ops.spar.dwconv_glu.default, (x, w.reshape(16, 9), b, 3, 4, torch.empty(1, 12, 8)))
+
+
+def _x(*s, dtype=torch.float32):
+    return torch.randn(*s, dtype=dtype)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: sk.dwconv_glu(_x(1, 12, 16).int(), _x(16, 1, 3, 3), None, 3, 4), "x: expected dtype"),
+    (lambda: sk.dwconv_glu(_x(12, 16), _x(16, 1, 3, 3), None, 3, 4), "x: expected 3 dimensions"),
+    (lambda: sk.dwconv_glu(_x(1, 12, 16), _x(16, 1, 3, 3), None, 3, 5), "H, W: expected H \\* W"),
+    (lambda: sk.dwconv_glu(_x(1, 12, 16), _x(16, 1, 3, 3), None, 0, 4), "H: expected a positive int"),
+    (lambda: sk.dwconv_glu(_x(1, 12, 16), _x(16, 1, 3, 3), None, 3, 4.0), "W: expected a positive int"),
+    (lambda: sk.dwconv_glu(_x(1, 12, 15), _x(15, 1, 3, 3), None, 3, 4), "x: expected an even"),
+    (lambda: sk.dwconv_glu(_x(1, 12, 16), _x(16, 1, 5, 5), None, 3, 4), "weight: expected shape"),
+    (lambda: sk.dwconv_glu(_x(1, 12, 16), _x(8, 1, 3, 3), None, 3, 4), "weight: expected shape"),
+    (lambda: sk.dwconv_glu(_x(1, 12, 16), _x(16, 9), None, 3, 4), "weight: expected 3 or 4 dimensions"),
+    (lambda: sk.dwconv_glu(_x(1, 12, 16), _x(16, 1, 3, 3), _x(8), 3, 4), "bias: expected shape"),
+    (lambda: sk.dwconv_glu(_x(1, 12, 16), _x(16, 1, 3, 3), _x(16).int(), 3, 4), "bias: expected dtype"),
+    (lambda: sk.dwconv_glu(_x(1, 12, 16), _x(16, 1, 3, 3), None, 3, 4, out=_x(1, 12, 16)), "out: expected shape"),
+    (lambda: sk.dwconv_glu(_x(1, 12, 16), _x(16, 1, 3, 3), None, 3, 4, out=_x(1, 12, 8).half()), "out: expected dtype"),
+])
+def test_dwconv_glu_bad_inputs(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()

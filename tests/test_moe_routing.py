@@ -1,0 +1,168 @@
+"""split_by_expert (with the fused per-expert RMSNorm) and merge_experts: Triton (interpreter), CPU,
+reference; the per-expert norm checked against transformers' Qwen2RMSNorm and an fp64 formula."""
+
+import pytest
+import torch
+
+import spar_kernels as sk
+from spar_kernels.reference import routing as ref
+from spar_kernels.testing import assert_close, assert_close_fa, non_contiguous, poisoned_empty
+
+from conftest import interpreter_ok
+
+BACKENDS = [pytest.param("triton", marks=pytest.mark.skipif(not interpreter_ok(), reason="needs the interpreter")),
+            "cpu", "reference"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _oracle64(x, ids, W, eps):
+    """Expected grouped rows in fp64: stable grouping by expert, RMSNorm with each expert's weight."""
+    order = torch.cat([torch.nonzero(ids == e).flatten() for e in range(W.shape[0])])
+    h = x.double()[order]
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * W.double()[ids[order]], order
+
+
+def _check_structure(s, ids, E):
+    N = ids.shape[0]
+    counts = torch.bincount(ids.long(), minlength=E)
+    assert torch.equal(s.offsets, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
+    assert torch.equal(torch.sort(s.perm).values, torch.arange(N))             # a permutation
+    assert bool((ids[s.perm][1:] >= ids[s.perm][:-1]).all())                   # grouped by expert
+    for e in range(E):                                                          # stable inside a group
+        p = s.perm[s.offsets[e]:s.offsets[e + 1]]
+        assert bool((p[1:] > p[:-1]).all())
+    assert s.counts == tuple(counts.tolist())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E,N,D", [(1, 9, 64), (2, 41, 130), (3, 17, 7), (4, 5, 1), (2, 3, 8200)])
+def test_split_by_expert_norm(backend, dtype, E, N, D):
+    x = (torch.randn(N, D) * 3).to(dtype)
+    ids = torch.randint(0, E, (N,))
+    W = (torch.randn(E, D) * 0.5 + 1).to(dtype)
+    with sk.backend(backend):
+        s = sk.split_by_expert(x, ids, E, W, eps=1e-5)
+    _check_structure(s, ids, E)
+    want64, order = _oracle64(x, ids, W, 1e-5)
+    assert torch.equal(s.perm, order)
+    if dtype == torch.float32:
+        assert_close(s.rows, want64.float(), atol=2e-5, rtol=2e-5)
+    else:
+        base = ref.split_by_expert(x, ids, E, W, 1e-5, compute_dtype=dtype)[0]
+        assert_close_fa(s.rows, base, want64)
+        assert_close(s.rows, want64.to(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_split_by_expert_matches_transformers_rmsnorm(backend):
+    Qwen2RMSNorm = pytest.importorskip("transformers.models.qwen2.modeling_qwen2").Qwen2RMSNorm
+    E, N, D = 2, 33, 96
+    x = torch.randn(N, D)
+    ids = torch.randint(0, E, (N,))
+    norms = []
+    for e in range(E):
+        n = Qwen2RMSNorm(D, eps=1e-6)
+        with torch.no_grad():
+            n.weight.copy_(torch.randn(D))
+        norms.append(n)
+    with sk.backend(backend):
+        s = sk.split_by_expert(x, ids, E, [n.weight.detach() for n in norms])
+    with torch.no_grad():
+        for e in range(E):
+            got = s.expert(e)
+            assert_close(got, norms[e](x[ids == e]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+def test_split_merge_roundtrip_without_norm(backend, dtype):
+    N, D, E = 50, 24, 3
+    x = torch.randint(-100, 100, (N, D)).to(dtype)
+    ids = torch.randint(0, E, (N,), dtype=torch.int32)
+    with sk.backend(backend):
+        s = sk.split_by_expert(x, ids, E)
+        assert torch.equal(s.rows, x[s.perm])
+        back = sk.merge_experts(s.rows, s)
+        assert torch.equal(back, x)
+        # per-expert outputs of another width (a projection per expert), merged back in token order
+        y = torch.cat([s.expert(e).float()[:, :5] * (e + 1) for e in range(E)])
+        merged = sk.merge_experts(y, s.perm, out=poisoned_empty(N, 5, dtype=torch.float32))
+    want = torch.empty(N, 5)
+    for e in range(E):
+        want[ids == e] = x[ids == e].float()[:, :5] * (e + 1)
+    assert torch.equal(merged, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_split_by_expert_options(backend):
+    N, D, E = 21, 40, 2
+    x = non_contiguous(torch.randn(N, D).to(torch.bfloat16), 0)
+    ids = [i % 2 for i in range(N)]
+    W = torch.randn(E, D)  # fp32 weights with bf16 rows
+    out = poisoned_empty(N, D, dtype=torch.bfloat16)
+    with sk.backend(backend):
+        s = sk.split_by_expert(x, ids, E, W, 1e-6, counts=[11, 10], out=out)
+    assert s.rows is out and s.counts == (11, 10)
+    want64, _ = _oracle64(x, torch.tensor(ids), W, 1e-6)
+    assert_close(s.rows, want64.to(torch.bfloat16))
+    rows, offsets, perm, counts = s  # a plain tuple too
+    assert torch.equal(rows[offsets[1]:], s.expert(1))
+    # empty input
+    with sk.backend(backend):
+        s0 = sk.split_by_expert(torch.zeros(0, D), torch.zeros(0, dtype=torch.long), 3, torch.ones(3, D))
+    assert s0.rows.shape == (0, D) and s0.offsets.tolist() == [0, 0, 0, 0] and s0.counts == (0, 0, 0)
+
+
+@pytest.mark.skipif(not interpreter_ok(), reason="needs the interpreter")
+def test_split_kernel_out_of_range_expert_is_safe():
+    # unchecked ids (the CUDA path) never index outside the weight table: clamped to [0, E)
+    x = torch.randn(4, 16)
+    W = torch.randn(2, 16)
+    ids = torch.tensor([0, 1, 5, -3])
+    perm = torch.arange(4)
+    out = torch.empty(4, 16)
+    with sk.backend("triton"):
+        torch.ops.spar.split_by_expert(x, ids, perm, torch.tensor([0, 1, 2]), W, 1e-6, out)
+    assert bool(torch.isfinite(out).all())
+
+
+def test_moe_routing_bad_inputs():
+    x, ids, W = torch.randn(6, 8), torch.tensor([0, 1, 0, 1, 1, 0]), torch.ones(2, 8)
+    with pytest.raises(ValueError, match="expert_ids: index out of range"):
+        sk.split_by_expert(x, torch.tensor([0, 1, 2, 0, 0, 0]), 2)
+    with pytest.raises(ValueError, match="expert_ids: expected 6 ids"):
+        sk.split_by_expert(x, ids[:5], 2)
+    with pytest.raises(ValueError, match="expert_ids: expected an int32 or int64"):
+        sk.split_by_expert(x, ids.float(), 2)
+    with pytest.raises(ValueError, match="num_experts: expected an int >= 1"):
+        sk.split_by_expert(x, ids, 0)
+    with pytest.raises(ValueError, match=r"norm_weights: expected shape \(2, 8\)"):
+        sk.split_by_expert(x, ids, 2, torch.ones(2, 7))
+    with pytest.raises(ValueError, match="norm_weights: expected 2 weights"):
+        sk.split_by_expert(x, ids, 2, [torch.ones(8)])
+    with pytest.raises(ValueError, match="norm_weights: expected a floating-point"):
+        sk.split_by_expert(x, ids, 2, torch.ones(2, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="norm_weights: expected a tensor on cpu"):
+        sk.split_by_expert(x, ids, 2, torch.ones(2, 8, device="meta"))
+    with pytest.raises(ValueError, match="x: the fused RMSNorm takes dtype"):
+        sk.split_by_expert(x.long(), ids, 2, W)
+    with pytest.raises(ValueError, match="x: expected 2 dimensions"):
+        sk.split_by_expert(x[0], ids, 2)
+    with pytest.raises(ValueError, match="counts: given"):
+        sk.split_by_expert(x, ids, 2, counts=[2, 4])
+    with pytest.raises(ValueError, match="counts: expected 2 non-negative ints"):
+        sk.split_by_expert(x, ids, 2, counts=[3, 4])
+    with pytest.raises(ValueError, match="eps: expected a finite float"):
+        sk.split_by_expert(x, ids, 2, W, eps=-1.0)
+    with pytest.raises(ValueError, match=r"out: expected shape \(6, 8\)"):
+        sk.split_by_expert(x, ids, 2, out=torch.empty(6, 9))
+    s = sk.split_by_expert(x, ids, 2)
+    with pytest.raises(ValueError, match="grouped: expected 6 rows"):
+        sk.merge_experts(x[:5], s)
+    with pytest.raises(ValueError, match="split.perm: expected an int64"):
+        sk.merge_experts(x, s.perm.int())
+    with pytest.raises(ValueError, match="split.perm: index out of range"):
+        sk.merge_experts(x, torch.tensor([0, 1, 2, 3, 4, 6]))
+    with pytest.raises(TypeError, match="split"):
+        sk.merge_experts(x, [0, 1, 2, 3, 4, 5])

@@ -1,0 +1,228 @@
+"""gather_rows / scatter_rows / pack_sequences / unpack_sequences: Triton (interpreter), CPU, reference."""
+
+import pytest
+import torch
+
+import spar_kernels as sk
+from spar_kernels.reference import routing as ref
+from spar_kernels.testing import non_contiguous, poisoned_empty
+
+from conftest import interpreter_ok
+
+BACKENDS = [pytest.param("triton", marks=pytest.mark.skipif(not interpreter_ok(), reason="needs the interpreter")),
+            "cpu", "reference"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool, torch.float8_e4m3fn]
+
+
+def _rand(shape, dtype):
+    if dtype == torch.bool:
+        return torch.rand(shape) > 0.5
+    if not dtype.is_floating_point:
+        return torch.randint(-10**6, 10**6, shape, dtype=dtype)
+    return torch.randn(shape).mul(3).to(dtype)
+
+
+def _bits(t):
+    return t.view(torch.uint8) if t.dtype in (torch.bool, torch.float8_e4m3fn) else t
+
+
+def _same(a, b):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    assert torch.equal(_bits(a), _bits(b))
+
+
+# ---- gather_rows ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_rows_dtypes(backend, dtype):
+    x = _rand((37, 3, 47), dtype)
+    idx = torch.randint(0, 37, (29,))
+    with sk.backend(backend):
+        _same(sk.gather_rows(x, idx), x[idx])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["dups", "empty", "int32", "list", "strided_rows", "strided_inner", "1d", "wide"])
+def test_gather_rows_layouts(backend, case):
+    x = _rand((23, 130), torch.bfloat16)
+    idx = torch.randint(0, 23, (40,))
+    if case == "empty":
+        idx = idx[:0]
+    elif case == "int32":
+        idx = idx.to(torch.int32)
+    elif case == "list":
+        idx = [22, 0, 0, 5]
+    elif case == "strided_rows":
+        x = non_contiguous(x, 0)
+    elif case == "strided_inner":
+        x = non_contiguous(x, 1)
+    elif case == "1d":
+        x = x[:, 0]
+    elif case == "wide":
+        x = _rand((5, 2, 1500), torch.float32)
+        idx = torch.tensor([4, 1, 1, 0])
+    out = poisoned_empty(*((len(idx),) + tuple(x.shape[1:])), dtype=x.dtype)
+    with sk.backend(backend):
+        y = sk.gather_rows(x, idx, out=out)
+    assert y is out
+    _same(y, x[torch.as_tensor(idx).long()])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scatter_and_gather_roundtrip(backend):
+    x = _rand((64, 40), torch.float16)
+    perm = torch.randperm(64)
+    with sk.backend(backend):
+        y = sk.gather_rows(x, perm)
+        z = torch.empty_like(x)
+        sk.scatter_rows(z, perm, y)
+    _same(z, x)
+
+
+@pytest.mark.skipif(not interpreter_ok(), reason="needs the interpreter")
+def test_gather_scatter_kernel_out_of_range_indices_are_safe():
+    # What the kernels do on CUDA with unchecked indices (no host sync): reads give zeros, writes are dropped.
+    x = torch.randn(6, 20)
+    out = torch.full((3, 20), 7.0)
+    with sk.backend("triton"):
+        torch.ops.spar.gather_rows(x, torch.tensor([1, 6, -1]), out)
+        assert torch.equal(out[0], x[1]) and bool((out[1:] == 0).all())
+        y = x.clone()
+        torch.ops.spar.scatter_rows(y, torch.tensor([2, 99, -5]), torch.ones(3, 20))
+    expect = x.clone()
+    expect[2] = 1
+    assert torch.equal(y, expect)
+
+
+# ---- scatter_rows ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scatter_rows_dtypes(backend, dtype):
+    x = _rand((31, 2, 45), dtype)
+    idx = torch.randperm(31)[:13]
+    src = _rand((13, 2, 45), dtype)
+    want = x.clone()
+    want[idx] = src
+    with sk.backend(backend):
+        y = sk.scatter_rows(x, idx, src)
+    assert y is x
+    _same(x, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["strided_x_rows", "strided_src", "int32_list", "empty"])
+def test_scatter_rows_layouts(backend, case):
+    x = _rand((19, 300), torch.bfloat16)
+    idx = torch.randperm(19)[:7]
+    src = _rand((7, 300), torch.bfloat16)
+    if case == "strided_x_rows":
+        x = non_contiguous(x, 0)
+    elif case == "strided_src":
+        src = non_contiguous(src, 1)
+    elif case == "int32_list":
+        idx = idx.tolist()
+    else:
+        idx, src = idx[:0], src[:0]
+    want = x.clone()
+    want[torch.as_tensor(idx).long()] = src
+    with sk.backend(backend):
+        sk.scatter_rows(x, idx, src)
+    _same(x, want)
+
+
+# ---- pack / unpack ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32])
+@pytest.mark.parametrize("lengths", [[5, 3], [0, 7, 1], [7, 7, 7, 7], [0, 0]])
+def test_pack_unpack_roundtrip(backend, dtype, lengths):
+    B, T = len(lengths), 7
+    padded = _rand((B, T, 3, 11), dtype)
+    lens_t = torch.tensor(lengths, dtype=torch.int32)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    with sk.backend(backend):
+        packed = sk.pack_sequences(padded, lens_t)
+        _same(packed, ref.pack_sequences(padded, lengths))
+        pad = -3 if not dtype.is_floating_point else -1.25
+        up = sk.unpack_sequences(packed, cu, T + 2, pad_value=pad)
+    _same(up, ref.unpack_sequences(packed, cu, T + 2, pad))
+    for b, n in enumerate(lengths):  # an independent check of both directions
+        _same(up[b, :n], padded[b, :n])
+        assert bool((up[b, n:] == pad).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pack_unpack_options(backend):
+    padded = non_contiguous(_rand((3, 9, 50), torch.float16), 1)
+    lengths = [4, 9, 2]
+    out = poisoned_empty(15, 50, dtype=torch.float16)
+    with sk.backend(backend):
+        packed = sk.pack_sequences(padded, lengths, total=15, out=out)
+        assert packed is out
+        _same(packed, ref.pack_sequences(padded, lengths))
+        cu = torch.tensor([0, 4, 13, 15], dtype=torch.int32)
+        up_out = poisoned_empty(3, 9, 50, dtype=torch.float16)
+        up = sk.unpack_sequences(non_contiguous(packed, 0), cu, 9, out=up_out)
+        assert up is up_out
+        _same(up, ref.unpack_sequences(packed, cu, 9, 0))
+        # a 1-D packed buffer (one scalar per token), float pad
+        p1 = torch.randn(15)
+        _same(sk.unpack_sequences(p1, [0, 4, 13, 15], 10, float("-inf")), ref.unpack_sequences(p1, cu, 10, float("-inf")))
+        # cu_seqlens that do not start at 0 / do not cover all rows
+        _same(sk.unpack_sequences(p1, [2, 5, 5], 4), ref.unpack_sequences(p1, [2, 5, 5], 4, 0))
+
+
+# ---- bad inputs ---------------------------------------------------------------------------------------
+
+def test_row_moves_bad_inputs():
+    x = torch.randn(8, 4)
+    with pytest.raises(ValueError, match="index: index out of range"):
+        sk.gather_rows(x, torch.tensor([0, 8]))
+    with pytest.raises(ValueError, match="index: index out of range"):
+        sk.scatter_rows(x, torch.tensor([-1]), torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="index: expected an int32 or int64"):
+        sk.gather_rows(x, torch.tensor([0.0]))
+    with pytest.raises(ValueError, match="index: expected 1 dimensions"):
+        sk.gather_rows(x, torch.tensor([[0]]))
+    with pytest.raises(ValueError, match="index: expected a tensor on cpu"):
+        sk.gather_rows(x, torch.tensor([0], device="meta"))
+    with pytest.raises(ValueError, match="x: expected at least 1 dimension"):
+        sk.gather_rows(torch.tensor(1.0), [0])
+    with pytest.raises(ValueError, match=r"out: expected shape \(2, 4\)"):
+        sk.gather_rows(x, [0, 1], out=torch.empty(2, 5))
+    with pytest.raises(ValueError, match=r"src: expected shape \(2, 4\)"):
+        sk.scatter_rows(x, [0, 1], torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="src: expected dtype"):
+        sk.scatter_rows(x, [0, 1], torch.zeros(2, 4, dtype=torch.float16))
+    with pytest.raises(ValueError, match="src: expected a tensor on cpu"):
+        sk.scatter_rows(x, [0, 1], torch.zeros(2, 4, device="meta"))
+    with pytest.raises(TypeError, match="index"):
+        sk.gather_rows(x, 3)
+    padded = torch.randn(2, 5, 3)
+    with pytest.raises(ValueError, match=r"lengths: expected values in \[0, 5\]"):
+        sk.pack_sequences(padded, [6, 1])
+    with pytest.raises(ValueError, match=r"lengths: expected values in \[0, 5\]"):
+        sk.pack_sequences(padded, torch.tensor([-1, 1]))
+    with pytest.raises(ValueError, match="lengths: expected 2 lengths"):
+        sk.pack_sequences(padded, [1, 1, 1])
+    with pytest.raises(ValueError, match="total: expected sum"):
+        sk.pack_sequences(padded, [1, 1], total=3)
+    with pytest.raises(ValueError, match="padded: expected"):
+        sk.pack_sequences(torch.randn(5), [1])
+    with pytest.raises(ValueError, match="lengths: expected an int32 or int64"):
+        sk.pack_sequences(padded, torch.tensor([1.0, 2.0]))
+    packed = torch.randn(6, 3)
+    with pytest.raises(ValueError, match="cu_seqlens: expected non-decreasing"):
+        sk.unpack_sequences(packed, [0, 4, 2], 5)
+    with pytest.raises(ValueError, match="cu_seqlens: expected non-decreasing"):
+        sk.unpack_sequences(packed, [0, 7], 8)
+    with pytest.raises(ValueError, match="max_len: a sequence has 4 rows"):
+        sk.unpack_sequences(packed, [0, 4, 6], 3)
+    with pytest.raises(ValueError, match="max_len: expected a non-negative int"):
+        sk.unpack_sequences(packed, [0, 4, 6], -1)
+    with pytest.raises(ValueError, match="cu_seqlens: expected at least one offset"):
+        sk.unpack_sequences(packed, torch.zeros(0, dtype=torch.long), 3)
+    with pytest.raises(TypeError, match="pad_value"):
+        sk.unpack_sequences(packed, [0, 4, 6], 4, pad_value="x")

@@ -1,0 +1,437 @@
+"""FlowSampler / flow_sigmas against diffusers' schedulers (trajectory by trajectory), BAGEL's
+guidance code (rewritten here from its definition), the plain-PyTorch reference and bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import spar_kernels as sk
+from spar_kernels import sampler as sp_mod
+from spar_kernels.schedules import calculate_shift
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import (  # noqa: E402
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+)
+
+BACKENDS = [b for b in ("cpu", "reference") if b in sp_mod._IMPLS]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+METHODS = ["euler", "dpmsolver++2m", "heun"]
+
+
+def _diffusers_scheduler(method, shift):
+    if method == "euler":
+        return FlowMatchEulerDiscreteScheduler(shift=shift)
+    if method == "heun":
+        return FlowMatchHeunDiscreteScheduler(shift=shift)
+    return DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift,
+                                       solver_order=2, algorithm_type="dpmsolver++")
+
+
+def _field(x, t, k, w):
+    """A deterministic synthetic velocity field, different per branch k (fp32 math, x's dtype out)."""
+    xf = x.float()
+    return (torch.sin(xf * (1.0 + 0.15 * k) + t / 1000.0) + w[k] * xf + 0.1 * k).to(x.dtype)
+
+
+def _weights():
+    return [float(v) for v in (torch.rand(3) * 0.6 - 0.3)]
+
+
+# ------------------------------------------------------------------------------------- schedules
+
+@pytest.mark.parametrize("n", [1, 2, 7, 20, 50])
+@pytest.mark.parametrize("shift", [1.0, 3.0, 0.7, 6.0])
+def test_flow_sigmas_match_diffusers_static(n, shift):
+    sc = FlowMatchEulerDiscreteScheduler(shift=shift)
+    sc.set_timesteps(n)
+    got = sk.flow_sigmas(n, shift=shift)
+    assert got.dtype == torch.float32 and torch.equal(got, sc.sigmas)
+    dp = _diffusers_scheduler("dpmsolver++2m", shift)
+    dp.set_timesteps(n)
+    assert torch.equal(sk.flow_sigmas(n, shift=shift, schedule="dpmsolver"), dp.sigmas)
+
+
+@pytest.mark.parametrize("n", [1, 4, 28])
+@pytest.mark.parametrize("kw", [
+    dict(use_dynamic_shifting=True),
+    dict(use_dynamic_shifting=True, time_shift_type="linear"),
+    dict(use_dynamic_shifting=True, base_shift=0.3, max_shift=1.5, base_image_seq_len=128, max_image_seq_len=8192),
+    dict(shift=3.0, shift_terminal=0.05),
+    dict(shift=3.0, use_karras_sigmas=True),
+    dict(shift=2.0, use_exponential_sigmas=True),
+])
+def test_flow_sigmas_match_diffusers_options(n, kw):
+    if n == 1 and "shift_terminal" in kw:
+        pytest.skip("diffusers divides by zero here (covered by the error test)")
+    sc = FlowMatchEulerDiscreteScheduler(**kw)
+    seq = int(torch.randint(64, 8192, ()).item())
+    mu = calculate_shift(seq, kw.get("base_image_seq_len", 256), kw.get("max_image_seq_len", 4096),
+                         kw.get("base_shift", 0.5), kw.get("max_shift", 1.15)) if kw.get("use_dynamic_shifting") else None
+    sc.set_timesteps(n, mu=mu)
+    assert torch.equal(sk.flow_sigmas(n, mu=mu, **kw), sc.sigmas)
+    if mu is not None:  # the same through image_seq_len
+        assert torch.equal(sk.flow_sigmas(n, image_seq_len=seq, **kw), sc.sigmas)
+
+
+@pytest.mark.parametrize("n", [1, 5, 50])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_sigmas_linear_is_bagel(n, shift):
+    t = torch.linspace(1, 0, n + 1)
+    t = shift * t / (1 + (shift - 1) * t)
+    got = sk.flow_sigmas(n, shift=shift, schedule="linear")
+    assert torch.equal(got, t) and got[-1] == 0 and bool((got[1:] < got[:-1]).all())
+
+
+def test_flow_sigmas_dpmsolver_mu():
+    mu = 0.8
+    dp = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, use_dynamic_shifting=True)
+    dp.set_timesteps(9, mu=mu)
+    assert torch.equal(sk.flow_sigmas(9, schedule="dpmsolver", mu=mu), dp.sigmas)
+
+
+# -------------------------------------------------------------------- trajectories vs diffusers
+
+def _run_diffusers(method, sc, x, g, w, dtype):
+    xs = x.to(dtype)
+    for t in sc.timesteps:
+        tf = t.float()
+        vc, vu = _field(xs, tf, 0, w), _field(xs, tf, 1, w)
+        v = vu + g * (vc - vu)
+        xs = sc.step(v, t, xs).prev_sample
+    return xs
+
+
+def _run_spar(sampler, x, g, w, dtype, backend, *, in_place=False):
+    xs = x.to(dtype)
+    with sk.backend(backend):
+        for t in sampler.timesteps:
+            tf = t.float()
+            vc, vu = _field(xs, tf, 0, w), _field(xs, tf, 1, w)
+            xs = sampler.step(xs, vc, vu, out=xs if in_place else None)
+    return xs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("n,shift,shape", [
+    (1, 1.0, (2, 4, 5, 7)),
+    (2, 3.0, (1, 37, 16)),
+    (9, 3.0, (2, 8, 16, 16)),
+    (20, 3.0, (2, 32, 16, 16)),
+    (28, 1.5, (113, 64)),
+])
+def test_trajectory_matches_diffusers_fp32(backend, method, n, shift, shape):
+    g = 4.5
+    w = _weights()
+    x = torch.randn(shape)
+    sc = _diffusers_scheduler(method, shift)
+    sc.set_timesteps(n)
+    sampler = sk.FlowSampler(method, num_steps=n, shift=shift, guidance=g)
+    assert torch.equal(sampler.timesteps, sc.timesteps)
+    assert sampler.timesteps.dtype == sc.timesteps.dtype
+    want = _run_diffusers(method, sc, x, g, w, torch.float32)
+    got = _run_spar(sampler, x, g, w, torch.float32, backend, in_place=(n % 2 == 0))
+    # fp32 rounding: DPM-Solver's coefficients are folded in fp64 here, diffusers evaluates them
+    # in fp32; states reach |x| ~ 10 on this field, where one fp32 ulp is 1e-6
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=5e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_diffusers_sigmas_as_given_reproduce_trajectory(backend, method):
+    n, g, w = 12, 3.0, _weights()
+    x = torch.randn(2, 16, 9, 11)
+    sc = _diffusers_scheduler(method, 2.5)
+    sc.set_timesteps(n)
+    sampler = sk.FlowSampler(method, sigmas=sc.sigmas, guidance=g)
+    if method != "dpmsolver++2m":  # float32 sigmas * 1000 truncated may differ by one for DPM-Solver
+        assert torch.equal(sampler.timesteps, sc.timesteps)
+    # the model sees diffusers' timesteps in both runs
+    xs = x.clone()
+    with sk.backend(backend):
+        for t in sc.timesteps:
+            vc, vu = _field(xs, t.float(), 0, w), _field(xs, t.float(), 1, w)
+            xs = sampler.step(xs, vc, vu)
+    want = _run_diffusers(method, sc, x, g, w, torch.float32)
+    torch.testing.assert_close(xs, want, atol=1e-5, rtol=5e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_trajectory_low_precision_fa_rule(backend, method, dtype):
+    """Half-precision states: our error against diffusers' fp32 trajectory is within twice the
+    error of diffusers run in the same dtype (the FlashAttention rule), plus one ulp."""
+    n, g, w, shift = 10, 4.0, _weights(), 3.0
+    x = torch.randn(2, 8, 12, 12)
+    sc = _diffusers_scheduler(method, shift)
+    sc.set_timesteps(n)
+    exact = _run_diffusers(method, sc, x, g, w, torch.float32).double()
+    sc.set_timesteps(n)
+    theirs = _run_diffusers(method, sc, x, g, w, dtype).double()
+    ours = _run_spar(sk.FlowSampler(method, num_steps=n, shift=shift, guidance=g), x, g, w, dtype, backend)
+    assert ours.dtype == dtype
+    err_theirs = (theirs - exact).abs().max().item()
+    err_ours = (ours.double() - exact).abs().max().item()
+    # the field amplifies each step's rounding of the state, so allow one ulp at the largest value
+    atol = torch.finfo(dtype).eps * exact.abs().max().item()
+    assert err_ours <= 2 * err_theirs + atol, (err_ours, err_theirs, atol)
+
+
+# --------------------------------------------------------------------------- BAGEL's guidance
+
+def _bagel_velocity(v_t, cfg_text_v_t, cfg_img_v_t, cfg_text_scale, cfg_img_scale, cfg_renorm_type, cfg_renorm_min):
+    """BAGEL's _forward_flow guidance on packed [tokens, C] latents (modeling/bagel/bagel.py)."""
+    if cfg_text_scale > 1.0:
+        v_t_text_ = cfg_text_v_t + cfg_text_scale * (v_t - cfg_text_v_t)
+        if cfg_img_scale > 1.0:
+            v_t_ = cfg_img_v_t + cfg_img_scale * (v_t_text_ - cfg_img_v_t)
+        else:
+            v_t_ = v_t_text_
+        if cfg_renorm_type == "global":
+            norm_v_t, norm_v_t_ = torch.norm(v_t), torch.norm(v_t_)
+        else:  # "channel": over the last (channel) dimension of each token
+            norm_v_t = torch.norm(v_t, dim=-1, keepdim=True)
+            norm_v_t_ = torch.norm(v_t_, dim=-1, keepdim=True)
+        scale = (norm_v_t / (norm_v_t_ + 1e-8)).clamp(min=cfg_renorm_min, max=1.0)
+        return v_t_ * scale
+    return v_t
+
+
+def _bagel_generate(x, num_timesteps, shift, interval, g, gi, renorm_type, renorm_min, w):
+    timesteps = torch.linspace(1, 0, num_timesteps)
+    timesteps = shift * timesteps / (1 + (shift - 1) * timesteps)
+    dts = timesteps[:-1] - timesteps[1:]
+    for i, t in enumerate(timesteps[:-1]):
+        on = t > interval[0] and t <= interval[1]
+        v = _bagel_velocity(_field(x, t * 1000, 0, w), _field(x, t * 1000, 1, w), _field(x, t * 1000, 2, w),
+                            g if on else 1.0, gi if on else 1.0, renorm_type, renorm_min)
+        x = x - v * dts[i]
+    return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bagel_renorm,ours", [("global", "global"), ("channel", "token")])
+@pytest.mark.parametrize("gi,interval,renorm_min", [(1.5, (0.4, 1.0), 0.0), (1.0, (0.0, 1.0), 0.3),
+                                                     (2.0, (0.0, 0.7), 0.0)])
+def test_bagel_generate_image_loop(backend, bagel_renorm, ours, gi, interval, renorm_min):
+    n, shift, g, w = 12, 3.0, 4.0, _weights()
+    x = torch.randn(257, 64)  # one packed sample: [tokens, C]
+    want = _bagel_generate(x, n + 1, shift, interval, g, gi, bagel_renorm, renorm_min, w)
+    sigmas = sk.flow_sigmas(n, shift=shift, schedule="linear")
+    sampler = sk.FlowSampler("euler", sigmas=sigmas, guidance=g, image_guidance=gi, guidance_interval=interval,
+                             renorm=ours, renorm_min=renorm_min)
+    xs = x.clone()
+    with sk.backend(backend):
+        for t in sampler.eval_sigmas:
+            xs = sampler.step(xs, _field(xs, t * 1000, 0, w), _field(xs, t * 1000, 1, w), _field(xs, t * 1000, 2, w))
+    torch.testing.assert_close(xs, want, atol=1e-5, rtol=5e-6)
+
+
+# --------------------------------------------------------- renorm modes from their definitions
+
+def _renorm_def(vc, v, mode, layout, rmin):
+    """|.| over the whole sample / each channel / each token, written per layout."""
+    if mode == "global":
+        dims = tuple(range(1, v.dim()))
+    elif layout == "nchw":
+        dims = (1,) if mode == "token" else tuple(range(2, v.dim()))
+    else:  # [B, T, C]
+        dims = (2,) if mode == "token" else (1,)
+    s = (torch.linalg.vector_norm(vc, dim=dims, keepdim=True)
+         / (torch.linalg.vector_norm(v, dim=dims, keepdim=True) + 1e-8)).clamp(rmin, 1.0)
+    return v * s
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["global", "channel", "token"])
+@pytest.mark.parametrize("shape,layout", [((2, 16, 9, 13), "nchw"), ((3, 113, 24), "btc"), ((1, 4, 3, 5, 7), "nchw")])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_renorm_image_guidance_one_step(backend, mode, shape, layout, dtype):
+    g, gi, rmin = 5.0, 1.7, 0.25
+    x = torch.randn(shape).to(dtype)
+    vc, vu, vi = (torch.randn(shape) * s for s in (1.0, 1.3, 0.8))
+    vc, vu, vi = vc.to(dtype), vu.to(dtype), vi.to(dtype)
+    sampler = sk.FlowSampler("euler", num_steps=4, shift=2.0, guidance=g, image_guidance=gi, renorm=mode,
+                             renorm_min=rmin)
+    with sk.backend(backend):
+        got = sampler.step(x, vc, vu, vi)
+    c, u, i = vc.double(), vu.double(), vi.double()
+    v = i + gi * ((u + g * (c - u)) - i)
+    v = _renorm_def(c, v, mode, layout, rmin)
+    s = sampler.sigmas.double()
+    want = x.double() + (s[1] - s[0]) * v
+    tol = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]
+    assert got.dtype == dtype
+    assert (got.double() - want).abs().max().item() <= tol * (1 + want.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_guidance_interval_off_uses_v_cond(backend):
+    # interval (0.5, 1]: guidance applies while sigma > 0.5, then v = v_cond exactly
+    sampler = sk.FlowSampler("euler", num_steps=6, guidance=3.0, guidance_interval=(0.5, 1.0), renorm="global")
+    x = torch.randn(2, 33, 8)
+    with sk.backend(backend):
+        for k in range(6):
+            vc, vu = torch.randn_like(x), torch.randn_like(x)
+            s = sampler.sigmas
+            got = sampler.step(x, vc, vu)
+            on = 0.5 < float(s[k]) <= 1.0
+            v = vu + 3.0 * (vc - vu) if on else vc
+            if on:
+                v = v * (vc.norm(dim=(1, 2), keepdim=True) / (v.norm(dim=(1, 2), keepdim=True) + 1e-8)).clamp(0, 1)
+            torch.testing.assert_close(got, x + (s[k + 1] - s[k]) * v, atol=2e-6, rtol=2e-6)
+            x = got
+
+
+# ----------------------------------------------------------------------- backends and layouts
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("xdtype", DTYPES)
+@pytest.mark.parametrize("vdtype", DTYPES)
+@pytest.mark.parametrize("renorm", [None, "global", "channel", "token"])
+def test_cpu_twin_matches_reference(method, xdtype, vdtype, renorm):
+    if "cpu" not in sp_mod._IMPLS:
+        pytest.skip("the CPU twin is not built")
+    shape = (2, 7, 5, 9) if renorm in (None, "channel") else (3, 29, 12)
+    kw = dict(num_steps=5, shift=3.0, guidance=4.0, image_guidance=1.5, renorm=renorm, renorm_min=0.1)
+    a, b = sk.FlowSampler(method, **kw), sk.FlowSampler(method, **kw)
+    xa = torch.randn(shape).to(xdtype)
+    xb = xa.clone()
+    for _ in range(a.num_evals):
+        vs = [torch.randn(shape).to(vdtype) for _ in range(3)]
+        with sk.backend("cpu"):
+            xa = a.step(xa, *vs)
+        with sk.backend("reference"):
+            xb = b.step(xb, *vs)
+        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[xdtype]
+        torch.testing.assert_close(xa.float(), xb.float(), atol=tol, rtol=tol)
+        xb = xa.clone()  # compare step by step, not the accumulated rounding
+    torch.testing.assert_close(a._h1, b._h1) if a._h1 is not None else None
+    assert int(a.counter) == int(b.counter) == a.num_evals
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs_and_out(backend):
+    base = torch.randn(2, 9, 6, 10)
+    x = base.permute(0, 1, 3, 2)  # [2, 9, 10, 6], not contiguous
+    vc = torch.randn(2, 9, 6, 10).transpose(2, 3)
+    vu = torch.randn(2, 9, 10, 12)[..., ::2]
+    kw = dict(num_steps=3, guidance=2.0, renorm="channel")
+    a, b = sk.FlowSampler("dpmsolver++2m", **kw), sk.FlowSampler("dpmsolver++2m", **kw)
+    out = torch.full(x.shape, float("nan"))
+    with sk.backend(backend):
+        got = a.step(x, vc, vu, out=out)
+    with sk.backend("reference"):
+        want = b.step(x.contiguous(), vc.contiguous(), vu.contiguous())
+    assert got is out
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reset_replays_and_counter_on_device(backend):
+    x0 = torch.randn(1, 21, 16)
+    vs = [torch.randn(1, 21, 16) for _ in range(8)]
+    s = sk.FlowSampler("heun", num_steps=4, guidance=1.0)
+    assert s.num_evals == 7 and s.counter.device == s.sigmas.device
+
+    def run():
+        x = x0.clone()
+        with sk.backend(backend):
+            for k in range(s.num_evals):
+                assert int(s.current_timestep()) == int(s.timesteps[k])
+                x = s.step(x, vs[k])
+        return x
+    first = run()
+    assert int(s.counter) == 7
+    s.reset()
+    assert int(s.counter) == 0
+    assert torch.equal(run(), first)
+
+
+# -------------------------------------------------------------------------------- bad inputs
+
+def test_error_unknown_method_and_renorm():
+    with pytest.raises(ValueError, match="method"):
+        sk.FlowSampler("ddim", num_steps=4)
+    with pytest.raises(ValueError, match="renorm"):
+        sk.FlowSampler("euler", num_steps=4, renorm="pixel")
+    with pytest.raises(ValueError, match="schedule"):
+        sk.flow_sigmas(4, schedule="cosine")
+
+
+@pytest.mark.parametrize("sigmas,match", [
+    ([1.0, 0.5, 0.6, 0.0], "decreasing"),
+    ([1.0, 0.5, 0.5, 0.0], "decreasing"),
+    ([1.0, 0.5, 0.1], "last value"),
+    ([1.5, 0.5, 0.0], r"\[0, 1\]"),
+    ([1.0, float("nan"), 0.0], "finite"),
+    ([0.0], "at least 2"),
+])
+def test_error_bad_sigmas(sigmas, match):
+    with pytest.raises(ValueError, match="sigmas.*" + match):
+        sk.FlowSampler("euler", sigmas=sigmas)
+
+
+def test_error_schedule_arguments():
+    with pytest.raises(ValueError, match="num_steps"):
+        sk.FlowSampler("euler")
+    with pytest.raises(ValueError, match="num_steps"):
+        sk.FlowSampler("euler", sigmas=[1.0, 0.5, 0.0], num_steps=3)
+    with pytest.raises(ValueError, match="num_steps"):
+        sk.flow_sigmas(0)
+    with pytest.raises(TypeError, match="num_steps"):
+        sk.flow_sigmas(2.5)
+    with pytest.raises(ValueError, match="shift"):
+        sk.flow_sigmas(4, shift=-1.0)
+    with pytest.raises(ValueError, match="mu"):
+        sk.flow_sigmas(4, use_dynamic_shifting=True)
+    with pytest.raises(ValueError, match="shift_terminal"):
+        sk.flow_sigmas(1, shift=3.0, shift_terminal=0.1)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        sk.FlowSampler("euler", num_steps=4, guidance_interval=(0.8, 0.2))
+    with pytest.raises(ValueError, match="renorm_min"):
+        sk.FlowSampler("euler", num_steps=4, renorm="global", renorm_min=1.5)
+
+
+def test_error_mismatched_branches():
+    s = sk.FlowSampler("euler", num_steps=4, guidance=3.0, image_guidance=2.0)
+    x = torch.randn(2, 4, 8, 8)
+    v = torch.randn_like(x)
+    with pytest.raises(ValueError, match="v_cond"):
+        s.step(x, torch.randn(2, 4, 8, 9), v)
+    with pytest.raises(ValueError, match="v_uncond"):
+        s.step(x, v, torch.randn(2, 4, 8, 7), v)
+    with pytest.raises(ValueError, match="v_img_uncond"):
+        s.step(x, v, v, torch.randn(1, 4, 8, 8))
+    with pytest.raises(ValueError, match="v_uncond"):
+        s.step(x, v, v.half(), v)
+    with pytest.raises(ValueError, match="v_uncond"):
+        s.step(x, v)  # guidance > 1 needs the unconditional branch
+    with pytest.raises(ValueError, match="v_img_uncond"):
+        s.step(x, v, v)  # image_guidance > 1 needs the image branch
+    with pytest.raises(ValueError, match="x"):
+        s.step(x.double(), v, v, v)
+    with pytest.raises(ValueError, match="x"):
+        s.step(torch.randn(8), torch.randn(8))
+    with pytest.raises(ValueError, match="out"):
+        s.step(x, v, v, v, out=torch.empty(2, 4, 8, 8, dtype=torch.float16))
+    s.step(x, v, v, v)
+    with pytest.raises(ValueError, match="x"):  # the state shape is fixed after the first step
+        s.step(torch.randn(2, 4, 8, 10), *(torch.randn(2, 4, 8, 10) for _ in range(3)))
+
+
+def test_error_stepping_past_the_end():
+    s = sk.FlowSampler("dpmsolver++2m", num_steps=2)
+    x = torch.randn(1, 8, 4)
+    for _ in range(2):
+        x = s.step(x, torch.randn_like(x))
+    with pytest.raises(ValueError, match="past the last step"):
+        s.step(x, torch.randn_like(x))
+    s.reset()
+    s.step(x, torch.randn_like(x))
