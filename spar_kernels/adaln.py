@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _aot
+from . import _aot, _ext
 from ._backend import select
 from ._triton import tl, triton
 from ._validate import FLOAT_DTYPES, check_out, check_tensor
@@ -165,7 +165,17 @@ def _adaln_reference(x, shift, scale, eps, out):
     out.copy_(_ref.adaln_layernorm(x, shift, scale, eps))
 
 
-# CPU: rows are processed in slabs of ~_CPU_SLAB elements so the fp32 temporaries stay in cache.
+def dit_cpu_ext(op: str):
+    """The C++ CPU twin module when it was built with ``op`` (csrc/dit/), else None (the chunked
+    PyTorch fallbacks below then run)."""
+    if not _ext.has_cpu_extension():
+        return None
+    mod = _ext.cpu_ext()
+    return mod if hasattr(mod, op) else None
+
+
+# PyTorch fallback: rows are processed in slabs of ~_CPU_SLAB elements so the fp32 temporaries
+# stay in cache.
 _CPU_SLAB = 1 << 16
 
 
@@ -178,8 +188,14 @@ def _slabs(B: int, N: int, C: int):
 
 def _adaln_cpu(x, shift, scale, eps, out):
     B, N, C = x.shape
-    sc1 = scale.float() + 1.0          # [B, C]
+    sc1 = scale.float() + 1.0          # [B, C]: the same fp32 (1 + scale) the kernels compute
     shf = shift.float()
+    ext = dit_cpu_ext("adaln_layernorm")
+    if ext is not None:
+        sc1, shf = sc1.contiguous(), shf.contiguous()
+        ext.adaln_layernorm(x.data_ptr(), _ext.dtype_code(x), B, N, C, x.stride(0), x.stride(1), shf.data_ptr(),
+                            sc1.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1), eps)
+        return
     fp32 = x.dtype == torch.float32
     for b, n0, n1 in _slabs(B, N, C):
         h = torch.nn.functional.layer_norm(x[b, n0:n1].float(), (C,), eps=eps)
@@ -206,6 +222,12 @@ def _gr_reference(x, y, gate, out):
 
 def _gr_cpu(x, y, gate, out):
     B, N, C = x.shape
+    ext = dit_cpu_ext("gated_residual")
+    if ext is not None:
+        g = gate.float().contiguous()
+        ext.gated_residual(x.data_ptr(), _ext.dtype_code(x), B, N, C, x.stride(0), x.stride(1), y.data_ptr(),
+                           y.stride(0), y.stride(1), g.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1))
+        return
     if x.dtype == torch.float32 and gate.dtype == torch.float32:
         for b in range(B):  # ATen's addcmul: one fused, vectorized pass per sample
             torch.addcmul(x[b], gate[b], y[b], out=out[b])

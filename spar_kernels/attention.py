@@ -38,6 +38,8 @@ INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3f
 # CPU path: the fp32 scores (explicit path) or additive mask (fused path) of one query chunk stay
 # under this many bytes; keys are limited to the chunk's [min kv_start, max kv_end).
 _CPU_CHUNK_BYTES = 16 << 20
+# ... and hold at most this many query rows, so causal rows skip the keys after their chunk.
+_CPU_CHUNK_ROWS = 128
 # ATen's fused CPU attention (blocked online softmax, returns the log-sum-exp); takes an additive
 # float mask of the query's dtype. None where this torch lacks it: the explicit path runs instead.
 _CPU_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -86,7 +88,7 @@ def _impl_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_
         # fp32 (and per-head dequantized) keys and values of this sequence (a view when already fp32)
         kb = _ref.dequantize(k[k0:k1], k_descale, f32)
         vb = _ref.dequantize(v[k0:k1], v_descale, f32)
-        rows = max(1, _CPU_CHUNK_BYTES // (per_key * max(1, k1 - k0)))
+        rows = max(1, min(_CPU_CHUNK_ROWS, _CPU_CHUNK_BYTES // (per_key * max(1, k1 - k0))))
         for c0 in range(q0, q1, rows):
             c1 = min(c0 + rows, q1)
             st, en = kv_start[c0:c1].long(), kv_end[c0:c1].long()
@@ -164,7 +166,9 @@ def _check_qkv(q, k, v):
                          f"heads ({Hkv})")
 
 
-def _check_descale(name: str, t, heads: int, device, fp8: bool):
+def _check_descale(name: str, t, heads: int, device, fp8: bool, kv_heads: int | None = None):
+    """A float32 per-head descale: ``[heads]``, one value, or (q_descale) ``[kv_heads]`` shared by
+    each query-head group. Returns a contiguous ``[heads]`` tensor (no host sync)."""
     if t is None:
         return None
     if not fp8:
@@ -172,10 +176,13 @@ def _check_descale(name: str, t, heads: int, device, fp8: bool):
     check_tensor(name, t, dtypes=(torch.float32,), device=device)
     if t.numel() == 1:
         return t.reshape(1).expand(heads).contiguous()
-    if t.dim() != 1 or t.shape[0] != heads:
-        raise ValueError(f"{name}: expected a float32 tensor of shape ({heads},) (one factor per head) or a "
-                         f"single factor, got shape {tuple(t.shape)}")
-    return t.contiguous()
+    if t.dim() == 1 and t.shape[0] == heads:
+        return t.contiguous()
+    if kv_heads is not None and t.dim() == 1 and t.shape[0] == kv_heads:
+        return t.repeat_interleave(heads // kv_heads)
+    want = f"({heads},)" + (f" or ({kv_heads},)" if kv_heads is not None and kv_heads != heads else "")
+    raise ValueError(f"{name}: expected a float32 tensor of shape {want} (one factor per head) or a "
+                     f"single factor, got shape {tuple(t.shape)}")
 
 
 def _is_compiling() -> bool:
@@ -231,7 +238,7 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen
             or not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale: expected a positive finite float or None, got {softmax_scale!r}")
     fp8 = q.dtype == torch.float8_e4m3fn
-    q_descale = _check_descale("q_descale", q_descale, Hq, dev, fp8)
+    q_descale = _check_descale("q_descale", q_descale, Hq, dev, fp8, kv_heads=Hkv)
     k_descale = _check_descale("k_descale", k_descale, Hkv, dev, fp8)
     v_descale = _check_descale("v_descale", v_descale, Hkv, dev, fp8)
     if check_values and dev.type == "cpu" and not _is_compiling():
@@ -281,8 +288,9 @@ def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
         return_lse: also return ``lse`` float32 ``[Hq, total_q]`` (natural log; ``-inf`` on rows
             with an empty interval).
         out: optional contiguous ``[total_q, Hq, D]`` output (q's dtype; bfloat16 for FP8 inputs).
-        q_descale, k_descale, v_descale: float32 per-head factors (``[Hq]``, ``[Hkv]``, ``[Hkv]``, or
-            one value) of float8_e4m3fn inputs: ``q_real = q.float() * q_descale[h]``.
+        q_descale, k_descale, v_descale: float32 per-head factors (``[Hq]`` (or ``[Hkv]``, shared by a
+            group), ``[Hkv]``, ``[Hkv]``, or one value each) of float8_e4m3fn inputs:
+            ``q_real = q.float() * q_descale[h]``; missing factors are 1.
 
     Returns:
         ``out``, or ``(out, lse)`` with ``return_lse``.

@@ -5,7 +5,7 @@ Prefill kernel: one program per (query tile of one sequence, query head). It loa
 ``kv_start``/``kv_end`` once and reduces them to four scalars: the union ``[lo, hi)`` of its
 non-empty rows and the common part ``[full_lo, full_hi)`` of all its rows. Key tiles outside
 ``[lo, hi)`` are never visited; tiles inside ``[full_lo, full_hi)`` run without any mask
-arithmetic (no bounds checks, no ``where``); the boundary tiles on either side are masked. The
+arithmetic (no key bounds checks, no ``where``); the boundary tiles on either side are masked. The
 inner loop loads no per-key metadata. Online softmax in base 2, fp32 accumulators.
 
 Decode kernel (few query rows per sequence, long keys): one program per (key split, sequence,
@@ -19,14 +19,12 @@ specializes on, so the loads stay 16-byte vectors); the GQA group size is a runt
 so a handful of compiled variants covers every model (``python -m spar_kernels.inspect``).
 FP8 (float8_e4m3fn) inputs are read as bytes (half the K/V traffic of bf16), decoded to fp16 in
 registers with two integer ops and a multiply (:func:`_e4m3_to_f16`, exact) and multiplied on
-fp16 tensor cores (P in fp16 too),
-with the per-head descales folded into the score scale and the output. Triton has no fp8e4nv type
-before sm_89, and the AOT specs compile for sm_80 too, so the native fp8 wgmma is not used.
+fp16 tensor cores (P in fp16 too), with the per-head descales folded into the score scale and the
+output. Triton has no fp8e4nv type before sm_89, and the AOT specs compile for sm_80 too, so the
+native fp8 wgmma is not used.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -51,12 +49,14 @@ DECODE_MAX_SPLITS = 64
 @triton.jit
 def _e4m3_to_f16(x):
     """float8_e4m3fn bits (loaded as uint8) -> float16, exactly: the sign and the 7 exponent/mantissa
-    bits are placed in an fp16 whose value is the e4m3 value times 2^-8 (subnormals and NaN
-    included: the exponent biases differ by 8), then scaled by 2^8. Integer ops only, so the FP8
-    path compiles for sm_80 as well as sm_90a (triton has no fp8e4nv type before sm_89)."""
+    bits placed in an fp16 make the e4m3 value times 2^-8 (subnormals included: the exponent biases
+    differ by 8), so a multiply by 2^8 finishes it; e4m3fn's NaN (S.1111.111) is mapped explicitly.
+    Integer ops only, so the FP8 path compiles for sm_80 as well as sm_90a (triton has no fp8e4nv
+    type before sm_89)."""
     u = x.to(tl.int16)
-    bits = ((u & 0x80) << 8) | ((u & 0x7F) << 7)
-    return bits.to(tl.float16, bitcast=True) * 256.0
+    low = u & 0x7F
+    f = (((u & 0x80) << 8) | (low << 7)).to(tl.float16, bitcast=True) * 256.0
+    return tl.where(low == 0x7F, float("nan"), f)
 
 
 @triton.jit
@@ -285,14 +285,14 @@ def _combine_kernel(O_PART, LSE_PART, O, LSE, num_splits, head_dim,
 
 # (BLOCK_D, dtype kind) -> (BLOCK_M, BLOCK_N, num_warps, num_stages)
 _PREFILL_CONFIGS = {
-    (64, "half"): (128, 64, 4, 2),
-    (128, "half"): (128, 32, 8, 2),
-    (64, "fp32"): (64, 32, 4, 1),
-    (128, "fp32"): (64, 16, 4, 1),
+    (64, "half"): (128, 64, 8, 2),   # 4 warps spill 8-16 bytes on both archs
+    (128, "half"): (128, 32, 8, 2),  # 128x64 spills on sm_80 (ORACLES); 128x32 fits both
+    (64, "fp32"): (32, 32, 4, 1),    # fp32 dots are exact FMA loops (input_precision="ieee"), no tensor cores
+    (128, "fp32"): (32, 16, 8, 1),
 }
 # BLOCK_D -> (BLOCK_N, num_warps, num_stages) of the DECODE_BLOCK_M-row decode tile (fp16/bf16/fp8;
-# fp32 inputs decode with the prefill kernel)
-_DECODE_CONFIGS = {64: (64, 4, 2), 128: (64, 4, 2)}
+# fp32 inputs decode with the prefill kernel). 64 keys with D=128 spill 56 bytes on sm_90a.
+_DECODE_CONFIGS = {64: (64, 4, 2), 128: (32, 4, 2)}
 _COMBINE_BLOCK_D = 128
 _COMBINE_WARPS = 1
 BLOCK_DS = (64, 128)

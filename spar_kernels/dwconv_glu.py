@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _aot
+from . import _aot, _ext
 from ._backend import select
 from ._triton import tl, triton
 from ._validate import FLOAT_DTYPES, check_out, check_tensor
@@ -118,9 +118,18 @@ def _impl_reference(x, weight, bias, H, W, out):
 
 
 def _impl_cpu(x, weight, bias, H, W, out):
-    # oneDNN's channels-last depthwise conv, then the GLU written straight into out, per sample.
     B, HW, C2 = x.shape
     C = C2 // 2
+    from .adaln import dit_cpu_ext
+
+    ext = dit_cpu_ext("dwconv_glu")
+    if ext is not None:  # the C++ twin: one pass, fp32 accumulators per pixel
+        w9 = weight.float().t().contiguous()           # [9, 2C]: contiguous over channels
+        bf = bias.float().contiguous() if bias is not None else None
+        ext.dwconv_glu(x.data_ptr(), _ext.dtype_code(x), B, H, W, C, x.stride(0), x.stride(1), w9.data_ptr(),
+                       bf.data_ptr() if bf is not None else 0, out.data_ptr(), out.stride(0), out.stride(1))
+        return
+    # fallback: oneDNN's channels-last depthwise conv, then the GLU written into out, per sample.
     w = weight.float().reshape(C2, 1, 3, 3)
     bf = bias.float() if bias is not None else None
     for b in range(B):

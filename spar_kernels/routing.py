@@ -38,7 +38,7 @@ def as_index(name: str, idx, device: torch.device, *, ndim: int = 1) -> torch.Te
         check_tensor(name, idx, ndim=ndim, device=device)
         if idx.dtype not in INDEX_DTYPES:
             raise ValueError(f"{name}: expected an int32 or int64 tensor, got dtype {idx.dtype}")
-        return idx
+        return idx.contiguous()  # the kernels index it densely (a no-op when already contiguous)
     if isinstance(idx, (list, tuple, range)) and all(isinstance(v, int) and not isinstance(v, bool) for v in idx):
         return torch.tensor(list(idx), dtype=torch.int64, device=device)
     raise TypeError(f"{name}: expected an integer tensor or a sequence of ints, got {type(idx).__name__}")

@@ -41,7 +41,11 @@ def _layout(x: torch.Tensor) -> tuple[int, int, int, bool]:
         return 1, x.shape[0], x.shape[1], True
     if x.dim() == 3:
         return x.shape[0], x.shape[1], x.shape[2], True
-    return x.shape[0], x.shape[1], math.prod(x.shape[2:]), False
+    shape = tuple(x.shape)
+    q = 1
+    for d in shape[2:]:
+        q *= d
+    return shape[0], shape[1], q, False
 
 
 def _view3(t, B, P, Q):
@@ -97,6 +101,11 @@ def _flow_step_op(x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor 
                   v_img_uncond: torch.Tensor | None, out: torch.Tensor, h1: torch.Tensor | None,
                   h2: torch.Tensor | None, table: torch.Tensor, counter: torch.Tensor,
                   stats: torch.Tensor | None, renorm_mode: int, renorm_min: float) -> None:
+    select("flow_sampler_step", x.device, _IMPLS)(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, table, counter,
+                                                 stats, renorm_mode, renorm_min)
+
+
+def _dispatch(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, table, counter, stats, renorm_mode, renorm_min):
     select("flow_sampler_step", x.device, _IMPLS)(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, table, counter,
                                                  stats, renorm_mode, renorm_min)
 
@@ -415,6 +424,8 @@ class FlowSampler:
         if x.numel() == 0:
             self.counter.add_(1)
             return out
-        _flow_step_op(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, self.table, self._state, stats, mode,
-                      self.renorm_min)
+        # Eager calls go straight to the implementation (the custom op's dispatch costs tens of
+        # microseconds per call); traced code goes through the op so torch.compile sees it.
+        op = _flow_step_op if torch.compiler.is_compiling() else _dispatch
+        op(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, self.table, self._state, stats, mode, self.renorm_min)
         return out

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import spar_kernels as sk
 
 from .loading import CheckpointError, check_state_dict, load_safetensors_dir, read_json
-from .qwen2 import Qwen2Config, Qwen2LM, _check_dtype, attention, qwen2_lm_param_shapes
+from .qwen2 import Qwen2Config, Qwen2LM, _check_dtype, _fmt, attention, qwen2_lm_param_shapes
 
 __all__ = ["InternVisionConfig", "InternVisionTower", "MLLM", "internvit_param_shapes", "mllm_param_shapes",
            "random_weights", "pixel_shuffle"]
@@ -252,8 +252,8 @@ class InternVisionTower:
         cfg = self.cfg
         if (not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4
                 or tuple(pixel_values.shape[1:]) != (cfg.num_channels, *cfg.image_size)):
-            raise ValueError(f"pixel_values: expected [n, {cfg.num_channels}, {cfg.image_size[0]}, {cfg.image_size[1]}], "
-                             f"got {tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__}")
+            raise ValueError(f"pixel_values: expected [n, {cfg.num_channels}, {cfg.image_size[0]}, "
+                             f"{cfg.image_size[1]}], got {_fmt(pixel_values)}")
         if pixel_values.shape[0] < 1:
             raise ValueError("pixel_values: expected at least one image")
         if not pixel_values.is_floating_point():
@@ -343,11 +343,12 @@ def mllm_param_shapes(config_dict: Mapping) -> dict[str, tuple[int, ...]]:
 
 def random_weights(config_dict: Mapping, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Random fp32 CPU weights for ``config_dict`` in the checkpoint's names (:func:`mllm_param_shapes`),
-    initialized as transformers initializes them (normal(0, 0.02) matrices and embeddings, zero
-    biases, unit norms, ``layer_scale_init_value`` layer scales) except that biases, [CLS] and
-    position embeddings get small random values."""
+    close to transformers' initialization (normal(0, 0.02) matrices and embeddings, unit norm
+    weights, ``layer_scale_init_value`` layer scales) except that biases, [CLS] and position
+    embeddings get normal(0, 0.02) values instead of zeros."""
     init_std = 0.02
-    scale = float(config_dict.get("vision_config", {}).get("layer_scale_init_value", 0.1)) if _is_internvl(config_dict) else 0.1
+    vision = config_dict.get("vision_config", {}) if _is_internvl(config_dict) else {}
+    scale = float(vision.get("layer_scale_init_value", 0.1))
     out = {}
     for name, shape in mllm_param_shapes(config_dict).items():
         leaf = name.rsplit(".", 1)[-1]
@@ -355,9 +356,7 @@ def random_weights(config_dict: Mapping, generator: torch.Generator | None = Non
             t = torch.full(shape, scale)
         elif leaf == "weight" and len(shape) == 1:            # norms
             t = torch.ones(shape)
-        elif leaf == "bias" or len(shape) == 1 or name.endswith(("cls_token", "position_embeddings")):
-            t = torch.randn(shape, generator=generator) * init_std
-        else:
+        else:                                                 # matrices, embeddings, biases, [CLS], positions
             t = torch.randn(shape, generator=generator) * init_std
         out[name] = t
     return out
@@ -456,8 +455,7 @@ class MLLM:
             input_ids = input_ids[0]                 # transformers-style [1, N]
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1 or input_ids.numel() == 0 \
                 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids: expected a non-empty 1-D integer tensor, got "
-                             f"{(tuple(input_ids.shape), input_ids.dtype) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
+            raise ValueError(f"input_ids: expected a non-empty 1-D integer tensor, got {_fmt(input_ids)}")
         V = self.config.vocab_size
         ids = input_ids.to(self.device)
         if int(ids.min()) < 0 or int(ids.max()) >= V:

@@ -132,7 +132,8 @@ def load_safetensors_dir(folder: str | os.PathLike, *, prefix: str | None = None
     Resolution order inside ``folder``: ``model.safetensors`` or
     ``diffusion_pytorch_model.safetensors``; else a ``*.safetensors.index.json``
     (its shards, every one of which must exist); else the folder's ``*.safetensors`` files
-    (several are merged, a key present twice is an error). A folder holding only pickle files (``pytorch_model.bin``...) is refused.
+    (several are merged, a key present twice is an error). A folder holding only pickle files
+    (``pytorch_model.bin``...) is refused.
 
     Args:
         folder: a directory, or the path of one ``.safetensors`` file.

@@ -324,7 +324,10 @@ class SparPipeline:
 
     @staticmethod
     def _dit_timesteps(solver) -> torch.Tensor:
-        return solver.timesteps
+        """The DiT's timesteps: the scheduler's, cast to integers (DPM-Solver++'s already are:
+        trunc(sigma * 1000); Euler's float32 sigma * 1000 are truncated the same way)."""
+        t = solver.timesteps
+        return t.long() if t.is_floating_point() else t
 
     # ---- generation -----------------------------------------------------------------------------
     @torch.inference_mode()

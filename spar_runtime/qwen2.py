@@ -188,6 +188,13 @@ def bidirectional_layout(lengths: Sequence[int], device=None):
 RUNTIME_DTYPES = (torch.float32, torch.float16, torch.bfloat16)   # what the spar_kernels ops take
 
 
+def _fmt(t) -> str:
+    """shape, dtype and device of a tensor (or the type of anything else) for error messages."""
+    if isinstance(t, torch.Tensor):
+        return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+    return type(t).__name__
+
+
 def _check_dtype(dtype: torch.dtype) -> None:
     if dtype not in RUNTIME_DTYPES:
         raise ValueError(f"weights: dtype {dtype} is not supported; load with dtype in "
@@ -351,21 +358,20 @@ class DecoderStack:
     def _check(self, x, positions, hidden_out, kv_cache):
         D = self.cfg.hidden_size
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != D:
-            raise ValueError(f"x: expected a packed [N, {D}] tensor, got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+            raise ValueError(f"x: expected a packed [N, {D}] tensor, got {_fmt(x)}")
         if x.dtype != self.dtype or x.device != self.device:
-            raise ValueError(f"x: expected dtype {self.dtype} on {self.device} (the weights'), got {x.dtype} on {x.device}")
+            raise ValueError(f"x: expected dtype {self.dtype} on {self.device} (the weights'), got {_fmt(x)}")
         N = x.shape[0]
         if (not isinstance(positions, torch.Tensor) or positions.shape != (N,)
                 or positions.dtype not in (torch.int64, torch.int32) or positions.device != x.device):
-            raise ValueError(f"positions: expected an int64 tensor of shape ({N},) on {x.device}, got "
-                             f"{(tuple(positions.shape), positions.dtype, positions.device) if isinstance(positions, torch.Tensor) else type(positions).__name__}")
+            raise ValueError(f"positions: expected an int64 tensor of shape ({N},) on {x.device}, "
+                             f"got {_fmt(positions)}")
         if hidden_out is not None:
             shape = (self.num_layers + 1, N, D)
             if (not isinstance(hidden_out, torch.Tensor) or tuple(hidden_out.shape) != shape
                     or hidden_out.dtype != x.dtype or hidden_out.device != x.device or not hidden_out.is_contiguous()):
                 raise ValueError(f"hidden_out: expected a contiguous {x.dtype} tensor of shape {shape} on {x.device}, "
-                                 f"got {(tuple(hidden_out.shape), hidden_out.dtype, hidden_out.device) if isinstance(hidden_out, torch.Tensor) else type(hidden_out).__name__}")
+                                 f"got {_fmt(hidden_out)}")
         if kv_cache is not None:
             if not isinstance(kv_cache, KVCache):
                 raise TypeError(f"kv_cache: expected a KVCache, got {type(kv_cache).__name__}")

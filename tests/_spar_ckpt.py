@@ -179,12 +179,13 @@ def reference_scheduler(sampler: str, num_steps: int, shift: float):
 def reference_denoise(ref: Reference, ctx_c: torch.Tensor, ctx_u: torch.Tensor, noise: torch.Tensor, *,
                       num_steps: int, guidance: float, sampler: str, shift: float) -> torch.Tensor:
     """One image: the scheduler driven from Python, the DiT called once per branch and step with the
-    scheduler's timesteps (int64 for DPM-Solver++, float for Euler), guidance in fp32."""
+    scheduler's timesteps cast to integers (DPM-Solver++ makes them int64 already; Euler's float
+    sigma * 1000 are truncated), guidance in fp32."""
     sched = reference_scheduler(sampler, num_steps, shift)
     x = noise.clone()
     dtype = next(ref.dit.parameters()).dtype
     for t in sched.timesteps:
-        tt = t.reshape(1)
+        tt = t.reshape(1).long()
         v_c = ref.dit(x.to(dtype), encoder_hidden_states=ctx_c, timestep=tt).sample.float()
         v_u = ref.dit(x.to(dtype), encoder_hidden_states=ctx_u, timestep=tt).sample.float()
         v = v_u + guidance * (v_c - v_u)

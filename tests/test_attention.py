@@ -185,6 +185,20 @@ def test_fp8_close_to_bf16(backend):
     assert cos >= 0.99, f"cosine similarity {cos:.4f}"
 
 
+def test_fp8_descale_shapes_are_equivalent():
+    layout = sk.AttentionLayout.from_segments([[("causal", 20), ("full", 9)]])
+    q, k, v = (t.to(torch.float8_e4m3fn) for t in make_qkv(29, 29, 4, 2, 64, torch.float32))
+    per_head = sk.hybrid_attention(q, k, v, layout, q_descale=torch.tensor([0.5, 0.5, 2.0, 2.0]),
+                                   k_descale=torch.full((2,), 0.25), v_descale=torch.tensor([3.0, 3.0]))
+    shared = sk.hybrid_attention(q, k, v, layout, q_descale=torch.tensor([0.5, 2.0]),
+                                 k_descale=torch.tensor(0.25), v_descale=torch.tensor([3.0]))
+    assert torch.equal(per_head, shared)
+    plain = sk.hybrid_attention(q, k, v, layout)  # missing factors are 1
+    ref_out, _ = ref.hybrid_attention(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.kv_start,
+                                      layout.kv_end, compute_dtype=torch.float64)
+    torch.testing.assert_close(plain.double(), ref_out.double(), atol=2e-2, rtol=2e-2)
+
+
 def _per_head_fp8(x):
     amax = x.float().abs().amax(dim=(0, 2)).clamp(min=1e-6)
     scale = amax / 448.0

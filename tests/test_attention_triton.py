@@ -107,9 +107,8 @@ def test_fp8_matches_bf16_and_cpu(monkeypatch, decode):
 
 
 def test_fp8_decode_exact_for_all_byte_values():
-    # every e4m3fn byte but NaN through the kernel's integer decoder: q = one-hot rows pick values of v
-    vals = torch.arange(256, dtype=torch.uint8)
-    vals = vals[(vals & 0x7F) != 0x7F].view(torch.float8_e4m3fn)  # 254 finite values
+    # every e4m3fn byte through the kernel's integer decoder: row i sees only key i, so out = v[i]
+    vals = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)  # 254 finite values + 2 NaN
     n = vals.numel()
     d = 16
     v = torch.zeros(n, 1, d, dtype=torch.float8_e4m3fn)
@@ -119,7 +118,8 @@ def test_fp8_decode_exact_for_all_byte_values():
     layout = sk.AttentionLayout.from_intervals([0, n], [0, n], list(range(n)), list(range(1, n + 1)))
     with sk.backend("triton"):
         got = sk.hybrid_attention(q, k, v, layout)  # row i sees only key i: out = v[i]
-    torch.testing.assert_close(got[:, 0, 0], vals.to(torch.bfloat16), atol=0, rtol=0)
+    torch.testing.assert_close(got[:, 0, 0], vals.to(torch.bfloat16), atol=0, rtol=0, equal_nan=True)
+    assert int(torch.isnan(got[:, 0, 0]).sum()) == 2
 
 
 @pytest.mark.parametrize("bm, bn", [(16, 16), (32, 16), (16, 64)])

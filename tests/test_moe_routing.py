@@ -99,7 +99,7 @@ def test_split_by_expert_options(backend):
     N, D, E = 21, 40, 2
     x = non_contiguous(torch.randn(N, D).to(torch.bfloat16), 0)
     ids = [i % 2 for i in range(N)]
-    W = torch.randn(E, D)  # fp32 weights with bf16 rows
+    W = non_contiguous(torch.randn(E, D), 0)  # fp32 weights (strided) with bf16 rows
     out = poisoned_empty(N, D, dtype=torch.bfloat16)
     with sk.backend(backend):
         s = sk.split_by_expert(x, ids, E, W, 1e-6, counts=[11, 10], out=out)
@@ -108,6 +108,11 @@ def test_split_by_expert_options(backend):
     assert_close(s.rows, want64.to(torch.bfloat16))
     rows, offsets, perm, counts = s  # a plain tuple too
     assert torch.equal(rows[offsets[1]:], s.expert(1))
+    # strided expert ids, int32
+    ids_s = torch.tensor(ids, dtype=torch.int32).repeat_interleave(2)[::2]
+    with sk.backend(backend):
+        s2 = sk.split_by_expert(x, ids_s, E, W, 1e-6)
+    assert torch.equal(s2.rows, s.rows)
     # empty input
     with sk.backend(backend):
         s0 = sk.split_by_expert(torch.zeros(0, D), torch.zeros(0, dtype=torch.long), 3, torch.ones(3, D))
@@ -166,3 +171,13 @@ def test_moe_routing_bad_inputs():
         sk.merge_experts(x, torch.tensor([0, 1, 2, 3, 4, 6]))
     with pytest.raises(TypeError, match="split"):
         sk.merge_experts(x, [0, 1, 2, 3, 4, 5])
+
+
+def test_moe_custom_ops_registration():
+    x, ids = torch.randn(5, 8), torch.tensor([1, 0, 1, 1, 0])
+    perm = torch.tensor([1, 4, 0, 2, 3])
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.spar.split_by_expert.default,
+                          (x, ids, perm, torch.tensor([0, 2, 5]), torch.ones(2, 8), 1e-6, torch.empty(5, 8)),
+                          test_utils=checks)
+    torch.library.opcheck(torch.ops.spar.merge_experts.default, (x, perm, torch.empty(5, 8)), test_utils=checks)

@@ -25,6 +25,12 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def rpipe():
+    """A tiny pipeline with random weights (no files)."""
+    return SparPipeline.random("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
 def pipe(ckpt):
     return SparPipeline.from_pretrained(ckpt.path, device="cpu")
 
@@ -152,8 +158,8 @@ def test_bf16_pipeline_close_to_fp32():
     (dict(prompt_ids=[torch.tensor([1.5])]), ValueError, "prompt_ids"),
     (dict(uncond_ids=[[1], [2]]), ValueError, "uncond_ids"),
 ])
-def test_bad_calls(kwargs, exc, match):
-    pipe = SparPipeline.random("tiny", seed=0)
+def test_bad_calls(rpipe, kwargs, exc, match):
+    pipe = rpipe
     args = dict(prompt_ids=[[1, 2, 3]], uncond_ids=[4], noise=torch.randn(1, 32, 4, 4), num_steps=2)
     args.update(kwargs)
     prompt_ids = args.pop("prompt_ids")
@@ -316,10 +322,10 @@ def test_checkpoint_with_tokenizer(ckpt_copy, tmp_path, capsys):
     assert "| dit_loop" in capsys.readouterr().out
 
 
-def test_edit_rows_and_bad_image_embeds():
+def test_edit_rows_and_bad_image_embeds(rpipe):
     """Editing: the image rows enter the LLM and are written back after DTR; a wrong placeholder
     count or several prompts are refused."""
-    pipe = SparPipeline.random("tiny", seed=0)
+    pipe = rpipe
     img_id, T = pipe.mllm.image_token_id, pipe.mllm.image_seq_length
     emb = pipe.mllm.encode_images(torch.randn(1, 3, 56, 56))
     ids = torch.tensor([1, 2] + [img_id] * T + [3])
@@ -338,3 +344,14 @@ def test_edit_rows_and_bad_image_embeds():
                               image_embeds=emb)
     with pytest.raises(ValueError, match="image_embeds"):
         pipe.generate_latents([ids], uncond_ids=uncond, noise=noise, num_steps=1, image_embeds=emb[:, :5])
+
+
+def test_components_must_match_the_pipeline_dtype(rpipe):
+    from spar_runtime.pipeline import spar_random_weights
+
+    spar = spar_random_weights(rpipe.config, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"mllm: its weights are torch.float32 on cpu, expected torch.bfloat16"):
+        SparPipeline(rpipe.config, rpipe.mllm, spar, rpipe.dit, rpipe.vae, dtype=torch.bfloat16)
+    del spar["dtr.alpha"]
+    with pytest.raises(ValueError, match="missing keys.*dtr.alpha"):
+        SparPipeline(rpipe.config, rpipe.mllm, spar, rpipe.dit, rpipe.vae)

@@ -83,7 +83,7 @@ def test_route_layers_widths(backend, D):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("rows_kind", ["subset", "duplicates", "empty", "int32", "list", "all"])
+@pytest.mark.parametrize("rows_kind", ["subset", "duplicates", "empty", "int32", "list", "all", "strided"])
 def test_route_layers_rows(backend, rows_kind):
     N = 53
     hidden, ids, logits, alpha, w, b = _inputs(7, N, 130, 3, torch.float32, seed=7)
@@ -93,6 +93,7 @@ def test_route_layers_rows(backend, rows_kind):
             "empty": torch.zeros(0, dtype=torch.long),
             "int32": torch.randperm(N, generator=g)[:11].to(torch.int32),
             "list": [N - 1, 0, 5, 5],
+            "strided": torch.randint(0, N, (30,), generator=g)[::3],
             "all": torch.arange(N)}[rows_kind]
     with sk.backend(backend):
         y = sk.route_layers(hidden, ids, logits, alpha, w, b, rows=rows)
@@ -154,6 +155,13 @@ def test_route_layers_out_and_params(backend):
         y3 = sk.route_layers(hidden.double(), ids, logits.double(), alpha, w, b)
         assert y3.dtype == torch.float64
         torch.testing.assert_close(y3, _oracle(hidden.double(), ids, logits.double(), alpha, w, b, 1.0, 1e-5, None))
+
+
+def test_route_layers_no_tokens():
+    hidden, ids, logits, alpha, w, b = _inputs(3, 0, 16, 2, torch.float32, seed=8)
+    for backend in BACKENDS:
+        with sk.backend(backend):
+            assert sk.route_layers(hidden, ids, logits, alpha, w, b).shape == (0, 16)
 
 
 def test_route_layers_cpu_twin_matches_reference_closely():
@@ -242,3 +250,15 @@ def test_route_layers_bad_input_types():
         sk.route_layers(a["hidden"], "0,1,2", a["logits"], a["alpha"], a["ln_weight"], a["ln_bias"])
     with pytest.raises(TypeError, match="hidden"):
         sk.route_layers(a["hidden"].numpy(), a["layer_ids"], a["logits"], a["alpha"], a["ln_weight"], a["ln_bias"])
+
+
+def test_route_layers_cubins_vectorized_and_spill_free():
+    from spar_kernels import inspect as sk_inspect
+
+    if not _ext.has_cuda_extension() or sk_inspect.cuobjdump() is None:
+        pytest.skip("needs the CUDA extension and cuobjdump")
+    rows = sk_inspect.cuda_rows({"sm_80", "sm_90a"}, "route_layers")
+    assert {r["arch"] for r in rows} == {"sm_80", "sm_90a"}
+    assert all(r["spill_bytes"] == 0 for r in rows), [r for r in rows if r["spill_bytes"]]
+    vec = [r for r in rows if int(r["config"].split("<", 1)[1].rstrip(">").split(", ")[2]) > 1]
+    assert len(vec) == len(rows) // 2 and all(r["ldg128"] for r in vec), [r["config"] for r in vec if not r["ldg128"]]

@@ -226,3 +226,16 @@ def test_row_moves_bad_inputs():
         sk.unpack_sequences(packed, torch.zeros(0, dtype=torch.long), 3)
     with pytest.raises(TypeError, match="pad_value"):
         sk.unpack_sequences(packed, [0, 4, 6], 4, pad_value="x")
+
+
+def test_row_move_custom_ops_registration():
+    x = torch.randn(6, 5)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.spar.gather_rows.default, (x, torch.tensor([1, 0]), torch.empty(2, 5)),
+                          test_utils=checks)
+    torch.library.opcheck(torch.ops.spar.scatter_rows.default, (x.clone(), torch.tensor([1, 0]), torch.ones(2, 5)),
+                          test_utils=checks)
+    torch.library.opcheck(torch.ops.spar.pack_sequences.default,
+                          (torch.randn(2, 3, 5), torch.tensor([0, 2, 3]), torch.empty(3, 5)), test_utils=checks)
+    torch.library.opcheck(torch.ops.spar.unpack_sequences.default,
+                          (torch.randn(3, 5), torch.tensor([0, 2, 3]), 4, 0.0, torch.empty(2, 4, 5)), test_utils=checks)

@@ -12,7 +12,6 @@ import os
 import pytest
 import torch
 
-import spar_kernels as sk
 from spar_runtime import loading
 from spar_runtime.loading import CheckpointError, check_state_dict, load_safetensors_dir, read_json
 

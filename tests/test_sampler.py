@@ -435,3 +435,28 @@ def test_error_stepping_past_the_end():
         s.step(x, torch.randn_like(x))
     s.reset()
     s.step(x, torch.randn_like(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_guidance_gate_and_identity_past_the_end(backend):
+    # guidance <= 1: v = v_cond even when v_uncond is given (BAGEL's / diffusers' pipelines' gate)
+    s = sk.FlowSampler("euler", num_steps=2, guidance=1.0)
+    x, vc, vu = (torch.randn(2, 3, 5, 5) for _ in range(3))
+    with sk.backend(backend):
+        got = s.step(x, vc, vu)
+    assert torch.equal(got, x + (s.sigmas[1] - s.sigmas[0]) * vc)
+    # the device counter past the last evaluation selects the identity row (out = x), and keeps counting
+    s._state.fill_(5)
+    out = torch.full_like(x, float("nan"))
+    with sk.backend(backend):
+        sp_mod._dispatch(x, vc, vu, None, out, None, None, s.table, s._state, None, 0, 0.0)
+    assert torch.equal(out, x) and int(s.counter) == 6
+
+
+def test_custom_op_opcheck():
+    s = sk.FlowSampler("dpmsolver++2m", num_steps=3, guidance=2.0)
+    x = torch.randn(1, 4, 3, 5)
+    h1 = torch.zeros(1, 4, 15)
+    args = (x, torch.randn_like(x), torch.randn_like(x), None, torch.empty_like(x), h1, None, s.table, s._state.clone(),
+            None, 0, 0.0)
+    torch.library.opcheck(sp_mod._flow_step_op, args, test_utils=("test_schema", "test_faketensor"))

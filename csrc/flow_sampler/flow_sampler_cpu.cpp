@@ -1,6 +1,7 @@
 // CPU twin of flow_sampler.cu: the same per-element math (flow_sampler.h); rows of the
-// [B, P, Q] view spread over OpenMP threads. Sums of squares accumulate in double here (the
-// CUDA kernel uses fp32 tree reductions); both round the factor to fp32.
+// [B, P, Q] view spread over OpenMP threads (only above kParallelMin elements). Sums of squares:
+// fp32 vectorized partials within a contiguous row, double across rows and along strided rows
+// (the CUDA kernel uses fp32 tree reductions); both round the factor to fp32.
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -32,6 +33,20 @@ void row_sums(const Args<TX, TV>& a, int64_t b, int64_t p, const flow::Row& r, d
   const TV* c = a.vc + b * a.sc.b + p * a.sc.p;
   const TV* u = a.vu + b * a.su.b + p * a.su.p;
   const TV* i = a.vi ? a.vi + b * a.si.b + p * a.si.p : nullptr;
+  if (a.sc.q == 1 && a.su.q == 1 && (!i || a.si.q == 1)) {  // contiguous: vectorized fp32 partial sums
+    const TV* ii = i ? i : c;
+    float f0 = 0.f, f1 = 0.f;
+#pragma omp simd reduction(+ : f0, f1)
+    for (int64_t q = 0; q < a.Q; ++q) {
+      const float vc = to_float(c[q]);
+      const float vg = flow::guide(vc, to_float(u[q]), to_float(ii[q]), r);
+      f0 += vc * vc;
+      f1 += vg * vg;
+    }
+    *sc = f0;
+    *sg = f1;
+    return;
+  }
   double s0 = 0, s1 = 0;
   for (int64_t q = 0; q < a.Q; ++q) {
     const float vc = to_float(c[q * a.sc.q]);
