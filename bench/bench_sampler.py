@@ -86,7 +86,8 @@ def cases(device: torch.device, quick: bool):
                 op="sampler", name=f"{label} {method} cfg {str(dtype)[6:]}",
                 providers={
                     "spar": lambda s=sampler, x=x, vc=vc, vu=vu, o=out: _spar(s, x, (vc, vu), o),
-                    "diffusers step + eager cfg": lambda m=method, x=x, vc=vc, vu=vu: _diffusers_cfg(m, shift, x, vc, vu, g),
+                    "diffusers step + eager cfg": (
+                        lambda m=method, x=x, vc=vc, vu=vu: _diffusers_cfg(m, shift, x, vc, vu, g)),
                 },
                 bytes=2 * n * es + 2 * n * es + hist, baseline="diffusers step + eager cfg")
     bagel = [("BAGEL 1024x64", 1024), ("BAGEL 4096x64", 4096)]
@@ -101,6 +102,7 @@ def cases(device: torch.device, quick: bool):
             op="sampler", name=f"{label} euler text+image cfg, global renorm {str(dtype)[6:]}",
             providers={
                 "spar": lambda s=sampler, x=x, b=(vc, vu, vi), o=out: _spar(s, x, b, o),
-                "diffusers step + eager cfg": lambda x=x, vc=vc, vu=vu, vi=vi: _diffusers_bagel(x, vc, vu, vi, 4.0, 2.0, shift),
+                "diffusers step + eager cfg": (
+                    lambda x=x, vc=vc, vu=vu, vi=vi: _diffusers_bagel(x, vc, vu, vi, 4.0, 2.0, shift)),
             },
             bytes=2 * n * es + 3 * n * es, baseline="diffusers step + eager cfg")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _aot, _ext
+from . import _aot
 from ._backend import select
 from ._triton import DOT_UPCAST, tl, triton
 from ._validate import FLOAT_DTYPES, check_out, check_tensor
@@ -212,17 +212,9 @@ def _impl_reference(q, k, v, eps, out):
 
 
 def _impl_cpu(q, k, v, eps, out):
-    from .adaln import dit_cpu_ext
-
-    ext = dit_cpu_ext("linear_attention")
-    if ext is not None:  # the C++ twin: per-head fp32 state, OpenMP over heads then rows
-        B, Nq, H, D = q.shape
-        ext.linear_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ext.dtype_code(q), B, Nq, k.shape[1], H, D,
-                             v.shape[-1], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], out.data_ptr(),
-                             *out.stride()[:3], eps)
-        return
-    # fallback, per sample: the state with the normaliser appended as one extra column ([H, d, e+1], a few
-    # KB), then one batched matmul of relu(q) against it. No [N, N], no padded copy of v.
+    # Two batched BLAS matmuls per sample (faster on CPU than hand-written loops): the state with
+    # the normaliser appended as one extra column ([H, d, e+1], a few KB), then relu(q) against
+    # it. No [N, N], no padded copy of v.
     B, Nq, H, D = q.shape
     E = v.shape[-1]
     for b in range(B):

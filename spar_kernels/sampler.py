@@ -28,7 +28,7 @@ from .reference import sampler as _ref
 from .schedules import dpmsolver_flow_sigmas_f64, flow_sigmas
 
 METHODS = ("euler", "heun", "dpmsolver++2m")
-RENORMS = ("global", "channel", "token")
+RENORMS = ("global", "channel", "token", "text_token")
 NUM_TRAIN_TIMESTEPS = 1000  # diffusers' num_train_timesteps: timesteps = sigmas * 1000
 
 
@@ -185,6 +185,8 @@ def _build_table(method, s32: np.ndarray, guidance, image_guidance, interval, re
                 fl |= R.F_IMG
             if renorm is not None:
                 fl |= R.F_RENORM
+            if renorm == "text_token":
+                fl |= R.F_RENORM_TEXT
         table[i, R.COL_G] = guidance
         table[i, R.COL_GI] = 1.0 if image_guidance is None else image_guidance
         table[i, R.COL_FLAGS] = fl
@@ -213,7 +215,8 @@ def _as_sigmas(sigmas) -> np.ndarray:
         try:
             arr = np.asarray(sigmas, dtype=np.float64)
         except (TypeError, ValueError):
-            raise TypeError(f"sigmas: expected a 1-D tensor or sequence of floats, got {type(sigmas).__name__}") from None
+            raise TypeError("sigmas: expected a 1-D tensor or sequence of floats, "
+                            f"got {type(sigmas).__name__}") from None
     if arr.ndim != 1 or arr.shape[0] < 2:
         raise ValueError(f"sigmas: expected a 1-D sequence of at least 2 values (N steps + final 0), "
                          f"got shape {tuple(arr.shape)}")
@@ -230,8 +233,10 @@ class FlowSampler:
             ``use_flow_sigmas=True``, ``solver_order=2``, ``algorithm_type="dpmsolver++"``, midpoint).
         sigmas: the ``N + 1`` sigmas, strictly decreasing, in [0, 1], ending in 0 (a tensor, array or
             list; used as given, ``shift`` is not applied to them). For ``"heun"``, diffusers'
-            interleaved ``FlowMatchHeunDiscreteScheduler.sigmas`` are accepted too. Float64 values
-            give exact ``"dpmsolver++2m"`` int64 timesteps (they are truncated from sigma * 1000).
+            interleaved ``FlowMatchHeunDiscreteScheduler.sigmas`` are accepted too. For
+            ``"dpmsolver++2m"`` the int64 timesteps are ``trunc(sigma * 1000)``; diffusers' own
+            float32 flow sigmas are recognized and their float64 originals used, so the timesteps
+            match diffusers' exactly.
         num_steps: number of solver steps when ``sigmas`` is None: the schedule is
             ``flow_sigmas(num_steps, shift=shift)`` (``schedule="dpmsolver"`` for
             ``"dpmsolver++2m"``, ``"diffusers"`` otherwise).
@@ -246,11 +251,16 @@ class FlowSampler:
             ``"token"`` (one per token): ``v *= clamp(|v_cond| / (|v| + 1e-8), renorm_min, 1)``.
             BAGEL's ``"global"`` is ``"global"`` on its packed ``[T, C]`` latents; BAGEL's
             ``"channel"`` (``torch.norm(v, dim=-1)`` on ``[T, C]``) is one norm per token, ``"token"``.
+            ``"text_token"`` is BAGEL's ``"text_channel"``: the text-guided velocity is renormed per
+            token (against ``v_cond``) before the image branch is applied.
         renorm_min: the lower clamp of the renorm factor, in [0, 1].
         device: where the tables, counter and history live (default: torch's default device).
 
     Attributes:
-        sigmas: float32 ``[N + 1]`` on the device.
+        sigmas: float32 on the device: the sigma of each model evaluation followed by 0, as the
+            matching diffusers scheduler's ``sigmas``: ``[N + 1]``, or for ``"heun"`` diffusers'
+            interleaved ``[s0, s1, s1, ..., s_{N-1}, s_{N-1}, 0]`` (``2N`` values).
+        step_sigmas: float32 ``[N + 1]``: the solver's step boundaries (== ``sigmas`` except Heun).
         timesteps: the model's timestep per evaluation, on the device: float32 ``sigmas[:-1] * 1000``
             for ``"euler"`` (== FlowMatchEulerDiscreteScheduler.timesteps), the interleaved
             ``[t0, t1, t1, ..., t_{N-1}, t_{N-1}]`` (2N - 1 values) for ``"heun"``
@@ -301,7 +311,9 @@ class FlowSampler:
         else:
             timesteps = t32
         dev = self.device
-        self.sigmas = torch.from_numpy(s32).to(dev)
+        # the sigma of every evaluation, then 0: N + 1 values, or 2N for Heun (diffusers' layout)
+        self.sigmas = torch.from_numpy(np.concatenate([eval_sigmas, np.zeros(1, np.float32)])).to(dev)
+        self.step_sigmas = torch.from_numpy(s32).to(dev)
         self.timesteps = timesteps.to(dev)
         self.eval_sigmas = torch.from_numpy(eval_sigmas).to(dev)
         self.table = torch.from_numpy(table).to(dev)
@@ -338,7 +350,20 @@ class FlowSampler:
             raise ValueError(f"sigmas: expected values in [0, 1] (flow matching), got first value {s[0]}")
         if num_steps is not None and num_steps != len(s) - 1:
             raise ValueError(f"num_steps: got {num_steps} but sigmas has {len(s)} values ({len(s) - 1} steps)")
-        t = (s[:-1] * NUM_TRAIN_TIMESTEPS).astype(np.int64) if method == "dpmsolver++2m" else None
+        t = None
+        if method == "dpmsolver++2m":
+            t = (s[:-1] * NUM_TRAIN_TIMESTEPS).astype(np.int64)
+            # diffusers' own float32 sigmas: recover its float64 values (and so its exact int64
+            # timesteps) when they are DPMSolverMultistepScheduler's flow sigmas for `shift`, or
+            # for the shift their first value implies
+            n, sig = len(s) - 1, 1.0 - 1.0 / NUM_TRAIN_TIMESTEPS
+            s0 = float(s[0])
+            shifts = [float(shift)] + ([s0 * (1 - sig) / (sig * (1 - s0))] if 0 < s0 < 1 else [])
+            for k in shifts:
+                cand = dpmsolver_flow_sigmas_f64(n, k, NUM_TRAIN_TIMESTEPS)
+                if np.array_equal(cand.astype(np.float32), s[:-1].astype(np.float32)):
+                    t = (cand * NUM_TRAIN_TIMESTEPS).astype(np.int64)
+                    break
         return s, t
 
     # -- state ---------------------------------------------------------------------------------
@@ -377,7 +402,8 @@ class FlowSampler:
             return _ref.RENORM_NONE
         if self.renorm == "global":
             return _ref.RENORM_GLOBAL
-        along_q = (self.renorm == "token") == channels_last  # norm over Q: per token of [T, C]
+        per_token = self.renorm in ("token", "text_token")
+        along_q = per_token == channels_last  # norm over Q: per token of [T, C]
         return _ref.RENORM_ROW if along_q else _ref.RENORM_COL
 
     def step(self, x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor | None = None,

@@ -302,8 +302,8 @@ def _text_config(config: Mapping) -> Qwen2Config:
     if "text_config" not in config:
         raise CheckpointError("InternVL config: text_config is missing")
     text = dict(config["text_config"])
-    if "tie_word_embeddings" in config:   # the top-level flag decides, as for transformers' model
-        text["tie_word_embeddings"] = config["tie_word_embeddings"]
+    # the top-level flag decides, as for transformers' model; absent, it is transformers' default (True)
+    text["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", True))
     return Qwen2Config.from_dict(text)
 
 
@@ -394,9 +394,11 @@ class MLLM:
         self.config_dict = dict(config_dict)
         self.config = _text_config(config_dict)
         weights = _normalize_keys(weights)
-        if self.config.tie_word_embeddings:
-            weights.pop("language_model.lm_head.weight" if _is_internvl(config_dict) else "lm_head.weight", None)
-        check_state_dict(weights, mllm_param_shapes(config_dict), where)
+        expected = mllm_param_shapes(config_dict)
+        head = "language_model.lm_head.weight" if _is_internvl(config_dict) else "lm_head.weight"
+        if head in weights:             # a stored head is used even when tied (see Qwen2LM)
+            expected[head] = (self.config.vocab_size, self.config.hidden_size)
+        check_state_dict(weights, expected, where)
         if not _is_internvl(config_dict):
             self.lm = Qwen2LM(self.config, weights, where=where)
             self.vision = None

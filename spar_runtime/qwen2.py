@@ -460,19 +460,21 @@ class Qwen2LM:
     Args:
         cfg: the config.
         weights: ``{"model.embed_tokens.weight", "model.layers.{i}.*", "model.norm.weight",
-            "lm_head.weight"}`` as transformers saves them (:func:`qwen2_lm_param_shapes`);
-            with ``tie_word_embeddings`` the head is the embedding matrix (a stored
-            ``lm_head.weight`` is then ignored).
+            "lm_head.weight"}`` as transformers saves them (:func:`qwen2_lm_param_shapes`).
+            The head is ``lm_head.weight`` when the checkpoint holds one; without it, the
+            embedding matrix when ``tie_word_embeddings`` (else it is a missing key). This is
+            what transformers 5 loads: it does not tie a stored head that differs.
     """
 
     def __init__(self, cfg: Qwen2Config, weights: Mapping[str, torch.Tensor], *, where: str = "Qwen2LM weights"):
         weights = dict(weights)
-        if cfg.tie_word_embeddings:
-            weights.pop("lm_head.weight", None)
-        check_state_dict(weights, qwen2_lm_param_shapes(cfg), where)
+        expected = qwen2_lm_param_shapes(cfg)
+        if "lm_head.weight" in weights:   # a stored head is used even when tied (as transformers 5 does)
+            expected["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+        check_state_dict(weights, expected, where)
         self.config = cfg
         self.embed_weight = weights["model.embed_tokens.weight"]
-        self.lm_head = self.embed_weight if cfg.tie_word_embeddings else weights["lm_head.weight"]
+        self.lm_head = weights.get("lm_head.weight", self.embed_weight)
         stack = _split_prefix(weights, "model.")
         stack.pop("embed_tokens.weight")
         self.model = DecoderStack(cfg, stack)

@@ -225,6 +225,28 @@ def test_param_shapes_and_random_weights_load_in_transformers(models, tmp_path):
     assert rel_err(mllm.encode_images(pv), want) <= RTOL_FP32
 
 
+@pytest.mark.parametrize("keep_head", [True, False])
+def test_tie_flag_absent_matches_transformers(models, tmp_path, keep_head):
+    """No top-level ``tie_word_embeddings`` (transformers' default: True): a stored head is still used,
+    a missing one is tied to the embeddings, as ``from_pretrained`` does."""
+    _, folder, tokens = models["ln_bias"]
+    config = json.loads(open(f"{folder}/config.json").read())
+    config.pop("tie_word_embeddings")
+    sd = load_safetensors_dir(folder)
+    if not keep_head:
+        del sd["language_model.lm_head.weight"]
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ref = transformers.InternVLForConditionalGeneration.from_pretrained(tmp_path).eval()
+    mllm = MLLM.from_dir(tmp_path)
+    pv, ids = torch.randn(1, 3, 56, 56), prompt(tokens, 1, 2, 3, seed=9)
+    x = mllm.prompt_embeddings(ids, pv)
+    got = mllm.lm.logits(mllm.lm(x, causal_layout([len(ids)]), packed_positions([len(ids)])))
+    with torch.no_grad():
+        want = ref(input_ids=ids[None], pixel_values=pv).logits[0]
+    assert rel_err(got, want) <= RTOL_FP32
+
+
 def test_new_style_key_names(models, tmp_path):
     """Checkpoints saved with keys ``model.language_model.*`` / ``model.vision_tower.*`` / ``lm_head.*``."""
     _, folder, tokens = models["ln_bias"]
@@ -294,3 +316,26 @@ def test_bad_configs_and_checkpoints(models, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="refused"):
         MLLM.from_dir(tmp_path)
+
+
+def test_device_independent_on_meta(models):
+    """Prefill, KV-cache decode steps and image encoding on the meta device: every tensor is created
+    on the weights' device and nothing on these paths reads values back to the host."""
+    _, folder, tokens = models["ln_bias"]
+    config = json.loads(open(f"{folder}/config.json").read())
+    weights = {k: v.to("meta") for k, v in random_weights(config, torch.Generator().manual_seed(0)).items()}
+    mllm = MLLM(config, weights)
+    lens = [5, 7]
+    x = mllm.embed_tokens(torch.randint(0, 101, (12,), device="meta"))
+    L = mllm.config.num_hidden_layers
+    hidden = torch.empty(L + 1, 12, 64, device="meta")
+    y = mllm.lm(x, causal_layout(lens, device="meta"), packed_positions(lens, device="meta"), hidden_out=hidden)
+    assert y.device.type == "meta" and y.shape == (12, 64)
+    cache = mllm.lm.new_cache(2, 10)
+    layout, pos = cache.append(lens)
+    assert layout.device.type == "meta" and pos.device.type == "meta"
+    mllm.lm(x, layout, pos, kv_cache=cache)
+    layout, pos = cache.append([1, 1])
+    assert mllm.lm(x[:2], layout, pos, kv_cache=cache).shape == (2, 64)
+    feats = mllm.encode_images(torch.randn(2, 3, 56, 56, device="meta"))
+    assert feats.device.type == "meta" and feats.shape == (2 * tokens, 64)

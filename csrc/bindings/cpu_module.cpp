@@ -5,6 +5,7 @@
 #include "quantize_fp8/api.h"
 #include "route_layers/api.h"
 #include "flow_sampler/api.h"
+#include "dit/api.h"
 // @ops-cpu-includes (one line per op: #include "<op>/api.h")
 
 namespace py = pybind11;
@@ -27,6 +28,15 @@ PYBIND11_MODULE(_C_cpu, m) {
         py::arg("stride_n"), py::arg("stride_d"), py::arg("perm"), py::arg("expert_ids"), py::arg("ids_int64"),
         py::arg("weights"), py::arg("weight_dtype"), py::arg("E"), py::arg("weight_stride"), py::arg("eps"),
         py::arg("out"), py::call_guard<py::gil_scoped_release>());
+  m.def("adaln_layernorm", &spar::adaln_layernorm_cpu, py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("N"),
+        py::arg("C"), py::arg("sxb"), py::arg("sxn"), py::arg("shift"), py::arg("scale1"), py::arg("y"),
+        py::arg("syb"), py::arg("syn"), py::arg("eps"), py::call_guard<py::gil_scoped_release>());
+  m.def("gated_residual", &spar::gated_residual_cpu, py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("N"),
+        py::arg("C"), py::arg("sxb"), py::arg("sxn"), py::arg("y"), py::arg("syb"), py::arg("syn"), py::arg("gate"),
+        py::arg("out"), py::arg("sob"), py::arg("son"), py::call_guard<py::gil_scoped_release>());
+  m.def("dwconv_glu", &spar::dwconv_glu_cpu, py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("H"),
+        py::arg("W"), py::arg("C"), py::arg("sxb"), py::arg("sxn"), py::arg("w9"), py::arg("bias"), py::arg("out"),
+        py::arg("sob"), py::arg("son"), py::call_guard<py::gil_scoped_release>());
   // @ops-cpu-defs (one m.def block per op)
 #ifdef _OPENMP
   m.attr("openmp") = true;

@@ -1,6 +1,7 @@
 // CPU implementations of the SANA DiT block kernels (adaLN modulation, gated residual, depthwise
-// conv + GLU, ReLU linear attention): rows / pixels / heads spread over OpenMP threads, fp32 math
-// in per-thread row buffers (vectorized by the compiler), one rounding to the storage dtype.
+// conv + GLU): rows / pixels spread over OpenMP threads, fp32 math in per-thread row buffers
+// (vectorized by the compiler), one rounding to the storage dtype. (ReLU linear attention runs
+// on CPU as two batched BLAS matmuls from PyTorch: faster there than hand-written loops.)
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -79,26 +80,33 @@ void gated_run(const T* x, int64_t B, int64_t N, int64_t C, int64_t sxb, int64_t
   }
 }
 
-// Channels are processed in blocks of kConvBlock so the a / g accumulators stay in L1 across the
-// 9 taps; the GLU is applied to each block right away.
-constexpr int64_t kConvBlock = 256;
+// Work items are (sample, block of kConvBlock channels); each sweeps its image row by row, so the
+// three grid rows a pixel reads stay in L1/L2 (3 x W x 2 kConvBlock floats) and the a / g
+// accumulators in L1; the GLU is applied to each block right away.
+constexpr int64_t kConvBlock = 128;
 
 template <typename T>
 void dwconv_glu_run(const T* x, int64_t B, int64_t H, int64_t W, int64_t C, int64_t sxb, int64_t sxn,
                     const float* w9, const float* bias, T* out, int64_t sob, int64_t son) {
   const int64_t C2 = 2 * C;
+  const int64_t n_cb = (C + kConvBlock - 1) / kConvBlock;
 #pragma omp parallel
   {
     alignas(64) float acc_a[kConvBlock], acc_g[kConvBlock], xa[kConvBlock], xg[kConvBlock];
 #pragma omp for schedule(static)
-    for (int64_t bp = 0; bp < B * H * W; ++bp) {
-      const int64_t b = bp / (H * W), p = bp % (H * W);
-      const int64_t row = p / W, col = p % W;
-      for (int64_t c0 = 0; c0 < C; c0 += kConvBlock) {
-        const int64_t cb = std::min(kConvBlock, C - c0);
+    for (int64_t item = 0; item < B * n_cb; ++item) {
+      const int64_t b = item / n_cb, c0 = (item % n_cb) * kConvBlock;
+      const int64_t cb = std::min(kConvBlock, C - c0);
+      float ba[kConvBlock], bg[kConvBlock];
+      for (int64_t c = 0; c < cb; ++c) {
+        ba[c] = bias ? bias[c0 + c] : 0.f;
+        bg[c] = bias ? bias[C + c0 + c] : 0.f;
+      }
+      for (int64_t p = 0; p < H * W; ++p) {
+        const int64_t row = p / W, col = p % W;
         for (int64_t c = 0; c < cb; ++c) {
-          acc_a[c] = bias ? bias[c0 + c] : 0.f;
-          acc_g[c] = bias ? bias[C + c0 + c] : 0.f;
+          acc_a[c] = ba[c];
+          acc_g[c] = bg[c];
         }
         for (int t = 0; t < 9; ++t) {
           const int64_t rr = row + t / 3 - 1, cc = col + t % 3 - 1;
@@ -106,72 +114,24 @@ void dwconv_glu_run(const T* x, int64_t B, int64_t H, int64_t W, int64_t C, int6
           const float* __restrict wa = w9 + t * C2 + c0;
           const float* __restrict wg = wa + C;
           const T* src = x + b * sxb + (rr * W + cc) * sxn + c0;
-          load_row(src, xa, cb);
-          load_row(src + C, xg, cb);
-          for (int64_t c = 0; c < cb; ++c) {
-            acc_a[c] += xa[c] * wa[c];
-            acc_g[c] += xg[c] * wg[c];
+          if constexpr (std::is_same<T, float>::value) {
+            for (int64_t c = 0; c < cb; ++c) {
+              acc_a[c] += src[c] * wa[c];
+              acc_g[c] += src[C + c] * wg[c];
+            }
+          } else {
+            load_row(src, xa, cb);
+            load_row(src + C, xg, cb);
+            for (int64_t c = 0; c < cb; ++c) {
+              acc_a[c] += xa[c] * wa[c];
+              acc_g[c] += xg[c] * wg[c];
+            }
           }
         }
 #pragma omp simd
         for (int64_t c = 0; c < cb; ++c) xa[c] = acc_a[c] * dit::silu(acc_g[c]);
         store_row(xa, out + b * sob + p * son + c0, cb);
       }
-    }
-  }
-}
-
-template <typename T>
-void linear_attention_run(const T* q, const T* k, const T* v, int64_t B, int64_t Nq, int64_t Nk, int64_t H,
-                          int64_t D, int64_t E, int64_t sqb, int64_t sqn, int64_t sqh, int64_t skb, int64_t skn,
-                          int64_t skh, int64_t svb, int64_t svn, int64_t svh, T* out, int64_t sob, int64_t son,
-                          int64_t soh, float eps) {
-  // Phase 1: per (b, h) the state [D, E] and normaliser [D] (fp32), in a shared workspace.
-  const int64_t BH = B * H, SE = D * E + D;
-  std::vector<float> ws(BH * SE, 0.f);
-#pragma omp parallel
-  {
-    std::vector<float> buf(D + E);
-    float* __restrict kr = buf.data();
-    float* __restrict vf = kr + D;
-#pragma omp for schedule(static)
-    for (int64_t bh = 0; bh < BH; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      float* S = ws.data() + bh * SE;
-      float* z = S + D * E;
-      for (int64_t n = 0; n < Nk; ++n) {
-        load_row(k + b * skb + n * skn + h * skh, kr, D);
-        load_row(v + b * svb + n * svn + h * svh, vf, E);
-        for (int64_t d = 0; d < D; ++d) {  // no zero-skip: a random branch costs more than the FMAs
-          const float kd = dit::relu(kr[d]);
-          z[d] += kd;
-          float* __restrict Sd = S + d * E;
-          for (int64_t e = 0; e < E; ++e) Sd[e] += kd * vf[e];
-        }
-      }
-    }
-    // Phase 2: every query row against its head's state.
-    std::vector<float> buf2(D + E);
-    float* __restrict qr = buf2.data();
-    float* __restrict num = qr + D;
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < BH * Nq; ++r) {
-      const int64_t bh = r / Nq, n = r % Nq;
-      const int64_t b = bh / H, h = bh % H;
-      const float* S = ws.data() + bh * SE;
-      const float* z = S + D * E;
-      load_row(q + b * sqb + n * sqn + h * sqh, qr, D);
-      float den = 0.f;
-      for (int64_t e = 0; e < E; ++e) num[e] = 0.f;
-      for (int64_t d = 0; d < D; ++d) {
-        const float qd = dit::relu(qr[d]);
-        den += qd * z[d];
-        const float* __restrict Sd = S + d * E;
-        for (int64_t e = 0; e < E; ++e) num[e] += qd * Sd[e];
-      }
-      const float dd = den + eps;
-      for (int64_t e = 0; e < E; ++e) num[e] = num[e] / dd;
-      store_row(num, out + b * sob + n * son + h * soh, E);
     }
   }
 }
@@ -203,18 +163,6 @@ void dwconv_glu_cpu(uintptr_t x, int dtype, int64_t B, int64_t H, int64_t W, int
     using T = decltype(tag);
     dwconv_glu_run(reinterpret_cast<const T*>(x), B, H, W, C, sxb, sxn, reinterpret_cast<const float*>(w9),
                    reinterpret_cast<const float*>(bias), reinterpret_cast<T*>(out), sob, son);
-  });
-}
-
-void linear_attention_cpu(uintptr_t q, uintptr_t k, uintptr_t v, int dtype, int64_t B, int64_t Nq, int64_t Nk,
-                          int64_t H, int64_t D, int64_t E, int64_t sqb, int64_t sqn, int64_t sqh, int64_t skb,
-                          int64_t skn, int64_t skh, int64_t svb, int64_t svn, int64_t svh, uintptr_t out,
-                          int64_t sob, int64_t son, int64_t soh, double eps) {
-  dispatch(dtype, "linear_attention", [&](auto tag) {
-    using T = decltype(tag);
-    linear_attention_run(reinterpret_cast<const T*>(q), reinterpret_cast<const T*>(k),
-                         reinterpret_cast<const T*>(v), B, Nq, Nk, H, D, E, sqb, sqn, sqh, skb, skn, skh, svb,
-                         svn, svh, reinterpret_cast<T*>(out), sob, son, soh, float(eps));
   });
 }
 

@@ -4,6 +4,7 @@
 // One table row per model evaluation (built on the host by spar_kernels/sampler.py):
 //   guidance  v_t = vu + g (vc - vu);  v_g = vi + gi (v_t - vi) if kImg;
 //             v_g *= clamp(|vc| / (|v_g| + 1e-8), renorm_min, 1) if kRenorm;  v = kCfg ? v_g : vc
+//             (kRenormText: v_t is renormed instead, before the image branch, as BAGEL's "text_channel")
 //   solver    x0 = x - sigma v;  out = cx x + cv v + c0 x0 [+ c1 h1] [+ c2 h2]
 //             h1 <- x (kStoreH1X) or x0 (kStoreH1X0);  h2 <- v (kStoreH2V)
 // Euler: cx = 1, cv = dt. Heun: predictor stores (x, v), corrector out = h1 + dt/2 (h2 + v).
@@ -17,7 +18,8 @@ namespace spar::flow {
 
 enum Col : int { kSigma = 0, kCx, kCv, kC0, kC1, kC2, kG, kGi, kFlags, kNumCols = 12 };
 enum Flag : int {
-  kCfg = 1, kImg = 2, kRenorm = 4, kStoreH1X = 8, kStoreH1X0 = 16, kStoreH2V = 32, kReadH1 = 64, kReadH2 = 128
+  kCfg = 1, kImg = 2, kRenorm = 4, kStoreH1X = 8, kStoreH1X0 = 16, kStoreH2V = 32, kReadH1 = 64, kReadH2 = 128,
+  kRenormText = 256  // BAGEL's "text_channel": renorm the text-guided velocity, before the image branch
 };
 enum Renorm : int { kRenormNone = 0, kRenormGlobal = 1, kRenormRow = 2, kRenormCol = 3 };
 constexpr float kRenormEps = 1e-8f;  // BAGEL: norm_v_t / (norm_v_t_ + 1e-8)
@@ -36,10 +38,11 @@ SPAR_HD Row load_row(const float* table, int64_t rows, int64_t k) {
 
 SPAR_HD bool renorm_on(const Row& r, int mode) { return mode != kRenormNone && (r.flags & kCfg) && (r.flags & kRenorm); }
 
-// The guided velocity before renorm (only called when kCfg is on, so vu is present).
+// The velocity whose norm the renorm compares with |v_cond| (only called when kCfg is on, so
+// vu is present): the fully guided one, or the text-guided one under kRenormText.
 SPAR_HD float guide(float vc, float vu, float vi, const Row& r) {
   float v = vu + r.g * (vc - vu);
-  if (r.flags & kImg) v = vi + r.gi * (v - vi);
+  if ((r.flags & kImg) && !(r.flags & kRenormText)) v = vi + r.gi * (v - vi);
   return v;
 }
 
@@ -51,7 +54,10 @@ SPAR_HD float renorm_scale(float ss_cond, float ss_guided, float lo) {
 
 // The velocity the solver uses, given the renorm factor (1 when renorm is off).
 SPAR_HD float velocity(float vc, float vu, float vi, const Row& r, float scale) {
-  return (r.flags & kCfg) ? guide(vc, vu, vi, r) * scale : vc;
+  if (!(r.flags & kCfg)) return vc;
+  if (!(r.flags & kRenormText)) return guide(vc, vu, vi, r) * scale;
+  const float t = (vu + r.g * (vc - vu)) * scale;
+  return (r.flags & kImg) ? vi + r.gi * (t - vi) : t;
 }
 
 // The solver update of one element; h1 / h2 are the element's history (dummies when absent:

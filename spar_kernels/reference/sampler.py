@@ -27,6 +27,7 @@ COL_SIGMA, COL_CX, COL_CV, COL_C0, COL_C1, COL_C2, COL_G, COL_GI, COL_FLAGS = ra
 NCOL = 12  # padded to 48 bytes
 F_CFG, F_IMG, F_RENORM, F_STORE_H1_X, F_STORE_H1_X0, F_STORE_H2_V, F_READ_H1, F_READ_H2 = (
     1, 2, 4, 8, 16, 32, 64, 128)
+F_RENORM_TEXT = 256  # BAGEL's "text_channel": renorm the text-guided velocity, before the image branch
 RENORM_NONE, RENORM_GLOBAL, RENORM_ROW, RENORM_COL = 0, 1, 2, 3
 RENORM_EPS = 1e-8  # BAGEL: norm_v_t / (norm_v_t_ + 1e-8)
 
@@ -39,18 +40,27 @@ def _norm(t: torch.Tensor, mode: int) -> torch.Tensor:
     return t.square().sum(dim=1, keepdim=True).sqrt()
 
 
-def guided_velocity(vc, vu, vi, g, gi, cfg_on, img_on, renorm_on, renorm_mode: int, renorm_min: float):
+def _renormed(vc, v, on, renorm_mode, renorm_min):
+    if renorm_mode == RENORM_NONE:
+        return v
+    s = (_norm(vc, renorm_mode) / (_norm(v, renorm_mode) + RENORM_EPS)).clamp(min=renorm_min, max=1.0)
+    return torch.where(on, v * s, v)
+
+
+def guided_velocity(vc, vu, vi, g, gi, cfg_on, img_on, renorm_on, renorm_mode: int, renorm_min: float,
+                    text_on=None):
     """The combined velocity in float32. ``g, gi`` are float32 tensors (broadcastable), the ``*_on``
-    flags bool tensors; ``vu``/``vi`` may be None when the corresponding flag is never on."""
+    flags bool tensors; ``vu``/``vi`` may be None when the corresponding flag is never on.
+    ``text_on``: renorm the text-guided velocity before the image branch (BAGEL's "text_channel")."""
     vc = vc.float()
     if vu is None:
         return vc
-    v = vu.float() + g * (vc - vu.float())
-    if vi is not None:
-        v = torch.where(img_on, vi.float() + gi * (v - vi.float()), v)
-    if renorm_mode != RENORM_NONE:
-        s = (_norm(vc, renorm_mode) / (_norm(v, renorm_mode) + RENORM_EPS)).clamp(min=renorm_min, max=1.0)
-        v = torch.where(renorm_on, v * s, v)
+    vt = vu.float() + g * (vc - vu.float())
+    img = (lambda t: torch.where(img_on, vi.float() + gi * (t - vi.float()), t)) if vi is not None else (lambda t: t)
+    v = _renormed(vc, img(vt), renorm_on, renorm_mode, renorm_min)  # renorm after the image branch
+    if text_on is not None:
+        v_text = img(_renormed(vc, vt, renorm_on, renorm_mode, renorm_min))
+        v = torch.where(text_on, v_text, v)
     return torch.where(cfg_on, v, vc)
 
 
@@ -68,7 +78,7 @@ def flow_step(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, table, counter, re
         return (flags & bit) != 0
 
     v = guided_velocity(v_cond, v_uncond, v_img_uncond, row[COL_G], row[COL_GI], on(F_CFG), on(F_IMG),
-                        on(F_RENORM), renorm_mode, renorm_min)
+                        on(F_RENORM), renorm_mode, renorm_min, on(F_RENORM_TEXT))
     xf = x.float()
     x0 = xf - row[COL_SIGMA] * v
     res = row[COL_CX] * xf + row[COL_CV] * v + row[COL_C0] * x0
