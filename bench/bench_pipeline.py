@@ -15,7 +15,9 @@ Models:
   16x16 latent = 512 px) with FEWER LAYERS so that it runs on a CPU in seconds: LLM 4 of 24 layers,
   connector 2 of 6, DiT 4 of 28 blocks, DC-AE decoder 1 layer per stage instead of 3, vocabulary
   32000 (embedding lookup only), text-only MLLM (the vision tower is not on the text-to-image path),
-  4 solver steps instead of 20; one image: a CFG batch of 2 rows of 330 and 276 tokens.
+  20 solver steps (``--steps 4`` for a faster run); one image: a CFG batch of 2 rows of 330 and 276
+  tokens. The bench also prints a projection to the full-size model (each stage scaled by its
+  layers x steps ratio), labeled as an estimate.
 
 Run ``python -m bench.bench_pipeline`` (add ``--quick`` for tiny only) for the per-stage table with
 accuracy (latent relative error vs the reference, bf16 vs fp32); ``python -m bench --only pipeline``
@@ -71,10 +73,10 @@ class Model:
 
 MODELS = {
     "tiny": Model("tiny", (7, 12), 4, 8, 4, "tiny config, 2 images, 4 steps"),
-    "SPAR-1B-shaped": Model("SPAR-1B-shaped", (74,), 20, 16, 4,
+    "SPAR-1B-shaped": Model("SPAR-1B-shaped", (74,), 20, 16, 20,
                             "SPAR-1B widths, LLM 4/24 layers, connector 2/6, DiT 4/28 blocks, DC-AE decoder "
                             "1 layer/stage (of 3), vocab 32000, 1 image (CFG rows 330 + 276 tokens), 16x16 "
-                            "latent, 4 steps",
+                            "latent, 20 steps",
                             full_scale={"prefill": 24 / 4, "dtr": 1.0, "connector": 6 / 2, "dit_loop": 28 / 4,
                                         "decode": 3.0, "steps": 20}),
 }
@@ -330,7 +332,7 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: perf_counter; cpu: process CPU time (with --threads 1: robust on a shared machine)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--steps", type=int, default=None, help="solver steps of the SPAR-1B-shaped model (default 4)")
+    p.add_argument("--steps", type=int, default=None, help="solver steps of the SPAR-1B-shaped model (default 20)")
     p.add_argument("--out", default=os.path.join(_HERE, "results"))
     args = p.parse_args(argv)
     if args.steps:

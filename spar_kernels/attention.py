@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ._backend import select
@@ -220,6 +221,8 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen
         check_tensor(name, t, ndim=1, dtypes=(torch.int32,), device=dev)
         if t.shape[0] < 1:
             raise ValueError(f"{name}: expected [B+1] offsets starting at 0, got an empty tensor")
+        if t.stride(0) != 1 and t.shape[0] > 1:
+            raise ValueError(f"{name}: expected a contiguous tensor, got stride {t.stride()}")
     if cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
         raise ValueError(f"cu_seqlens_k: expected {cu_seqlens_q.shape[0]} entries (as many sequences as "
                          f"cu_seqlens_q), got {cu_seqlens_k.shape[0]}")
@@ -230,7 +233,7 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen
         if t.stride(0) != 1 and t.shape[0] > 1:
             raise ValueError(f"{name}: expected a contiguous tensor, got stride {t.stride()}")
     for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 0:
             raise ValueError(f"{name}: expected a non-negative int, got {val!r}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(D)
@@ -242,8 +245,6 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen
     k_descale = _check_descale("k_descale", k_descale, Hkv, dev, fp8)
     v_descale = _check_descale("v_descale", v_descale, Hkv, dev, fp8)
     if check_values and dev.type == "cpu" and not _is_compiling():
-        import numpy as np
-
         cu_q = cu_seqlens_q.numpy().astype(np.int64)
         cu_k = cu_seqlens_k.numpy().astype(np.int64)
         validate_intervals(cu_q, cu_k, kv_start.numpy().astype(np.int64), kv_end.numpy().astype(np.int64))

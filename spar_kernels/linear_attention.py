@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _aot
+from . import _aot, _ext
 from ._backend import select
 from ._triton import DOT_UPCAST, tl, triton
 from ._validate import FLOAT_DTYPES, check_out, check_tensor
@@ -211,12 +211,22 @@ def _impl_reference(q, k, v, eps, out):
     out.copy_(_ref.linear_attention(q, k, v, eps))
 
 
+_CPU_TWIN_DIMS = (16, 32, 64)  # head dims (d == e) compiled into the C++ twin (csrc/dit/)
+
+
 def _impl_cpu(q, k, v, eps, out):
-    # Two batched BLAS matmuls per sample (faster on CPU than hand-written loops): the state with
-    # the normaliser appended as one extra column ([H, d, e+1], a few KB), then relu(q) against
-    # it. No [N, N], no padded copy of v.
     B, Nq, H, D = q.shape
     E = v.shape[-1]
+    from .adaln import dit_cpu_ext
+
+    ext = dit_cpu_ext("linear_attention")
+    if ext is not None and D == E and D in _CPU_TWIN_DIMS:  # register-blocked state, OpenMP over heads
+        if ext.linear_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ext.dtype_code(q), B, Nq, k.shape[1], H,
+                                D, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], out.data_ptr(),
+                                *out.stride()[:3], eps):
+            return
+    # other head dims: two batched BLAS matmuls per sample: the state with the normaliser appended
+    # as one extra column ([H, d, e+1], a few KB), then relu(q) against it. No [N, N], no padded v.
     for b in range(B):
         kr = torch.relu(k[b]).float().permute(1, 2, 0)          # [H, d, Nk]
         aug = torch.empty(H, D, E + 1, dtype=torch.float32, device=q.device)

@@ -302,7 +302,8 @@ class FlowSampler:
         self.num_steps = len(s32) - 1
         table, eval_sigmas = _build_table(method, s32, self.guidance, self.image_guidance, interval, renorm)
         self.num_evals = table.shape[0] - 1
-        self._host_flags = table[:, _ref.COL_FLAGS].astype(np.int64)  # validation only
+        # validation only; plain ints so torch.compile treats them as constants
+        self._host_flags = tuple(int(f) for f in table[:, _ref.COL_FLAGS])
         t32 = torch.from_numpy(s32[:-1].copy()) * NUM_TRAIN_TIMESTEPS  # float32, as diffusers
         if method == "dpmsolver++2m":
             timesteps = torch.from_numpy(t_int)
@@ -429,7 +430,7 @@ class FlowSampler:
         if self._host_step >= self.num_evals:
             raise ValueError(f"step: stepping past the last step: this sampler has {self.num_evals} model "
                              f"evaluations and all were taken; call reset() to start over")
-        row_flags = int(self._host_flags[self._host_step])
+        row_flags = self._host_flags[self._host_step]
         if row_flags & _ref.F_CFG and v_uncond is None:
             raise ValueError(f"v_uncond: guidance={self.guidance} > 1 is on at evaluation {self._host_step}, "
                              "which needs the unconditional velocity, got None")

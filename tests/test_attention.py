@@ -9,6 +9,7 @@ the kernel-specific cases); the CPU path and the reference run the larger random
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,6 +149,9 @@ def test_varlen_entry_point_and_return_values():
     b, lse = sk.hybrid_attention_varlen(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.kv_start,
                                         layout.kv_end, layout.max_seqlen_q, layout.max_seqlen_k, return_lse=True)
     assert isinstance(a, torch.Tensor) and torch.equal(a, b) and lse.shape == (4, 18)
+    c = sk.hybrid_attention_varlen(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.kv_start, layout.kv_end,
+                                   np.int64(20), np.int64(20))  # numpy ints and generous maxima are fine
+    assert torch.equal(a, c)
 
 
 def test_cpu_path_is_chunked(monkeypatch):
@@ -304,6 +308,10 @@ I32 = lambda *x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
     (lambda: _varlen(*_qkv(), cu_k=I32(0, 4, 10)), ValueError, "cu_seqlens_k: expected 2 entries"),
     (lambda: _varlen(*_qkv(), mq=5), ValueError, "max_seqlen_q: 5 is shorter"),
     (lambda: _varlen(*_qkv(), mk=-1), ValueError, "max_seqlen_k: expected a non-negative int"),
+    (lambda: _varlen(*_qkv(), mq=10.0), ValueError, "max_seqlen_q: expected a non-negative int"),
+    (lambda: _varlen(*_qkv(), cu_k=I32(0, 0, 10, 0)[::2]), ValueError, "cu_seqlens_k: expected a contiguous"),
+    (lambda: _varlen(*_qkv(), st=torch.zeros(20, dtype=torch.int32)[::2]), ValueError,
+     "kv_start: expected a contiguous"),
 ])
 def test_bad_inputs(call, exc, match):
     with pytest.raises(exc, match=match):

@@ -41,15 +41,19 @@ def _prompts(gen, vocab=256):
             torch.randint(0, vocab, (4,), generator=gen))
 
 
-@pytest.mark.parametrize("sampler, steps, guidance, shift", [("dpmsolver++2m", 5, 4.5, None), ("euler", 4, 3.0, 2.0)])
+@pytest.mark.parametrize("sampler, steps, guidance, shift", [("dpmsolver++2m", 5, 4.5, None), ("euler", 4, 3.0, 2.0),
+                                                             ("dpmsolver++2m", None, None, None)])
 def test_generate_latents_matches_reference(ckpt, pipe, sampler, steps, guidance, shift):
+    """steps/guidance None: the interface's defaults (20 steps: DPM-Solver++ keeps 2nd order to the
+    end; with 5 it lowers the last step to 1st order), checked against 20 / 4.5 in the reference."""
     gen = torch.Generator().manual_seed(11)
     prompts, uncond = _prompts(gen)
     noise = torch.randn(2, 32, 8, 6, generator=gen)            # a non-square latent
-    ref = reference_generate_latents(ckpt, prompts, uncond, noise, num_steps=steps, guidance=guidance,
-                                     sampler=sampler, shift=shift)
-    out = pipe.generate_latents(prompts, uncond_ids=uncond, noise=noise, num_steps=steps, guidance=guidance,
-                                sampler=sampler, shift=shift)
+    ref = reference_generate_latents(ckpt, prompts, uncond, noise, num_steps=steps or 20,
+                                     guidance=4.5 if guidance is None else guidance, sampler=sampler, shift=shift)
+    kw = {k: v for k, v in dict(num_steps=steps, guidance=guidance, sampler=sampler, shift=shift).items()
+          if v is not None or k == "shift"}
+    out = pipe.generate_latents(prompts, uncond_ids=uncond, noise=noise, **kw)
     assert out.shape == noise.shape and out.dtype == torch.float32
     assert rel_err(out, noise) > 0.05                          # the loop moved the latent
     assert rel_err(out, ref) <= 1e-4, sampler
