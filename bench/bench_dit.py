@@ -38,6 +38,8 @@ CTX_LENS = [300, 277]
 MLP_RATIO = 2.5
 
 _blocks: dict = {}
+# every case compiles the same closures with new tensors: keep dynamo from giving up after 8
+torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
 
 
 def _block(cfg_name: str):

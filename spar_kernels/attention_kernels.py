@@ -426,8 +426,31 @@ _STRIDES_DEC = ("stride_qm", "stride_qh", "stride_km", "stride_kh", "stride_vm",
                 "stride_pm", "stride_ph", "stride_ls", "stride_lh")
 
 
+_ALIGNED_FWD = ("Q", "K", "V", "O", "LSE", "head_dim") + tuple(n for n in _STRIDES_FWD if n != "stride_lh")
+_ALIGNED_DEC = ("Q", "K", "V", "O_PART", "LSE_PART", "head_dim", "keys_per_split") + tuple(
+    n for n in _STRIDES_DEC if n not in ("stride_ls", "stride_lh"))  # those are multiples of total_q
+
+
 @_aot.register
 def _aot_specs():
+    """The base variants plus how triton specializes them at run time for the models' shapes:
+    ``group == 1`` (plain multi-head attention, e.g. SANA's cross-attention) becomes a constant, and
+    head_dim 72 is not a multiple of 16 (its masked loads are then checked element-wise)."""
+    import dataclasses
+
+    for spec in _base_specs():
+        yield spec
+        if spec.fn is _combine_kernel or "bf16" not in spec.config:
+            continue
+        sig = dict(spec.signature, group="constexpr")
+        yield dataclasses.replace(spec, config=spec.config + " group=1", signature=sig,
+                                  constexprs=dict(spec.constexprs, group=1))
+        if spec.constexprs["BLOCK_D"] == 128:
+            yield dataclasses.replace(spec, config=spec.config + " head_dim=72",
+                                      aligned=tuple(a for a in spec.aligned if a != "head_dim"))
+
+
+def _base_specs():
     """Every kernel variant the launcher compiles: (input dtype) x (BLOCK_D 64 / 128) for prefill
     and decode, plus the combine kernel per output dtype. head_dim and the strides are specialized
     as multiples of 16, as triton does at run time for head dims 16, 32, 64, 80, 96, 112, 128."""
@@ -449,7 +472,7 @@ def _aot_specs():
                 constexprs={"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "IS_FP8": fp8, "COUNT_TILES": False,
                             "DOT_UPCAST": False},
                 num_warps=warps, num_stages=stages,
-                aligned=("Q", "K", "V", "O", "LSE", "head_dim") + _STRIDES_FWD,
+                aligned=_ALIGNED_FWD,
                 expect_mma=dtype != torch.float32)
             if dtype == torch.float32:
                 continue  # fp32 decodes with the prefill kernel
@@ -465,7 +488,7 @@ def _aot_specs():
                 constexprs={"BLOCK_M": DECODE_BLOCK_M, "BLOCK_N": bn, "BLOCK_D": bd, "IS_FP8": fp8,
                             "DOT_UPCAST": False},
                 num_warps=warps, num_stages=stages,
-                aligned=("Q", "K", "V", "O_PART", "LSE_PART", "head_dim", "keys_per_split") + _STRIDES_DEC,
+                aligned=_ALIGNED_DEC,
                 expect_mma=True)
     for o_t in ("fp16", "bf16"):
         sig = {"O_PART": "*fp32", "LSE_PART": "*fp32", "O": f"*{o_t}", "LSE": "*fp32", "num_splits": "i32",

@@ -21,6 +21,7 @@ import torch
 __all__ = ["main"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_PROMPT = "a red fox sitting in the snow"
 
 
 class _Progress:
@@ -106,7 +107,7 @@ def _generate(args, parser) -> int:
     steps = args.steps if args.steps is not None else pipe.config.num_steps
     guidance = args.guidance if args.guidance is not None else pipe.config.guidance
     print(f"spar generate: {pipe.config.name} on {pipe.device} ({str(pipe.dtype)[6:]}), {steps} steps "
-          f"{args.sampler}, guidance {guidance}, seed {args.seed}", file=sys.stderr)
+          f"{args.sampler}, guidance {guidance}, seed {args.seed}, prompt {args.prompt!r}", file=sys.stderr)
     progress = _Progress(steps, not args.no_progress)
     try:
         images = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, num_steps=steps,
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="text to image")
     _add_model_args(g)
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the text prompt (default: {DEFAULT_PROMPT!r})")
     g.add_argument("--negative-prompt", default=None, help="the unconditional prompt (default: a fixed instruction)")
     g.add_argument("--steps", type=int, default=None, help="solver steps (default: the config's num_steps)")
     g.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the config's guidance)")

@@ -37,6 +37,11 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("dwconv_glu", &spar::dwconv_glu_cpu, py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("H"),
         py::arg("W"), py::arg("C"), py::arg("sxb"), py::arg("sxn"), py::arg("w9"), py::arg("bias"), py::arg("out"),
         py::arg("sob"), py::arg("son"), py::call_guard<py::gil_scoped_release>());
+  m.def("linear_attention", &spar::linear_attention_cpu, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("dtype"),
+        py::arg("B"), py::arg("Nq"), py::arg("Nk"), py::arg("H"), py::arg("D"), py::arg("sqb"), py::arg("sqn"),
+        py::arg("sqh"), py::arg("skb"), py::arg("skn"), py::arg("skh"), py::arg("svb"), py::arg("svn"), py::arg("svh"),
+        py::arg("out"), py::arg("sob"), py::arg("son"), py::arg("soh"), py::arg("eps"),
+        py::call_guard<py::gil_scoped_release>());
   // @ops-cpu-defs (one m.def block per op)
 #ifdef _OPENMP
   m.attr("openmp") = true;

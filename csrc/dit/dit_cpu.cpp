@@ -190,15 +190,17 @@ void linear_attention_run(const T* q, const T* k, const T* v, int64_t B, int64_t
       const T* qr = q + b * sqb + n * sqn + h * sqh;
       alignas(64) float num[HD] = {};
       float den = 0.f;
-      for (int d = 0; d < HD; ++d) {
+#pragma GCC unroll 32
+      for (int d = 0; d < HD; ++d) {  // unrolled: num stays in registers
         const float qd = dit::relu(to_float(qr[d]));
         den += qd * z[d];
 #pragma omp simd
         for (int e = 0; e < HD; ++e) num[e] += qd * S[d * HD + e];
       }
       const float dd = den + eps;
-      for (int e = 0; e < HD; ++e) num[e] = num[e] / dd;
-      store_row(num, out + b * sob + n * son + h * soh, HD);
+      T* o = out + b * sob + n * son + h * soh;
+#pragma omp simd
+      for (int e = 0; e < HD; ++e) o[e] = from_float<T>(num[e] / dd);
     }
   }
 }
