@@ -210,3 +210,40 @@ def cases(device: torch.device, quick: bool):
         H, W = GRIDS[N]
         yield from _op_cases(cfg_name, N, H, W, dtype, device, quick)
         yield from _block_case(cfg_name, N, H, W, dtype, device, quick)
+
+
+def interleaved(reps: int = 9, block: bool = True) -> None:
+    """spar vs diffusers with the two providers' calls alternating (one call each, ``reps`` times),
+    medians printed: on a shared CPU this cancels the load swings that hit one provider's whole
+    timing window in the harness. ``python -m bench.bench_dit`` (CPU figures, fp32, 1 thread)."""
+    import time
+
+    dev = torch.device("cpu")
+
+    def ab(fs):
+        ts = {k: [] for k in fs}
+        for f in fs.values():
+            f()
+        for _ in range(reps):
+            for k, f in fs.items():
+                t0 = time.perf_counter()
+                f()
+                ts[k].append(time.perf_counter() - t0)
+        return {k: sorted(v)[len(v) // 2] * 1e6 for k, v in ts.items()}
+
+    for cfg_name in CONFIGS:
+        for N, (H, W) in GRIDS.items():
+            cs = {c.op: c for c in _op_cases(cfg_name, N, H, W, torch.float32, dev, True)}
+            if block:
+                cs.update({c.op: c for c in _block_case(cfg_name, N, H, W, torch.float32, dev, True)})
+            row = []
+            for op, c in cs.items():
+                m = ab({k: c.providers[k]() for k in ("spar", "diffusers")})
+                row.append(f"{op[4:]} {m['spar']:.0f} / {m['diffusers']:.0f} us ({m['diffusers'] / m['spar']:.2f}x)")
+            print(f"{cfg_name} N={N}: " + " | ".join(row), flush=True)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    print("CPU figures (fp32, 1 thread), medians, spar / diffusers (speedup), calls interleaved")
+    interleaved()

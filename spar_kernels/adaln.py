@@ -102,36 +102,45 @@ def _gr_config(C: int) -> tuple[int, int]:
 _ADALN_BLOCKS = [1 << p for p in range(_MIN_BLOCK.bit_length() - 1, _MAX_SINGLE_PASS.bit_length())]
 
 
-@_aot.register
-def _aot_specs():
+def _mod_combos(block_sizes, mixed_sizes):
+    """(x dtype, modulation dtype, block) triples to compile: every launch block with matching
+    dtypes, plus fp32 modulation next to 16-bit x (the mixed case of bf16 models) at ``mixed_sizes``."""
     dts = (torch.float32, torch.float16, torch.bfloat16)
     for dtype in dts:
-        t = _aot.TRITON_DTYPE[dtype]
-        for mdtype in dts:  # shift/scale/gate dtype (often fp32 next to a bf16 x)
-            m = _aot.TRITON_DTYPE[mdtype]
-            for C in _ADALN_BLOCKS + [_MAX_SINGLE_PASS + 1]:
-                block, warps, single = _adaln_config(C)
-                yield _aot.AOTSpec(
-                    kernel_name="adaln_layernorm", fn=_adaln_kernel,
-                    config=f"x={t} mod={m} BLOCK_C={block} {'single' if single else 'streamed'} warps={warps}",
-                    signature={"X": f"*{t}", "SHIFT": f"*{m}", "SCALE": f"*{m}", "Y": f"*{t}", "N": "i32",
-                               "C": "i32", "stride_xb": "i64", "stride_xn": "i64", "stride_yb": "i64",
-                               "stride_yn": "i64", "stride_shb": "i32", "stride_shc": "i32",
-                               "stride_scb": "i32", "stride_scc": "i32", "eps": "fp32",
-                               "BLOCK_C": "constexpr", "SINGLE_PASS": "constexpr"},
-                    constexprs={"BLOCK_C": block, "SINGLE_PASS": single},
-                    num_warps=warps, num_stages=1, aligned=("X", "SHIFT", "SCALE", "Y"))
-            for C in (128, 256, 512, 1024):
-                block, warps = _gr_config(C)
-                yield _aot.AOTSpec(
-                    kernel_name="gated_residual", fn=_gated_residual_kernel,
-                    config=f"x={t} gate={m} BLOCK_C={block} warps={warps}",
-                    signature={"X": f"*{t}", "Yin": f"*{t}", "G": f"*{m}", "OUT": f"*{t}", "N": "i32",
-                               "C": "i32", "stride_xb": "i64", "stride_xn": "i64", "stride_yb": "i64",
-                               "stride_yn": "i64", "stride_ob": "i64", "stride_on": "i64",
-                               "stride_gb": "i32", "stride_gc": "i32", "BLOCK_C": "constexpr"},
-                    constexprs={"BLOCK_C": block},
-                    num_warps=warps, num_stages=1, aligned=("X", "Yin", "G", "OUT"))
+        for C in block_sizes:
+            yield dtype, dtype, C
+    for dtype in dts[1:]:
+        for C in mixed_sizes:
+            yield dtype, torch.float32, C
+
+
+@_aot.register
+def _aot_specs():
+    for dtype, mdtype, C in _mod_combos(_ADALN_BLOCKS + [_MAX_SINGLE_PASS + 1], (2048, 4096)):
+        t, m = _aot.TRITON_DTYPE[dtype], _aot.TRITON_DTYPE[mdtype]
+        block, warps, single = _adaln_config(C)
+        yield _aot.AOTSpec(
+            kernel_name="adaln_layernorm", fn=_adaln_kernel,
+            config=f"x={t} mod={m} BLOCK_C={block} {'single' if single else 'streamed'} warps={warps}",
+            signature={"X": f"*{t}", "SHIFT": f"*{m}", "SCALE": f"*{m}", "Y": f"*{t}", "N": "i32",
+                       "C": "i32", "stride_xb": "i64", "stride_xn": "i64", "stride_yb": "i64",
+                       "stride_yn": "i64", "stride_shb": "i32", "stride_shc": "i32",
+                       "stride_scb": "i32", "stride_scc": "i32", "eps": "fp32",
+                       "BLOCK_C": "constexpr", "SINGLE_PASS": "constexpr"},
+            constexprs={"BLOCK_C": block, "SINGLE_PASS": single},
+            num_warps=warps, num_stages=1, aligned=("X", "SHIFT", "SCALE", "Y"))
+    for dtype, mdtype, C in _mod_combos((128, 256, 512, 1024), (1024,)):
+        t, m = _aot.TRITON_DTYPE[dtype], _aot.TRITON_DTYPE[mdtype]
+        block, warps = _gr_config(C)
+        yield _aot.AOTSpec(
+            kernel_name="gated_residual", fn=_gated_residual_kernel,
+            config=f"x={t} gate={m} BLOCK_C={block} warps={warps}",
+            signature={"X": f"*{t}", "Yin": f"*{t}", "G": f"*{m}", "OUT": f"*{t}", "N": "i32",
+                       "C": "i32", "stride_xb": "i64", "stride_xn": "i64", "stride_yb": "i64",
+                       "stride_yn": "i64", "stride_ob": "i64", "stride_on": "i64",
+                       "stride_gb": "i32", "stride_gc": "i32", "BLOCK_C": "constexpr"},
+            constexprs={"BLOCK_C": block},
+            num_warps=warps, num_stages=1, aligned=("X", "Yin", "G", "OUT"))
 
 
 # ---------------------------------------------------------------------------------------------

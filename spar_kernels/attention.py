@@ -15,7 +15,9 @@ Implementations (``spar_kernels.backend`` forces one):
 - ``"cpu"``: fp32 attention per sequence, in query chunks whose mask stays under
   ``_CPU_CHUNK_BYTES`` and whose keys are only the chunk's ``[min kv_start, max kv_end)``: ATen's
   fused CPU attention with an additive mask built from the intervals (explicit matmul-softmax where
-  that op is missing); never a mask over the whole packed batch;
+  that op is missing); never a mask over the whole packed batch. A sequence whose rows all see the
+  same keys (cross-attention, a bidirectional connector) runs as one fused call without a mask,
+  and so does any chunk that turns out fully visible;
 - ``"reference"``: :mod:`spar_kernels.reference.attention` (one dense mask per sequence).
 """
 
@@ -47,13 +49,16 @@ _CPU_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 
 def _cpu_chunk_fused(qc, kc, vc, visible, scale, g):
-    """qc [C, Hq, D], kc/vc [n, Hkv, D] fp32, visible [C, n] -> (out [C, Hq, D], lse [Hq, C])."""
+    """qc [C, Hq, D], kc/vc [n, Hkv, D] fp32, visible [C, n] (None: every key visible to every
+    row) -> (out [C, Hq, D], lse [Hq, C])."""
     C, Hq, D = qc.shape
     Hkv, n = kc.shape[1], kc.shape[0]
     # GQA without copying K/V: the g query heads of a KV head become g * C rows of that head
     qh = qc.view(C, Hkv, g, D).permute(1, 2, 0, 3).reshape(1, Hkv, g * C, D)
-    bias = torch.zeros((C, n), dtype=qc.dtype).masked_fill_(~visible, float("-inf"))
-    bias = bias.repeat(g, 1).view(1, 1, g * C, n)
+    bias = None
+    if visible is not None:
+        bias = torch.zeros((C, n), dtype=qc.dtype).masked_fill_(~visible, float("-inf"))
+        bias = bias.repeat(g, 1).view(1, 1, g * C, n)
     o, lse = _CPU_FUSED(qh, kc.transpose(0, 1).unsqueeze(0), vc.transpose(0, 1).unsqueeze(0), 0.0, False,
                         attn_mask=bias, scale=scale)
     return o.reshape(Hkv, g, C, D).permute(2, 0, 1, 3).reshape(C, Hq, D), lse.reshape(Hq, C)
@@ -89,6 +94,18 @@ def _impl_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_
         # fp32 (and per-head dequantized) keys and values of this sequence (a view when already fp32)
         kb = _ref.dequantize(k[k0:k1], k_descale, f32)
         vb = _ref.dequantize(v[k0:k1], v_descale, f32)
+        st_b, en_b = kv_start[q0:q1], kv_end[q0:q1]
+        if (_CPU_FUSED is not None and bool((st_b == st_b[0]).all()) and bool((en_b == en_b[0]).all())
+                and int(en_b[0]) > int(st_b[0])):
+            # every row sees the same keys (cross-attention, a fully bidirectional sequence):
+            # one fused call without a mask; it never forms the [rows, keys] scores
+            lo, hi = int(st_b[0]), int(en_b[0])
+            o, l = _cpu_chunk_fused(_ref.dequantize(q[q0:q1], q_descale, f32), kb[lo:hi], vb[lo:hi], None,
+                                    softmax_scale, g)
+            out[q0:q1] = o
+            if lse is not None:
+                lse[:, q0:q1] = l
+            continue
         rows = max(1, min(_CPU_CHUNK_ROWS, _CPU_CHUNK_BYTES // (per_key * max(1, k1 - k0))))
         for c0 in range(q0, q1, rows):
             c1 = min(c0 + rows, q1)
@@ -102,6 +119,8 @@ def _impl_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_
             lo, hi = int(st[nonempty].min()), int(en[nonempty].max())
             j = torch.arange(lo, hi)
             visible = (j >= st.unsqueeze(1)) & (j < en.unsqueeze(1))            # [C, hi - lo]
+            if bool(visible.all()):
+                visible = None  # no mask to build or apply
             qc = _ref.dequantize(q[c0:c1], q_descale, f32)
             o, l = chunk_fn(qc, kb[lo:hi], vb[lo:hi], visible, softmax_scale, g)
             empty = ~nonempty

@@ -73,22 +73,21 @@ def _config(C: int) -> tuple[int, int, int]:
 @_aot.register
 def _aot_specs():
     dts = (torch.float32, torch.float16, torch.bfloat16)
-    for dtype in dts:
-        t = _aot.TRITON_DTYPE[dtype]
-        for wdtype in dts:
-            w = _aot.TRITON_DTYPE[wdtype]
-            for C in (16, 32, 64, 128):
-                bp, bc, warps = _config(C)
-                for has_bias in (True, False):
-                    yield _aot.AOTSpec(
-                        kernel_name="dwconv_glu", fn=_dwconv_glu_kernel,
-                        config=f"x={t} w={w} bias={int(has_bias)} BLOCK_P={bp} BLOCK_C={bc} warps={warps}",
-                        signature={"X": f"*{t}", "Wt": f"*{w}", "Bias": f"*{w}", "O": f"*{t}", "Hh": "i32",
-                                   "Ww": "i32", "C": "i32", "stride_xb": "i64", "stride_xn": "i64",
-                                   "stride_ob": "i64", "stride_on": "i64", "stride_w": "i32",
-                                   "HAS_BIAS": "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"},
-                        constexprs={"HAS_BIAS": has_bias, "BLOCK_P": bp, "BLOCK_C": bc},
-                        num_warps=warps, num_stages=1, aligned=("X", "Wt", "Bias", "O"))
+    # every launch config with matching x / weight dtypes, plus fp32 weights next to 16-bit x
+    combos = [(d, d, C, hb) for d in dts for C in (16, 32, 64, 128) for hb in (True, False)]
+    combos += [(d, torch.float32, 128, True) for d in dts[1:]]
+    for dtype, wdtype, C, has_bias in combos:
+        t, w = _aot.TRITON_DTYPE[dtype], _aot.TRITON_DTYPE[wdtype]
+        bp, bc, warps = _config(C)
+        yield _aot.AOTSpec(
+            kernel_name="dwconv_glu", fn=_dwconv_glu_kernel,
+            config=f"x={t} w={w} bias={int(has_bias)} BLOCK_P={bp} BLOCK_C={bc} warps={warps}",
+            signature={"X": f"*{t}", "Wt": f"*{w}", "Bias": f"*{w}", "O": f"*{t}", "Hh": "i32",
+                       "Ww": "i32", "C": "i32", "stride_xb": "i64", "stride_xn": "i64",
+                       "stride_ob": "i64", "stride_on": "i64", "stride_w": "i32",
+                       "HAS_BIAS": "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"},
+            constexprs={"HAS_BIAS": has_bias, "BLOCK_P": bp, "BLOCK_C": bc},
+            num_warps=warps, num_stages=1, aligned=("X", "Wt", "Bias", "O"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,59 +80,77 @@ void gated_run(const T* x, int64_t B, int64_t N, int64_t C, int64_t sxb, int64_t
   }
 }
 
-// Work items are (sample, block of kConvBlock channels); each sweeps its image row by row, so the
-// three grid rows a pixel reads stay in L1/L2 (3 x W x 2 kConvBlock floats) and the a / g
-// accumulators in L1; the GLU is applied to each block right away.
-constexpr int64_t kConvBlock = 128;
+// Work items are (sample, vector of kConvVec channels of the a half with the matching gate
+// channels). An item keeps its 2 x 9 weight vectors and 2 accumulators in registers and sweeps
+// every pixel of the image: per pixel 18 loads of neighbour vectors (from L1/L2) and 18 FMAs.
+// Interior pixels skip the bounds checks. The last vector of a C that is not a multiple of
+// kConvVec is handled with a runtime width.
+constexpr int64_t kConvVec = 16;
+
+template <bool kFull, typename T>
+void conv_glu_item(const T* xb, int64_t H, int64_t W, int64_t C, int64_t sxn, int64_t c0, int64_t cw,
+                   const float* w9, const float* bias, T* ob, int64_t son) {
+  constexpr int64_t V = kConvVec;
+  const int64_t n = kFull ? V : cw;
+  float wa[9][V], wg[9][V], ba[V], bg[V];
+  for (int t = 0; t < 9; ++t)
+    for (int64_t c = 0; c < V; ++c) {
+      wa[t][c] = c < n ? w9[t * 2 * C + c0 + c] : 0.f;
+      wg[t][c] = c < n ? w9[t * 2 * C + C + c0 + c] : 0.f;
+    }
+  for (int64_t c = 0; c < V; ++c) {
+    ba[c] = bias && c < n ? bias[c0 + c] : 0.f;
+    bg[c] = bias && c < n ? bias[C + c0 + c] : 0.f;
+  }
+  for (int64_t row = 0; row < H; ++row) {
+    for (int64_t col = 0; col < W; ++col) {
+      const bool interior = row > 0 && row < H - 1 && col > 0 && col < W - 1;
+      float aa[V], ag[V];
+      for (int64_t c = 0; c < V; ++c) {
+        aa[c] = ba[c];
+        ag[c] = bg[c];
+      }
+#pragma GCC unroll 9
+      for (int t = 0; t < 9; ++t) {
+        const int64_t rr = row + t / 3 - 1, cc = col + t % 3 - 1;
+        if (!interior && (rr < 0 || rr >= H || cc < 0 || cc >= W)) continue;
+        const T* src = xb + (rr * W + cc) * sxn + c0;
+        if (kFull) {
+#pragma omp simd
+          for (int64_t c = 0; c < V; ++c) {
+            aa[c] += to_float(src[c]) * wa[t][c];
+            ag[c] += to_float(src[C + c]) * wg[t][c];
+          }
+        } else {
+          for (int64_t c = 0; c < n; ++c) {
+            aa[c] += to_float(src[c]) * wa[t][c];
+            ag[c] += to_float(src[C + c]) * wg[t][c];
+          }
+        }
+      }
+      T* o = ob + (row * W + col) * son + c0;
+      if (kFull) {
+#pragma omp simd
+        for (int64_t c = 0; c < V; ++c) o[c] = from_float<T>(aa[c] * dit::silu(ag[c]));
+      } else {
+        for (int64_t c = 0; c < n; ++c) o[c] = from_float<T>(aa[c] * dit::silu(ag[c]));
+      }
+    }
+  }
+}
 
 template <typename T>
 void dwconv_glu_run(const T* x, int64_t B, int64_t H, int64_t W, int64_t C, int64_t sxb, int64_t sxn,
                     const float* w9, const float* bias, T* out, int64_t sob, int64_t son) {
-  const int64_t C2 = 2 * C;
-  const int64_t n_cb = (C + kConvBlock - 1) / kConvBlock;
-#pragma omp parallel
-  {
-    alignas(64) float acc_a[kConvBlock], acc_g[kConvBlock], xa[kConvBlock], xg[kConvBlock];
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < B * n_cb; ++item) {
-      const int64_t b = item / n_cb, c0 = (item % n_cb) * kConvBlock;
-      const int64_t cb = std::min(kConvBlock, C - c0);
-      float ba[kConvBlock], bg[kConvBlock];
-      for (int64_t c = 0; c < cb; ++c) {
-        ba[c] = bias ? bias[c0 + c] : 0.f;
-        bg[c] = bias ? bias[C + c0 + c] : 0.f;
-      }
-      for (int64_t p = 0; p < H * W; ++p) {
-        const int64_t row = p / W, col = p % W;
-        for (int64_t c = 0; c < cb; ++c) {
-          acc_a[c] = ba[c];
-          acc_g[c] = bg[c];
-        }
-        for (int t = 0; t < 9; ++t) {
-          const int64_t rr = row + t / 3 - 1, cc = col + t % 3 - 1;
-          if (rr < 0 || rr >= H || cc < 0 || cc >= W) continue;
-          const float* __restrict wa = w9 + t * C2 + c0;
-          const float* __restrict wg = wa + C;
-          const T* src = x + b * sxb + (rr * W + cc) * sxn + c0;
-          if constexpr (std::is_same<T, float>::value) {
-            for (int64_t c = 0; c < cb; ++c) {
-              acc_a[c] += src[c] * wa[c];
-              acc_g[c] += src[C + c] * wg[c];
-            }
-          } else {
-            load_row(src, xa, cb);
-            load_row(src + C, xg, cb);
-            for (int64_t c = 0; c < cb; ++c) {
-              acc_a[c] += xa[c] * wa[c];
-              acc_g[c] += xg[c] * wg[c];
-            }
-          }
-        }
-#pragma omp simd
-        for (int64_t c = 0; c < cb; ++c) xa[c] = acc_a[c] * dit::silu(acc_g[c]);
-        store_row(xa, out + b * sob + p * son + c0, cb);
-      }
-    }
+  const int64_t n_vec = (C + kConvVec - 1) / kConvVec;
+#pragma omp parallel for schedule(static)
+  for (int64_t item = 0; item < B * n_vec; ++item) {
+    const int64_t b = item / n_vec, c0 = (item % n_vec) * kConvVec;
+    const int64_t cw = std::min(kConvVec, C - c0);
+    if (cw == kConvVec)
+      conv_glu_item<true>(x + b * sxb, H, W, C, sxn, c0, cw, w9, bias, out + b * sob, son);
+    else
+      conv_glu_item<false>(x + b * sxb, H, W, C, sxn, c0, cw, w9, bias, out + b * sob, son);
   }
 }
 
