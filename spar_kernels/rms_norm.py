@@ -136,8 +136,14 @@ def _impl_reference(x, weight, eps, residual, out, residual_out):
 
 
 def _impl_cpu(x, weight, eps, residual, out, residual_out):
-    # ATen's vectorized CPU ops already run the reference near memory speed on CPU.
-    _impl_reference(x, weight, eps, residual, out, residual_out)
+    if residual is not None:
+        torch.add(x, residual, out=residual_out)  # fp32 add, one rounding: the stored sum
+        x = residual_out
+    if weight.dtype != x.dtype:  # ATen's fused kernel wants one dtype; keep the fp32 weight exact
+        _impl_reference(x, weight, eps, None, out, None)
+        return
+    # ATen's fused CPU RMSNorm: fp32 math, one pass over each row
+    out.copy_(torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps))
 
 
 _IMPLS = {"triton": _impl_triton, "cpu": _impl_cpu, "reference": _impl_reference}
