@@ -5,21 +5,12 @@ from __future__ import annotations
 import torch
 
 import spar_kernels as sk
-from bench.harness import Case, Unavailable
+from bench.harness import Case
 from spar_kernels.reference import rms_norm as ref
 
 # (label, rows, width): Qwen2.5 prefill of the CFG batch (2 x ~330 tokens) and a long prefill
 SHAPES = [("qwen2.5-0.5b 660x896", 660, 896), ("qwen2.5-1.5b 660x1536", 660, 1536),
           ("qwen2.5-7b 4096x3584", 4096, 3584)]
-
-
-def _compiled(fn):
-    def factory():
-        try:
-            return torch.compile(fn, dynamic=False)
-        except Exception as e:  # noqa: BLE001
-            raise Unavailable(f"torch.compile: {e}") from e
-    return factory
 
 
 def cases(device: torch.device, quick: bool):

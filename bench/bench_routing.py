@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 import spar_kernels as sk
-from bench.harness import Case, Unavailable
+from bench.harness import Case, compiled as compiled_provider
 from spar_kernels.reference import routing as ref
 
 # (label, L, N, D, layer_ids): SPAR-1B / SPAR-3B prefill of the CFG batch (2 x ~330 tokens),
@@ -21,15 +21,6 @@ SHAPES = [
     ("bagel-7b 660x3584 K=4", 29, 660, 3584, [7, 14, 21, 28]),
     ("large N 16384x1536 K=4", 5, 16384, 1536, [1, 2, 3, 4]),
 ]
-
-
-def _compiled(fn):
-    def factory():
-        try:
-            return torch.compile(fn, dynamic=False)
-        except Exception as e:  # noqa: BLE001
-            raise Unavailable(f"torch.compile: {e}") from e
-    return factory
 
 
 def _route_cases(device, quick):
@@ -47,7 +38,7 @@ def _route_cases(device, quick):
         out = torch.empty(N, D, device=device, dtype=dtype)
         moved = (K + 1) * N * D * es + N * K * es + 2 * D * es
         eager = lambda: ref.route_layers_eager(hidden, ids, logits, alpha, w, b)  # noqa: E731
-        compiled = _compiled(lambda h, lg, a, w_, b_: ref.route_layers_eager(h, ids, lg, a, w_, b_))
+        compiled = compiled_provider(lambda h, lg, a, w_, b_: ref.route_layers_eager(h, ids, lg, a, w_, b_))
         yield Case(
             op="routing", name=f"route_layers {label} {str(dtype)[6:]}",
             providers={

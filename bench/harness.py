@@ -33,6 +33,16 @@ class Unavailable(Exception):
     """Raised by a provider factory when that provider cannot run here (reason in the message)."""
 
 
+def compiled(fn):
+    """A provider factory timing ``torch.compile(fn)`` (Unavailable when compilation fails)."""
+    def factory():
+        try:
+            return torch.compile(fn, dynamic=False)
+        except Exception as e:  # noqa: BLE001
+            raise Unavailable(f"torch.compile: {e}") from e
+    return factory
+
+
 @dataclasses.dataclass
 class Case:
     op: str                       # e.g. "rms_norm"
