@@ -106,7 +106,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "transformers>=4.56", "diffusers>=0.35", "pillow"],
-        "bench": ["pytest-benchmark>=4"],
+        # the benchmarks time diffusers / transformers modules as peers of spar's ops
+        "bench": ["pytest-benchmark>=4", "transformers>=4.56", "diffusers>=0.35", "pillow"],
         "runtime": ["tokenizers>=0.19", "pillow", "tqdm"],
     },
     ext_modules=[CMakeExtension("spar_kernels._C_cpu", "_C_cpu"), CMakeExtension("spar_kernels._C_cuda", "_C_cuda")],

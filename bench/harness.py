@@ -163,8 +163,11 @@ def collect(device: torch.device, quick: bool, only: Iterable[str] | None = None
         op = mod_name[len("bench_"):]
         if wanted and op not in wanted:
             continue
-        mod = importlib.import_module(f"bench.{mod_name}")
-        cases.extend(mod.cases(device, quick))
+        try:
+            mod = importlib.import_module(f"bench.{mod_name}")
+            cases.extend(mod.cases(device, quick))
+        except ImportError as e:  # a peer library is missing: say so, run the other modules
+            print(f"bench: skipping {mod_name} ({e}); install the bench extra: pip install -e '.[bench]'")
     return cases
 
 
