@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from spar_kernels import dwconv_glu, linear_attention, rms_norm
-from .loading import CheckpointError, check_state_dict, load_safetensors_dir, read_json
+from .loading import CheckpointError, check_state_dict, default_dtype, load_safetensors_dir, read_json
 
 __all__ = ["DCAEConfig", "DCAEDecoder", "dcae_param_shapes", "random_weights"]
 
@@ -229,10 +229,6 @@ def random_weights(config_dict: dict, generator: torch.Generator | None = None) 
                 fan_in *= s
             out[name] = torch.randn(shape, generator=generator) / fan_in ** 0.5
     return out
-
-
-def _default_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,7 +440,7 @@ class DCAEDecoder:
         CPU and bfloat16 elsewhere."""
         folder = os.fspath(folder)
         device = torch.device(device if device is not None else "cpu")
-        dtype = dtype if dtype is not None else _default_dtype(device)
+        dtype = dtype if dtype is not None else default_dtype(device)
         config = read_json(os.path.join(folder, "config.json"))
         try:
             DCAEConfig.from_dict(config)

@@ -32,6 +32,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: missing file, pickle format, missing/unknown/mis-shaped keys."""
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The weights' dtype when none is asked: float32 on CPU, bfloat16 on accelerators."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
 def read_json(path: str | os.PathLike) -> dict:
     """Read a JSON object from ``path``; raise :class:`CheckpointError` naming the file otherwise."""
     path = os.fspath(path)

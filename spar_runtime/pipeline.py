@@ -39,7 +39,7 @@ from .dcae import random_weights as _vae_random_weights
 from .dtr import DynamicTokenRouting
 from .internvl import MLLM
 from .internvl import random_weights as _mllm_random_weights
-from .loading import PICKLE_SUFFIXES, CheckpointError, check_state_dict, load_safetensors_file
+from .loading import PICKLE_SUFFIXES, CheckpointError, check_state_dict, default_dtype, load_safetensors_file
 from .qwen2 import DecoderStack, Qwen2Config, bidirectional_layout, causal_layout, packed_positions
 from .sana import SanaDiT
 from .sana import random_weights as _dit_random_weights
@@ -72,7 +72,7 @@ def spar_random_weights(config: SparConfig, generator: torch.Generator | None = 
 def _default_device_dtype(device, dtype):
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
-        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        dtype = default_dtype(device)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
     return device, dtype

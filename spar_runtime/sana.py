@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from spar_kernels import (AttentionLayout, adaln_layernorm, dwconv_glu, gated_residual, hybrid_attention,
                           linear_attention, rms_norm)
 from spar_kernels.attention import HEAD_DIMS as _ATTN_HEAD_DIMS
-from .loading import CheckpointError, check_state_dict, load_safetensors_dir, read_json
+from .loading import CheckpointError, check_state_dict, default_dtype, load_safetensors_dir, read_json
 
 __all__ = ["SanaConfig", "SanaContext", "SanaDiT", "sana_param_shapes", "random_weights"]
 
@@ -246,10 +246,6 @@ class _Block:
         self.w_pt = w[f"{b}.ff.conv_point.weight"].reshape(D, Fh)
 
 
-def _default_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
-
-
 class SanaDiT:
     """SANA DiT on packed context (see the module docstring).
 
@@ -304,7 +300,7 @@ class SanaDiT:
         float32 on CPU and bfloat16 elsewhere."""
         folder = os.fspath(folder)
         device = torch.device(device if device is not None else "cpu")
-        dtype = dtype if dtype is not None else _default_dtype(device)
+        dtype = dtype if dtype is not None else default_dtype(device)
         config = read_json(os.path.join(folder, "config.json"))
         try:
             SanaConfig.from_dict(config)
