@@ -10,15 +10,15 @@ from ._backend import BACKENDS, BackendUnavailableError, backend, current_backen
 from .quantize_fp8 import quantize_fp8
 from .rms_norm import rms_norm
 
-from .routing import route_layers
+from .route_layers import route_layers
 from .attention import AttentionLayout, hybrid_attention, hybrid_attention_varlen
 from .linear_attention import linear_attention
 from .adaln import adaln_layernorm, gated_residual
 from .dwconv_glu import dwconv_glu
-from .sampler import FlowSampler
+from .flow_sampler import FlowSampler
 from .schedules import flow_sigmas
 from .row_moves import gather_rows, pack_sequences, scatter_rows, unpack_sequences
-from .moe_routing import ExpertSplit, merge_experts, split_by_expert
+from .split_by_expert import ExpertSplit, merge_experts, split_by_expert
 # @ops-imports (one line per op module: from .<op> import <public names>)
 
 __version__ = "0.1.0"

@@ -28,12 +28,36 @@ class AOTSpec:
     kernel_name: str          # the public op / kernel name shown in the table
     fn: Any                   # the @triton.jit function
     config: str               # human-readable configuration (tiles, warps, dtype, switches)
-    signature: dict           # arg name -> triton type ("*bf16", "i32", "fp32", "constexpr")
-    constexprs: dict          # constexpr name -> value
+    types: dict               # arg name -> triton type ("*bf16", "fp32", "i64") for the args that are not i32
+    constexprs: dict          # constexpr name -> value (a plain int arg listed here is value-specialized)
     num_warps: int = 4
     num_stages: int = 2
     aligned: tuple = field(default_factory=tuple)  # args specialized as 16-divisible (pointers, strides)
     expect_mma: bool = False  # the kernel is meant to use tensor cores (wgmma on sm_90a, mma on sm_80)
+
+
+    @property
+    def signature(self) -> dict:
+        """arg name -> triton type, derived from the kernel's own parameters (see :func:`signature`)."""
+        return signature(self.fn, self.types, self.constexprs)
+
+
+def signature(fn, types: dict, constexprs: dict) -> dict:
+    """The full ``triton.compile`` signature of ``fn`` from its parameters: ``"constexpr"`` for its
+    constexpr parameters and any argument given a value in ``constexprs`` (a run-time value
+    specialization, e.g. an integer argument equal to 1), ``types[name]`` where given, ``"i32"``
+    for every other argument. A name in ``types`` or ``constexprs`` that is not a parameter of
+    ``fn`` is an error, so specs cannot drift from the kernel."""
+    params = [(p.name, p.is_constexpr) for p in fn.params]
+    names = {n for n, _ in params}
+    unknown = (set(types) | set(constexprs)) - names
+    if unknown:
+        raise ValueError(f"AOT spec of {fn.__name__}: {sorted(unknown)} are not parameters of the kernel "
+                         f"(it has {[n for n, _ in params]})")
+    missing = [n for n, c in params if c and n not in constexprs]
+    if missing:
+        raise ValueError(f"AOT spec of {fn.__name__}: no value for the constexpr parameters {missing}")
+    return {n: "constexpr" if (c or n in constexprs) else types.get(n, "i32") for n, c in params}
 
 
 _REGISTRY: list[Callable[[], Iterable[AOTSpec]]] = []

@@ -70,6 +70,31 @@ def cuda_ext() -> ModuleType:
     return mod
 
 
+# Every symbol each extension must export: a build missing one is broken, never silently slower
+# (tests/test_foundation.py checks the installed build against these lists).
+CPU_TWINS = ("quantize_fp8", "route_layers", "flow_sampler_step", "split_by_expert", "adaln_layernorm",
+             "gated_residual", "dwconv_glu", "linear_attention")
+CUDA_KERNELS = ("quantize_fp8", "route_layers", "flow_sampler_step")
+
+
+def cpu_twin(name: str):
+    """The C++ CPU twin ``name`` from ``_C_cpu``; raises RuntimeError naming what is missing."""
+    fn = getattr(cpu_ext(), name, None)
+    if fn is None:
+        raise RuntimeError(f"spar_kernels._C_cpu has no {name!r}: the installed build is stale or incomplete; "
+                           "reinstall with `pip install -e .` from the repository root")
+    return fn
+
+
+def cuda_kernel(name: str):
+    """The CUDA C++ entry point ``name`` from ``_C_cuda``; raises RuntimeError naming what is missing."""
+    fn = getattr(cuda_ext(), name, None)
+    if fn is None:
+        raise RuntimeError(f"spar_kernels._C_cuda has no {name!r}: the installed build is stale or incomplete; "
+                           "reinstall with `pip install -e .` from the repository root")
+    return fn
+
+
 def stream_of(t: torch.Tensor) -> int:
     """The raw cudaStream_t of the current stream on t's device (0 for CPU tensors)."""
     if t.device.type != "cuda":

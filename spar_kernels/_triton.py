@@ -97,3 +97,30 @@ if INTERPRET and HAS_TRITON:
     _patch_interpreter_bf16_rounding()
 
 __all__ = ["triton", "tl", "HAS_TRITON", "INTERPRET", "DOT_UPCAST"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The one launch configuration of the row kernels (rms_norm, adaln_layernorm, split_by_expert):
+# one program per row; rows up to ROW_MAX_SINGLE_PASS wide stay in registers (one read, one
+# write), wider rows are streamed in ROW_CHUNK pieces.
+
+ROW_MAX_SINGLE_PASS = 8192   # widest row kept in registers (fp32: 32 KB per row across the warps)
+ROW_CHUNK = 4096             # chunk of the streamed path for wider rows
+ROW_MIN_BLOCK = 128
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def row_launch_config(D: int) -> tuple[int, int, bool]:
+    """(BLOCK, num_warps, single_pass) for a row kernel over rows of ``D`` elements."""
+    if D <= ROW_MAX_SINGLE_PASS:
+        block = max(ROW_MIN_BLOCK, _next_pow2(D))
+        return block, min(16, max(1, block // 256)), True
+    return ROW_CHUNK, 8, False
+
+
+# one row width per configuration row_launch_config can pick (what the AOT specs compile)
+ROW_LAUNCH_WIDTHS = tuple(1 << p for p in range(ROW_MIN_BLOCK.bit_length() - 1, ROW_MAX_SINGLE_PASS.bit_length())) \
+    + (ROW_MAX_SINGLE_PASS + 1,)

@@ -7,6 +7,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+INDEX_DTYPES = (torch.int32, torch.int64)
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -45,3 +47,26 @@ def check_out(name: str, out, shape: Sequence[int], dtype: torch.dtype, device: 
     if not out.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {out.stride()}")
     return out
+
+
+def as_index(name: str, idx, device: torch.device, *, ndim: int = 1) -> torch.Tensor:
+    """An int32/int64 index tensor on ``device`` from a tensor or a sequence of ints."""
+    if isinstance(idx, torch.Tensor):
+        check_tensor(name, idx, ndim=ndim, device=device)
+        if idx.dtype not in INDEX_DTYPES:
+            raise ValueError(f"{name}: expected an int32 or int64 tensor, got dtype {idx.dtype}")
+        return idx.contiguous()  # the kernels index it densely (a no-op when already contiguous)
+    if isinstance(idx, (list, tuple, range)) and all(isinstance(v, int) and not isinstance(v, bool) for v in idx):
+        return torch.tensor(list(idx), dtype=torch.int64, device=device)
+    raise TypeError(f"{name}: expected an integer tensor or a sequence of ints, got {type(idx).__name__}")
+
+
+def check_index_range(name: str, idx: torch.Tensor, size: int, what: str) -> None:
+    """Range check of an index tensor: runs on CPU tensors only (on CUDA it would sync the host;
+    the kernels there bounds-check instead and never read outside the buffer)."""
+    if idx.device.type != "cpu" or idx.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= size:
+        raise ValueError(f"{name}: index out of range: values in [{lo}, {hi}], expected within "
+                         f"[0, {size}) ({what})")

@@ -8,7 +8,7 @@ x is ``[B, N, C]``; shift / scale / gate hold one C-vector per sample: ``[B, C]`
 (the chunks of ``scale_shift_table[None] + timestep.reshape(B, 6, C)``, any strides), or a
 broadcast ``[C]`` / ``[1, C]`` / ``[1, 1, C]``. fp32 math, one rounding to x's dtype.
 
-adaln_layernorm: one program per token row; rows up to ``_MAX_SINGLE_PASS`` wide stay in
+adaln_layernorm: one program per token row; rows up to ``ROW_MAX_SINGLE_PASS`` wide stay in
 registers (mean and variance from the same registers), wider rows are streamed three times
 (mean, variance, write; the re-reads hit L2). gated_residual: a 2-D grid of (row, column block).
 """
@@ -18,14 +18,11 @@ from __future__ import annotations
 import torch
 
 from . import _aot, _ext
-from ._backend import select
-from ._triton import tl, triton
+from ._op import device_guard, spar_op
+from ._triton import ROW_LAUNCH_WIDTHS, ROW_MIN_BLOCK, row_launch_config, tl, triton
 from ._validate import FLOAT_DTYPES, check_out, check_tensor
 from .reference import adaln as _ref
 
-_MAX_SINGLE_PASS = 8192   # widest row kept in registers
-_CHUNK = 4096             # chunk of the streamed path for wider rows
-_MIN_BLOCK = 128
 _GR_BLOCK = 1024          # columns per gated_residual program
 
 
@@ -86,20 +83,11 @@ def _gated_residual_kernel(X, Yin, G, OUT, N, C, stride_xb, stride_xn, stride_yb
     tl.store(OUT + b * stride_ob + n * stride_on + c, (x + g * y).to(OUT.dtype.element_ty), mask=mask)
 
 
-def _adaln_config(C: int) -> tuple[int, int, bool]:
-    """(BLOCK_C, num_warps, single_pass) for rows of C elements."""
-    if C <= _MAX_SINGLE_PASS:
-        block = max(_MIN_BLOCK, triton.next_power_of_2(C))
-        return block, min(16, max(1, block // 256)), True
-    return _CHUNK, 8, False
-
-
 def _gr_config(C: int) -> tuple[int, int]:
-    block = min(_GR_BLOCK, max(_MIN_BLOCK, triton.next_power_of_2(C)))
+    block = min(_GR_BLOCK, max(ROW_MIN_BLOCK, triton.next_power_of_2(C)))
     return block, max(1, block // 256)
 
 
-_ADALN_BLOCKS = [1 << p for p in range(_MIN_BLOCK.bit_length() - 1, _MAX_SINGLE_PASS.bit_length())]
 
 
 def _mod_combos(block_sizes, mixed_sizes):
@@ -116,17 +104,14 @@ def _mod_combos(block_sizes, mixed_sizes):
 
 @_aot.register
 def _aot_specs():
-    for dtype, mdtype, C in _mod_combos(_ADALN_BLOCKS + [_MAX_SINGLE_PASS + 1], (2048, 4096)):
+    for dtype, mdtype, C in _mod_combos(ROW_LAUNCH_WIDTHS, (2048, 4096)):
         t, m = _aot.TRITON_DTYPE[dtype], _aot.TRITON_DTYPE[mdtype]
-        block, warps, single = _adaln_config(C)
+        block, warps, single = row_launch_config(C)
         yield _aot.AOTSpec(
             kernel_name="adaln_layernorm", fn=_adaln_kernel,
             config=f"x={t} mod={m} BLOCK_C={block} {'single' if single else 'streamed'} warps={warps}",
-            signature={"X": f"*{t}", "SHIFT": f"*{m}", "SCALE": f"*{m}", "Y": f"*{t}", "N": "i32",
-                       "C": "i32", "stride_xb": "i64", "stride_xn": "i64", "stride_yb": "i64",
-                       "stride_yn": "i64", "stride_shb": "i32", "stride_shc": "i32",
-                       "stride_scb": "i32", "stride_scc": "i32", "eps": "fp32",
-                       "BLOCK_C": "constexpr", "SINGLE_PASS": "constexpr"},
+            types={"X": f"*{t}", "SHIFT": f"*{m}", "SCALE": f"*{m}", "Y": f"*{t}", "stride_xb": "i64",
+                   "stride_xn": "i64", "stride_yb": "i64", "stride_yn": "i64", "eps": "fp32"},
             constexprs={"BLOCK_C": block, "SINGLE_PASS": single},
             num_warps=warps, num_stages=1, aligned=("X", "SHIFT", "SCALE", "Y"))
     for dtype, mdtype, C in _mod_combos((128, 256, 512, 1024), (1024,)):
@@ -135,10 +120,9 @@ def _aot_specs():
         yield _aot.AOTSpec(
             kernel_name="gated_residual", fn=_gated_residual_kernel,
             config=f"x={t} gate={m} BLOCK_C={block} warps={warps}",
-            signature={"X": f"*{t}", "Yin": f"*{t}", "G": f"*{m}", "OUT": f"*{t}", "N": "i32",
-                       "C": "i32", "stride_xb": "i64", "stride_xn": "i64", "stride_yb": "i64",
-                       "stride_yn": "i64", "stride_ob": "i64", "stride_on": "i64",
-                       "stride_gb": "i32", "stride_gc": "i32", "BLOCK_C": "constexpr"},
+            types={"X": f"*{t}", "Yin": f"*{t}", "G": f"*{m}", "OUT": f"*{t}", "stride_xb": "i64",
+                   "stride_xn": "i64", "stride_yb": "i64", "stride_yn": "i64", "stride_ob": "i64",
+                   "stride_on": "i64"},
             constexprs={"BLOCK_C": block},
             num_warps=warps, num_stages=1, aligned=("X", "Yin", "G", "OUT"))
 
@@ -146,24 +130,15 @@ def _aot_specs():
 # ---------------------------------------------------------------------------------------------
 # implementations (write into preallocated out); shift/scale/gate arrive as [B, C] views
 
-def _dev(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else _nullctx()
 
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _adaln_triton(x, shift, scale, eps, out):
     B, N, C = x.shape
     if B * N == 0:
         return
-    block, warps, single = _adaln_config(C)
-    with _dev(x):
+    block, warps, single = row_launch_config(C)
+    with device_guard(x):
         _adaln_kernel[(B * N,)](
             x, shift, scale, out, N, C, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
             shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1), eps,
@@ -174,44 +149,13 @@ def _adaln_reference(x, shift, scale, eps, out):
     out.copy_(_ref.adaln_layernorm(x, shift, scale, eps))
 
 
-def dit_cpu_ext(op: str):
-    """The C++ CPU twin module when it was built with ``op`` (csrc/dit/), else None (the chunked
-    PyTorch fallbacks below then run)."""
-    if not _ext.has_cpu_extension():
-        return None
-    mod = _ext.cpu_ext()
-    return mod if hasattr(mod, op) else None
-
-
-# PyTorch fallback: rows are processed in slabs of ~_CPU_SLAB elements so the fp32 temporaries
-# stay in cache.
-_CPU_SLAB = 1 << 16
-
-
-def _slabs(B: int, N: int, C: int):
-    rows = max(1, _CPU_SLAB // max(1, C))
-    for b in range(B):
-        for n0 in range(0, N, rows):
-            yield b, n0, min(N, n0 + rows)
-
-
 def _adaln_cpu(x, shift, scale, eps, out):
     B, N, C = x.shape
-    sc1 = scale.float() + 1.0          # [B, C]: the same fp32 (1 + scale) the kernels compute
-    shf = shift.float()
-    ext = dit_cpu_ext("adaln_layernorm")
-    if ext is not None:
-        sc1, shf = sc1.contiguous(), shf.contiguous()
-        ext.adaln_layernorm(x.data_ptr(), _ext.dtype_code(x), B, N, C, x.stride(0), x.stride(1), shf.data_ptr(),
-                            sc1.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1), eps)
-        return
-    fp32 = x.dtype == torch.float32
-    for b, n0, n1 in _slabs(B, N, C):
-        h = torch.nn.functional.layer_norm(x[b, n0:n1].float(), (C,), eps=eps)
-        if fp32:
-            torch.addcmul(shf[b], h, sc1[b], out=out[b, n0:n1])
-        else:
-            out[b, n0:n1].copy_(h.mul_(sc1[b]).add_(shf[b]))
+    sc1 = (scale.float() + 1.0).contiguous()   # [B, C]: the same fp32 (1 + scale) the kernels compute
+    shf = shift.float().contiguous()
+    _ext.cpu_twin("adaln_layernorm")(x.data_ptr(), _ext.dtype_code(x), B, N, C, x.stride(0), x.stride(1),
+                                     shf.data_ptr(), sc1.data_ptr(), out.data_ptr(), out.stride(0),
+                                     out.stride(1), eps)
 
 
 def _gr_triton(x, y, gate, out):
@@ -219,7 +163,7 @@ def _gr_triton(x, y, gate, out):
     if B * N * C == 0:
         return
     block, warps = _gr_config(C)
-    with _dev(x):
+    with device_guard(x):
         _gated_residual_kernel[(B * N, triton.cdiv(C, block))](
             x, y, gate, out, N, C, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             out.stride(0), out.stride(1), gate.stride(0), gate.stride(1), BLOCK_C=block, num_warps=warps)
@@ -231,53 +175,30 @@ def _gr_reference(x, y, gate, out):
 
 def _gr_cpu(x, y, gate, out):
     B, N, C = x.shape
-    ext = dit_cpu_ext("gated_residual")
-    if ext is not None:
-        g = gate.float().contiguous()
-        ext.gated_residual(x.data_ptr(), _ext.dtype_code(x), B, N, C, x.stride(0), x.stride(1), y.data_ptr(),
-                           y.stride(0), y.stride(1), g.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1))
-        return
-    if x.dtype == torch.float32 and gate.dtype == torch.float32:
-        for b in range(B):  # ATen's addcmul: one fused, vectorized pass per sample
-            torch.addcmul(x[b], gate[b], y[b], out=out[b])
-        return
-    g = gate.float()
-    for b, n0, n1 in _slabs(B, N, C):
-        out[b, n0:n1].copy_(torch.addcmul(x[b, n0:n1].float(), g[b], y[b, n0:n1].float()))
+    g = gate.float().contiguous()
+    _ext.cpu_twin("gated_residual")(x.data_ptr(), _ext.dtype_code(x), B, N, C, x.stride(0), x.stride(1),
+                                    y.data_ptr(), y.stride(0), y.stride(1), g.data_ptr(), out.data_ptr(),
+                                    out.stride(0), out.stride(1))
 
 
 _ADALN_IMPLS = {"triton": _adaln_triton, "cpu": _adaln_cpu, "reference": _adaln_reference}
 _GR_IMPLS = {"triton": _gr_triton, "cpu": _gr_cpu, "reference": _gr_reference}
 
 
-@torch.library.custom_op("spar::adaln_layernorm", mutates_args=("out",))
-def _adaln_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, out: torch.Tensor) -> None:
-    select("adaln_layernorm", x.device, _ADALN_IMPLS)(x, shift, scale, eps, out)
+@spar_op("adaln_layernorm", mutates_args=("out",), impls=_ADALN_IMPLS)
+def _adaln_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, out: torch.Tensor) -> None: ...
 
 
-@_adaln_op.register_fake
-def _(x, shift, scale, eps, out) -> None:
-    return None
+@spar_op("gated_residual", mutates_args=("out",), impls=_GR_IMPLS)
+def _gr_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> None: ...
 
 
-@torch.library.custom_op("spar::gated_residual", mutates_args=("out",))
-def _gr_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> None:
-    select("gated_residual", x.device, _GR_IMPLS)(x, y, gate, out)
+# the in-place form: the same implementations with out = x
+_GR_INPLACE_IMPLS = {name: (lambda x, y, gate, _f=f: _f(x, y, gate, x)) for name, f in _GR_IMPLS.items()}
 
 
-@_gr_op.register_fake
-def _(x, y, gate, out) -> None:
-    return None
-
-
-@torch.library.custom_op("spar::gated_residual_", mutates_args=("x",))
-def _gr_inplace_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None:
-    select("gated_residual", x.device, _GR_IMPLS)(x, y, gate, x)
-
-
-@_gr_inplace_op.register_fake
-def _(x, y, gate) -> None:
-    return None
+@spar_op("gated_residual_", mutates_args=("x",), impls=_GR_INPLACE_IMPLS)
+def _gr_inplace_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------

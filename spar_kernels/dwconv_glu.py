@@ -16,10 +16,9 @@ output channels, loading the matching ``a`` and ``g`` channels of the 9 neighbou
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import _aot, _ext
-from ._backend import select
+from ._op import device_guard, spar_op
 from ._triton import tl, triton
 from ._validate import FLOAT_DTYPES, check_out, check_tensor
 from .reference import dwconv_glu as _ref
@@ -82,10 +81,8 @@ def _aot_specs():
         yield _aot.AOTSpec(
             kernel_name="dwconv_glu", fn=_dwconv_glu_kernel,
             config=f"x={t} w={w} bias={int(has_bias)} BLOCK_P={bp} BLOCK_C={bc} warps={warps}",
-            signature={"X": f"*{t}", "Wt": f"*{w}", "Bias": f"*{w}", "O": f"*{t}", "Hh": "i32",
-                       "Ww": "i32", "C": "i32", "stride_xb": "i64", "stride_xn": "i64",
-                       "stride_ob": "i64", "stride_on": "i64", "stride_w": "i32",
-                       "HAS_BIAS": "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"},
+            types={"X": f"*{t}", "Wt": f"*{w}", "Bias": f"*{w}", "O": f"*{t}", "stride_xb": "i64",
+                   "stride_xn": "i64", "stride_ob": "i64", "stride_on": "i64"},
             constexprs={"HAS_BIAS": has_bias, "BLOCK_P": bp, "BLOCK_C": bc},
             num_warps=warps, num_stages=1, aligned=("X", "Wt", "Bias", "O"))
 
@@ -93,19 +90,12 @@ def _aot_specs():
 # ---------------------------------------------------------------------------------------------
 # implementations (write into the preallocated out); weight arrives as [2C, 9]
 
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
 
 def _impl_triton(x, weight, bias, H, W, out):
     B, HW, C2 = x.shape
     C = C2 // 2
     bp, bc, warps = _config(C)
-    with torch.cuda.device(x.device) if x.is_cuda else _nullctx():
+    with device_guard(x):
         _dwconv_glu_kernel[(triton.cdiv(HW, bp), triton.cdiv(C, bc), B)](
             x, weight, bias if bias is not None else weight, out, H, W, C, x.stride(0), x.stride(1),
             out.stride(0), out.stride(1), weight.stride(0),
@@ -119,40 +109,20 @@ def _impl_reference(x, weight, bias, H, W, out):
 def _impl_cpu(x, weight, bias, H, W, out):
     B, HW, C2 = x.shape
     C = C2 // 2
-    from .adaln import dit_cpu_ext
-
-    ext = dit_cpu_ext("dwconv_glu")
-    if ext is not None:  # the C++ twin: one pass, fp32 accumulators per pixel
-        w9 = weight.float().t().contiguous()           # [9, 2C]: contiguous over channels
-        bf = bias.float().contiguous() if bias is not None else None
-        ext.dwconv_glu(x.data_ptr(), _ext.dtype_code(x), B, H, W, C, x.stride(0), x.stride(1), w9.data_ptr(),
-                       bf.data_ptr() if bf is not None else 0, out.data_ptr(), out.stride(0), out.stride(1))
-        return
-    # fallback: oneDNN's channels-last depthwise conv, then the GLU written into out, per sample.
-    w = weight.float().reshape(C2, 1, 3, 3)
-    bf = bias.float() if bias is not None else None
-    for b in range(B):
-        img = x[b].float().reshape(1, H, W, C2).permute(0, 3, 1, 2)
-        h = F.conv2d(img, w, bf, padding=1, groups=C2).permute(0, 2, 3, 1).reshape(HW, C2)
-        a, g = h[:, :C], h[:, C:]
-        if out.dtype == torch.float32:
-            torch.mul(a, F.silu(g), out=out[b])
-        else:
-            out[b].copy_(a * F.silu(g))
+    # the C++ twin: one pass, fp32 accumulators per pixel
+    w9 = weight.float().t().contiguous()           # [9, 2C]: contiguous over channels
+    bf = bias.float().contiguous() if bias is not None else None
+    _ext.cpu_twin("dwconv_glu")(x.data_ptr(), _ext.dtype_code(x), B, H, W, C, x.stride(0), x.stride(1),
+                                w9.data_ptr(), bf.data_ptr() if bf is not None else 0, out.data_ptr(),
+                                out.stride(0), out.stride(1))
 
 
 _IMPLS = {"triton": _impl_triton, "cpu": _impl_cpu, "reference": _impl_reference}
 
 
-@torch.library.custom_op("spar::dwconv_glu", mutates_args=("out",))
+@spar_op("dwconv_glu", mutates_args=("out",), impls=_IMPLS)
 def _dwconv_glu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, H: int, W: int,
-                   out: torch.Tensor) -> None:
-    select("dwconv_glu", x.device, _IMPLS)(x, weight, bias, H, W, out)
-
-
-@_dwconv_glu_op.register_fake
-def _(x, weight, bias, H, W, out) -> None:
-    return None
+                   out: torch.Tensor) -> None: ...
 
 
 def dwconv_glu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, H: int, W: int,

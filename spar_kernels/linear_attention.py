@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from . import _aot, _ext
-from ._backend import select
+from ._op import device_guard, spar_op
 from ._triton import DOT_UPCAST, tl, triton
 from ._validate import FLOAT_DTYPES, check_out, check_tensor
 from .reference import linear_attention as _ref
@@ -151,11 +151,9 @@ def _aot_specs():
             yield _aot.AOTSpec(
                 kernel_name="linear_attention_state", fn=_la_state_kernel,
                 config=f"{t} BLOCK_D={bd} BLOCK_E={be} BLOCK_N={bn} warps={warps}",
-                signature={"K": f"*{t}", "V": f"*{t}", "S": "*fp32", "Z": "*fp32", "Nk": "i32", "H": "i32",
-                           "D": "i32", "E": "i32", "E_PAD": "i32", "n_per_split": "i32", "stride_kb": "i64", "stride_kn": "i64",
-                           "stride_kh": "i64", "stride_vb": "i64", "stride_vn": "i64", "stride_vh": "i64",
-                           "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "BLOCK_E": "constexpr",
-                           "DOT_UPCAST": "constexpr", "PRECISION": "constexpr"},
+                types={"K": f"*{t}", "V": f"*{t}", "S": "*fp32", "Z": "*fp32", "stride_kb": "i64",
+                       "stride_kn": "i64", "stride_kh": "i64", "stride_vb": "i64", "stride_vn": "i64",
+                       "stride_vh": "i64"},
                 constexprs={"BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_E": be,
                             "DOT_UPCAST": False, "PRECISION": _PRECISION},
                 num_warps=warps, num_stages=2, aligned=("K", "V", "S", "Z"),
@@ -164,11 +162,9 @@ def _aot_specs():
             yield _aot.AOTSpec(
                 kernel_name="linear_attention_out", fn=_la_out_kernel,
                 config=f"{t} BLOCK_D={bd} BLOCK_E={be} BLOCK_N={bn} warps={warps}",
-                signature={"Q": f"*{t}", "S": "*fp32", "Z": "*fp32", "O": f"*{t}", "Nq": "i32", "H": "i32",
-                           "D": "i32", "E": "i32", "E_PAD": "i32", "nsplit": "i32", "eps": "fp32", "stride_qb": "i64",
-                           "stride_qn": "i64", "stride_qh": "i64", "stride_ob": "i64", "stride_on": "i64",
-                           "stride_oh": "i64", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
-                           "BLOCK_E": "constexpr", "PRECISION": "constexpr"},
+                types={"Q": f"*{t}", "S": "*fp32", "Z": "*fp32", "O": f"*{t}", "eps": "fp32",
+                       "stride_qb": "i64", "stride_qn": "i64", "stride_qh": "i64", "stride_ob": "i64",
+                       "stride_on": "i64", "stride_oh": "i64"},
                 constexprs={"BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_E": be,
                             "PRECISION": _PRECISION},
                 num_warps=warps, num_stages=1, aligned=("Q", "S", "Z", "O"), expect_mma=True)
@@ -176,13 +172,6 @@ def _aot_specs():
 
 # ---------------------------------------------------------------------------------------------
 # implementations (write into the preallocated out)
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _impl_triton(q, k, v, eps, out):
@@ -195,7 +184,7 @@ def _impl_triton(q, k, v, eps, out):
     split, per = _split(B, H, Nk, n_et, bn1)
     ws_s = torch.empty(B * H * split * bd * e_pad, dtype=torch.float32, device=q.device)
     ws_z = torch.empty(B * H * split * bd, dtype=torch.float32, device=q.device)
-    with torch.cuda.device(q.device) if q.is_cuda else _nullctx():
+    with device_guard(q):
         _la_state_kernel[(B * H, split, n_et)](
             k, v, ws_s, ws_z, Nk, H, D, E, e_pad, per, k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), BLOCK_N=bn1, BLOCK_D=bd, BLOCK_E=be,
@@ -211,17 +200,14 @@ def _impl_reference(q, k, v, eps, out):
     out.copy_(_ref.linear_attention(q, k, v, eps))
 
 
-_CPU_TWIN_DIMS = (16, 32, 64)  # head dims (d == e) compiled into the C++ twin (csrc/dit/)
+_CPU_TWIN_DIMS = (16, 32, 64)  # head dims (d == e) compiled into the C++ twin (csrc/linear_attention/)
 
 
 def _impl_cpu(q, k, v, eps, out):
     B, Nq, H, D = q.shape
     E = v.shape[-1]
-    from .adaln import dit_cpu_ext
-
-    ext = dit_cpu_ext("linear_attention")
-    if ext is not None and D == E and D in _CPU_TWIN_DIMS:  # register-blocked state, OpenMP over heads
-        if ext.linear_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ext.dtype_code(q), B, Nq, k.shape[1], H,
+    if D == E and D in _CPU_TWIN_DIMS:  # the C++ twin: register-blocked state, OpenMP over heads
+        if _ext.cpu_twin("linear_attention")(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ext.dtype_code(q), B, Nq, k.shape[1], H,
                                 D, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], out.data_ptr(),
                                 *out.stride()[:3], eps):
             return
@@ -241,14 +227,8 @@ def _impl_cpu(q, k, v, eps, out):
 _IMPLS = {"triton": _impl_triton, "cpu": _impl_cpu, "reference": _impl_reference}
 
 
-@torch.library.custom_op("spar::linear_attention", mutates_args=("out",))
-def _linear_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, out: torch.Tensor) -> None:
-    select("linear_attention", q.device, _IMPLS)(q, k, v, eps, out)
-
-
-@_linear_attention_op.register_fake
-def _(q, k, v, eps, out) -> None:
-    return None
+@spar_op("linear_attention", mutates_args=("out",), impls=_IMPLS)
+def _linear_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, out: torch.Tensor) -> None: ...
 
 
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:

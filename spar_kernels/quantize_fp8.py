@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext
-from ._backend import select
+from ._op import device_guard, spar_op
 from ._validate import FLOAT_DTYPES, check_out, check_tensor
 from .reference import quantize_fp8 as _ref
 
@@ -27,14 +27,14 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
 
 def _impl_cpu(x, q, scales, per_token, workspace):
     x2 = _as_rows(x)
-    _ext.cpu_ext().quantize_fp8(x2.data_ptr(), _ext.dtype_code(x2), x2.shape[0], x2.shape[1],
+    _ext.cpu_twin("quantize_fp8")(x2.data_ptr(), _ext.dtype_code(x2), x2.shape[0], x2.shape[1],
                                 x2.stride(0), q.data_ptr(), scales.data_ptr(), per_token)
 
 
 def _impl_cuda(x, q, scales, per_token, workspace):
     x2 = _as_rows(x)
-    with torch.cuda.device(x.device):
-        _ext.cuda_ext().quantize_fp8(x2.data_ptr(), _ext.dtype_code(x2), x2.shape[0], x2.shape[1],
+    with device_guard(x):
+        _ext.cuda_kernel("quantize_fp8")(x2.data_ptr(), _ext.dtype_code(x2), x2.shape[0], x2.shape[1],
                                      x2.stride(0), q.data_ptr(), scales.data_ptr(), per_token,
                                      workspace.data_ptr() if workspace is not None else 0, _ext.stream_of(x))
 
@@ -48,15 +48,9 @@ def _impl_reference(x, q, scales, per_token, workspace):
 _IMPLS = {"cuda": _impl_cuda, "cpu": _impl_cpu, "reference": _impl_reference}
 
 
-@torch.library.custom_op("spar::quantize_fp8", mutates_args=("q", "scales", "workspace"))
+@spar_op("quantize_fp8", mutates_args=("q", "scales", "workspace"), impls=_IMPLS)
 def _quantize_fp8_op(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, per_token: bool,
-                     workspace: torch.Tensor | None) -> None:
-    select("quantize_fp8", x.device, _IMPLS)(x, q, scales, per_token, workspace)
-
-
-@_quantize_fp8_op.register_fake
-def _(x, q, scales, per_token, workspace) -> None:
-    return None
+                     workspace: torch.Tensor | None) -> None: ...
 
 
 def quantize_fp8(x: torch.Tensor, granularity: str = "token", out=None):

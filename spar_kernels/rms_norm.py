@@ -3,8 +3,8 @@
     s = x + residual            (rounded to x's dtype and returned, when residual is given)
     y = s * rsqrt(mean(s^2) + eps) * weight      (fp32 math, one rounding to x's dtype)
 
-One program per row. Rows up to ``_MAX_SINGLE_PASS`` wide stay in registers (one read, one
-write); wider rows are streamed in ``_CHUNK`` pieces twice (the second read hits L2).
+One program per row. Rows up to ``ROW_MAX_SINGLE_PASS`` wide stay in registers (one read, one
+write); wider rows are streamed twice (the second read hits L2): ``_triton.row_launch_config``.
 """
 
 from __future__ import annotations
@@ -12,14 +12,11 @@ from __future__ import annotations
 import torch
 
 from . import _aot
-from ._backend import select
-from ._triton import DOT_UPCAST, tl, triton  # noqa: F401
+from ._op import device_guard, spar_op
+from ._triton import ROW_LAUNCH_WIDTHS, row_launch_config, tl, triton
 from ._validate import FLOAT_DTYPES, check_out, check_shape, check_tensor
 from .reference import rms_norm as _ref
 
-_MAX_SINGLE_PASS = 8192   # widest row kept in registers (fp32: 32 KB/row across the warps)
-_CHUNK = 4096             # chunk of the two-pass path for wider rows
-_MIN_BLOCK = 128
 
 
 @triton.jit
@@ -66,31 +63,17 @@ def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, D, e
             tl.store(y_row + c, (h * rstd * w).to(Y.dtype.element_ty), mask=mask)
 
 
-def _launch_config(D: int) -> tuple[int, int, bool]:
-    """(BLOCK_D, num_warps, single_pass) for a row of D elements."""
-    if D <= _MAX_SINGLE_PASS:
-        block = max(_MIN_BLOCK, triton.next_power_of_2(D))
-        return block, min(16, max(1, block // 256)), True
-    return _CHUNK, 8, False
-
-
-_LAUNCH_BLOCKS = [1 << p for p in range(_MIN_BLOCK.bit_length() - 1, _MAX_SINGLE_PASS.bit_length())]
-
-
 @_aot.register
 def _aot_specs():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         t = _aot.TRITON_DTYPE[dtype]
         for has_res in (False, True):
-            for D in _LAUNCH_BLOCKS + [_MAX_SINGLE_PASS + 1]:
-                block, warps, single = _launch_config(D)
+            for D in ROW_LAUNCH_WIDTHS:
+                block, warps, single = row_launch_config(D)
                 yield _aot.AOTSpec(
                     kernel_name="rms_norm", fn=_rms_norm_kernel,
                     config=f"{t} residual={int(has_res)} BLOCK_D={block} {'single' if single else 'two-pass'} warps={warps}",
-                    signature={"X": f"*{t}", "R": f"*{t}", "W": f"*{t}", "Y": f"*{t}", "S": f"*{t}",
-                               "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "stride_s": "i32",
-                               "D": "i32", "eps": "fp32", "HAS_RESIDUAL": "constexpr", "BLOCK_D": "constexpr",
-                               "SINGLE_PASS": "constexpr"},
+                    types={"X": f"*{t}", "R": f"*{t}", "W": f"*{t}", "Y": f"*{t}", "S": f"*{t}", "eps": "fp32"},
                     constexprs={"HAS_RESIDUAL": has_res, "BLOCK_D": block, "SINGLE_PASS": single},
                     num_warps=warps, num_stages=1, aligned=("X", "R", "W", "Y", "S"))
 
@@ -111,19 +94,11 @@ def _impl_triton(x, weight, eps, residual, out, residual_out):
         r2, s2 = _rows(residual), residual_out.view(-1, D)
     else:
         r2, s2 = x2, y2  # unused (HAS_RESIDUAL=False); any valid pointers
-    block, warps, single = _launch_config(D)
-    with torch.cuda.device(x.device) if x.is_cuda else _nullctx():
+    block, warps, single = row_launch_config(D)
+    with device_guard(x):
         _rms_norm_kernel[(n_rows,)](
             x2, r2, weight, y2, s2, x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0), D, eps,
             HAS_RESIDUAL=residual is not None, BLOCK_D=block, SINGLE_PASS=single, num_warps=warps)
-
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _impl_reference(x, weight, eps, residual, out, residual_out):
@@ -146,18 +121,10 @@ def _impl_cpu(x, weight, eps, residual, out, residual_out):
     out.copy_(torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps))
 
 
-_IMPLS = {"triton": _impl_triton, "cpu": _impl_cpu, "reference": _impl_reference}
-
-
-@torch.library.custom_op("spar::rms_norm", mutates_args=("out", "residual_out"))
+@spar_op("rms_norm", mutates_args=("out", "residual_out"),
+         impls={"triton": _impl_triton, "cpu": _impl_cpu, "reference": _impl_reference})
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
-                 out: torch.Tensor, residual_out: torch.Tensor | None) -> None:
-    select("rms_norm", x.device, _IMPLS)(x, weight, eps, residual, out, residual_out)
-
-
-@_rms_norm_op.register_fake
-def _(x, weight, eps, residual, out, residual_out) -> None:
-    return None
+                 out: torch.Tensor, residual_out: torch.Tensor | None) -> None: ...
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,

@@ -27,11 +27,10 @@ from typing import Sequence
 import torch
 
 from . import _aot
-from ._backend import select
+from ._op import device_guard, spar_op
 from ._triton import tl, triton
-from ._validate import check_out, check_tensor
-from .reference import routing as _ref
-from .routing import as_index, check_index_range
+from ._validate import as_index, check_index_range, check_out, check_tensor
+from .reference import row_moves as _ref
 
 _BLOCK_SMALL = 128    # column block for rows of <= 128 elements
 _BLOCK_LARGE = 1024   # column block otherwise (several programs per row)
@@ -101,18 +100,16 @@ def _aot_specs():
                 yield _aot.AOTSpec(
                     kernel_name="gather_rows" if has_src else "scatter_rows", fn=_copy_rows_kernel,
                     config=f"{t} BLOCK_C={block} warps={warps}",
-                    signature={"X": f"*{t}", "Y": f"*{t}", "SRC": "*i64", "DST": "*i64", "n_src": "i64",
-                               "n_dst": "i64", "stride_x": "i64", "stride_y": "i64", "C": "i32",
-                               "HAS_SRC": "constexpr", "HAS_DST": "constexpr", "BLOCK_C": "constexpr"},
+                    types={"X": f"*{t}", "Y": f"*{t}", "SRC": "*i64", "DST": "*i64", "n_src": "i64",
+                           "n_dst": "i64", "stride_x": "i64", "stride_y": "i64"},
                     constexprs={"HAS_SRC": has_src, "HAS_DST": has_dst, "BLOCK_C": block},
                     num_warps=warps, num_stages=1, aligned=("X", "Y"))
             for pack in (True, False):
                 yield _aot.AOTSpec(
                     kernel_name="pack_sequences" if pack else "unpack_sequences", fn=_varlen_rows_kernel,
                     config=f"{t} BLOCK_C={block} warps={warps}",
-                    signature={"SRC": f"*{t}", "DST": f"*{t}", "CU": "*i64", "T": "i64", "n_packed": "i64",
-                               "stride_src": "i64", "stride_dst": "i64", "C": "i32", "pad": t,
-                               "PACK": "constexpr", "BLOCK_C": "constexpr"},
+                    types={"SRC": f"*{t}", "DST": f"*{t}", "CU": "*i64", "T": "i64", "n_packed": "i64",
+                           "stride_src": "i64", "stride_dst": "i64", "pad": t},
                     constexprs={"PACK": pack, "BLOCK_C": block},
                     num_warps=warps, num_stages=1, aligned=("SRC", "DST"))
 
@@ -148,16 +145,9 @@ def bits_view(t: torch.Tensor) -> torch.Tensor:
 
 def _grid_launch(kernel, n_rows, C, *args, **constexprs):
     block, warps = _block(C)
-    with torch.cuda.device(args[0].device) if args[0].is_cuda else _nullctx():
+    with device_guard(args[0]):
         kernel[(n_rows, triton.cdiv(C, block))](*args, BLOCK_C=block, num_warps=warps, **constexprs)
 
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def copy_rows_triton(x: torch.Tensor, y: torch.Tensor, src: torch.Tensor | None, dst: torch.Tensor | None,
@@ -194,14 +184,8 @@ def _gather_reference(x, index, out):
 _GATHER_IMPLS = {"triton": _gather_triton, "cpu": _gather_cpu, "reference": _gather_reference}
 
 
-@torch.library.custom_op("spar::gather_rows", mutates_args=("out",))
-def _gather_rows_op(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
-    select("gather_rows", x.device, _GATHER_IMPLS)(x, index, out)
-
-
-@_gather_rows_op.register_fake
-def _(x, index, out) -> None:
-    return None
+@spar_op("gather_rows", mutates_args=("out",), impls=_GATHER_IMPLS)
+def _gather_rows_op(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None: ...
 
 
 def _check_rows_input(name: str, x) -> None:
@@ -253,14 +237,8 @@ def _scatter_reference(x, index, src):
 _SCATTER_IMPLS = {"triton": _scatter_triton, "cpu": _scatter_cpu, "reference": _scatter_reference}
 
 
-@torch.library.custom_op("spar::scatter_rows", mutates_args=("x",))
-def _scatter_rows_op(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
-    select("scatter_rows", x.device, _SCATTER_IMPLS)(x, index, src)
-
-
-@_scatter_rows_op.register_fake
-def _(x, index, src) -> None:
-    return None
+@spar_op("scatter_rows", mutates_args=("x",), impls=_SCATTER_IMPLS)
+def _scatter_rows_op(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None: ...
 
 
 def scatter_rows(x: torch.Tensor, index: torch.Tensor | Sequence[int], src: torch.Tensor) -> torch.Tensor:
@@ -318,14 +296,8 @@ def _pack_reference(padded, cu, out):
 _PACK_IMPLS = {"triton": _pack_triton, "cpu": _pack_cpu, "reference": _pack_reference}
 
 
-@torch.library.custom_op("spar::pack_sequences", mutates_args=("out",))
-def _pack_op(padded: torch.Tensor, cu_seqlens: torch.Tensor, out: torch.Tensor) -> None:
-    select("pack_sequences", padded.device, _PACK_IMPLS)(padded, cu_seqlens, out)
-
-
-@_pack_op.register_fake
-def _(padded, cu_seqlens, out) -> None:
-    return None
+@spar_op("pack_sequences", mutates_args=("out",), impls=_PACK_IMPLS)
+def _pack_op(padded: torch.Tensor, cu_seqlens: torch.Tensor, out: torch.Tensor) -> None: ...
 
 
 def cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
@@ -419,21 +391,22 @@ def _unpack_reference(packed, cu, max_len, pad_value, out):
     out.copy_(_ref.unpack_sequences(packed, cu, max_len, pad_value))
 
 
-_UNPACK_IMPLS = {"triton": _unpack_triton, "cpu": _unpack_cpu, "reference": _unpack_reference}
+def _int_pad(f):
+    """The op's schema carries pad_value as a float; an integer output gets it back as an int."""
+    def run(packed, cu_seqlens, max_len, pad_value, out):
+        if not out.is_floating_point() and float(pad_value).is_integer():
+            pad_value = int(pad_value)
+        f(packed, cu_seqlens, max_len, pad_value, out)
+    return run
 
 
-@torch.library.custom_op("spar::unpack_sequences", mutates_args=("out",))
+_UNPACK_IMPLS = {"triton": _int_pad(_unpack_triton), "cpu": _int_pad(_unpack_cpu),
+                 "reference": _int_pad(_unpack_reference)}
+
+
+@spar_op("unpack_sequences", mutates_args=("out",), impls=_UNPACK_IMPLS)
 def _unpack_op(packed: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int, pad_value: float,
-               out: torch.Tensor) -> None:
-    pv = pad_value
-    if not out.is_floating_point() and float(pv).is_integer():
-        pv = int(pv)
-    select("unpack_sequences", packed.device, _UNPACK_IMPLS)(packed, cu_seqlens, max_len, pv, out)
-
-
-@_unpack_op.register_fake
-def _(packed, cu_seqlens, max_len, pad_value, out) -> None:
-    return None
+               out: torch.Tensor) -> None: ...
 
 
 def unpack_sequences(packed: torch.Tensor, cu_seqlens: torch.Tensor | Sequence[int], max_len: int,

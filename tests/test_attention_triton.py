@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import spar_kernels as sk
-from spar_kernels import attention_kernels as ak
+from spar_kernels.attention import kernels as ak
 from spar_kernels.reference import attention as ref
 from spar_kernels.testing import non_contiguous, poisoned_empty
 

@@ -116,3 +116,75 @@ def test_bench_quick_runs_and_writes_reports(tmp_path):
     assert "| rms_norm |" in p.stdout and "CPU" in p.stdout
     files = os.listdir(tmp_path)
     assert any(f.endswith(".json") for f in files) and any(f.endswith(".md") for f in files)
+
+
+# ---------------------------------------------------------------------------------------------
+# the build and the op-definition helper (spar_kernels/_op.py)
+
+def test_every_compiled_symbol_is_built():
+    """A missing extension or twin symbol must fail here, never fall back silently."""
+    from spar_kernels import _ext
+
+    assert _ext.has_cpu_extension(), f"spar_kernels._C_cpu did not import: {_ext._load('_C_cpu')[1]}"
+    missing = [n for n in _ext.CPU_TWINS if not hasattr(_ext.cpu_ext(), n)]
+    assert not missing, f"_C_cpu lacks {missing}"
+    for name in _ext.CPU_TWINS:
+        assert callable(_ext.cpu_twin(name))
+    with pytest.raises(RuntimeError, match="no 'not_a_twin'"):
+        _ext.cpu_twin("not_a_twin")
+    import shutil
+
+    if os.environ.get("CI") and shutil.which("nvcc") and os.environ.get("SPAR_BUILD_CUDA", "auto") != "0":
+        assert _ext.has_cuda_extension(), f"nvcc is here but _C_cuda did not build: {_ext.cuda_extension_error()}"
+    if _ext.has_cuda_extension():
+        missing = [n for n in _ext.CUDA_KERNELS if not hasattr(_ext.cuda_ext(), n)]
+        assert not missing, f"_C_cuda lacks {missing}"
+
+
+def test_every_op_is_defined_with_the_helper_and_has_a_cpu_path():
+    from spar_kernels import _op
+
+    names = set(dir(torch.ops.spar))
+    assert {"rms_norm", "quantize_fp8", "hybrid_attention", "route_layers", "flow_sampler_step",
+            "linear_attention", "adaln_layernorm", "gated_residual", "dwconv_glu", "gather_rows",
+            "scatter_rows", "pack_sequences", "unpack_sequences", "split_by_expert", "merge_experts"} <= names
+    import gc
+
+    defined = [o for o in gc.get_objects() if isinstance(o, _op.SparOp)]
+    assert {op.name for op in defined} >= {"rms_norm", "hybrid_attention", "flow_sampler_step", "dwconv_glu"}
+    for op in defined:
+        assert "cpu" in op.impls and "reference" in op.impls, op.name
+        assert op.backend_for(torch.device("cpu")) == "cpu", op.name
+
+
+def test_eager_calls_skip_the_dispatcher_and_traced_calls_go_through_it():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from spar_kernels import _op
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, w = torch.randn(3, 16), torch.randn(16)
+    assert not _op.is_tracing(x)
+    with Record() as rec:
+        assert _op.is_tracing(x)
+        y = sk.rms_norm(x, w, 1e-6)
+    assert any("spar.rms_norm" in n for n in rec.names), rec.names
+    torch.testing.assert_close(y, sk.reference.rms_norm.rms_norm(x, w, 1e-6))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fx = mode.from_tensor(x)
+        assert _op.is_tracing(fx)
+    # the default fake reports the backend a real run would select
+    seen = []
+    with _op.on_fake_dispatch(lambda *a: seen.append(a)), FakeTensorMode():
+        sk.rms_norm(torch.randn(2, 8), torch.randn(8), 1e-6)
+    assert seen and seen[0][:2] == ("rms_norm", "cpu")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import spar_kernels as sk
-from spar_kernels.reference import routing as ref
+from spar_kernels.reference import row_moves as ref
 from spar_kernels.testing import non_contiguous, poisoned_empty
 
 from conftest import interpreter_ok

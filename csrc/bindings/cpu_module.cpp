@@ -5,7 +5,10 @@
 #include "quantize_fp8/api.h"
 #include "route_layers/api.h"
 #include "flow_sampler/api.h"
-#include "dit/api.h"
+#include "split_by_expert/api.h"
+#include "adaln/api.h"
+#include "dwconv_glu/api.h"
+#include "linear_attention/api.h"
 // @ops-cpu-includes (one line per op: #include "<op>/api.h")
 
 namespace py = pybind11;

@@ -1,7 +1,7 @@
 // flow_sampler.h: the per-element math of the fused flow-sampler step, shared by the CUDA
 // kernel (flow_sampler.cu) and its CPU twin (flow_sampler_cpu.cpp). Everything in fp32.
 //
-// One table row per model evaluation (built on the host by spar_kernels/sampler.py):
+// One table row per model evaluation (built on the host by spar_kernels/flow_sampler.py):
 //   guidance  v_t = vu + g (vc - vu);  v_g = vi + gi (v_t - vi) if kImg;
 //             v_g *= clamp(|vc| / (|v_g| + 1e-8), renorm_min, 1) if kRenorm;  v = kCfg ? v_g : vc
 //             (kRenormText: v_t is renormed instead, before the image branch, as BAGEL's "text_channel")
@@ -9,7 +9,7 @@
 //             h1 <- x (kStoreH1X) or x0 (kStoreH1X0);  h2 <- v (kStoreH2V)
 // Euler: cx = 1, cv = dt. Heun: predictor stores (x, v), corrector out = h1 + dt/2 (h2 + v).
 // DPM-Solver++ 2M: cx = s_t / s_s, c0 / c1 fold D0 and D1 = (x0 - h1) / r0, h1 <- x0.
-// The column and flag numbers must match spar_kernels/reference/sampler.py.
+// The column and flag numbers must match spar_kernels/flow_sampler.py (COL_* / F_*).
 #pragma once
 
 #include "common/spar_common.h"

@@ -1,12 +1,12 @@
 // CPU path of split_by_expert with the per-expert RMSNorm fused (the GPU path is the Triton
-// kernel in spar_kernels/moe_routing.py): row j of the output is token perm[j] normalized with
+// kernel in spar_kernels/split_by_expert.py): row j of the output is token perm[j] normalized with
 // its expert's weight, one read of the token row and one write, rows spread over OpenMP threads.
 //   y = x * rsqrt(sum(x^2) / D + eps) * w[expert]     (fp32, one rounding; as the Triton kernel)
 #include <cmath>
 #include <stdexcept>
 #include <string>
 
-#include "route_layers/api.h"
+#include "split_by_expert/api.h"
 #include "route_layers/cpu_simd.h"
 #include "route_layers/route_layers.h"
 

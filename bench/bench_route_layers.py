@@ -1,7 +1,7 @@
-"""Dynamic Token Routing (route_layers) and the row moves: spar vs PyTorch eager vs torch.compile.
+"""Dynamic Token Routing (route_layers): spar vs PyTorch eager vs torch.compile.
 
 route_layers eager is the obvious formulation (stack K layers, softmax, multiply, sum,
-layer_norm: spar_kernels.reference.routing.route_layers_eager); torch.compile compiles that same
+layer_norm: spar_kernels.reference.route_layers.route_layers_eager); torch.compile compiles that same
 function. Minimum bytes: read the K selected rows of [N, D] once + logits, write [N, D] once.
 """
 
@@ -11,7 +11,7 @@ import torch
 
 import spar_kernels as sk
 from bench.harness import Case, compiled as compiled_provider
-from spar_kernels.reference import routing as ref
+from spar_kernels.reference import route_layers as ref
 
 # (label, L, N, D, layer_ids): SPAR-1B / SPAR-3B prefill of the CFG batch (2 x ~330 tokens),
 # BAGEL's 7B width, and a large N.
@@ -40,7 +40,7 @@ def _route_cases(device, quick):
         eager = lambda: ref.route_layers_eager(hidden, ids, logits, alpha, w, b)  # noqa: E731
         compiled = compiled_provider(lambda h, lg, a, w_, b_: ref.route_layers_eager(h, ids, lg, a, w_, b_))
         yield Case(
-            op="routing", name=f"route_layers {label} {str(dtype)[6:]}",
+            op="route_layers", name=f"route_layers {label} {str(dtype)[6:]}",
             providers={
                 "spar": lambda: (lambda: sk.route_layers(hidden, lid, logits, alpha, w, b, out=out)),
                 "torch eager": lambda: eager,
@@ -49,48 +49,19 @@ def _route_cases(device, quick):
             bytes=moved, baseline="torch eager")
 
 
-def _row_move_cases(device, quick):
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    es = torch.tensor([], dtype=dtype).element_size()
-    N, D = (4096, 1536) if quick else (16384, 3584)
-    x = torch.randn(N, D, device=device, dtype=dtype)
-    idx = torch.randperm(N, device=device)[: N // 2]
-    out = torch.empty(N // 2, D, device=device, dtype=dtype)
-    yield Case(op="routing", name=f"gather_rows {N}x{D} -> {N // 2} {str(dtype)[6:]}",
-               providers={"spar": lambda: (lambda: sk.gather_rows(x, idx, out=out)),
-                          "torch eager": lambda: (lambda: torch.index_select(x, 0, idx))},
-               bytes=2 * (N // 2) * D * es, baseline="torch eager")
-    E = 2
-    ids = torch.randint(0, E, (N,), device=device)
-    nw = torch.randn(E, D, device=device, dtype=dtype)
-
-    def eager_split():
-        order = torch.sort(ids, stable=True).indices
-        rows = x[order]
-        h = rows.float()
-        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * nw.float()[ids[order]]).to(dtype)
-
-    yield Case(op="routing", name=f"split_by_expert+rmsnorm {N}x{D} E={E} {str(dtype)[6:]}",
-               providers={"spar": lambda: (lambda: sk.split_by_expert(x, ids, E, nw)),
-                          "torch eager": lambda: eager_split},
-               bytes=2 * N * D * es, baseline="torch eager")
-
-
 def cases(device: torch.device, quick: bool):
     yield from _route_cases(device, quick)
-    if hasattr(sk, "gather_rows") and hasattr(sk, "split_by_expert"):
-        yield from _row_move_cases(device, quick)
 
 
 def _main(argv=None) -> int:
     """Single-thread CPU-time run, robust on a shared machine (wall time there measures the queue):
-        python -m bench.bench_routing --clock cpu [--quick] [--reps 7]
+        python -m bench.bench_route_layers --clock cpu [--quick] [--reps 7]
     Sets OMP_NUM_THREADS=1 and torch threads to 1, and times each call with the process CPU clock."""
     import argparse
     import statistics
     import time
 
-    p = argparse.ArgumentParser(prog="python -m bench.bench_routing")
+    p = argparse.ArgumentParser(prog="python -m bench.bench_route_layers")
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--reps", type=int, default=7)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import spar_kernels as sk
 from spar_kernels import _ext
-from spar_kernels.reference import routing as ref
+from spar_kernels.reference import route_layers as ref
 from spar_kernels.testing import assert_close, assert_close_fa, non_contiguous, poisoned_empty
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

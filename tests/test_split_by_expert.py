@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import spar_kernels as sk
-from spar_kernels.reference import routing as ref
+from spar_kernels.reference import split_by_expert as ref
 from spar_kernels.testing import assert_close, assert_close_fa, non_contiguous, poisoned_empty
 
 from conftest import interpreter_ok
@@ -132,7 +132,7 @@ def test_split_kernel_out_of_range_expert_is_safe():
     assert bool(torch.isfinite(out).all())
 
 
-def test_moe_routing_bad_inputs():
+def test_split_by_expert_bad_inputs():
     x, ids, W = torch.randn(6, 8), torch.tensor([0, 1, 0, 1, 1, 0]), torch.ones(2, 8)
     with pytest.raises(ValueError, match="expert_ids: index out of range"):
         sk.split_by_expert(x, torch.tensor([0, 1, 2, 0, 0, 0]), 2)

@@ -4,7 +4,7 @@
 #include "common/spar_common.h"
 
 namespace spar {
-namespace dit {
+namespace fast {
 
 // exp(x) for x in fp32 range: 2^n * p(r), n = round(x / ln2), r = x - n ln2 (Cody-Waite split),
 // p the degree-6 Taylor/minimax polynomial (Cephes expf). Saturates to 0 / inf outside +-88.
@@ -28,5 +28,5 @@ SPAR_HD float silu(float g) { return g / (1.0f + fast_exp(-g)); }
 
 SPAR_HD float relu(float v) { return v > 0.0f ? v : 0.0f; }
 
-}  // namespace dit
+}  // namespace fast
 }  // namespace spar

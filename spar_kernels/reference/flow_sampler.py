@@ -1,7 +1,7 @@
 """Plain-PyTorch reference of one fused flow-sampler step (:class:`spar_kernels.FlowSampler`).
 
 Everything is computed in float32 from the inputs as stored; the state is viewed as
-``[B, P, Q]`` (see ``spar_kernels.sampler``). One step, at evaluation ``k`` of the schedule:
+``[B, P, Q]`` (see ``spar_kernels.flow_sampler``). One step, at evaluation ``k`` of the schedule:
 
     guidance (BAGEL's two-branch form; plain CFG when there is no image branch)
         v_txt = v_uncond + g * (v_cond - v_uncond)
@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import torch
 
-# Table layout, shared with csrc/flow_sampler/flow_sampler.h (enum Col / Flag).
-COL_SIGMA, COL_CX, COL_CV, COL_C0, COL_C1, COL_C2, COL_G, COL_GI, COL_FLAGS = range(9)
-NCOL = 12  # padded to 48 bytes
-F_CFG, F_IMG, F_RENORM, F_STORE_H1_X, F_STORE_H1_X0, F_STORE_H2_V, F_READ_H1, F_READ_H2 = (
-    1, 2, 4, 8, 16, 32, 64, 128)
-F_RENORM_TEXT = 256  # BAGEL's "text_channel": renorm the text-guided velocity, before the image branch
-RENORM_NONE, RENORM_GLOBAL, RENORM_ROW, RENORM_COL = 0, 1, 2, 3
+# The coefficient table's layout is the sampler's (spar_kernels.flow_sampler, shared with
+# csrc/flow_sampler/flow_sampler.h); the reference reads it by the same names.
+from ..flow_sampler import (COL_C0, COL_C1, COL_C2, COL_CV, COL_CX, COL_FLAGS, COL_G, COL_GI,  # noqa: E402,F401
+                            COL_SIGMA, F_CFG, F_IMG, F_READ_H1, F_READ_H2, F_RENORM, F_RENORM_TEXT,
+                            F_STORE_H1_X, F_STORE_H1_X0, F_STORE_H2_V, NCOL, RENORM_COL, RENORM_GLOBAL,
+                            RENORM_NONE, RENORM_ROW)
 RENORM_EPS = 1e-8  # BAGEL: norm_v_t / (norm_v_t_ + 1e-8)
 
 

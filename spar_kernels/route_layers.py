@@ -19,41 +19,17 @@ from typing import Sequence
 import torch
 
 from . import _ext
-from ._backend import select
-from ._validate import FLOAT_DTYPES, check_out, check_shape, check_tensor
-from .reference import routing as _ref
+from ._op import device_guard, spar_op
+from ._validate import FLOAT_DTYPES, INDEX_DTYPES, as_index, check_index_range, check_out, check_shape, check_tensor
+from .reference import route_layers as _ref
 
 MAX_K = 16
 _CUDA_MAX_D = 8192  # csrc/route_layers/api.h kRouteMaxDCuda: widest row the CUDA kernel keeps in registers
 ALL_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)
-INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 # ---------------------------------------------------------------------------------------------
-# shared validation helpers (also used by row_moves / moe_routing)
-
-def as_index(name: str, idx, device: torch.device, *, ndim: int = 1) -> torch.Tensor:
-    """An int32/int64 index tensor on ``device`` from a tensor or a sequence of ints."""
-    if isinstance(idx, torch.Tensor):
-        check_tensor(name, idx, ndim=ndim, device=device)
-        if idx.dtype not in INDEX_DTYPES:
-            raise ValueError(f"{name}: expected an int32 or int64 tensor, got dtype {idx.dtype}")
-        return idx.contiguous()  # the kernels index it densely (a no-op when already contiguous)
-    if isinstance(idx, (list, tuple, range)) and all(isinstance(v, int) and not isinstance(v, bool) for v in idx):
-        return torch.tensor(list(idx), dtype=torch.int64, device=device)
-    raise TypeError(f"{name}: expected an integer tensor or a sequence of ints, got {type(idx).__name__}")
-
-
-def check_index_range(name: str, idx: torch.Tensor, size: int, what: str) -> None:
-    """Range check of an index tensor: runs on CPU tensors only (on CUDA it would sync the host;
-    the kernels there bounds-check instead and never read outside the buffer)."""
-    if idx.device.type != "cpu" or idx.numel() == 0 or torch.compiler.is_compiling():
-        return
-    lo, hi = int(idx.min()), int(idx.max())
-    if lo < 0 or hi >= size:
-        raise ValueError(f"{name}: index out of range: values in [{lo}, {hi}], expected within "
-                         f"[0, {size}) ({what})")
-
+# validation
 
 def check_float_param(name: str, t, shape, device) -> None:
     if t is None:
@@ -113,11 +89,10 @@ def _impl_reference(hidden, layer_ids, logits, alpha, ln_weight, ln_bias, tau, e
 
 
 def _impl_cpu(hidden, layer_ids, logits, alpha, ln_weight, ln_bias, tau, eps, rows, out):
-    ext = _ext.cpu_ext() if _ext.has_cpu_extension() else None
-    if hidden.dtype == torch.float64 or ext is None or not hasattr(ext, "route_layers"):
+    if hidden.dtype == torch.float64:  # the twin is fp32/fp16/bf16: fp64 runs the reference
         return _impl_reference(hidden, layer_ids, logits, alpha, ln_weight, ln_bias, tau, eps, rows, out)
     args, keep = _launch_args(hidden, layer_ids, logits, alpha, ln_weight, ln_bias, tau, eps, rows, out)
-    ext.route_layers(*args)
+    _ext.cpu_twin("route_layers")(*args)
     del keep
 
 
@@ -127,25 +102,18 @@ def _impl_cuda(hidden, layer_ids, logits, alpha, ln_weight, ln_bias, tau, eps, r
         return _impl_reference(hidden, layer_ids, logits, alpha, ln_weight, ln_bias, tau, eps, rows, out)
     args, keep = _launch_args(hidden, layer_ids, logits, alpha, ln_weight, ln_bias, tau, eps, rows, out,
                               materialize=True)
-    with torch.cuda.device(hidden.device):
-        _ext.cuda_ext().route_layers(*args, _ext.stream_of(hidden))
+    with device_guard(hidden):
+        _ext.cuda_kernel("route_layers")(*args, _ext.stream_of(hidden))
     del keep
 
 
 _IMPLS = {"cuda": _impl_cuda, "cpu": _impl_cpu, "reference": _impl_reference}
 
 
-@torch.library.custom_op("spar::route_layers", mutates_args=("out",))
+@spar_op("route_layers", mutates_args=("out",), impls=_IMPLS)
 def _route_layers_op(hidden: torch.Tensor, layer_ids: torch.Tensor, logits: torch.Tensor, alpha: torch.Tensor,
                      ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, tau: float, eps: float,
-                     rows: torch.Tensor | None, out: torch.Tensor) -> None:
-    select("route_layers", hidden.device, _IMPLS)(hidden, layer_ids, logits, alpha, ln_weight, ln_bias,
-                                                  tau, eps, rows, out)
-
-
-@_route_layers_op.register_fake
-def _(hidden, layer_ids, logits, alpha, ln_weight, ln_bias, tau, eps, rows, out) -> None:
-    return None
+                     rows: torch.Tensor | None, out: torch.Tensor) -> None: ...
 
 
 def route_layers(hidden: torch.Tensor, layer_ids: torch.Tensor | Sequence[int], logits: torch.Tensor,

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _aot
-from ._triton import DOT_UPCAST, HAS_TRITON, tl, triton
-from .attention import _register_triton_impl
+from .. import _aot
+from .._op import device_guard
+from .._triton import DOT_UPCAST, HAS_TRITON, tl, triton
 
 LOG2E = 1.4426950408889634
 # jit globals must be tl.constexpr (plain values where triton is absent and nothing is compiled)
@@ -357,7 +357,7 @@ def _impl_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seql
     vd = v_descale if v_descale is not None else (torch.ones(Hkv, device=q.device) if fp8 else dummy)
     bd = block_d(D)
     scale_log2 = softmax_scale * LOG2E
-    ctx = torch.cuda.device(q.device) if q.is_cuda else _nullctx()
+    ctx = device_guard(q)
     with ctx:
         if decode:
             bn, warps, stages = _DECODE_CONFIGS[bd]
@@ -402,23 +402,10 @@ class TileCounter:
         self.counts = torch.zeros(2, dtype=torch.int32, device=device)
 
 
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
-_register_triton_impl(_impl_triton)
 
 
 # ---------------------------------------------------------------------------------------------
 # AOT specs: every configuration the launcher can pick
-
-def _sig_common(t):
-    return {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}"}
-
 
 _STRIDES_FWD = ("stride_qm", "stride_qh", "stride_km", "stride_kh", "stride_vm", "stride_vh", "stride_om",
                 "stride_oh", "stride_lh")
@@ -442,9 +429,7 @@ def _aot_specs():
         yield spec
         if spec.fn is _combine_kernel or "bf16" not in spec.config:
             continue
-        sig = dict(spec.signature, group="constexpr")
-        yield dataclasses.replace(spec, config=spec.config + " group=1", signature=sig,
-                                  constexprs=dict(spec.constexprs, group=1))
+        yield dataclasses.replace(spec, config=spec.config + " group=1", constexprs=dict(spec.constexprs, group=1))
         if spec.constexprs["BLOCK_D"] == 128:
             yield dataclasses.replace(spec, config=spec.config + " head_dim=72",
                                       aligned=tuple(a for a in spec.aligned if a != "head_dim"))
@@ -462,13 +447,10 @@ def _base_specs():
             bm, bn, warps, stages = _PREFILL_CONFIGS[(bd, _kind(dtype))]
             sig = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "O": f"*{o_t}", "LSE": "*fp32", "CU_Q": "*i32",
                    "CU_K": "*i32", "KV_START": "*i32", "KV_END": "*i32", "Q_DESCALE": "*fp32", "K_DESCALE": "*fp32",
-                   "V_DESCALE": "*fp32", "TILES": "*i32", "sm_scale_log2": "fp32", "head_dim": "i32",
-                   **{n: "i32" for n in _STRIDES_FWD}, "group": "i32",
-                   **{n: "constexpr" for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "IS_FP8", "COUNT_TILES",
-                                               "DOT_UPCAST")}}
+                   "V_DESCALE": "*fp32", "TILES": "*i32", "sm_scale_log2": "fp32"}
             yield _aot.AOTSpec(
                 kernel_name="hybrid_attention", fn=_hybrid_attn_fwd,
-                config=f"prefill {t} D<={bd} {bm}x{bn} warps={warps} stages={stages}", signature=sig,
+                config=f"prefill {t} D<={bd} {bm}x{bn} warps={warps} stages={stages}", types=sig,
                 constexprs={"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "IS_FP8": fp8, "COUNT_TILES": False,
                             "DOT_UPCAST": False},
                 num_warps=warps, num_stages=stages,
@@ -479,25 +461,19 @@ def _base_specs():
             bn, warps, stages = _DECODE_CONFIGS[bd]
             sig = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "O_PART": "*fp32", "LSE_PART": "*fp32",
                    "CU_Q": "*i32", "CU_K": "*i32", "KV_START": "*i32", "KV_END": "*i32", "Q_DESCALE": "*fp32",
-                   "K_DESCALE": "*fp32", "V_DESCALE": "*fp32", "sm_scale_log2": "fp32", "head_dim": "i32",
-                   "keys_per_split": "i32", **{n: "i32" for n in _STRIDES_DEC}, "group": "i32",
-                   **{n: "constexpr" for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "IS_FP8", "DOT_UPCAST")}}
+                   "K_DESCALE": "*fp32", "V_DESCALE": "*fp32", "sm_scale_log2": "fp32"}
             yield _aot.AOTSpec(
                 kernel_name="hybrid_attention", fn=_hybrid_attn_decode,
-                config=f"decode {t} D<={bd} {DECODE_BLOCK_M}x{bn} warps={warps} stages={stages}", signature=sig,
+                config=f"decode {t} D<={bd} {DECODE_BLOCK_M}x{bn} warps={warps} stages={stages}", types=sig,
                 constexprs={"BLOCK_M": DECODE_BLOCK_M, "BLOCK_N": bn, "BLOCK_D": bd, "IS_FP8": fp8,
                             "DOT_UPCAST": False},
                 num_warps=warps, num_stages=stages,
                 aligned=_ALIGNED_DEC,
                 expect_mma=True)
     for o_t in ("fp16", "bf16"):
-        sig = {"O_PART": "*fp32", "LSE_PART": "*fp32", "O": f"*{o_t}", "LSE": "*fp32", "num_splits": "i32",
-               "head_dim": "i32",
-               **{n: "i32" for n in ("stride_ps", "stride_pm", "stride_ph", "stride_ls", "stride_lh", "stride_om",
-                                     "stride_oh", "stride_lo")},
-               "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"}
+        sig = {"O_PART": "*fp32", "LSE_PART": "*fp32", "O": f"*{o_t}", "LSE": "*fp32"}
         yield _aot.AOTSpec(
             kernel_name="hybrid_attention", fn=_combine_kernel,
-            config=f"combine {o_t} splits<={DECODE_MAX_SPLITS} D<={_COMBINE_BLOCK_D}", signature=sig,
+            config=f"combine {o_t} splits<={DECODE_MAX_SPLITS} D<={_COMBINE_BLOCK_D}", types=sig,
             constexprs={"BLOCK_S": DECODE_MAX_SPLITS, "BLOCK_D": _COMBINE_BLOCK_D},
             num_warps=_COMBINE_WARPS, num_stages=1, aligned=("O_PART", "LSE_PART", "O", "LSE", "head_dim"))

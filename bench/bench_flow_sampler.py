@@ -83,7 +83,7 @@ def cases(device: torch.device, quick: bool):
             hist = 2 * 4 * n if method != "euler" else 0
             sampler = sk.FlowSampler(method, num_steps=STEPS, shift=shift, guidance=g, device=device)
             yield Case(
-                op="sampler", name=f"{label} {method} cfg {str(dtype)[6:]}",
+                op="flow_sampler", name=f"{label} {method} cfg {str(dtype)[6:]}",
                 providers={
                     "spar": lambda s=sampler, x=x, vc=vc, vu=vu, o=out: _spar(s, x, (vc, vu), o),
                     "diffusers step + eager cfg": (
@@ -99,7 +99,7 @@ def cases(device: torch.device, quick: bool):
         sampler = sk.FlowSampler("euler", num_steps=STEPS, shift=shift, guidance=4.0, image_guidance=2.0,
                                  renorm="global", device=device)
         yield Case(
-            op="sampler", name=f"{label} euler text+image cfg, global renorm {str(dtype)[6:]}",
+            op="flow_sampler", name=f"{label} euler text+image cfg, global renorm {str(dtype)[6:]}",
             providers={
                 "spar": lambda s=sampler, x=x, b=(vc, vu, vi), o=out: _spar(s, x, b, o),
                 "diffusers step + eager cfg": (

@@ -1,7 +1,7 @@
 """Fused flow-matching sampler steps with classifier-free guidance, schedules kept on the device.
 
 :class:`FlowSampler` precomputes, at construction and on the host, one row of float32
-coefficients per model evaluation (``spar_kernels.reference.sampler`` documents the row) into a
+coefficients per model evaluation (the ``COL_*`` / ``F_*`` constants below define the row) into a
 device table; ``step`` runs one fused kernel that picks its row with a device-side int32 counter,
 combines the guidance branches (CFG, BAGEL's image branch, renorm, guidance interval), applies the
 solver, writes the next state, updates the solver's fp32 history and advances the counter. No host
@@ -22,14 +22,24 @@ import numpy as np
 import torch
 
 from . import _ext
-from ._backend import select
+from ._op import device_guard, spar_op
 from ._validate import FLOAT_DTYPES, check_out, check_tensor
-from .reference import sampler as _ref
 from .schedules import dpmsolver_flow_sigmas_f64, flow_sigmas
 
 METHODS = ("euler", "heun", "dpmsolver++2m")
 RENORMS = ("global", "channel", "token", "text_token")
 NUM_TRAIN_TIMESTEPS = 1000  # diffusers' num_train_timesteps: timesteps = sigmas * 1000
+
+# The coefficient table: one row per model evaluation, shared with csrc/flow_sampler/flow_sampler.h
+# (enum Col / Flag); the reference (spar_kernels.reference.flow_sampler) reads the same names.
+COL_SIGMA, COL_CX, COL_CV, COL_C0, COL_C1, COL_C2, COL_G, COL_GI, COL_FLAGS = range(9)
+NCOL = 12  # padded to 48 bytes
+F_CFG, F_IMG, F_RENORM, F_STORE_H1_X, F_STORE_H1_X0, F_STORE_H2_V, F_READ_H1, F_READ_H2 = (
+    1, 2, 4, 8, 16, 32, 64, 128)
+F_RENORM_TEXT = 256  # BAGEL's "text_channel": renorm the text-guided velocity, before the image branch
+RENORM_NONE, RENORM_GLOBAL, RENORM_ROW, RENORM_COL = 0, 1, 2, 3
+
+from .reference import flow_sampler as _ref  # noqa: E402  (it reads the table constants above)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,41 +88,24 @@ def _ext_args(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, table, counter, st
 
 def _impl_cpu(*a):
     keep, args = _ext_args(*a)
-    _ext.cpu_ext().flow_sampler_step(*args)
+    _ext.cpu_twin("flow_sampler_step")(*args)
 
 
 def _impl_cuda(*a):
     x = a[0]
     keep, args = _ext_args(*a)
-    with torch.cuda.device(x.device):
-        _ext.cuda_ext().flow_sampler_step(*args, _ext.stream_of(x))
+    with device_guard(x):
+        _ext.cuda_kernel("flow_sampler_step")(*args, _ext.stream_of(x))
 
 
-_IMPLS = {"reference": _impl_reference}
-# The compiled twins are registered once the installed extensions export them.
-if _ext.has_cpu_extension() and hasattr(_ext.cpu_ext(), "flow_sampler_step"):
-    _IMPLS["cpu"] = _impl_cpu
-if _ext.has_cuda_extension() and hasattr(_ext.cuda_ext(), "flow_sampler_step"):
-    _IMPLS["cuda"] = _impl_cuda
+_IMPLS = {"cuda": _impl_cuda, "cpu": _impl_cpu, "reference": _impl_reference}
 
 
-@torch.library.custom_op("spar::flow_sampler_step", mutates_args=("out", "h1", "h2", "counter", "stats"))
+@spar_op("flow_sampler_step", mutates_args=("out", "h1", "h2", "counter", "stats"), impls=_IMPLS)
 def _flow_step_op(x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor | None,
                   v_img_uncond: torch.Tensor | None, out: torch.Tensor, h1: torch.Tensor | None,
                   h2: torch.Tensor | None, table: torch.Tensor, counter: torch.Tensor,
-                  stats: torch.Tensor | None, renorm_mode: int, renorm_min: float) -> None:
-    select("flow_sampler_step", x.device, _IMPLS)(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, table, counter,
-                                                 stats, renorm_mode, renorm_min)
-
-
-def _dispatch(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, table, counter, stats, renorm_mode, renorm_min):
-    select("flow_sampler_step", x.device, _IMPLS)(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, table, counter,
-                                                 stats, renorm_mode, renorm_min)
-
-
-@_flow_step_op.register_fake
-def _(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, table, counter, stats, renorm_mode, renorm_min) -> None:
-    return None
+                  stats: torch.Tensor | None, renorm_mode: int, renorm_min: float) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,13 +131,13 @@ def _dpm_rows(s: np.ndarray) -> list[tuple]:
         em1 = math.exp(-h) - 1.0  # exp(-inf) - 1 = -1 at the final sigma 0
         cx = st / s0
         if k == 0 or k == n - 1:
-            rows.append((s0, cx, -at * em1, 0.0, _ref.F_STORE_H1_X0))
+            rows.append((s0, cx, -at * em1, 0.0, F_STORE_H1_X0))
         else:
             h0 = _flow_lambda(s0) - _flow_lambda(float(s[k - 1]))
             inv_r0 = h / h0 if math.isfinite(h0) else 0.0  # D1 = (m0 - m1) / r0, r0 = h0 / h
             c0 = -at * em1 * (1.0 + 0.5 * inv_r0)
             c1 = 0.5 * at * em1 * inv_r0
-            rows.append((s0, cx, c0, c1, _ref.F_STORE_H1_X0 | _ref.F_READ_H1))
+            rows.append((s0, cx, c0, c1, F_STORE_H1_X0 | F_READ_H1))
     return rows
 
 
@@ -303,7 +296,7 @@ class FlowSampler:
         table, eval_sigmas = _build_table(method, s32, self.guidance, self.image_guidance, interval, renorm)
         self.num_evals = table.shape[0] - 1
         # validation only; plain ints so torch.compile treats them as constants
-        self._host_flags = tuple(int(f) for f in table[:, _ref.COL_FLAGS])
+        self._host_flags = tuple(int(f) for f in table[:, COL_FLAGS])
         t32 = torch.from_numpy(s32[:-1].copy()) * NUM_TRAIN_TIMESTEPS  # float32, as diffusers
         if method == "dpmsolver++2m":
             timesteps = torch.from_numpy(t_int)
@@ -393,19 +386,19 @@ class FlowSampler:
             needs_h1 = self.method != "euler"
             self._h1 = torch.zeros(shape, dtype=torch.float32, device=dev) if needs_h1 else None
             self._h2 = torch.zeros(shape, dtype=torch.float32, device=dev) if self.method == "heun" else None
-            n = {_ref.RENORM_GLOBAL: B, _ref.RENORM_COL: B * Q}.get(mode, 0)
+            n = {RENORM_GLOBAL: B, RENORM_COL: B * Q}.get(mode, 0)
             self._stats = torch.zeros(2 * n, dtype=torch.float32, device=dev) if n else None
             self._shape = shape
         return self._h1, self._h2, self._stats
 
     def _renorm_mode(self, channels_last: bool) -> int:
         if self.renorm is None:
-            return _ref.RENORM_NONE
+            return RENORM_NONE
         if self.renorm == "global":
-            return _ref.RENORM_GLOBAL
+            return RENORM_GLOBAL
         per_token = self.renorm in ("token", "text_token")
         along_q = per_token == channels_last  # norm over Q: per token of [T, C]
-        return _ref.RENORM_ROW if along_q else _ref.RENORM_COL
+        return RENORM_ROW if along_q else RENORM_COL
 
     def step(self, x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor | None = None,
              v_img_uncond: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -431,10 +424,10 @@ class FlowSampler:
             raise ValueError(f"step: stepping past the last step: this sampler has {self.num_evals} model "
                              f"evaluations and all were taken; call reset() to start over")
         row_flags = self._host_flags[self._host_step]
-        if row_flags & _ref.F_CFG and v_uncond is None:
+        if row_flags & F_CFG and v_uncond is None:
             raise ValueError(f"v_uncond: guidance={self.guidance} > 1 is on at evaluation {self._host_step}, "
                              "which needs the unconditional velocity, got None")
-        if row_flags & _ref.F_IMG and v_img_uncond is None:
+        if row_flags & F_IMG and v_img_uncond is None:
             raise ValueError(f"v_img_uncond: image_guidance={self.image_guidance} > 1 is on at evaluation "
                              f"{self._host_step}, which needs the image-unconditional velocity, got None")
         if v_img_uncond is not None and v_uncond is None:
@@ -451,8 +444,5 @@ class FlowSampler:
         if x.numel() == 0:
             self.counter.add_(1)
             return out
-        # Eager calls go straight to the implementation (the custom op's dispatch costs tens of
-        # microseconds per call); traced code goes through the op so torch.compile sees it.
-        op = _flow_step_op if torch.compiler.is_compiling() else _dispatch
-        op(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, self.table, self._state, stats, mode, self.renorm_min)
+        _flow_step_op(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, self.table, self._state, stats, mode, self.renorm_min)
         return out

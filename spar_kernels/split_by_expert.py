@@ -1,7 +1,7 @@
 """Modality routing for mixture-of-transformers (BAGEL's und/gen experts), Triton.
 
 GPU: Triton kernels; CPU: a C++ loop with the gather and the RMSNorm fused
-(csrc/route_layers/split_by_expert_cpu.cpp, OpenMP + AVX2), ATen index ops without norm.
+(csrc/split_by_expert/split_by_expert_cpu.cpp, OpenMP + AVX2), ATen index ops without norm.
 
 ``split_by_expert`` groups the token rows by expert into one contiguous buffer (expert 0's rows
 first, each group in the original token order) and fuses the per-expert RMSNorm every MoT layer
@@ -26,16 +26,12 @@ from typing import NamedTuple, Sequence
 import torch
 
 from . import _aot, _ext
-from ._backend import select
-from ._triton import tl, triton
-from ._validate import FLOAT_DTYPES, check_out, check_tensor
-from .reference import routing as _ref
-from .routing import as_index, check_index_range
+from ._op import device_guard, spar_op
+from ._triton import ROW_LAUNCH_WIDTHS, row_launch_config, tl, triton
+from ._validate import FLOAT_DTYPES, as_index, check_index_range, check_out, check_tensor
+from .reference import split_by_expert as _ref
 from .row_moves import bits_view, copy_rows_triton
 
-_MAX_SINGLE_PASS = 8192  # widest row the split kernel keeps in registers; wider rows take two passes
-_CHUNK = 4096
-_MIN_BLOCK = 128
 
 
 class ExpertSplit(NamedTuple):
@@ -104,27 +100,18 @@ def _split_norm_kernel(X, PERM, IDS, W, Y, stride_x, stride_w, stride_y, D, E, e
                 tl.store(y_row + c, x, mask=mask)
 
 
-def _launch_config(D: int) -> tuple[int, int, bool]:
-    if D <= _MAX_SINGLE_PASS:
-        block = max(_MIN_BLOCK, triton.next_power_of_2(D))
-        return block, min(16, max(1, block // 256)), True
-    return _CHUNK, 8, False
-
-
 @_aot.register
 def _aot_specs():
     for dtype in FLOAT_DTYPES:
         t = _aot.TRITON_DTYPE[dtype]
         for wt in sorted({t, "fp32"}):
-            for D in [1 << p for p in range(7, 14)] + [_MAX_SINGLE_PASS + 1]:
-                block, warps, single = _launch_config(D)
+            for D in ROW_LAUNCH_WIDTHS:
+                block, warps, single = row_launch_config(D)
                 yield _aot.AOTSpec(
                     kernel_name="split_by_expert", fn=_split_norm_kernel,
                     config=f"{t} weight={wt} BLOCK_D={block} {'single' if single else 'two-pass'} warps={warps}",
-                    signature={"X": f"*{t}", "PERM": "*i64", "IDS": "*i64", "W": f"*{wt}", "Y": f"*{t}",
-                               "stride_x": "i64", "stride_w": "i64", "stride_y": "i64", "D": "i32", "E": "i64",
-                               "eps": "fp32", "HAS_NORM": "constexpr", "BLOCK_D": "constexpr",
-                               "SINGLE_PASS": "constexpr"},
+                    types={"X": f"*{t}", "PERM": "*i64", "IDS": "*i64", "W": f"*{wt}", "Y": f"*{t}",
+                           "stride_x": "i64", "stride_w": "i64", "stride_y": "i64", "E": "i64", "eps": "fp32"},
                     constexprs={"HAS_NORM": True, "BLOCK_D": block, "SINGLE_PASS": single},
                     num_warps=warps, num_stages=1, aligned=("X", "W", "Y"))
 
@@ -141,41 +128,25 @@ def _split_triton(x, ids, perm, offsets, weights, eps, out):
         return
     xs = x if x.stride(1) == 1 or D == 1 else x.contiguous()
     w = weights if weights.stride(-1) == 1 or D == 1 else weights.contiguous()
-    block, warps, single = _launch_config(D)
-    with torch.cuda.device(x.device) if x.is_cuda else _nullctx():
+    block, warps, single = row_launch_config(D)
+    with device_guard(x):
         _split_norm_kernel[(N,)](xs, perm, ids, w, out, xs.stride(0), w.stride(0), out.stride(0), D, w.shape[0],
                                  eps, HAS_NORM=True, BLOCK_D=block, SINGLE_PASS=single, num_warps=warps)
 
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _split_cpu(x, ids, perm, offsets, weights, eps, out):
     if weights is None:
         torch.index_select(bits_view(x), 0, perm, out=bits_view(out))
         return
-    ext = _ext.cpu_ext() if _ext.has_cpu_extension() else None
-    if ext is not None and hasattr(ext, "split_by_expert"):
-        # the C++ path: gather + RMSNorm fused, one read and one write per row
-        w = weights if weights.dtype in (x.dtype, torch.float32) else weights.float()
-        if w.shape[1] > 1 and w.stride(1) != 1:
-            w = w.contiguous()
-        ext.split_by_expert(x.data_ptr(), _ext.dtype_code(x), x.shape[0], x.shape[1], x.stride(0), x.stride(1),
-                            perm.data_ptr(), ids.data_ptr(), ids.dtype == torch.int64, w.data_ptr(),
-                            _ext.dtype_code(w), w.shape[0], w.stride(0), float(eps), out.data_ptr())
-        return
-    torch.index_select(bits_view(x), 0, perm, out=bits_view(out))
-    off = offsets.tolist()  # CPU tensor: no device sync
-    for e in range(len(off) - 1):
-        seg = out[off[e]:off[e + 1]]
-        if seg.shape[0]:
-            h = seg.float()
-            seg.copy_(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weights[e].float())
+    # the C++ twin: gather + RMSNorm fused, one read and one write per row
+    w = weights if weights.dtype in (x.dtype, torch.float32) else weights.float()
+    if w.shape[1] > 1 and w.stride(1) != 1:
+        w = w.contiguous()
+    _ext.cpu_twin("split_by_expert")(x.data_ptr(), _ext.dtype_code(x), x.shape[0], x.shape[1], x.stride(0),
+                                     x.stride(1), perm.data_ptr(), ids.data_ptr(), ids.dtype == torch.int64,
+                                     w.data_ptr(), _ext.dtype_code(w), w.shape[0], w.stride(0), float(eps),
+                                     out.data_ptr())
 
 
 def _split_reference(x, ids, perm, offsets, weights, eps, out):
@@ -186,15 +157,9 @@ def _split_reference(x, ids, perm, offsets, weights, eps, out):
 _SPLIT_IMPLS = {"triton": _split_triton, "cpu": _split_cpu, "reference": _split_reference}
 
 
-@torch.library.custom_op("spar::split_by_expert", mutates_args=("out",))
+@spar_op("split_by_expert", mutates_args=("out",), impls=_SPLIT_IMPLS)
 def _split_op(x: torch.Tensor, expert_ids: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor,
-              norm_weights: torch.Tensor | None, eps: float, out: torch.Tensor) -> None:
-    select("split_by_expert", x.device, _SPLIT_IMPLS)(x, expert_ids, perm, offsets, norm_weights, eps, out)
-
-
-@_split_op.register_fake
-def _(x, expert_ids, perm, offsets, norm_weights, eps, out) -> None:
-    return None
+              norm_weights: torch.Tensor | None, eps: float, out: torch.Tensor) -> None: ...
 
 
 def split_by_expert(x: torch.Tensor, expert_ids: torch.Tensor | Sequence[int], num_experts: int,
@@ -287,14 +252,8 @@ def _merge_reference(grouped, perm, out):
 _MERGE_IMPLS = {"triton": _merge_triton, "cpu": _merge_cpu, "reference": _merge_reference}
 
 
-@torch.library.custom_op("spar::merge_experts", mutates_args=("out",))
-def _merge_op(grouped: torch.Tensor, perm: torch.Tensor, out: torch.Tensor) -> None:
-    select("merge_experts", grouped.device, _MERGE_IMPLS)(grouped, perm, out)
-
-
-@_merge_op.register_fake
-def _(grouped, perm, out) -> None:
-    return None
+@spar_op("merge_experts", mutates_args=("out",), impls=_MERGE_IMPLS)
+def _merge_op(grouped: torch.Tensor, perm: torch.Tensor, out: torch.Tensor) -> None: ...
 
 
 def merge_experts(grouped: torch.Tensor, split: ExpertSplit | torch.Tensor, *,

@@ -9,7 +9,7 @@ get zeros and ``lse = -inf``.
 
 Implementations (``spar_kernels.backend`` forces one):
 
-- ``"triton"``: FlashAttention-2 style kernel (:mod:`spar_kernels.attention_kernels`) that skips
+- ``"triton"``: FlashAttention-2 style kernel (:mod:`spar_kernels.attention.kernels`) that skips
   empty key tiles and masks only boundary tiles, plus a split-KV decode path for few query rows
   per sequence and a float8_e4m3fn path with per-head descales;
 - ``"cpu"``: fp32 attention per sequence, in query chunks whose mask stays under
@@ -28,10 +28,11 @@ import math
 import numpy as np
 import torch
 
-from ._backend import select
-from ._validate import check_out, check_tensor
-from .attention_layout import AttentionLayout, TileWork, validate_intervals
-from .reference import attention as _ref
+from .._op import spar_op
+from .._validate import check_out, check_tensor
+from ..reference import attention as _ref
+from .kernels import _impl_triton
+from .layout import AttentionLayout, TileWork, validate_intervals
 
 # Head dims the kernels take (the model heads: 64, 72, 80, 96, 112, 128; 16 and 32 for the small
 # test configs of the runtime). Non powers of two are padded inside the kernel, never by the caller.
@@ -141,29 +142,15 @@ def _impl_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_s
         lse.copy_(l)
 
 
-_IMPLS = {"cpu": _impl_cpu, "reference": _impl_reference}
+_IMPLS = {"triton": _impl_triton, "cpu": _impl_cpu, "reference": _impl_reference}
 
 
-def _register_triton_impl(fn) -> None:
-    """Called by :mod:`spar_kernels.attention_kernels` once its kernels are defined."""
-    _IMPLS["triton"] = fn
-
-
-@torch.library.custom_op("spar::hybrid_attention", mutates_args=("out", "lse"))
+@spar_op("hybrid_attention", mutates_args=("out", "lse"), impls=_IMPLS)
 def _hybrid_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor,
                          max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, out: torch.Tensor,
                          lse: torch.Tensor | None, q_descale: torch.Tensor | None,
-                         k_descale: torch.Tensor | None, v_descale: torch.Tensor | None) -> None:
-    select("hybrid_attention", q.device, _IMPLS)(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end,
-                                                  max_seqlen_q, max_seqlen_k, softmax_scale, out, lse,
-                                                  q_descale, k_descale, v_descale)
-
-
-@_hybrid_attention_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_q, max_seqlen_k, softmax_scale, out, lse,
-      q_descale, k_descale, v_descale) -> None:
-    return None
+                         k_descale: torch.Tensor | None, v_descale: torch.Tensor | None) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,5 +317,3 @@ def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
 
 
 __all__ = ["AttentionLayout", "TileWork", "hybrid_attention", "hybrid_attention_varlen", "HEAD_DIMS"]
-
-from . import attention_kernels as _kernels  # noqa: E402,F401  - registers the "triton" implementation
