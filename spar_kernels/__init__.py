@@ -11,15 +11,14 @@ from .quantize_fp8 import quantize_fp8
 from .rms_norm import rms_norm
 
 from .route_layers import route_layers
-from .attention import AttentionLayout, hybrid_attention, hybrid_attention_varlen
-from .linear_attention import linear_attention
+from .attention import AttentionLayout, hybrid_attention, hybrid_attention_varlen, hybrid_attention_workspace
+from .linear_attention import linear_attention, linear_attention_workspace
 from .adaln import adaln_layernorm, gated_residual
 from .dwconv_glu import dwconv_glu
 from .flow_sampler import FlowSampler
 from .schedules import flow_sigmas
 from .row_moves import gather_rows, pack_sequences, scatter_rows, unpack_sequences
 from .split_by_expert import ExpertSplit, merge_experts, split_by_expert
-# @ops-imports (one line per op module: from .<op> import <public names>)
 
 __version__ = "0.1.0"
 
@@ -49,7 +48,9 @@ __all__ = [
     "AttentionLayout",
     "hybrid_attention",
     "hybrid_attention_varlen",
+    "hybrid_attention_workspace",
     "linear_attention",
+    "linear_attention_workspace",
     "adaln_layernorm",
     "gated_residual",
     "dwconv_glu",
@@ -62,5 +63,4 @@ __all__ = [
     "split_by_expert",
     "merge_experts",
     "ExpertSplit",
-    # @ops-all
 ]

@@ -77,22 +77,22 @@ CPU_TWINS = ("quantize_fp8", "route_layers", "flow_sampler_step", "split_by_expe
 CUDA_KERNELS = ("quantize_fp8", "route_layers", "flow_sampler_step")
 
 
-def cpu_twin(name: str):
-    """The C++ CPU twin ``name`` from ``_C_cpu``; raises RuntimeError naming what is missing."""
-    fn = getattr(cpu_ext(), name, None)
+def _symbol(ext: ModuleType, name: str):
+    fn = getattr(ext, name, None)
     if fn is None:
-        raise RuntimeError(f"spar_kernels._C_cpu has no {name!r}: the installed build is stale or incomplete; "
+        raise RuntimeError(f"{ext.__name__} has no {name!r}: the installed build is stale or incomplete; "
                            "reinstall with `pip install -e .` from the repository root")
     return fn
+
+
+def cpu_twin(name: str):
+    """The C++ CPU twin ``name`` from ``_C_cpu``; raises RuntimeError naming what is missing."""
+    return _symbol(cpu_ext(), name)
 
 
 def cuda_kernel(name: str):
     """The CUDA C++ entry point ``name`` from ``_C_cuda``; raises RuntimeError naming what is missing."""
-    fn = getattr(cuda_ext(), name, None)
-    if fn is None:
-        raise RuntimeError(f"spar_kernels._C_cuda has no {name!r}: the installed build is stale or incomplete; "
-                           "reinstall with `pip install -e .` from the repository root")
-    return fn
+    return _symbol(cuda_ext(), name)
 
 
 def stream_of(t: torch.Tensor) -> int:

@@ -9,7 +9,6 @@
 #include "adaln/api.h"
 #include "dwconv_glu/api.h"
 #include "linear_attention/api.h"
-// @ops-cpu-includes (one line per op: #include "<op>/api.h")
 
 namespace py = pybind11;
 
@@ -45,7 +44,6 @@ PYBIND11_MODULE(_C_cpu, m) {
         py::arg("sqh"), py::arg("skb"), py::arg("skn"), py::arg("skh"), py::arg("svb"), py::arg("svn"), py::arg("svh"),
         py::arg("out"), py::arg("sob"), py::arg("son"), py::arg("soh"), py::arg("eps"),
         py::call_guard<py::gil_scoped_release>());
-  // @ops-cpu-defs (one m.def block per op)
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else
