@@ -6,7 +6,9 @@
   errors measured against an fp64 reference;
 - :func:`mismatch_report`: worst indices, NaN/inf counts, a summary that makes a failure readable;
 - :func:`poison` / :func:`poisoned_empty`: fill outputs with NaN before a run so that elements a
-  kernel never writes fail the comparison.
+  kernel never writes fail the comparison;
+- :func:`fake_cuda`: run code on a simulated CUDA device and count its launches, host syncs,
+  host-to-device copies and memory (:mod:`spar_kernels._fake_cuda`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+
+from ._fake_cuda import FakeCudaRecorder, fake_cuda  # noqa: F401  (re-exported)
 
 # (atol, rtol) for comparing an op's output in a dtype with a reference of the same math.
 # Values reflect one or two roundings of the output dtype (eps: fp32 1.2e-7, fp16 9.8e-4,
