@@ -2,7 +2,9 @@
 
 Environment:
   SPAR_BUILD_CUDA = auto (default) | 1 | 0   build the CUDA extension when nvcc is found / always / never
-  SPAR_CUDA_ARCHS = "80;90a" (default)        archs of the CUDA extension
+  SPAR_CUDA_ARCHS = "80;90a" (default)        archs of the CUDA extension's machine code
+  SPAR_CUDA_PTX_ARCH = "" (default)           arch of its embedded PTX ("": the lowest of SPAR_CUDA_ARCHS;
+                                              "none": no PTX); newer GPUs JIT-compile it
   SPAR_CPU_ARCH   = native (default)          -march of the CPU extension ("" for the compiler default)
   CUDA_HOME                                   where to look for nvcc besides PATH and /usr/local/cuda
 """
@@ -72,6 +74,7 @@ class CMakeBuild(build_ext):
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DSPAR_BUILD_CUDA={'ON' if self.nvcc else 'OFF'}",
             f"-DSPAR_CUDA_ARCHS={os.environ.get('SPAR_CUDA_ARCHS', '80;90a')}",
+            f"-DSPAR_CUDA_PTX_ARCH={os.environ.get('SPAR_CUDA_PTX_ARCH', '')}",
             f"-DSPAR_CPU_ARCH={os.environ.get('SPAR_CPU_ARCH', 'native')}",
         ]
         if self.nvcc:

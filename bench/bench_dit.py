@@ -1,22 +1,22 @@
-"""SANA DiT block kernels: spar vs the diffusers modules they replace vs torch.compile of those.
+"""The SANA DiT block: its fused non-GEMM work and the whole block, spar vs the diffusers modules
+they replace vs torch.compile of those; and the interleaved CPU-time run of every DiT op.
 
 Cases (batch 2 = the CFG batch, SANA-0.6B and SANA-1.6B block shapes, 256 and 1024 image tokens):
 
-- per op: ``linear_attention`` (diffusers: ``SanaLinearAttnProcessor2_0`` on an ``Attention``
-  whose projections are identities, so only the attention math is timed), ``adaln_layernorm``
-  (``norm1(x) * (1 + scale) + shift``), ``gated_residual`` (``x + gate * y``; spar in place),
-  ``dwconv_glu`` (``GLUMBConv``'s ``conv_depth`` -> chunk -> ``a * silu(gate)``);
 - ``nongemm``: all fused non-GEMM work of one block in sequence (2 x adaLN, linear attention,
   2 x gated residual, dwconv-GLU), spar vs diffusers' same ops;
 - ``block``: a whole ``SanaTransformerBlock`` (context of 300 + 277 tokens: diffusers pads and
-  masks, spar packs) vs ``spar_kernels.sana_block.sana_block_forward`` with the same weights,
+  masks, spar packs) vs the runtime's ``spar_runtime.sana.SanaBlock`` with the same weights,
   with and without the context K/V cached across steps.
 
-Launches per block (spar, CUDA, K/V not cached): 2 adaLN + 3 q/k/v GEMMs + 2 linear attention +
-1 out GEMM + 1 gated residual + 1 q GEMM + 2 k/v GEMMs + 1 cross attention + 1 out GEMM + 1 add +
-1 GEMM + 1 SiLU + 1 dwconv-GLU + 1 GEMM + 1 gated residual = 20 (18 with K/V cached), against ~35
-kernels for diffusers' block. GPU timings cannot be taken here (no GPU): CPU figures only.
-``--quick`` runs 0.6B at 256 tokens and skips torch.compile (its compile time dominates).
+The single ops have their own modules (bench_linear_attention.py, bench_adaln.py,
+bench_dwconv_glu.py) on the shapes :func:`sana_shapes` gives. ``--quick`` runs 0.6B at 256 tokens
+and skips torch.compile (its compile time dominates). GPU timings cannot be taken here (no GPU).
+
+    OMP_NUM_THREADS=1 python -m bench.bench_dit [--reps 9] [--no-block] [--ops a,b] [--isa base|avx2|avx512]
+
+runs spar and diffusers of every DiT case with their calls alternating, timed with the process CPU
+clock on one thread (robust on a shared machine), and prints medians.
 """
 
 from __future__ import annotations
@@ -42,6 +42,15 @@ _blocks: dict = {}
 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
 
 
+def sana_shapes(quick: bool):
+    """(tag, config, N, H, W) of the bench shapes: both SANA sizes at 256 and 1024 tokens
+    (--quick: 0.6B at 256)."""
+    todo = [("sana-0.6b", 256)] if quick else [(n, t) for n in CONFIGS for t in GRIDS]
+    for cfg_name, N in todo:
+        H, W = GRIDS[N]
+        yield f"{cfg_name} B={B} N={N} ({H}x{W})", CONFIGS[cfg_name], N, H, W
+
+
 def _block(cfg_name: str):
     if cfg_name not in _blocks:
         from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
@@ -56,7 +65,8 @@ def _block(cfg_name: str):
     return _blocks[cfg_name]
 
 
-def _compiled(fn, quick):
+def compiled_unless_quick(fn, quick):
+    """A provider factory timing torch.compile(fn); Unavailable in --quick (compile time)."""
     def factory():
         if quick:
             raise Unavailable("skipped in --quick (compile time)")
@@ -68,27 +78,23 @@ def _compiled(fn, quick):
     return factory
 
 
-def _no_grad(fn):
+def no_grad(fn):
     def run():
         with torch.no_grad():
             return fn()
     return run
 
 
-def _op_cases(cfg_name, N, H, W, dtype, device, quick):
-    c = CONFIGS[cfg_name]
+def _nongemm_case(tag, c, N, H, W, dtype, device, quick):
     C, heads, d = c["dim"], c["heads"], c["head_dim"]
     Ch = int(MLP_RATIO * C)
     es = torch.tensor([], dtype=dtype).element_size()
-    tag = f"{cfg_name} B={B} N={N} ({H}x{W}) {str(dtype)[6:]}"
     mk = dict(device=device, dtype=dtype)
     x = torch.randn(B, N, C, **mk)
-    y = torch.randn(B, N, C, **mk)
     mods = (torch.randn(6, C, **mk)[None] + torch.randn(B, 6, C, **mk)).chunk(6, dim=1)
-    shift, scale, gate = mods[0], mods[1], mods[2]
     norm = nn.LayerNorm(C, elementwise_affine=False, eps=1e-6)
     u = torch.randn(B, N, 2 * Ch, **mk)
-    u_img = u.view(B, H, W, 2 * Ch).permute(0, 3, 1, 2)        # what conv_inverted hands conv_depth
+    u_img = u.view(B, H, W, 2 * Ch).permute(0, 3, 1, 2)
     conv_depth = nn.Conv2d(2 * Ch, 2 * Ch, 3, 1, 1, groups=2 * Ch).to(**mk).requires_grad_(False)
 
     from diffusers.models.attention_processor import Attention, SanaLinearAttnProcessor2_0
@@ -97,73 +103,41 @@ def _op_cases(cfg_name, N, H, W, dtype, device, quick):
     attn.to_q = attn.to_k = attn.to_v = nn.Identity()
     attn.to_out[0] = nn.Identity()
     attn = attn.to(**mk).eval()
-    qkv = x.view(B, N, heads, d)
-
-    def d_adaln(x=x):
-        return norm(x) * (1 + scale) + shift
-
-    def d_gated(x=x):
-        return x + gate * y
-
-    def d_attn(x=x):
-        return attn(x)
-
-    def d_glu():
-        h, g = torch.chunk(conv_depth(u_img), 2, dim=1)
-        return h * F.silu(g)
 
     def d_nongemm():
-        h = d_adaln()
-        o = d_attn(h)
-        r = x + gate * o
+        h = norm(x) * (1 + mods[1]) + mods[0]
+        o = attn(h)
+        r = x + mods[2] * o
         h = norm(r) * (1 + mods[4]) + mods[3]
-        g = d_glu()
+        hh, g = torch.chunk(conv_depth(u_img), 2, dim=1)
+        g = hh * F.silu(g)
         return r + mods[5] * g.flatten(2).transpose(1, 2)[..., :C]
 
     o_attn = torch.empty(B, N, heads, d, **mk)
     o_norm = torch.empty(B, N, C, **mk)
     o_glu = torch.empty(B, N, Ch, **mk)
     xr = x.clone()
-
-    def s_adaln():
-        return sk.adaln_layernorm(x, shift, scale, eps=1e-6, out=o_norm)
-
-    def s_gated():
-        return sk.gated_residual(xr, y, gate, out=xr)
-
-    def s_attn():
-        return sk.linear_attention(qkv, qkv, qkv, out=o_attn)
-
-    def s_glu():
-        return sk.dwconv_glu(u, conv_depth.weight, conv_depth.bias, H, W, out=o_glu)
+    hv = o_norm.view(B, N, heads, d)
+    ws = sk.linear_attention_workspace(hv, hv, hv)
 
     def s_nongemm():
-        h = sk.adaln_layernorm(x, shift, scale, eps=1e-6, out=o_norm)
-        sk.linear_attention(h.view(B, N, heads, d), h.view(B, N, heads, d), h.view(B, N, heads, d), out=o_attn)
-        sk.gated_residual(xr, o_attn.view(B, N, C), gate, out=xr)
+        h = sk.adaln_layernorm(x, mods[0], mods[1], eps=1e-6, out=o_norm).view(B, N, heads, d)
+        sk.linear_attention(h, h, h, out=o_attn, workspace=ws)
+        sk.gated_residual(xr, o_attn.view(B, N, C), mods[2], out=xr)
         sk.adaln_layernorm(xr, mods[3], mods[4], eps=1e-6, out=o_norm)
         g = sk.dwconv_glu(u, conv_depth.weight, conv_depth.bias, H, W, out=o_glu)
         return sk.gated_residual(xr, g[..., :C], mods[5], out=xr)
 
     act = B * N * C * es
     glu_bytes = B * N * 3 * Ch * es
-    attn_flops = 2 * B * heads * N * d * d * 2
-    ops = [
-        ("adaln_layernorm", s_adaln, d_adaln, 2 * act, None),
-        ("gated_residual", s_gated, d_gated, 3 * act, None),
-        ("linear_attention", s_attn, d_attn, 4 * act, attn_flops),
-        ("dwconv_glu", s_glu, d_glu, glu_bytes, B * N * 2 * Ch * 9 * 2),
-        ("nongemm", s_nongemm, d_nongemm, 2 * 2 * act + 2 * 3 * act + 4 * act + glu_bytes, None),
-    ]
-    for op, s, dfn, nbytes, flops in ops:
-        yield Case(op=f"dit:{op}", name=tag, bytes=nbytes, flops=flops, baseline="diffusers",
-                   providers={"spar": (lambda s=s: _no_grad(s)), "diffusers": (lambda f=dfn: _no_grad(f)),
-                              "torch.compile": _compiled(_no_grad(dfn), quick)},
-                   note="CPU figures" if device.type == "cpu" else "")
+    yield Case(op="dit_nongemm", name=f"{tag} {str(dtype)[6:]}", bytes=2 * 2 * act + 2 * 3 * act + 4 * act + glu_bytes,
+               baseline="diffusers",
+               providers={"spar": lambda: no_grad(s_nongemm), "diffusers": lambda: no_grad(d_nongemm),
+                          "torch.compile": compiled_unless_quick(no_grad(d_nongemm), quick)})
 
 
 def _block_case(cfg_name, N, H, W, dtype, device, quick):
-    from spar_kernels.sana_block import sana_block_forward, sana_cross_kv
+    from spar_runtime.sana import SanaBlock, SanaConfig
 
     c = CONFIGS[cfg_name]
     C = c["dim"]
@@ -180,70 +154,116 @@ def _block_case(cfg_name, N, H, W, dtype, device, quick):
     bias = ((1 - keep) * -10000.0).unsqueeze(1)
     packed = torch.cat([ctx[b, :n] for b, n in enumerate(CTX_LENS)])
     layout = sk.AttentionLayout.cross([N] * B, CTX_LENS, device=device)
+    rt = SanaBlock(SanaConfig.from_dict({
+        "num_attention_heads": c["heads"], "attention_head_dim": c["head_dim"], "num_layers": 1,
+        "num_cross_attention_heads": c["cross_heads"], "cross_attention_head_dim": c["cross_head_dim"],
+        "cross_attention_dim": C, "mlp_ratio": MLP_RATIO, "attention_bias": True}), blk.state_dict(), "")
+    mod = rt.modulation(t.view(B, 6, C))
+    hs = torch.empty_like(x)
 
     def d_block():
         return blk(x, encoder_hidden_states=ctx, encoder_attention_mask=bias, timestep=t, height=H, width=W)
 
-    def s_block():
-        return sana_block_forward(blk, x, packed, CTX_LENS, t, H, W, cross_layout=layout)
+    kv = torch.zeros((2, packed.shape[0], c["cross_heads"], rt.attn_dim), **mk)
+    rt.cross_kv(packed, kv)
 
-    kv = []
+    def s_block():           # the context K/V recomputed, as for a one-step call
+        rt.cross_kv(packed, kv)
+        return s_block_cached()
 
-    def s_block_cached():
-        if not kv:
-            kv.append(sana_cross_kv(blk, packed))
-        return sana_block_forward(blk, x, None, CTX_LENS, t, H, W, cross_kv=kv[0], cross_layout=layout)
+    def s_block_cached():    # the block updates its input in place: start from x each call
+        return rt(hs.copy_(x), mod, kv, layout, H, W)
 
     tok = B * N
     gemm = 2 * tok * (4 * C * C + 2 * C * C + 3 * C * Ch) + 2 * sum(CTX_LENS) * 2 * C * C
     tag = f"{cfg_name} B={B} N={N} ({H}x{W}) ctx={'+'.join(map(str, CTX_LENS))} {str(dtype)[6:]}"
-    yield Case(op="dit:block", name=tag, flops=gemm, baseline="diffusers",
-               providers={"spar": (lambda: _no_grad(s_block)), "spar (ctx K/V cached)": (lambda: _no_grad(s_block_cached)),
-                          "diffusers": (lambda: _no_grad(d_block)), "torch.compile": _compiled(_no_grad(d_block), quick)},
+    yield Case(op="dit_block", name=tag, flops=gemm, baseline="diffusers",
+               providers={"spar": (lambda: no_grad(s_block)), "spar (ctx K/V cached)": (lambda: no_grad(s_block_cached)),
+                          "diffusers": (lambda: no_grad(d_block)), "torch.compile": compiled_unless_quick(no_grad(d_block), quick)},
                note="FLOPs: the block's GEMMs only")
 
 
 def cases(device: torch.device, quick: bool):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    todo = [("sana-0.6b", 256)] if quick else [(n, t) for n in CONFIGS for t in GRIDS]
-    for cfg_name, N in todo:
-        H, W = GRIDS[N]
-        yield from _op_cases(cfg_name, N, H, W, dtype, device, quick)
-        yield from _block_case(cfg_name, N, H, W, dtype, device, quick)
+    for cfg_name, c in CONFIGS.items():
+        for tag, cc, N, H, W in sana_shapes(quick):
+            if cc is c:
+                yield from _nongemm_case(tag, c, N, H, W, dtype, device, quick)
+                yield from _block_case(cfg_name, N, H, W, dtype, device, quick)
 
 
-def interleaved(reps: int = 9, block: bool = True) -> None:
-    """spar vs diffusers with the two providers' calls alternating (one call each, ``reps`` times),
-    medians printed: on a shared CPU this cancels the load swings that hit one provider's whole
-    timing window in the harness. ``python -m bench.bench_dit`` (CPU figures, fp32, 1 thread)."""
+def _cpu_name() -> str:
+    from bench.harness import device_name
+
+    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+    isa = "AVX-512" if " avx512f" in flags else ("AVX2" if " avx2" in flags else "no AVX2")
+    return f"{device_name(torch.device('cpu'))}, {isa}"
+
+
+def interleaved(reps: int = 9, block: bool = True, ops=None) -> None:
+    """spar vs diffusers of every DiT case (the per-op modules' cases, nongemm, block), one call of
+    each provider in turn, ``reps`` times, timed with the process CPU clock; medians printed."""
     import time
 
+    from bench import bench_adaln, bench_dwconv_glu, bench_linear_attention
+
     dev = torch.device("cpu")
-
-    def ab(fs):
-        ts = {k: [] for k in fs}
-        for f in fs.values():
-            f()
-        for _ in range(reps):
-            for k, f in fs.items():
-                t0 = time.perf_counter()
-                f()
-                ts[k].append(time.perf_counter() - t0)
-        return {k: sorted(v)[len(v) // 2] * 1e6 for k, v in ts.items()}
-
-    for cfg_name in CONFIGS:
-        for N, (H, W) in GRIDS.items():
-            cs = {c.op: c for c in _op_cases(cfg_name, N, H, W, torch.float32, dev, True)}
+    mods = (bench_adaln, bench_linear_attention, bench_dwconv_glu)
+    by_shape: dict = {}
+    for m in mods:
+        for c in m.cases(dev, quick=False):
+            by_shape.setdefault(c.name, []).append(c)
+    for cfg_name, c in CONFIGS.items():
+        for tag, cc, N, H, W in sana_shapes(False):
+            if cc is not c:
+                continue
+            name = f"{tag} float32"
+            by_shape.setdefault(name, []).extend(_nongemm_case(tag, c, N, H, W, torch.float32, dev, True))
             if block:
-                cs.update({c.op: c for c in _block_case(cfg_name, N, H, W, torch.float32, dev, True)})
-            row = []
-            for op, c in cs.items():
-                m = ab({k: c.providers[k]() for k in ("spar", "diffusers")})
-                row.append(f"{op[4:]} {m['spar']:.0f} / {m['diffusers']:.0f} us ({m['diffusers'] / m['spar']:.2f}x)")
-            print(f"{cfg_name} N={N}: " + " | ".join(row), flush=True)
+                by_shape[name].extend(_block_case(cfg_name, N, H, W, torch.float32, dev, True))
+    print("| case | op | spar us | diffusers us | speedup |")
+    print("|---|---|---:|---:|---:|")
+    for name, cs in by_shape.items():
+        for c in cs:
+            if ops and c.op not in ops:
+                continue
+            fs = {k: c.providers[k]() for k in ("spar", "diffusers")}
+            ts = {k: [] for k in fs}
+            for f in fs.values():
+                f()
+            for _ in range(reps):
+                for k, f in fs.items():
+                    t0 = time.process_time()
+                    f()
+                    ts[k].append(time.process_time() - t0)
+            med = {k: sorted(v)[len(v) // 2] * 1e6 for k, v in ts.items()}
+            print(f"| {name} | {c.op} | {med['spar']:.0f} | {med['diffusers']:.0f} | "
+                  f"{med['diffusers'] / med['spar']:.2f}x |", flush=True)
+
+
+def _main(argv=None) -> int:
+    import argparse
+    import os
+
+    p = argparse.ArgumentParser(prog="python -m bench.bench_dit")
+    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--no-block", action="store_true", help="skip the whole-block rows (the slow ones)")
+    p.add_argument("--ops", default=None, help="comma-separated ops to run (default: all)")
+    p.add_argument("--isa", choices=["base", "avx2", "avx512"], default=None,
+                   help="force the C++ twins' instruction-set variant (SPAR_CPU_ISA; never one this CPU lacks)")
+    args = p.parse_args(argv)
+    if args.isa:
+        os.environ["SPAR_CPU_ISA"] = args.isa
+    torch.set_num_threads(1)
+    print(f"{_cpu_name()}; twins: {os.environ.get('SPAR_CPU_ISA') or 'widest supported'}; fp32, 1 thread, "
+          f"process CPU time, median of {args.reps}, spar and diffusers calls alternating")
+    interleaved(args.reps, block=not args.no_block, ops=args.ops.split(",") if args.ops else None)
+    return 0
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    print("CPU figures (fp32, 1 thread), medians, spar / diffusers (speedup), calls interleaved")
-    interleaved()
+    import os
+    import sys
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # read when the OpenMP runtime starts
+    sys.exit(_main())

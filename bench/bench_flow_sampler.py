@@ -1,17 +1,28 @@
 """FlowSampler.step (fused guidance + solver) vs diffusers' scheduler step plus the guidance math
 in eager PyTorch, on SPAR latents (CFG batch of 2: the two halves of one DiT output), BAGEL
-latents (packed [tokens, 64], three branches, image guidance, global renorm) and a large latent.
+latents (packed [tokens, 64], three branches, image guidance, global renorm) and a large latent;
+Euler, Heun (each call one model evaluation: predictor and corrector alternate) and
+DPM-Solver++ 2M.
 
 Bytes per step are the minimum a fused step moves: the state read and written once, every
 branch read once, and the solver's fp32 history read and written where the method keeps one.
+
+Standalone (CPU): ``OMP_NUM_THREADS=1 python -m bench.bench_flow_sampler [--quick] [--reps N]``
+times every case's providers interleaved (one block of calls per provider per repetition, in
+turn) in process CPU time, and prints medians over the repetitions: on a shared machine the
+providers then see the same load.
 """
 
 from __future__ import annotations
 
+import argparse
+import statistics
+import time
+
 import torch
 
 import spar_kernels as sk
-from bench.harness import Case, Unavailable
+from bench.harness import Case, Unavailable, device_name
 
 STEPS = 1000  # long schedules, so the timed calls rarely wrap around (the wrap is a host-side reset)
 
@@ -26,11 +37,14 @@ def _spar(sampler: sk.FlowSampler, x, branches, out):
 
 def _scheduler(method: str, shift: float):
     try:
-        from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+        from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
+                               FlowMatchHeunDiscreteScheduler)
     except ImportError as e:
         raise Unavailable(f"diffusers: {e}") from e
     if method == "euler":
         sc = FlowMatchEulerDiscreteScheduler(shift=shift)
+    elif method == "heun":
+        sc = FlowMatchHeunDiscreteScheduler(shift=shift)
     else:
         sc = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift,
                                          solver_order=2, algorithm_type="dpmsolver++")
@@ -42,9 +56,13 @@ def _diffusers_cfg(method, shift, x, vc, vu, g):
     sc = _scheduler(method, shift)
     t = sc.timesteps[1]
 
+    end = len(sc.timesteps) - 2
+
     def call():
-        if sc.step_index is None or sc.step_index >= STEPS - 2:
-            sc._step_index = 1  # mid-schedule: DPM-Solver takes its second-order path after one call
+        if sc.step_index is None or (sc.step_index >= end and getattr(sc, "dt", None) is None):
+            # mid-schedule: DPM-Solver takes its second-order path after one call; Heun restarts
+            # on a predictor (its corrector state is clear)
+            sc._step_index = 1
         v = vu + g * (vc - vu)
         return sc.step(v, t, x, return_dict=False)[0]
     return call
@@ -74,13 +92,13 @@ def cases(device: torch.device, quick: bool):
     if quick:
         spar_shapes = [spar_shapes[0], spar_shapes[2]]
     for label, shape in spar_shapes:
-        for method in ("euler", "dpmsolver++2m"):
+        for method in ("euler", "heun", "dpmsolver++2m"):
             dit_out = torch.randn((2,) + shape[1:], device=device, dtype=dtype)  # the CFG batch's velocity
             vc, vu = dit_out[:1], dit_out[1:]
             x = torch.randn(shape, device=device, dtype=dtype)
             out = torch.empty_like(x)
             n = x.numel()
-            hist = 2 * 4 * n if method != "euler" else 0
+            hist = 2 * 4 * n if method != "euler" else 0  # Heun: 2 buffers, written or read per call
             sampler = sk.FlowSampler(method, num_steps=STEPS, shift=shift, guidance=g, device=device)
             yield Case(
                 op="flow_sampler", name=f"{label} {method} cfg {str(dtype)[6:]}",
@@ -106,3 +124,53 @@ def cases(device: torch.device, quick: bool):
                     lambda x=x, vc=vc, vu=vu, vi=vi: _diffusers_bagel(x, vc, vu, vi, 4.0, 2.0, shift)),
             },
             bytes=2 * n * es + 3 * n * es, baseline="diffusers step + eager cfg")
+
+
+def interleaved(quick: bool = False, reps: int = 11, budget_s: float = 0.05) -> list[tuple[str, dict]]:
+    """Median process-CPU microseconds per call of every provider of every CPU case, the
+    providers of a case timed in turn in each repetition (see the module docstring)."""
+    device = torch.device("cpu")
+    rows = []
+    for case in cases(device, quick):
+        fns = {}
+        for prov, factory in case.providers.items():
+            try:
+                fns[prov] = factory()
+            except Unavailable:
+                continue
+        calls = {}
+        for prov, fn in fns.items():  # warm up; size a block of calls to about budget_s
+            fn()
+            t0, k = time.process_time(), 0
+            while time.process_time() - t0 < budget_s / 5 or k < 2:
+                fn()
+                k += 1
+            calls[prov] = max(1, int(k * budget_s / max(time.process_time() - t0, 1e-9) / 5))
+        times = {p: [] for p in fns}
+        for _ in range(reps):
+            for prov, fn in fns.items():
+                t0 = time.process_time()
+                for _ in range(calls[prov]):
+                    fn()
+                times[prov].append((time.process_time() - t0) / calls[prov] * 1e6)
+        rows.append((case.name, {p: statistics.median(v) for p, v in times.items()}))
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.bench_flow_sampler", description=__doc__.split("\n\n")[2])
+    p.add_argument("--quick", action="store_true", help="the quick case list")
+    p.add_argument("--reps", type=int, default=11, help="interleaved repetitions (medians over them)")
+    args = p.parse_args(argv)
+    print(f"{device_name(torch.device('cpu'))}; process CPU time, median of {args.reps} interleaved repetitions")
+    print("| case | spar us | diffusers step + eager cfg us | speedup |")
+    print("|---|---:|---:|---:|")
+    for name, med in interleaved(args.quick, args.reps):
+        sp, base = med.get("spar"), med.get("diffusers step + eager cfg")
+        ratio = f"{base / sp:.2f}x" if sp and base else "-"
+        print(f"| {name} | {sp:.1f} | {base:.1f} | {ratio} |" if sp and base else f"| {name} | {sp} | {base} | - |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

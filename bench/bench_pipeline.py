@@ -22,6 +22,14 @@ Models:
 Run ``python -m bench.bench_pipeline`` (add ``--quick`` for tiny only) for the per-stage table with
 accuracy (latent relative error vs the reference, bf16 vs fp32); ``python -m bench --only pipeline``
 runs the same stages through the common harness.
+
+The execution engine (spar_runtime/engine.py), with ``--engine``: per model, fp32 on the CPU,
+``generate_latents`` eager (``graphs=False``) against the static plan (``graphs=True``: on a CPU
+the captured step is called directly), interleaved; kernel launches per DiT step and per SANA
+block, eager vs plan, counted from the dispatch trace; FP8 weight memory of the quantized linears
+against bf16. ``--dryrun`` adds ``python -m spar_runtime.dryrun`` on the full SPAR-1B config
+(simulated H100: launches per step and block, syncs in the loop, peak memory, modeled floor), bf16
+and FP8, graphs on.
 """
 
 from __future__ import annotations
@@ -91,7 +99,8 @@ def _config(name: str):
     vae = copy.deepcopy(c.vae_config)
     vae["decoder_layers_per_block"] = [1] * 6
     vae["encoder_layers_per_block"] = [1] * 6
-    c = c.replace(mllm_config={**c.text_config, "vocab_size": 32000}, vae_config=vae)
+    c = c.replace(mllm_config={**c.text_config, "vocab_size": 32000}, vae_config=vae,
+                  tokenizer=None)   # text-only MLLM: no image tokenizer
     return c.with_layers(llm_layers=4, connector_layers=2, dit_layers=4)
 
 
@@ -284,6 +293,110 @@ def run(models, dtypes, reps: int, warmup: int, clock=time.perf_counter) -> tupl
     return rows, acc
 
 
+# ---- the execution engine: plans vs eager, launches, FP8 memory, the simulated H100 -----------
+
+def _variant(name: str, *, graphs: bool, quantization=None):
+    """A new fp32 SparPipeline with the reference's weights (its own components: FP8 quantizes in place)."""
+    from spar_runtime.dcae import DCAEDecoder
+    from spar_runtime.internvl import MLLM
+    from spar_runtime.pipeline import SparPipeline
+    from spar_runtime.sana import SanaDiT
+
+    ref = _reference_fp32(name)
+    cfg = ref.config
+    sd = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}  # noqa: E731
+    vae = DCAEDecoder(cfg.vae_config, {k[len("decoder."):]: v for k, v in sd(ref.vae).items() if k.startswith("decoder.")})
+    return SparPipeline(cfg, MLLM(cfg.mllm_config, sd(ref.mllm)), ref.spar, SanaDiT(cfg.dit_config, sd(ref.dit)), vae,
+                        device="cpu", dtype=torch.float32, graphs=graphs, quantization=quantization)
+
+
+def _op_count(fn) -> int:
+    """Kernel-launching ops of ``fn()`` in the dispatch trace (views and allocations excluded)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    free = {"aten.empty", "aten.empty_strided", "aten.empty_like", "aten.detach", "aten._unsafe_view"}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and str(func.overloadpacket) not in free:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.inference_mode(), Count():
+        fn()
+    return Count.n
+
+
+def engine_rows(models, reps: int, clock) -> list[dict]:
+    """graphs=True vs eager end to end, launches per step / block, FP8 weight memory (fp32 CPU)."""
+    rows = []
+    for name in models:
+        m = MODELS[name]
+        prompts, uncond, noise = _inputs(name)
+        kw = dict(uncond_ids=uncond, noise=noise, guidance=_config(name).guidance)
+        eager, plan = _variant(name, graphs=False), _variant(name, graphs=True)
+        gen = {k: (lambda p=p: p.generate_latents(prompts, num_steps=m.steps, **kw)) for k, p in
+               (("eager", eager), ("graphs=True", plan))}
+        t, last = _time(gen, reps, 1, clock)
+        med = {k: statistics.median(v) for k, v in t.items()}
+        row = {"model": name, "eager_ms": 1e3 * med["eager"], "plan_ms": 1e3 * med["graphs=True"],
+               "plan_vs_eager": med["eager"] / med["graphs=True"], "latent_rel": _rel(last["graphs=True"], last["eager"])}
+        for label, p in (("eager", eager), ("plan", plan)):   # launches per DiT step: (3 steps - 1 step) / 2
+            one, three = (_op_count(lambda n=n: p.generate_latents(prompts, num_steps=n, **kw)) for n in (1, 3))
+            row[f"{label}_launches_per_step"] = (three - one) / 2
+        blk, dit = eager.dit.blocks[0], eager.dit
+        N, B = (m.latent // dit.config.patch_size) ** 2, 2 * len(prompts)
+        ctx = dit.prepare_context(torch.randn(B * 5, dit.config.caption_channels), [5] * B)
+        hs, tm = torch.randn(B, N, dit.config.inner_dim), torch.randn(B, 6, dit.config.inner_dim)
+        mod = blk.modulation(tm)
+        row["launches_per_block"] = _op_count(lambda: blk(hs, mod, ctx.kv[0], ctx.layout(N), m.latent, m.latent))
+        fp8 = _variant(name, graphs=False, quantization="fp8")
+        q = fp8.quantized.values()
+        row["fp8_weight_bytes"] = sum(w.nbytes for w in q)
+        row["bf16_weight_bytes"] = sum(2 * w.shape[0] * w.shape[1] for w in q)
+        rows.append(row)
+        print(f"  engine {name}: eager {row['eager_ms']:.1f} ms, plan {row['plan_ms']:.1f} ms "
+              f"({row['plan_vs_eager']:.2f}x), launches/step {row['eager_launches_per_step']:.0f} -> "
+              f"{row['plan_launches_per_step']:.0f}, per block {row['launches_per_block']}", flush=True)
+    return rows
+
+
+def dryrun_rows(steps: int | None) -> list[dict]:
+    from spar_runtime.dryrun import dry_run
+
+    out = []
+    for quant in (None, "fp8"):
+        r = dry_run("SPAR-1B", dtype=torch.bfloat16, quantization=quant, graphs=True, steps=steps)
+        out.append(r)
+        print(f"  dryrun SPAR-1B bf16 fp8={quant}: {r['launches_per_dit_step']:.0f} launches/step, "
+              f"{r['launches_per_sana_block_step']:.1f}/block, syncs in loop {r['syncs_in_loop']}, "
+              f"peak {r['peak_bytes'] / 2**30:.2f} GiB, floor {r['floor_ms_total']:.1f} ms", flush=True)
+    return out
+
+
+def engine_markdown(rows, dry) -> str:
+    lines = ["## The execution engine (fp32, CPU)", "",
+             "| model | eager ms | graphs=True ms | plan vs eager | latent rel. diff | launches/step eager | "
+             "launches/step plan | launches/SANA block | FP8 / bf16 weight bytes (quantized linears) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['eager_ms']:.1f} | {r['plan_ms']:.1f} | {r['plan_vs_eager']:.2f}x | "
+                     f"{r['latent_rel']:.1e} | {r['eager_launches_per_step']:.0f} | {r['plan_launches_per_step']:.0f} | "
+                     f"{r['launches_per_block']} | {r['fp8_weight_bytes'] / 2**20:.1f} / "
+                     f"{r['bf16_weight_bytes'] / 2**20:.1f} MiB ({r['fp8_weight_bytes'] / r['bf16_weight_bytes']:.1%}) |")
+    if dry:
+        lines += ["", "### SPAR-1B on a simulated H100 (python -m spar_runtime.dryrun; counts, and a MODELED floor)", "",
+                  "| quantization | steps | launches/DiT step (inside the graph) | launches/SANA block | syncs in loop | "
+                  "peak GiB | modeled floor ms |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in dry:
+            lines.append(f"| {r['quantization'] or 'bf16'} | {r['steps']} | {r['launches_per_dit_step']:.0f} | "
+                         f"{r['launches_per_sana_block_step']:.1f} | {r['syncs_in_loop']} | "
+                         f"{r['peak_bytes'] / 2**30:.2f} | {r['floor_ms_total']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows, acc, dev: str, reps: int) -> str:
     lines = [f"# SparPipeline vs the reference composition ({dev})", "",
              f"{_dt.datetime.now().isoformat(timespec='seconds')}, torch {torch.__version__}, median of {reps} "
@@ -334,6 +447,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--steps", type=int, default=None, help="solver steps of the SPAR-1B-shaped model (default 20)")
     p.add_argument("--out", default=os.path.join(_HERE, "results"))
+    p.add_argument("--engine", action="store_true", help="add the engine rows (plans vs eager, launches, FP8 memory)")
+    p.add_argument("--engine-only", action="store_true", help="only the engine rows (skip the reference comparison)")
+    p.add_argument("--dryrun", action="store_true", help="add SPAR-1B on the simulated H100 (minutes on a CPU)")
     args = p.parse_args(argv)
     if args.steps:
         m = MODELS["SPAR-1B-shaped"]
@@ -349,8 +465,12 @@ def main(argv=None) -> int:
     if args.clock == "cpu" and torch.get_num_threads() != 1:
         p.error("--clock cpu measures process CPU time: use it with --threads 1")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    rows, acc = run(models, dtypes, reps, warmup=1, clock=clock)
+    rows, acc = ([], []) if args.engine_only else run(models, dtypes, reps, warmup=1, clock=clock)
     md = markdown(rows, acc, dev + (", process CPU time" if args.clock == "cpu" else ", wall time"), reps)
+    eng = engine_rows(models, reps, clock) if (args.engine or args.engine_only) else []
+    dry = dryrun_rows(args.steps) if args.dryrun else []
+    if eng or dry:
+        md += "\n" + engine_markdown(eng, dry)
     print()
     print(md)
     os.makedirs(args.out, exist_ok=True)
@@ -360,6 +480,7 @@ def main(argv=None) -> int:
         f.write(md)
     with open(base + ".json", "w") as f:
         json.dump({"device": dev, "torch": torch.__version__, "reps": reps, "timings": rows, "accuracy": acc,
+                   "engine": eng, "dryrun": dry,
                    "models": {k: dataclasses.asdict(v) for k, v in MODELS.items() if k in models}}, f, indent=1)
     print(f"wrote {base}.md, {base}.json")
     return 0

@@ -37,14 +37,19 @@ def _route_cases(device, quick):
         lid = torch.tensor(ids, device=device)
         out = torch.empty(N, D, device=device, dtype=dtype)
         moved = (K + 1) * N * D * es + N * K * es + 2 * D * es
-        eager = lambda: ref.route_layers_eager(hidden, ids, logits, alpha, w, b)  # noqa: E731
-        compiled = compiled_provider(lambda h, lg, a, w_, b_: ref.route_layers_eager(h, ids, lg, a, w_, b_))
+        # (every closure binds this case's tensors through default arguments: the cases are
+        # generated before they run, so a plain closure would see the last case's tensors)
+        eager = lambda hidden=hidden, ids=ids, logits=logits, alpha=alpha, w=w, b=b: (  # noqa: E731
+            ref.route_layers_eager(hidden, ids, logits, alpha, w, b))
+        compiled = compiled_provider(lambda h, lg, a, w_, b_, ids=ids: ref.route_layers_eager(h, ids, lg, a, w_, b_))
         yield Case(
             op="route_layers", name=f"route_layers {label} {str(dtype)[6:]}",
             providers={
-                "spar": lambda: (lambda: sk.route_layers(hidden, lid, logits, alpha, w, b, out=out)),
-                "torch eager": lambda: eager,
-                "torch.compile": lambda: (lambda c: (lambda: c(hidden, logits, alpha, w, b)))(compiled()),
+                "spar": lambda hidden=hidden, lid=lid, logits=logits, alpha=alpha, w=w, b=b, out=out: (
+                    lambda: sk.route_layers(hidden, lid, logits, alpha, w, b, out=out)),
+                "torch eager": lambda eager=eager: eager,
+                "torch.compile": lambda compiled=compiled, hidden=hidden, logits=logits, alpha=alpha, w=w, b=b: (
+                    lambda c: (lambda: c(hidden, logits, alpha, w, b)))(compiled()),
             },
             bytes=moved, baseline="torch eager")
 

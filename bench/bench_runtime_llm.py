@@ -81,7 +81,9 @@ def cases(device: torch.device, quick: bool):
         pv = torch.randn(1, 3, size, size, generator=g).to(device, dtype)
         V = cfg.text_config.vocab_size
         text = lambda n: torch.randint(8, V, (n,), generator=g)  # noqa: E731
-        ids = torch.cat([text(8), torch.full((cfg.image_seq_length,), IMAGE_TOKEN), text(16)]).to(device)
+        # host ids: spar's describe checks them and finds the image rows on the host (what a tokenizer
+        # gives it); transformers' generate takes them on the device
+        ids = torch.cat([text(8), torch.full((cfg.image_seq_length,), IMAGE_TOKEN), text(16)])
         return ref, mllm, pv, ids
 
     def spar_encode():
@@ -102,10 +104,11 @@ def cases(device: torch.device, quick: bool):
 
     def hf_describe():
         ref, _, pv, ids = inputs()
+        ids = ids[None].to(device)
 
         def run():
             with torch.inference_mode():
-                return ref.generate(input_ids=ids[None], pixel_values=pv, max_new_tokens=NEW_TOKENS,
+                return ref.generate(input_ids=ids, pixel_values=pv, max_new_tokens=NEW_TOKENS,
                                     min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
         return run
 

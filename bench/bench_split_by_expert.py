@@ -17,6 +17,7 @@ def cases(device: torch.device, quick: bool):
     E = 2
     ids = torch.randint(0, E, (N,), device=device)
     nw = torch.randn(E, D, device=device, dtype=dtype)
+    out = torch.empty(N, D, device=device, dtype=dtype)
 
     def eager_split():
         order = torch.sort(ids, stable=True).indices
@@ -25,6 +26,6 @@ def cases(device: torch.device, quick: bool):
         return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * nw.float()[ids[order]]).to(dtype)
 
     yield Case(op="split_by_expert", name=f"split_by_expert+rmsnorm {N}x{D} E={E} {str(dtype)[6:]}",
-               providers={"spar": lambda: (lambda: sk.split_by_expert(x, ids, E, nw)),
+               providers={"spar": lambda: (lambda: sk.split_by_expert(x, ids, E, nw, out=out)),
                           "torch eager": lambda: eager_split},
                bytes=2 * N * D * es, baseline="torch eager")

@@ -156,7 +156,12 @@ def discover() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules([here]) if m.name.startswith("bench_"))
 
 
-def collect(device: torch.device, quick: bool, only: Iterable[str] | None = None) -> list[Case]:
+def collect(device: torch.device, quick: bool, only: Iterable[str] | None = None,
+            errors: list[tuple[str, Exception]] | None = None) -> list[Case]:
+    """The cases of every bench module (of the ops in ``only``). A module whose peer library is
+    missing is skipped with a message. When ``errors`` is a list, a module whose ``cases()``
+    raises anything else is recorded there as ``(module name, exception)`` and the others are
+    still collected; otherwise the exception propagates."""
     cases: list[Case] = []
     wanted = set(only) if only else None
     for mod_name in discover():
@@ -168,7 +173,70 @@ def collect(device: torch.device, quick: bool, only: Iterable[str] | None = None
             cases.extend(mod.cases(device, quick))
         except ImportError as e:  # a peer library is missing: say so, run the other modules
             print(f"bench: skipping {mod_name} ({e}); install the bench extra: pip install -e '.[bench]'")
+        except Exception as e:  # noqa: BLE001 - reported by the caller (smoke runs)
+            if errors is None:
+                raise
+            errors.append((mod_name, e))
     return cases
+
+
+def is_spar_provider(name: str) -> bool:
+    """Whether a provider runs spar's code (``spar``, ``spar (...)``, ``patched`` models) rather
+    than a peer or reference."""
+    return name.startswith("spar") or name == "patched"
+
+
+@dataclasses.dataclass
+class SmokeResult:
+    op: str
+    case: str
+    status: str                   # "ok", "error" or "unavailable" (no spar provider could run here)
+    detail: str = ""              # the error, or what ran: providers, and on the simulated GPU the
+    #                               launches and host syncs of their calls (setup not counted)
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def smoke(device: torch.device, quick: bool = False, only: Iterable[str] | None = None,
+          max_cases: int = 0) -> list[SmokeResult]:
+    """Every case's setup and one call of each spar provider, untimed: on ``device="cuda"``
+    inside ``spar_kernels.testing.fake_cuda()`` (a simulated GPU: nothing computes, so the full
+    sizes cost only Python time), so that a crash in a GPU-only path shows up without a GPU.
+    A module whose ``cases()`` raises gives one ``error`` result named after the module."""
+    import contextlib
+
+    from spar_kernels.testing import fake_cuda
+
+    results: list[SmokeResult] = []
+    with fake_cuda() if device.type == "cuda" else contextlib.nullcontext() as rec:
+        errors: list[tuple[str, Exception]] = []
+        cases = collect(device, quick, only, errors)
+        results += [SmokeResult(m[len("bench_"):], "cases()", "error", _error(e)) for m, e in errors]
+        for i, case in enumerate(cases[:max_cases] if max_cases > 0 else cases):
+            ran, problems, unavailable, stats = [], [], [], None
+            for prov, factory in case.providers.items():
+                if not is_spar_provider(prov):
+                    continue
+                try:
+                    fn = factory()  # setup: not counted
+                    with rec.region(f"case {i}") if rec is not None else contextlib.nullcontext() as stats:
+                        fn()
+                    ran.append(prov)
+                except Unavailable as e:
+                    unavailable.append(f"{prov}: {e}")
+                except Exception as e:  # noqa: BLE001 - the point of a smoke run: report and go on
+                    problems.append(f"{prov}: {_error(e)}")
+            if problems:
+                results.append(SmokeResult(case.op, case.name, "error", "; ".join(problems)))
+            elif not ran:
+                results.append(SmokeResult(case.op, case.name, "unavailable",
+                                           "; ".join(unavailable) or "no spar provider"))
+            else:
+                costs = f", {stats.launches} launches, {len(stats.syncs)} host syncs" if stats is not None else ""
+                results.append(SmokeResult(case.op, case.name, "ok", f"{', '.join(ran)}{costs}"))
+    return results
 
 
 def markdown(results: list[Result], device: str, quick: bool) -> str:

@@ -7,6 +7,7 @@ plain-PyTorch references; :mod:`spar_kernels.testing` the accuracy helpers the t
 """
 
 from ._backend import BACKENDS, BackendUnavailableError, backend, current_backend
+from ._device import resolve_device, same_device
 from .quantize_fp8 import quantize_fp8
 from .rms_norm import rms_norm
 
@@ -42,6 +43,8 @@ __all__ = [
     "backend",
     "build_info",
     "current_backend",
+    "resolve_device",
+    "same_device",
     "quantize_fp8",
     "rms_norm",
     "route_layers",

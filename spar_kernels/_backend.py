@@ -8,7 +8,10 @@ Every public op has up to four implementations, keyed by backend name:
   chunked PyTorch implementation) for CPU tensors,
 - ``"reference"``: the plain-PyTorch reference in :mod:`spar_kernels.reference` (any device).
 
-``"auto"`` (the default) picks the fastest available one for the tensor's device.
+``"auto"`` (the default) picks the fastest available one for the tensor's device. ``"cuda"`` is
+available on a device when the extension is built and the device can run it (compute capability
+against the build's machine code and PTX, driver against the build's CUDA version; checked once
+per device, with one warning when it cannot: :func:`spar_kernels._device.cuda_device_problem`).
 :func:`backend` forces a path for debugging and tests::
 
     with spar_kernels.backend("reference"):
@@ -22,6 +25,8 @@ import contextvars
 from typing import Callable, Iterator, Mapping
 
 import torch
+
+from ._device import cuda_device_problem
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 # Preference order of "auto" on each device type.
@@ -72,6 +77,10 @@ def _runnable(name: str, device: torch.device) -> tuple[bool, str]:
         if not _ext.has_cuda_extension():
             return False, ("backend 'cuda': the CUDA extension spar_kernels._C_cuda is not built "
                            f"({_ext.cuda_extension_error()})")
+        # the device's arch and driver against the build (once per device; one warning)
+        why = cuda_device_problem(device)
+        if why:
+            return False, f"backend 'cuda': {why}"
         return True, ""
     if name == "triton":
         from . import _triton

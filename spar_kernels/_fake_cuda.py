@@ -28,8 +28,9 @@ tensors only runs on the CPU as usual, so token ids and host-side index lists ke
 
 Also inside: autograd is off; ``pin_memory=True`` / ``.pin_memory()`` mark host buffers pinned
 (a CPU build cannot pin); ``torch.cuda`` answers as one device of compute ``capability``
-(``is_available``, ``device_count``, ``current_device``, ``get_device_capability`` / ``_name``,
-``device(...)``: a no-op, ``synchronize``: a sync). Streams, events, CUDA graphs: not simulated.
+(``is_available``, ``device_count``, ``current_device``, ``get_device_capability`` / ``_name`` /
+``_properties``: an H100's or A100's SM count and memory; ``device(...)``: a no-op,
+``synchronize``: a sync). Streams, events, CUDA graphs: not simulated.
 
 It cannot show speed, numerics (nothing computes), races, allocator rounding, what runs inside
 a Triton or CUDA kernel (only its fake runs), or paths taken only for nonzero device values.
@@ -42,6 +43,7 @@ import contextlib
 import contextvars
 import os
 import traceback
+import types
 import weakref
 from typing import Any, Callable, Iterator
 from unittest import mock
@@ -458,6 +460,15 @@ class _FunctionMode(_Mode, TorchFunctionMode):
             _API.reset(token)
 
 
+def _properties(capability: tuple[int, int]) -> types.SimpleNamespace:
+    """What ``torch.cuda.get_device_properties`` reports inside: an H100 SXM for (9, 0), else an
+    A100 80GB (SM count, memory, L2) with the simulated capability."""
+    sms, l2 = (132, 50 << 20) if capability >= (9, 0) else (108, 40 << 20)
+    return types.SimpleNamespace(name=f"simulated CUDA device sm_{capability[0]}{capability[1]}",
+                                 major=capability[0], minor=capability[1], multi_processor_count=sms,
+                                 total_memory=80 << 30, L2_cache_size=l2, warp_size=32, is_integrated=False)
+
+
 # FakeTensorMode asks torch.cuda.is_available() (True inside) whether to avoid a real device
 _FakeMode = type("_FakeMode", (FakeTensorMode,), {"avoid_device_init": True})
 
@@ -481,6 +492,7 @@ def fake_cuda(capability: tuple[int, int] = (9, 0)) -> Iterator[FakeCudaRecorder
     cuda_api = dict(is_available=lambda: True, device_count=lambda: 1, current_device=lambda: 0,
                     get_device_capability=lambda device=None: capability,
                     get_device_name=lambda device=None: f"simulated CUDA device sm_{capability[0]}{capability[1]}",
+                    get_device_properties=lambda device=None: _properties(capability),
                     device=lambda device=None: contextlib.nullcontext(),
                     synchronize=lambda device=None: rec._sync("torch.cuda.synchronize"))
     _ACTIVE.append(rec)

@@ -38,6 +38,9 @@ _is_compiling = torch.compiler.is_compiling
 
 # Callbacks (op_name, backend_name, device) run by the default fake of every op: the simulated
 # GPU (spar_kernels.testing.fake_cuda) counts launches and backends through them.
+# Every op defined with spar_op, by name (tests check each has a CPU path).
+REGISTRY: dict[str, "SparOp"] = {}
+
 _FAKE_HOOKS: list[Callable[[str, str, torch.device], None]] = []
 
 
@@ -92,7 +95,7 @@ class SparOp:
 
     def __call__(self, *args):
         t = args[self.device_arg]
-        if is_tracing(t):
+        if is_tracing(t) or t.is_meta:  # meta tensors take the fake, as through the dispatcher
             return self.op(*args)
         return select(self.name, t.device, self.impls)(*args)
 
@@ -130,6 +133,7 @@ def spar_op(name: str, *, mutates_args: Sequence[str], impls: Mapping[str, Calla
             return None
 
         op.register_fake(fake if fake is not None else default_fake)
-        return SparOp(name, impls, op, device_arg)
+        REGISTRY[name] = SparOp(name, impls, op, device_arg)
+        return REGISTRY[name]
 
     return deco

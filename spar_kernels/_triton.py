@@ -107,6 +107,7 @@ __all__ = ["triton", "tl", "HAS_TRITON", "INTERPRET", "DOT_UPCAST"]
 ROW_MAX_SINGLE_PASS = 8192   # widest row kept in registers (fp32: 32 KB per row across the warps)
 ROW_CHUNK = 4096             # chunk of the streamed path for wider rows
 ROW_MIN_BLOCK = 128
+ROW_NUM_STAGES = 1           # num_stages every row-kernel launch passes (and its AOT specs compile)
 
 
 def _next_pow2(n: int) -> int:
@@ -124,3 +125,4 @@ def row_launch_config(D: int) -> tuple[int, int, bool]:
 # one row width per configuration row_launch_config can pick (what the AOT specs compile)
 ROW_LAUNCH_WIDTHS = tuple(1 << p for p in range(ROW_MIN_BLOCK.bit_length() - 1, ROW_MAX_SINGLE_PASS.bit_length())) \
     + (ROW_MAX_SINGLE_PASS + 1,)
+ROW_WIDE_ALIGNED = 2 * ROW_MAX_SINGLE_PASS  # a 16-divisible two-pass width (the widths above end with an odd one)

@@ -7,6 +7,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ._device import same_device
+
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -28,7 +30,7 @@ def check_tensor(name: str, t, *, ndim: int | Iterable[int] | None = None,
             raise ValueError(f"{name}: expected {' or '.join(map(str, allowed))} dimensions, got {_fmt(t)}")
     if dtypes is not None and t.dtype not in dtypes:
         raise ValueError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {_fmt(t)}")
-    if device is not None and t.device != device:
+    if device is not None and t.device != device and not same_device(t.device, device):
         raise ValueError(f"{name}: expected a tensor on {device} (the device of the inputs), got {_fmt(t)}")
     if last_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {t.stride()}")
@@ -57,8 +59,19 @@ def as_index(name: str, idx, device: torch.device, *, ndim: int = 1) -> torch.Te
             raise ValueError(f"{name}: expected an int32 or int64 tensor, got dtype {idx.dtype}")
         return idx.contiguous()  # the kernels index it densely (a no-op when already contiguous)
     if isinstance(idx, (list, tuple, range)) and all(isinstance(v, int) and not isinstance(v, bool) for v in idx):
-        return torch.tensor(list(idx), dtype=torch.int64, device=device)
+        return host_index(idx, device)
     raise TypeError(f"{name}: expected an integer tensor or a sequence of ints, got {type(idx).__name__}")
+
+
+def host_index(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """An int64 tensor of Python ints on ``device`` without a host sync: for CUDA it is built in
+    pinned memory and copied with ``non_blocking=True`` (``torch.tensor(values, device="cuda")``
+    copies from pageable memory, which blocks the host until the copy is done); elsewhere a plain
+    tensor. PyTorch's pinned-memory allocator keeps the host buffer alive until the copy ran."""
+    if device.type != "cuda":
+        return torch.tensor(list(values), dtype=torch.int64, device=device)
+    host = torch.tensor(list(values), dtype=torch.int64).pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def check_index_range(name: str, idx: torch.Tensor, size: int, what: str) -> None:

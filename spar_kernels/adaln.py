@@ -6,7 +6,9 @@
 
 x is ``[B, N, C]``; shift / scale / gate hold one C-vector per sample: ``[B, C]``, ``[B, 1, C]``
 (the chunks of ``scale_shift_table[None] + timestep.reshape(B, 6, C)``, any strides), or a
-broadcast ``[C]`` / ``[1, C]`` / ``[1, 1, C]``. fp32 math, one rounding to x's dtype.
+broadcast ``[C]`` / ``[1, C]`` / ``[1, 1, C]``. x, y and the in-place output may have any strides
+(channel strides are kernel arguments; triton specializes the usual stride 1 into contiguous
+accesses). fp32 math, one rounding to x's dtype.
 
 adaln_layernorm: one program per token row; rows up to ``ROW_MAX_SINGLE_PASS`` wide stay in
 registers (mean and variance from the same registers), wider rows are streamed three times
@@ -27,10 +29,12 @@ _GR_BLOCK = 1024          # columns per gated_residual program
 
 
 @triton.jit
-def _adaln_kernel(X, SHIFT, SCALE, Y, N, C, stride_xb, stride_xn, stride_yb, stride_yn,
+def _adaln_kernel(X, SHIFT, SCALE, Y, N, C, stride_xb, stride_xn, stride_xc, stride_yb, stride_yn, stride_yc,
                   stride_shb, stride_shc, stride_scb, stride_scc, eps,
                   BLOCK_C: tl.constexpr, SINGLE_PASS: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # int64: offsets can pass 2^31 elements
+    # Channel offsets are int64 (a transposed x has channel stride N: C * N can pass 2^31). A
+    # channel stride of 1 (the usual case) is specialized by triton into a contiguous access.
+    row = tl.program_id(0).to(tl.int64)
     b = row // N
     n = row % N
     x_row = X + b * stride_xb + n * stride_xn
@@ -40,47 +44,51 @@ def _adaln_kernel(X, SHIFT, SCALE, Y, N, C, stride_xb, stride_xn, stride_yb, str
     cols = tl.arange(0, BLOCK_C)
     if SINGLE_PASS:
         mask = cols < C
-        h = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        c64 = cols.to(tl.int64)
+        h = tl.load(x_row + c64 * stride_xc, mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(h, axis=0) / C
         d = tl.where(mask, h - mean, 0.0)
         rstd = tl.rsqrt(tl.sum(d * d, axis=0) / C + eps)
-        sc = tl.load(sc_row + cols * stride_scc, mask=mask, other=0.0).to(tl.float32)
-        sh = tl.load(sh_row + cols * stride_shc, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_row + cols, (d * rstd * (1.0 + sc) + sh).to(Y.dtype.element_ty), mask=mask)
+        sc = tl.load(sc_row + c64 * stride_scc, mask=mask, other=0.0).to(tl.float32)
+        sh = tl.load(sh_row + c64 * stride_shc, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_row + c64 * stride_yc, (d * rstd * (1.0 + sc) + sh).to(Y.dtype.element_ty), mask=mask)
     else:
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
         for start in range(0, C, BLOCK_C):
             c = start + cols
-            acc += tl.load(x_row + c, mask=c < C, other=0.0).to(tl.float32)
+            acc += tl.load(x_row + c.to(tl.int64) * stride_xc, mask=c < C, other=0.0).to(tl.float32)
         mean = tl.sum(acc, axis=0) / C
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
         for start in range(0, C, BLOCK_C):
             c = start + cols
             mask = c < C
-            d = tl.where(mask, tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
+            d = tl.where(mask, tl.load(x_row + c.to(tl.int64) * stride_xc, mask=mask, other=0.0).to(tl.float32) - mean,
+                         0.0)
             acc += d * d
         rstd = tl.rsqrt(tl.sum(acc, axis=0) / C + eps)
         for start in range(0, C, BLOCK_C):
             c = start + cols
             mask = c < C
-            h = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-            sc = tl.load(sc_row + c * stride_scc, mask=mask, other=0.0).to(tl.float32)
-            sh = tl.load(sh_row + c * stride_shc, mask=mask, other=0.0).to(tl.float32)
-            tl.store(y_row + c, ((h - mean) * rstd * (1.0 + sc) + sh).to(Y.dtype.element_ty), mask=mask)
+            c64 = c.to(tl.int64)
+            h = tl.load(x_row + c64 * stride_xc, mask=mask, other=0.0).to(tl.float32)
+            sc = tl.load(sc_row + c64 * stride_scc, mask=mask, other=0.0).to(tl.float32)
+            sh = tl.load(sh_row + c64 * stride_shc, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_row + c64 * stride_yc, ((h - mean) * rstd * (1.0 + sc) + sh).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _gated_residual_kernel(X, Yin, G, OUT, N, C, stride_xb, stride_xn, stride_yb, stride_yn,
-                           stride_ob, stride_on, stride_gb, stride_gc, BLOCK_C: tl.constexpr):
+def _gated_residual_kernel(X, Yin, G, OUT, N, C, stride_xb, stride_xn, stride_xc, stride_yb, stride_yn, stride_yc,
+                           stride_ob, stride_on, stride_oc, stride_gb, stride_gc, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // N
     n = row % N
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = c < C
-    x = tl.load(X + b * stride_xb + n * stride_xn + c, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(Yin + b * stride_yb + n * stride_yn + c, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + b * stride_gb + c * stride_gc, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + b * stride_ob + n * stride_on + c, (x + g * y).to(OUT.dtype.element_ty), mask=mask)
+    c64 = c.to(tl.int64)
+    x = tl.load(X + b * stride_xb + n * stride_xn + c64 * stride_xc, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Yin + b * stride_yb + n * stride_yn + c64 * stride_yc, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + b * stride_gb + c64 * stride_gc, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + b * stride_ob + n * stride_on + c64 * stride_oc, (x + g * y).to(OUT.dtype.element_ty), mask=mask)
 
 
 def _gr_config(C: int) -> tuple[int, int]:
@@ -90,59 +98,94 @@ def _gr_config(C: int) -> tuple[int, int]:
 
 
 
-def _mod_combos(block_sizes, mixed_sizes):
-    """(x dtype, modulation dtype, block) triples to compile: every launch block with matching
-    dtypes, plus fp32 modulation next to 16-bit x (the mixed case of bf16 models) at ``mixed_sizes``."""
+def _adaln_launch(x, shift, scale, eps, out):
+    """(grid, args, constexprs, num_warps, num_stages) of one adaln_layernorm launch: what
+    :func:`_adaln_triton` runs and what the AOT specs compile."""
+    B, N, C = x.shape
+    block, warps, single = row_launch_config(C)
+    args = dict(X=x, SHIFT=shift, SCALE=scale, Y=out, N=N, C=C, stride_xb=x.stride(0), stride_xn=x.stride(1),
+                stride_xc=x.stride(2), stride_yb=out.stride(0), stride_yn=out.stride(1), stride_yc=out.stride(2),
+                stride_shb=shift.stride(0), stride_shc=shift.stride(1), stride_scb=scale.stride(0),
+                stride_scc=scale.stride(1), eps=eps)
+    return (B * N,), args, dict(BLOCK_C=block, SINGLE_PASS=single), warps, 1
+
+
+def _gr_launch(x, y, gate, out):
+    """(grid, args, constexprs, num_warps, num_stages) of one gated_residual launch."""
+    B, N, C = x.shape
+    block, warps = _gr_config(C)
+    args = dict(X=x, Yin=y, G=gate, OUT=out, N=N, C=C, stride_xb=x.stride(0), stride_xn=x.stride(1),
+                stride_xc=x.stride(2), stride_yb=y.stride(0), stride_yn=y.stride(1), stride_yc=y.stride(2),
+                stride_ob=out.stride(0), stride_on=out.stride(1), stride_oc=out.stride(2),
+                stride_gb=gate.stride(0), stride_gc=gate.stride(1))
+    return (B * N, triton.cdiv(C, block)), args, dict(BLOCK_C=block), warps, 1
+
+
+def _aot_inputs():
+    """(x, modulation vector as the launcher sees it, label) at the launches that matter, as meta
+    tensors: every row width the launch config distinguishes with matching dtypes (SANA's
+    modulation: a [B, 1, C] chunk of [B, 6, C], i.e. [B, C] with strides (6C, 1)), fp32 modulation
+    next to 16-bit x, and for bf16 at SANA's widths the layouts triton specializes differently: a
+    transposed x (token stride 1), every other channel (channel stride 2), one token (N == 1), a
+    broadcast modulation vector (batch stride 0) and widths / token counts not divisible by 16."""
+    meta = dict(device="meta")
+    B, N = 2, 1024
+
+    def mod(C, dtype):
+        return torch.empty(B, 6, C, dtype=dtype, **meta)[:, 0]
+
     dts = (torch.float32, torch.float16, torch.bfloat16)
     for dtype in dts:
-        for C in block_sizes:
-            yield dtype, dtype, C
+        for C in ROW_LAUNCH_WIDTHS:
+            yield torch.empty(B, N, C, dtype=dtype, **meta), mod(C, dtype), f"C={C}"
     for dtype in dts[1:]:
-        for C in mixed_sizes:
-            yield dtype, torch.float32, C
+        for C in (1152, 2240):
+            yield torch.empty(B, N, C, dtype=dtype, **meta), mod(C, torch.float32), f"C={C} fp32 modulation"
+    bf = torch.bfloat16
+    for C in (1152, 2240):
+        yield torch.empty(B, C, N, dtype=bf, **meta).transpose(1, 2), mod(C, bf), f"C={C} transposed x"
+        yield torch.empty(B, N, 2 * C, dtype=bf, **meta)[..., ::2], mod(C, bf), f"C={C} x[..., ::2]"
+        yield torch.empty(B, 1, C, dtype=bf, **meta), mod(C, bf), f"C={C} N=1"
+        yield torch.empty(B, N, C, dtype=bf, **meta), torch.empty(C, dtype=bf, **meta).expand(B, C), \
+            f"C={C} broadcast modulation"
+    yield torch.empty(B, 300, 113, dtype=bf, **meta), mod(113, bf), "C=113 N=300"
 
 
 @_aot.register
 def _aot_specs():
-    for dtype, mdtype, C in _mod_combos(ROW_LAUNCH_WIDTHS, (2048, 4096)):
-        t, m = _aot.TRITON_DTYPE[dtype], _aot.TRITON_DTYPE[mdtype]
-        block, warps, single = row_launch_config(C)
-        yield _aot.AOTSpec(
-            kernel_name="adaln_layernorm", fn=_adaln_kernel,
-            config=f"x={t} mod={m} BLOCK_C={block} {'single' if single else 'streamed'} warps={warps}",
-            types={"X": f"*{t}", "SHIFT": f"*{m}", "SCALE": f"*{m}", "Y": f"*{t}", "stride_xb": "i64",
-                   "stride_xn": "i64", "stride_yb": "i64", "stride_yn": "i64", "eps": "fp32"},
-            constexprs={"BLOCK_C": block, "SINGLE_PASS": single},
-            num_warps=warps, num_stages=1, aligned=("X", "SHIFT", "SCALE", "Y"))
-    for dtype, mdtype, C in _mod_combos((128, 256, 512, 1024), (1024,)):
-        t, m = _aot.TRITON_DTYPE[dtype], _aot.TRITON_DTYPE[mdtype]
-        block, warps = _gr_config(C)
-        yield _aot.AOTSpec(
-            kernel_name="gated_residual", fn=_gated_residual_kernel,
-            config=f"x={t} gate={m} BLOCK_C={block} warps={warps}",
-            types={"X": f"*{t}", "Yin": f"*{t}", "G": f"*{m}", "OUT": f"*{t}", "stride_xb": "i64",
-                   "stride_xn": "i64", "stride_yb": "i64", "stride_yn": "i64", "stride_ob": "i64",
-                   "stride_on": "i64"},
-            constexprs={"BLOCK_C": block},
-            num_warps=warps, num_stages=1, aligned=("X", "Yin", "G", "OUT"))
+    specs = []
+    for x, m, label in _aot_inputs():
+        t, mt = _aot.TRITON_DTYPE[x.dtype], _aot.TRITON_DTYPE[m.dtype]
+        out = torch.empty(x.shape, dtype=x.dtype, device="meta")
+        _, args, consts, warps, stages = _adaln_launch(x, m, m, 1e-6, out)
+        specs.append(_aot.launch_spec(
+            "adaln_layernorm", _adaln_kernel,
+            f"x={t} mod={mt} {label} BLOCK_C={consts['BLOCK_C']} "
+            f"{'single' if consts['SINGLE_PASS'] else 'streamed'} warps={warps}",
+            args, consts, num_warps=warps, num_stages=stages))
+        if x.shape[-1] > 4096:
+            continue  # gated_residual's launch config is the same for every width from 1024 on
+        for name, o in (("new", out), ("in place", x)):
+            if name == "in place" and x.is_contiguous():
+                continue  # contiguous x: the same specialization as a new output
+            _, args, consts, warps, stages = _gr_launch(x, out, m, o)
+            specs.append(_aot.launch_spec(
+                "gated_residual", _gated_residual_kernel,
+                f"x={t} gate={mt} {label} out={name} BLOCK_C={consts['BLOCK_C']} warps={warps}",
+                args, consts, num_warps=warps, num_stages=stages))
+    return _aot.unique(specs)
 
 
 # ---------------------------------------------------------------------------------------------
 # implementations (write into preallocated out); shift/scale/gate arrive as [B, C] views
 
 
-
-
 def _adaln_triton(x, shift, scale, eps, out):
-    B, N, C = x.shape
-    if B * N == 0:
+    if x.shape[0] * x.shape[1] == 0:
         return
-    block, warps, single = row_launch_config(C)
+    grid, args, consts, warps, stages = _adaln_launch(x, shift, scale, eps, out)
     with device_guard(x):
-        _adaln_kernel[(B * N,)](
-            x, shift, scale, out, N, C, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-            shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1), eps,
-            BLOCK_C=block, SINGLE_PASS=single, num_warps=warps)
+        _adaln_kernel[grid](**args, **consts, num_warps=warps, num_stages=stages)
 
 
 def _adaln_reference(x, shift, scale, eps, out):
@@ -153,20 +196,16 @@ def _adaln_cpu(x, shift, scale, eps, out):
     B, N, C = x.shape
     sc1 = (scale.float() + 1.0).contiguous()   # [B, C]: the same fp32 (1 + scale) the kernels compute
     shf = shift.float().contiguous()
-    _ext.cpu_twin("adaln_layernorm")(x.data_ptr(), _ext.dtype_code(x), B, N, C, x.stride(0), x.stride(1),
-                                     shf.data_ptr(), sc1.data_ptr(), out.data_ptr(), out.stride(0),
-                                     out.stride(1), eps)
+    _ext.cpu_twin("adaln_layernorm")(x.data_ptr(), _ext.dtype_code(x), B, N, C, *x.stride(), shf.data_ptr(),
+                                     sc1.data_ptr(), out.data_ptr(), *out.stride(), eps)
 
 
 def _gr_triton(x, y, gate, out):
-    B, N, C = x.shape
-    if B * N * C == 0:
+    if x.numel() == 0:
         return
-    block, warps = _gr_config(C)
+    grid, args, consts, warps, stages = _gr_launch(x, y, gate, out)
     with device_guard(x):
-        _gated_residual_kernel[(B * N, triton.cdiv(C, block))](
-            x, y, gate, out, N, C, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-            out.stride(0), out.stride(1), gate.stride(0), gate.stride(1), BLOCK_C=block, num_warps=warps)
+        _gated_residual_kernel[grid](**args, **consts, num_warps=warps, num_stages=stages)
 
 
 def _gr_reference(x, y, gate, out):
@@ -176,9 +215,8 @@ def _gr_reference(x, y, gate, out):
 def _gr_cpu(x, y, gate, out):
     B, N, C = x.shape
     g = gate.float().contiguous()
-    _ext.cpu_twin("gated_residual")(x.data_ptr(), _ext.dtype_code(x), B, N, C, x.stride(0), x.stride(1),
-                                    y.data_ptr(), y.stride(0), y.stride(1), g.data_ptr(), out.data_ptr(),
-                                    out.stride(0), out.stride(1))
+    _ext.cpu_twin("gated_residual")(x.data_ptr(), _ext.dtype_code(x), B, N, C, *x.stride(), y.data_ptr(),
+                                    *y.stride(), g.data_ptr(), out.data_ptr(), *out.stride())
 
 
 _ADALN_IMPLS = {"triton": _adaln_triton, "cpu": _adaln_cpu, "reference": _adaln_reference}
@@ -204,11 +242,6 @@ def _gr_inplace_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None
 # ---------------------------------------------------------------------------------------------
 # public API
 
-def _check_x(name: str, x) -> torch.Tensor:
-    check_tensor(name, x, ndim=3, dtypes=FLOAT_DTYPES)
-    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
-
-
 def per_sample_view(name: str, t, B: int, C: int, device: torch.device) -> torch.Tensor:
     """Validate a per-sample modulation vector and return it as a ``[B, C]`` view (no copy)."""
     check_tensor(name, t, ndim=(1, 2, 3), dtypes=FLOAT_DTYPES, device=device)
@@ -230,7 +263,7 @@ def adaln_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *
     """LayerNorm (no affine) over the last dimension, then ``* (1 + scale) + shift`` per sample.
 
     Args:
-        x: ``[B, N, C]`` float32 / float16 / bfloat16, any strides (a non-unit last stride is copied).
+        x: ``[B, N, C]`` float32 / float16 / bfloat16, any strides (read in place, no copy).
         shift, scale: per-sample vectors: ``[B, C]`` or ``[B, 1, C]`` (any strides), or broadcast
             ``[C]`` / ``[1, C]`` / ``[1, 1, C]``; any float dtype, on x's device.
         eps: added to the variance (diffusers' SANA blocks use 1e-6).
@@ -239,7 +272,7 @@ def adaln_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *
     Returns:
         ``out``: fp32 math, rounded once to x's dtype.
     """
-    x = _check_x("x", x)
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     B, N, C = x.shape
     shift = per_sample_view("shift", shift, B, C, x.device)
     scale = per_sample_view("scale", scale, B, C, x.device)
@@ -259,28 +292,25 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
     """``x + gate * y`` with one gate vector per sample (the gated residual of DiT blocks).
 
     Args:
-        x: ``[B, N, C]`` float32 / float16 / bfloat16, any strides (a non-unit last stride is copied).
+        x: ``[B, N, C]`` float32 / float16 / bfloat16, any strides (read in place, no copy).
         y: ``[B, N, C]`` of x's dtype, any strides.
         gate: per-sample vector: ``[B, C]`` or ``[B, 1, C]`` (any strides), or broadcast ``[C]`` /
             ``[1, C]`` / ``[1, 1, C]``; any float dtype, on x's device.
-        out: ``None`` (a new tensor), ``x`` itself (in-place update; x's last dimension must then
-            be contiguous), or a contiguous ``[B, N, C]`` tensor of x's dtype.
+        out: ``None`` (a new tensor), ``x`` itself (in-place update, any strides of x; x must not
+            overlap itself, e.g. an ``expand``-ed view), or a contiguous ``[B, N, C]`` tensor of x's dtype.
 
     Returns:
         ``out``: fp32 math, rounded once to x's dtype.
     """
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     in_place = out is x
-    if in_place and x.shape[-1] > 1 and x.stride(-1) != 1:
-        raise ValueError(f"out: in-place update (out is x) needs x's last dimension contiguous, "
-                         f"got strides {x.stride()}")
-    x = _check_x("x", x)
+    if in_place and any(st == 0 and n > 1 for n, st in zip(x.shape, x.stride())):
+        raise ValueError(f"out: in-place update (out is x) needs x without overlapping elements (not an "
+                         f"expanded view), got shape {tuple(x.shape)}, strides {x.stride()}")
     B, N, C = x.shape
     check_tensor("y", y, ndim=3, dtypes=(x.dtype,), device=x.device)
     if tuple(y.shape) != tuple(x.shape):
         raise ValueError(f"y: expected shape {tuple(x.shape)} (x's shape), got shape {tuple(y.shape)}")
-    if y.shape[-1] > 1 and y.stride(-1) != 1:
-        y = y.contiguous()
     gate = per_sample_view("gate", gate, B, C, x.device)
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)

@@ -9,8 +9,9 @@ exactly what the 1x1 "inverted" conv produces as a GEMM; out is ``[B, H*W, C]``,
 1x1 "point" conv GEMM. One read of x (the 9 taps of a tile re-read neighbouring rows from
 L1/L2), one write of out, no ``[B, 2C, H, W]`` intermediate. fp32 math, one rounding.
 
-Grid: ``(token tiles, channel tiles, B)``; each program computes ``BLOCK_P`` tokens x ``BLOCK_C``
-output channels, loading the matching ``a`` and ``g`` channels of the 9 neighbours.
+Grid: ``(token tiles x B, channel tiles)`` (the batch folded onto axis x, which has no 65535
+limit); each program computes ``BLOCK_P`` tokens x ``BLOCK_C`` output channels, loading the
+matching ``a`` and ``g`` channels of the 9 neighbours.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ _MAX_BLOCK_C = 128  # output channels per program (x2 for the gate half)
 
 
 @triton.jit
-def _dwconv_glu_kernel(X, Wt, Bias, O, Hh, Ww, C, stride_xb, stride_xn, stride_ob, stride_on, stride_w,
+def _dwconv_glu_kernel(X, Wt, Bias, O, Hh, Ww, C, n_ptiles, stride_xb, stride_xn, stride_ob, stride_on, stride_w,
                        HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_p = tl.program_id(0)
+    # axis x: (token tile, sample) folded, so the batch never meets the 65535 limit of axes y / z
+    pid = tl.program_id(0)
+    pid_p = pid % n_ptiles
+    b = (pid // n_ptiles).to(tl.int64)
     pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     p_mask = p < Hh * Ww
@@ -66,25 +69,65 @@ def _dwconv_glu_kernel(X, Wt, Bias, O, Hh, Ww, C, stride_xb, stride_xn, stride_o
 def _config(C: int) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps)."""
     block_c = min(_MAX_BLOCK_C, max(16, triton.next_power_of_2(C)))
-    return _BLOCK_P, block_c, 4 if block_c >= 64 else 2
+    # warps per block width as compiled without spills for sm_80 / sm_90a (python -m
+    # spar_kernels.inspect --kernel dwconv_glu: fp16 without bias spilled 8 bytes on sm_90a with 2
+    # warps at 16 channels and with 4 warps at 32)
+    return _BLOCK_P, block_c, 2 if block_c == 32 else 4
+
+
+def _launch(x, weight, bias, H, W, out):
+    """(grid, args, constexprs, num_warps, num_stages) of one launch: what :func:`_impl_triton`
+    runs and what the AOT specs compile."""
+    B, HW, C2 = x.shape
+    C = C2 // 2
+    bp, bc, warps = _config(C)
+    n_pt = triton.cdiv(HW, bp)
+    args = dict(X=x, Wt=weight, Bias=bias if bias is not None else weight, O=out, Hh=H, Ww=W, C=C, n_ptiles=n_pt,
+                stride_xb=x.stride(0), stride_xn=x.stride(1), stride_ob=out.stride(0), stride_on=out.stride(1),
+                stride_w=weight.stride(0))
+    return ((n_pt * B, triton.cdiv(C, bc)), args, dict(HAS_BIAS=bias is not None, BLOCK_P=bp, BLOCK_C=bc),
+            warps, 1)
+
+
+def _aot_inputs():
+    """(x, weight, bias, H, W, label) at the launches that matter, as meta tensors: every channel
+    block with matching x / weight dtypes, with and without bias (SANA's Mix-FFN: B=2, 32x32 grid,
+    x the [B, N, 2C] output of conv_inverted, weight [2C, 9]); fp32 weights next to 16-bit x; and for
+    bf16 a 1-row grid (H == 1), an odd grid and channel count (nothing divisible by 16), and x as
+    a channel slice of a wider buffer."""
+    meta = dict(device="meta")
+    dts = (torch.float32, torch.float16, torch.bfloat16)
+
+    def case(dtype, wdtype, C, has_bias, H=32, W=32, x_width=None):
+        x = torch.empty(2, H * W, x_width or 2 * C, dtype=dtype, **meta)[..., :2 * C]
+        w = torch.empty(2 * C, 9, dtype=wdtype, **meta)
+        b = torch.empty(2 * C, dtype=wdtype, **meta) if has_bias else None
+        return x, w, b, H, W
+
+    for dtype in dts:
+        for C in (16, 32, 64, 128, 2880):
+            for has_bias in (True, False):
+                yield case(dtype, dtype, C, has_bias), f"C={C} bias={int(has_bias)}"
+    for dtype in dts[1:]:
+        yield case(dtype, torch.float32, 2880, True), "C=2880 fp32 weights"
+    bf = torch.bfloat16
+    yield case(bf, bf, 2880, True, H=1, W=64), "C=2880 grid 1x64"
+    yield case(bf, bf, 37, True, H=5, W=7), "C=37 grid 5x7"
+    yield case(bf, bf, 2880, True, x_width=3 * 2880), "C=2880 channel slice"
 
 
 @_aot.register
 def _aot_specs():
-    dts = (torch.float32, torch.float16, torch.bfloat16)
-    # every launch config with matching x / weight dtypes, plus fp32 weights next to 16-bit x
-    combos = [(d, d, C, hb) for d in dts for C in (16, 32, 64, 128) for hb in (True, False)]
-    combos += [(d, torch.float32, 128, True) for d in dts[1:]]
-    for dtype, wdtype, C, has_bias in combos:
-        t, w = _aot.TRITON_DTYPE[dtype], _aot.TRITON_DTYPE[wdtype]
-        bp, bc, warps = _config(C)
-        yield _aot.AOTSpec(
-            kernel_name="dwconv_glu", fn=_dwconv_glu_kernel,
-            config=f"x={t} w={w} bias={int(has_bias)} BLOCK_P={bp} BLOCK_C={bc} warps={warps}",
-            types={"X": f"*{t}", "Wt": f"*{w}", "Bias": f"*{w}", "O": f"*{t}", "stride_xb": "i64",
-                   "stride_xn": "i64", "stride_ob": "i64", "stride_on": "i64"},
-            constexprs={"HAS_BIAS": has_bias, "BLOCK_P": bp, "BLOCK_C": bc},
-            num_warps=warps, num_stages=1, aligned=("X", "Wt", "Bias", "O"))
+    specs = []
+    for (x, w, b, H, W), label in _aot_inputs():
+        out = torch.empty(x.shape[0], x.shape[1], x.shape[2] // 2, dtype=x.dtype, device="meta")
+        _, args, consts, warps, stages = _launch(x, w, b, H, W, out)
+        t, wt = _aot.TRITON_DTYPE[x.dtype], _aot.TRITON_DTYPE[w.dtype]
+        specs.append(_aot.launch_spec(
+            "dwconv_glu", _dwconv_glu_kernel,
+            f"x={t} w={wt} {label} BLOCK_P={consts['BLOCK_P']} BLOCK_C={consts['BLOCK_C']} warps={warps}",
+            args, consts, num_warps=warps, num_stages=stages))
+    return _aot.unique(specs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,14 +135,9 @@ def _aot_specs():
 
 
 def _impl_triton(x, weight, bias, H, W, out):
-    B, HW, C2 = x.shape
-    C = C2 // 2
-    bp, bc, warps = _config(C)
+    grid, args, consts, warps, stages = _launch(x, weight, bias, H, W, out)
     with device_guard(x):
-        _dwconv_glu_kernel[(triton.cdiv(HW, bp), triton.cdiv(C, bc), B)](
-            x, weight, bias if bias is not None else weight, out, H, W, C, x.stride(0), x.stride(1),
-            out.stride(0), out.stride(1), weight.stride(0),
-            HAS_BIAS=bias is not None, BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
+        _dwconv_glu_kernel[grid](**args, **consts, num_warps=warps, num_stages=stages)
 
 
 def _impl_reference(x, weight, bias, H, W, out):

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from . import _ext
-from ._op import device_guard, spar_op
+from ._device import resolve_device
+from ._op import device_guard, is_tracing, spar_op
 from ._validate import FLOAT_DTYPES, check_out, check_tensor
 from .schedules import dpmsolver_flow_sigmas_f64, flow_sigmas
 
@@ -70,20 +71,31 @@ def _impl_reference(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, table, count
                    renorm_min)
 
 
-def _ext_args(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, table, counter, stats, renorm_mode, renorm_min):
-    B, P, Q, _ = _layout(x)
-    keep, args = [], []
+def _branch_args(B, P, Q, x, v_cond, v_uncond, v_img_uncond, keep: list) -> list:
+    """(pointer, stride b, stride p, stride q) of each state / branch tensor as [B, P, Q]."""
+    args = []
     for t in (x, v_cond, v_uncond, v_img_uncond):
         if t is None:
-            args += [0, 0, 0, 0]
-            continue
-        t3 = t.reshape(B, P, Q)  # a view whenever the layout allows, else a copy (kept alive below)
-        keep.append(t3)
-        args += [t3.data_ptr(), t3.stride(0), t3.stride(1), t3.stride(2)]
-    return keep, (_ext.dtype_code(x), _ext.dtype_code(v_cond), B, P, Q, *args, out.data_ptr(),
-                  h1.data_ptr() if h1 is not None else 0, h2.data_ptr() if h2 is not None else 0,
-                  table.data_ptr(), table.shape[0], counter.data_ptr(),
-                  stats.data_ptr() if stats is not None else 0, renorm_mode, renorm_min)
+            args += (0, 0, 0, 0)
+        elif t.is_contiguous():  # dense: the [B, P, Q] strides follow from the sizes
+            args += (t.data_ptr(), P * Q, Q, 1)
+        else:
+            t3 = t.reshape(B, P, Q)  # a view whenever the layout allows, else a copy (kept alive by keep)
+            keep.append(t3)
+            args += (t3.data_ptr(), *t3.stride())
+    return args
+
+
+def _ptr(t):
+    return t.data_ptr() if t is not None else 0
+
+
+def _ext_args(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, table, counter, stats, renorm_mode, renorm_min):
+    B, P, Q, _ = _layout(x)
+    keep = []
+    args = _branch_args(B, P, Q, x, v_cond, v_uncond, v_img_uncond, keep)
+    return keep, (_ext.dtype_code(x), _ext.dtype_code(v_cond), B, P, Q, *args, out.data_ptr(), _ptr(h1), _ptr(h2),
+                  table.data_ptr(), table.shape[0], counter.data_ptr(), _ptr(stats), renorm_mode, renorm_min)
 
 
 def _impl_cpu(*a):
@@ -247,7 +259,9 @@ class FlowSampler:
             ``"text_token"`` is BAGEL's ``"text_channel"``: the text-guided velocity is renormed per
             token (against ``v_cond``) before the image branch is applied.
         renorm_min: the lower clamp of the renorm factor, in [0, 1].
-        device: where the tables, counter and history live (default: torch's default device).
+        device: where the tables, counter and history live (default: torch's default device);
+            stored resolved (``"cuda"`` -> ``cuda:<current device>``), and tensors are checked
+            against it by type and resolved index.
 
     Attributes:
         sigmas: float32 on the device: the sigma of each model evaluation followed by 0, as the
@@ -288,7 +302,8 @@ class FlowSampler:
                 raise ValueError(f"guidance_interval: expected lo <= hi, got {guidance_interval!r}")
             interval = (lo, hi)
         self.guidance_interval = guidance_interval
-        self.device = torch.device(device) if device is not None else torch.get_default_device()
+        # the resolved device ("cuda" -> cuda:<current>), so it equals the device of tensors made on it
+        self.device = resolve_device(device if device is not None else torch.get_default_device())
 
         s64, t_int = self._schedule(method, sigmas, num_steps, shift)
         s32 = s64.astype(np.float32)
@@ -317,6 +332,7 @@ class FlowSampler:
         self._host_step = 0
         self._shape = None
         self._h1 = self._h2 = self._stats = None
+        self._twin_tail = None  # the C++ twin's trailing arguments (history, table, counter pointers)
 
     @staticmethod
     def _schedule(method, sigmas, num_steps, shift):
@@ -382,11 +398,13 @@ class FlowSampler:
             raise ValueError(f"x: this sampler's state is {self._shape} (as [B, P, Q]) but got shape "
                              f"{tuple(x.shape)}; use one FlowSampler per latent shape")
         if self._shape is None:
+            self._twin_tail = None
             dev = self.device
             needs_h1 = self.method != "euler"
             self._h1 = torch.zeros(shape, dtype=torch.float32, device=dev) if needs_h1 else None
             self._h2 = torch.zeros(shape, dtype=torch.float32, device=dev) if self.method == "heun" else None
-            n = {RENORM_GLOBAL: B, RENORM_COL: B * Q}.get(mode, 0)
+            # the CUDA kernel's fixed-order reductions: global keeps per-sample then per-row sums
+            n = {RENORM_GLOBAL: B * (P + 1), RENORM_COL: B * Q}.get(mode, 0)
             self._stats = torch.zeros(2 * n, dtype=torch.float32, device=dev) if n else None
             self._shape = shape
         return self._h1, self._h2, self._stats
@@ -408,41 +426,71 @@ class FlowSampler:
         bf16 / fp16; the branches: velocities of x's shape, one dtype among the three. ``out``: an
         optional contiguous buffer of x's shape and dtype (``out=x`` updates in place). For
         ``"heun"`` each call is one model evaluation: call it at ``timesteps[k]`` with the state the
-        previous call returned (the odd calls are Heun's corrections).
+        previous call returned (the odd calls are Heun's corrections). ``v_uncond`` is needed only
+        at evaluations where guidance is on, ``v_img_uncond`` only where the image branch is on.
         """
-        check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=(2, 3, 4, 5), device=self.device)
-        check_tensor("v_cond", v_cond, dtypes=FLOAT_DTYPES, device=self.device)
-        if v_cond.shape != x.shape:
-            raise ValueError(f"v_cond: expected x's shape {tuple(x.shape)}, got {tuple(v_cond.shape)}")
-        for name, t in (("v_uncond", v_uncond), ("v_img_uncond", v_img_uncond)):
-            if t is None:
-                continue
-            check_tensor(name, t, dtypes=(v_cond.dtype,), device=self.device)
-            if t.shape != x.shape:
-                raise ValueError(f"{name}: expected x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
-        if self._host_step >= self.num_evals:
+        dev = self.device
+        check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=(2, 3, 4, 5), device=dev)
+        check_tensor("v_cond", v_cond, dtypes=FLOAT_DTYPES, device=dev)
+        shape = x.shape
+        if v_cond.shape != shape:
+            raise ValueError(f"v_cond: expected x's shape {tuple(shape)}, got {tuple(v_cond.shape)}")
+        if v_uncond is not None:
+            self._check_branch("v_uncond", v_uncond, v_cond.dtype, shape)
+        if v_img_uncond is not None:
+            self._check_branch("v_img_uncond", v_img_uncond, v_cond.dtype, shape)
+        k = self._host_step
+        if k >= self.num_evals:
             raise ValueError(f"step: stepping past the last step: this sampler has {self.num_evals} model "
                              f"evaluations and all were taken; call reset() to start over")
-        row_flags = self._host_flags[self._host_step]
+        row_flags = self._host_flags[k]
         if row_flags & F_CFG and v_uncond is None:
-            raise ValueError(f"v_uncond: guidance={self.guidance} > 1 is on at evaluation {self._host_step}, "
+            raise ValueError(f"v_uncond: guidance={self.guidance} > 1 is on at evaluation {k}, "
                              "which needs the unconditional velocity, got None")
         if row_flags & F_IMG and v_img_uncond is None:
             raise ValueError(f"v_img_uncond: image_guidance={self.image_guidance} > 1 is on at evaluation "
-                             f"{self._host_step}, which needs the image-unconditional velocity, got None")
+                             f"{k}, which needs the image-unconditional velocity, got None")
         if v_img_uncond is not None and v_uncond is None:
             raise ValueError("v_img_uncond: given without v_uncond (BAGEL's image branch guides the "
                              "text-guided velocity)")
         if out is None:
-            out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            out = torch.empty(shape, dtype=x.dtype, device=x.device)
         else:
-            check_out("out", out, x.shape, x.dtype, self.device)
+            check_out("out", out, shape, x.dtype, dev)
         B, P, Q, channels_last = _layout(x)
         mode = self._renorm_mode(channels_last)
         h1, h2, stats = self._buffers(x, B, P, Q, mode)
-        self._host_step += 1
+        self._host_step = k + 1
         if x.numel() == 0:
             self.counter.add_(1)
             return out
-        _flow_step_op(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, self.table, self._state, stats, mode, self.renorm_min)
+        if is_tracing(x):
+            _flow_step_op(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, self.table, self._state, stats, mode,
+                          self.renorm_min)
+        elif (impl := _flow_step_op.select(x.device)) is _impl_cpu:
+            # eager on the C++ twin: the sampler's own pointers are packed once per shape
+            tail = self._twin_tail
+            if tail is None or tail[-2] != mode:
+                tail = self._twin_tail = (_ptr(h1), _ptr(h2), self.table.data_ptr(), self.table.shape[0],
+                                          self._state.data_ptr(), _ptr(stats), mode, self.renorm_min)
+            keep = []
+            args = _branch_args(B, P, Q, x, v_cond, v_uncond, v_img_uncond, keep)
+            _twin()(_ext.dtype_code(x), _ext.dtype_code(v_cond), B, P, Q, *args, out.data_ptr(), *tail)
+        else:
+            impl(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, self.table, self._state, stats, mode, self.renorm_min)
         return out
+
+    def _check_branch(self, name, t, dtype, shape):
+        check_tensor(name, t, dtypes=(dtype,), device=self.device)
+        if t.shape != shape:
+            raise ValueError(f"{name}: expected x's shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+_TWIN = []
+
+
+def _twin():
+    """The C++ twin's entry point (looked up once)."""
+    if not _TWIN:
+        _TWIN.append(_ext.cpu_twin("flow_sampler_step"))
+    return _TWIN[0]

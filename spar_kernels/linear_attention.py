@@ -14,10 +14,12 @@ padded copy of v exist anywhere.
 Launch 1 (``_la_state_kernel``, grid ``(B*H, SPLIT, e-tiles)``): each program accumulates the
 partial state and normaliser of one split of the key tokens with ``tl.dot`` (bf16/fp16 operands
 multiply exactly into the fp32 accumulator; fp32 operands use 3xTF32, ~fp32 accuracy) into a
-small fp32 workspace ``[B*H, SPLIT, d, e]``. Launch 2 (``_la_out_kernel``, grid
-``(query tiles, B*H, e-tiles)``): sums the SPLIT partials, then one ``tl.dot`` of the relu'd query
-tile (fp32) with the state, the normaliser as a row dot product, one division, one rounding.
-SPLIT depends only on shapes (no host sync), so the op is CUDA-graph capturable.
+small fp32 workspace ``[B*H, SPLIT, d, e]``. Launch 2 (``_la_out_kernel``, a 1-D grid of
+query tiles x e-tiles x B*H, so no count meets the 65535 limit of grid axes y and z): sums the
+SPLIT partials, then one ``tl.dot`` of the relu'd query tile (fp32) with the state, the normaliser
+as a row dot product, one division, one rounding. SPLIT depends only on shapes (no host sync);
+with ``out=`` and ``workspace=`` (:func:`linear_attention_workspace`, allocated once per shape) a
+call allocates nothing, so it can be captured in a CUDA graph and replayed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from . import _aot, _ext
+from ._backend import current_backend
 from ._op import device_guard, spar_op
 from ._triton import DOT_UPCAST, tl, triton
 from ._validate import FLOAT_DTYPES, check_out, check_tensor
@@ -74,20 +77,26 @@ def _la_state_kernel(K, V, S, Z, Nk, H, D, E, E_PAD, n_per_split,
         else:  # bf16/fp16: back to the input dtype (exact) so the products run on tensor cores
             acc = tl.dot(kt.to(V.dtype.element_ty), vt, acc, input_precision=PRECISION)
         z += tl.sum(kt, axis=1)
-    slot = (bh * nsplit + split).to(tl.int64)
+    slot = bh.to(tl.int64) * nsplit + split
     tl.store(S + slot * (BLOCK_D * E_PAD) + offs_d[:, None] * E_PAD + offs_e[None, :], acc)
     if et == 0:
         tl.store(Z + slot * BLOCK_D + offs_d, z)
 
 
-@triton.jit
-def _la_out_kernel(Q, S, Z, O, Nq, H, D, E, E_PAD, nsplit, eps,
+# nsplit is not specialized: at nsplit == 1 (every SANA shape up to ~1k tokens) the constant split
+# loop raised sm_80's registers past 255 and spilled (python -m spar_kernels.inspect).
+@triton.jit(do_not_specialize=["nsplit"])
+def _la_out_kernel(Q, S, Z, O, Nq, H, D, E, E_PAD, nsplit, n_qtiles, n_etiles, eps,
                    stride_qb, stride_qn, stride_qh, stride_ob, stride_on, stride_oh,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
                    PRECISION: tl.constexpr):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    et = tl.program_id(2)
+    # one axis: (query tile, value tile, batch x head) folded into program_id(0), so that no count
+    # meets the 65535 limit of grid axes y / z (B*H passes it at ~936 samples x 70 heads)
+    pid = tl.program_id(0)
+    pid_n = pid % n_qtiles
+    rest = pid // n_qtiles
+    et = rest % n_etiles
+    bh = rest // n_etiles
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -96,7 +105,7 @@ def _la_out_kernel(Q, S, Z, O, Nq, H, D, E, E_PAD, nsplit, eps,
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     z = tl.zeros([BLOCK_D], dtype=tl.float32)
     for s in range(0, nsplit):
-        slot = (bh * nsplit + s).to(tl.int64)
+        slot = bh.to(tl.int64) * nsplit + s
         state += tl.load(S + slot * (BLOCK_D * E_PAD) + offs_d[:, None] * E_PAD + offs_e[None, :])
         z += tl.load(Z + slot * BLOCK_D + offs_d)
     n_mask = offs_n < Nq
@@ -142,77 +151,135 @@ def _split(B: int, H: int, Nk: int, n_etiles: int, block_n: int) -> tuple[int, i
     return triton.cdiv(max(Nk, 1), per), per
 
 
+class _Plan:
+    """The launch geometry of one call, from shapes and dtype only (no host sync)."""
+
+    def __init__(self, B: int, Nq: int, Nk: int, H: int, D: int, E: int, dtype: torch.dtype):
+        self.bd, be, (self.bn1, self.w1), (self.bn2, self.w2) = _config(D, dtype)
+        if D != self.bd and self.bd >= 32:
+            # a head dim below the tile's masks the k loads: half the key tile keeps the state
+            # launch from spilling (32 bytes on sm_90a at D=24, 8 on sm_80 at D=48)
+            self.bn1 //= 2
+        self.be = min(be, max(16, triton.next_power_of_2(E)))
+        self.n_et = triton.cdiv(E, self.be)
+        self.e_pad = self.n_et * self.be
+        self.split, self.per = _split(B, H, Nk, self.n_et, self.bn1)
+        self.n_qt = triton.cdiv(Nq, self.bn2)
+        slots = B * H * self.split
+        self.s_numel = slots * self.bd * self.e_pad      # partial states [B*H, SPLIT, BLOCK_D, E_PAD]
+        self.numel = self.s_numel + slots * self.bd      # + partial normalisers [B*H, SPLIT, BLOCK_D]
+
+    def launches(self, q, k, v, out, workspace, eps: float):
+        """[(kernel, grid, args, constexprs, num_warps, num_stages)]: what :func:`_impl_triton`
+        launches and what the AOT specs compile (one description, so they cannot drift)."""
+        B, Nq, H, D = q.shape
+        Nk, E = k.shape[1], v.shape[-1]
+        ws_s = workspace.narrow(0, 0, self.s_numel)
+        ws_z = workspace.narrow(0, self.s_numel, self.numel - self.s_numel)
+        state = dict(K=k, V=v, S=ws_s, Z=ws_z, Nk=Nk, H=H, D=D, E=E, E_PAD=self.e_pad, n_per_split=self.per,
+                     stride_kb=k.stride(0), stride_kn=k.stride(1), stride_kh=k.stride(2), stride_vb=v.stride(0),
+                     stride_vn=v.stride(1), stride_vh=v.stride(2))
+        run = [(_la_state_kernel, (B * H, self.split, self.n_et), state,
+                dict(BLOCK_N=self.bn1, BLOCK_D=self.bd, BLOCK_E=self.be, DOT_UPCAST=DOT_UPCAST, PRECISION=_PRECISION),
+                self.w1, 2)]
+        if Nq:
+            o = dict(Q=q, S=ws_s, Z=ws_z, O=out, Nq=Nq, H=H, D=D, E=E, E_PAD=self.e_pad, nsplit=self.split,
+                     n_qtiles=self.n_qt, n_etiles=self.n_et, eps=eps, stride_qb=q.stride(0), stride_qn=q.stride(1),
+                     stride_qh=q.stride(2), stride_ob=out.stride(0), stride_on=out.stride(1),
+                     stride_oh=out.stride(2))
+            run.append((_la_out_kernel, (self.n_qt * self.n_et * B * H,), o,
+                        dict(BLOCK_N=self.bn2, BLOCK_D=self.bd, BLOCK_E=self.be, PRECISION=_PRECISION), self.w2, 1))
+        return run
+
+
+def _aot_launches():
+    """Launches at the shapes that matter, for every dtype and BLOCK_D config: SANA's self-attention
+    (B=2 CFG batch, 36 / 70 heads, head dim 32, 256 / 1024 / 4096 tokens: one key split and several;
+    q/k/v as separate projections or as views of one fused q/k/v projection), each BLOCK_D at its
+    full head dim with long and short sequences, and a ragged case (one head, odd sizes, head dim not
+    a multiple of 16). Triton specializes integers equal to 1 and multiples of 16 at run time; the
+    specs come from the same arguments, so they compile what a GPU runs."""
+    meta = dict(device="meta")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        cases = []
+        for bd in sorted(_CONFIGS):
+            for B, N, H in ((2, 4096, 36), (2, 256, 36)):
+                cases.append((B, N, H, bd, False))
+            cases.append((1, 37, 1, bd * 3 // 4, False))
+        cases += [(2, 256, 70, 32, True), (2, 1024, 70, 32, False), (2, 4096, 70, 32, True)]
+        for B, N, H, D, fused in cases:
+            if fused:
+                qkv = torch.empty(B, N, 3, H, D, dtype=dtype, **meta)
+                q, k, v = qkv.unbind(2)
+            else:
+                q, k, v = (torch.empty(B, N, H, D, dtype=dtype, **meta) for _ in range(3))
+            out = torch.empty(B, N, H, D, dtype=dtype, **meta)
+            plan = _Plan(B, N, N, H, D, D, dtype)
+            ws = torch.empty(plan.numel, dtype=torch.float32, **meta)
+            yield dtype, plan, plan.launches(q, k, v, out, ws, DEFAULT_EPS)
+
+
 @_aot.register
 def _aot_specs():
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    specs = []
+    for dtype, plan, launches in _aot_launches():
         t = _aot.TRITON_DTYPE[dtype]
-        for bd in sorted(_CONFIGS):
-            be, (bn, warps), (bn2, warps2) = _CONFIGS[bd][dtype == torch.float32]
-            yield _aot.AOTSpec(
-                kernel_name="linear_attention_state", fn=_la_state_kernel,
-                config=f"{t} BLOCK_D={bd} BLOCK_E={be} BLOCK_N={bn} warps={warps}",
-                types={"K": f"*{t}", "V": f"*{t}", "S": "*fp32", "Z": "*fp32", "stride_kb": "i64",
-                       "stride_kn": "i64", "stride_kh": "i64", "stride_vb": "i64", "stride_vn": "i64",
-                       "stride_vh": "i64"},
-                constexprs={"BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_E": be,
-                            "DOT_UPCAST": False, "PRECISION": _PRECISION},
-                num_warps=warps, num_stages=2, aligned=("K", "V", "S", "Z"),
-                expect_mma=bd >= 64)  # M = BLOCK_D: wgmma needs 64 rows; below, mma.sync is fine
-            bn, warps = bn2, warps2
-            yield _aot.AOTSpec(
-                kernel_name="linear_attention_out", fn=_la_out_kernel,
-                config=f"{t} BLOCK_D={bd} BLOCK_E={be} BLOCK_N={bn} warps={warps}",
-                types={"Q": f"*{t}", "S": "*fp32", "Z": "*fp32", "O": f"*{t}", "eps": "fp32",
-                       "stride_qb": "i64", "stride_qn": "i64", "stride_qh": "i64", "stride_ob": "i64",
-                       "stride_on": "i64", "stride_oh": "i64"},
-                constexprs={"BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_E": be,
-                            "PRECISION": _PRECISION},
-                num_warps=warps, num_stages=1, aligned=("Q", "S", "Z", "O"), expect_mma=True)
+        for fn, _grid, args, consts, warps, stages in launches:
+            consts = dict(consts, DOT_UPCAST=False) if "DOT_UPCAST" in consts else consts
+            state = fn is _la_state_kernel
+            bn = consts["BLOCK_N"]
+            specs.append(_aot.launch_spec(
+                "linear_attention_state" if state else "linear_attention_out", fn,
+                f"{t} BLOCK_D={plan.bd} BLOCK_E={plan.be} BLOCK_N={bn} warps={warps} "
+                f"D={args['D']} H={args['H']} split={plan.split}", args, consts, num_warps=warps,
+                num_stages=stages,
+                # the state launch's M is BLOCK_D: wgmma needs 64 rows; below, mma.sync is fine
+                expect_mma=plan.bd >= 64 if state else True))
+    return _aot.unique(specs)
 
 
 # ---------------------------------------------------------------------------------------------
 # implementations (write into the preallocated out)
 
 
-def _impl_triton(q, k, v, eps, out):
+def _impl_triton(q, k, v, eps, out, workspace):
     B, Nq, H, D = q.shape
-    Nk, E = k.shape[1], v.shape[-1]
-    bd, be, (bn1, w1), (bn2, w2) = _config(D, q.dtype)
-    be = min(be, max(16, triton.next_power_of_2(E)))
-    n_et = triton.cdiv(E, be)
-    e_pad = n_et * be
-    split, per = _split(B, H, Nk, n_et, bn1)
-    ws_s = torch.empty(B * H * split * bd * e_pad, dtype=torch.float32, device=q.device)
-    ws_z = torch.empty(B * H * split * bd, dtype=torch.float32, device=q.device)
+    plan = _Plan(B, Nq, k.shape[1], H, D, v.shape[-1], q.dtype)
+    if workspace.numel() < plan.numel:
+        if workspace.numel():
+            raise ValueError(f"workspace: expected a contiguous fp32 tensor of at least {plan.numel} elements "
+                             f"(linear_attention_workspace(q, k, v)), got shape {tuple(workspace.shape)}")
+        # CPU tensors under the interpreter, called without a workspace
+        workspace = torch.empty(plan.numel, dtype=torch.float32, device=q.device)
     with device_guard(q):
-        _la_state_kernel[(B * H, split, n_et)](
-            k, v, ws_s, ws_z, Nk, H, D, E, e_pad, per, k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), BLOCK_N=bn1, BLOCK_D=bd, BLOCK_E=be,
-            DOT_UPCAST=DOT_UPCAST, PRECISION=_PRECISION, num_warps=w1, num_stages=2)
-        if Nq:
-            _la_out_kernel[(triton.cdiv(Nq, bn2), B * H, n_et)](
-                q, ws_s, ws_z, out, Nq, H, D, E, e_pad, split, eps, q.stride(0), q.stride(1), q.stride(2),
-                out.stride(0), out.stride(1), out.stride(2), BLOCK_N=bn2, BLOCK_D=bd, BLOCK_E=be,
-                PRECISION=_PRECISION, num_warps=w2, num_stages=1)
+        for kernel, grid, args, consts, warps, stages in plan.launches(q, k, v, out, workspace, eps):
+            kernel[grid](**args, **consts, num_warps=warps, num_stages=stages)
 
 
-def _impl_reference(q, k, v, eps, out):
+def _impl_reference(q, k, v, eps, out, workspace):
     out.copy_(_ref.linear_attention(q, k, v, eps))
 
 
 _CPU_TWIN_DIMS = (16, 32, 64)  # head dims (d == e) compiled into the C++ twin (csrc/linear_attention/)
 
 
-def _impl_cpu(q, k, v, eps, out):
+def _impl_cpu(q, k, v, eps, out, workspace):
     B, Nq, H, D = q.shape
     E = v.shape[-1]
     if D == E and D in _CPU_TWIN_DIMS:  # the C++ twin: register-blocked state, OpenMP over heads
-        if _ext.cpu_twin("linear_attention")(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ext.dtype_code(q), B, Nq, k.shape[1], H,
-                                D, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], out.data_ptr(),
-                                *out.stride()[:3], eps):
+        if _ext.cpu_twin("linear_attention")(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ext.dtype_code(q), B, Nq,
+                                             k.shape[1], H, D, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                                             out.data_ptr(), *out.stride()[:3], eps):
             return
-    # other head dims: two batched BLAS matmuls per sample: the state with the normaliser appended
-    # as one extra column ([H, d, e+1], a few KB), then relu(q) against it. No [N, N], no padded v.
+    _cpu_matmuls(q, k, v, eps, out)
+
+
+def _cpu_matmuls(q, k, v, eps, out):
+    """Head dims the twin does not take: two batched BLAS matmuls per sample: the state with the
+    normaliser appended as one extra column ([H, d, e+1], a few KB), then relu(q) against it.
+    No [N, N] matrix, no padded copy of v."""
+    B, Nq, H, D = q.shape
+    E = v.shape[-1]
     for b in range(B):
         kr = torch.relu(k[b]).float().permute(1, 2, 0)          # [H, d, Nk]
         aug = torch.empty(H, D, E + 1, dtype=torch.float32, device=q.device)
@@ -227,30 +294,38 @@ def _impl_cpu(q, k, v, eps, out):
 _IMPLS = {"triton": _impl_triton, "cpu": _impl_cpu, "reference": _impl_reference}
 
 
-@spar_op("linear_attention", mutates_args=("out",), impls=_IMPLS)
-def _linear_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, out: torch.Tensor) -> None: ...
+@spar_op("linear_attention", mutates_args=("out", "workspace"), impls=_IMPLS)
+def _linear_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, out: torch.Tensor,
+                         workspace: torch.Tensor) -> None: ...
 
 
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float = DEFAULT_EPS,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """ReLU linear attention (SANA), fp32 accumulation.
+def _workspace_numel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, triton_path: bool) -> int:
+    """fp32 elements of workspace the Triton launches need (partial states); 0 for the CPU and
+    reference implementations."""
+    if not triton_path:
+        return 0
+    B, Nq, H, D = q.shape
+    return _Plan(B, Nq, k.shape[1], H, D, v.shape[-1], q.dtype).numel
 
-    Args:
-        q: ``[B, Nq, H, d]`` float32 / float16 / bfloat16 (tokens before heads), any strides.
-        k: ``[B, Nk, H, d]``, q's dtype and device.
-        v: ``[B, Nk, H, e]``, q's dtype and device (e = d in SANA).
-        eps: added to the normaliser ``relu(q_n) . sum_n relu(k_n)``; default 1e-15, as diffusers'
-            ``SanaLinearAttnProcessor2_0``.
-        out: optional contiguous ``[B, Nq, H, e]`` output of q's dtype (view it as
-            ``[B, Nq, H*e]`` for the output projection).
 
-    Returns:
-        ``out``; d up to 128 (e is free: value columns are tiled).
+def linear_attention_workspace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A workspace for :func:`linear_attention` calls with these shapes, dtype and device.
+
+    It depends only on the shapes (``B``, ``Nq``, ``Nk``, ``H``, ``d``, ``e``) and the dtype: allocate
+    it once per shape (e.g. in a runtime's plan) and pass it as ``workspace=`` to every call, so a
+    captured CUDA graph allocates nothing. Empty (0 elements) where the CPU implementation runs
+    (CPU tensors, unless ``spar_kernels.backend("triton")`` is active).
     """
+    _check_inputs(q, k, v)
+    triton_path = q.device.type != "cpu" or current_backend() == "triton"
+    return torch.empty(_workspace_numel(q, k, v, triton_path), dtype=torch.float32, device=q.device)
+
+
+def _check_inputs(q, k, v) -> None:
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=q.device)
     check_tensor("v", v, ndim=4, dtypes=(q.dtype,), device=q.device)
@@ -262,18 +337,52 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: 
     if v.shape[0] != B or v.shape[1] != Nk or v.shape[2] != H:
         raise ValueError(f"v: expected shape [{B}, {Nk}, {H}, e] (k's batch, tokens and heads), "
                          f"got shape {tuple(v.shape)}")
-    E = v.shape[3]
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"q: head dim (last dimension) must be in [1, {MAX_HEAD_DIM}], got shape {tuple(q.shape)}")
-    if E < 1:
+    if v.shape[3] < 1:
         raise ValueError(f"v: head dim (last dimension) must be at least 1, got shape {tuple(v.shape)}")
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float = DEFAULT_EPS,
+                     out: torch.Tensor | None = None, workspace: torch.Tensor | None = None) -> torch.Tensor:
+    """ReLU linear attention (SANA), fp32 accumulation.
+
+    Args:
+        q: ``[B, Nq, H, d]`` float32 / float16 / bfloat16 (tokens before heads), any strides.
+        k: ``[B, Nk, H, d]``, q's dtype and device.
+        v: ``[B, Nk, H, e]``, q's dtype and device (e = d in SANA).
+        eps: added to the normaliser ``relu(q_n) . sum_n relu(k_n)``; default 1e-15, as diffusers'
+            ``SanaLinearAttnProcessor2_0``.
+        out: optional contiguous ``[B, Nq, H, e]`` output of q's dtype (view it as
+            ``[B, Nq, H*e]`` for the output projection).
+        workspace: optional fp32 tensor from :func:`linear_attention_workspace` for these shapes
+            (contiguous, on q's device, at least that many elements); the GPU path keeps the
+            per-split partial states in it. Without it the call allocates one (with it and ``out``
+            the call allocates nothing).
+
+    Returns:
+        ``out``; d up to 128 (e is free: value columns are tiled).
+    """
+    _check_inputs(q, k, v)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
-    shape = (B, Nq, H, E)
+    B, Nq, H, _ = q.shape
+    shape = (B, Nq, H, v.shape[3])
     if out is None:
         out = torch.empty(shape, dtype=q.dtype, device=q.device)
     else:
         check_out("out", out, shape, q.dtype, q.device)
+    # CPU tensors: the CPU implementations need none (a forced Triton run allocates its own)
+    need = _workspace_numel(q, k, v, q.device.type != "cpu")
+    if workspace is None:
+        workspace = torch.empty(need, dtype=torch.float32, device=q.device)
+    else:
+        check_tensor("workspace", workspace, ndim=1, dtypes=(torch.float32,), device=q.device)
+        if workspace.numel() < need or not workspace.is_contiguous():
+            raise ValueError(f"workspace: expected a contiguous fp32 tensor of at least {need} elements "
+                             f"(linear_attention_workspace(q, k, v)), got shape {tuple(workspace.shape)}, "
+                             f"strides {workspace.stride()}")
     if out.numel():
-        _linear_attention_op(_last_contiguous(q), _last_contiguous(k), _last_contiguous(v), float(eps), out)
+        _linear_attention_op(_last_contiguous(q), _last_contiguous(k), _last_contiguous(v), float(eps), out,
+                             workspace)
     return out

@@ -53,7 +53,7 @@ def _quantize_fp8_op(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, per
                      workspace: torch.Tensor | None) -> None: ...
 
 
-def quantize_fp8(x: torch.Tensor, granularity: str = "token", out=None):
+def quantize_fp8(x: torch.Tensor, granularity: str = "token", out=None, *, workspace: torch.Tensor | None = None):
     """Quantize ``x`` to float8_e4m3fn, saturating at +-448.
 
     Args:
@@ -62,9 +62,14 @@ def quantize_fp8(x: torch.Tensor, granularity: str = "token", out=None):
         out: optional ``(q, scales)`` pair of preallocated contiguous buffers: ``q`` float8_e4m3fn
             of x's shape, ``scales`` float32 of shape ``x.shape[:-1] + (1,)`` (token) or ``()``
             (tensor).
+        workspace: optional float32 tensor of at least one element on x's device: the scratch
+            float of the tensor-wide amax on CUDA (``"tensor"`` granularity). With ``out`` and
+            ``workspace`` a call allocates nothing (a captured CUDA graph can reuse both);
+            without it, a CUDA per-tensor call allocates that one float. Unused elsewhere.
 
     Returns:
-        ``(q, scales)`` with ``x ~= q.float() * scales``.
+        ``(q, scales)`` with ``x ~= q.float() * scales``. NaN propagates as in the reference: a
+        NaN in a row (token) or anywhere (tensor) gives a NaN scale and NaN codes there.
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() == 0:
@@ -82,10 +87,16 @@ def quantize_fp8(x: torch.Tensor, granularity: str = "token", out=None):
         q, scales = out
         check_out("out[0] (q)", q, x.shape, torch.float8_e4m3fn, x.device)
         check_out("out[1] (scales)", scales, scale_shape, torch.float32, x.device)
-    # one float for the tensor-wide amax of the CUDA path; the CPU twin and per-token need none
-    workspace = torch.empty(1, dtype=torch.float32, device=x.device) if x.is_cuda and not per_token else None
+    if workspace is not None:
+        check_tensor("workspace", workspace, dtypes=(torch.float32,), device=x.device)
+        if workspace.numel() < 1 or not workspace.is_contiguous():
+            raise ValueError(f"workspace: expected a contiguous float32 tensor of at least 1 element, "
+                             f"got shape {tuple(workspace.shape)}, strides {workspace.stride()}")
+    elif x.is_cuda and not per_token:
+        # one float for the tensor-wide amax of the CUDA path; the CPU twin and per-token need none
+        workspace = torch.empty(1, dtype=torch.float32, device=x.device)
     if x.numel() == 0:  # amax of nothing is 0: the scale of an all-zero input
         scales.fill_(_ref.MIN_AMAX / _ref.FP8_MAX)
         return q, scales
-    _quantize_fp8_op(x, q, scales, per_token, workspace)
+    _quantize_fp8_op(x, q, scales, per_token, workspace if (x.is_cuda and not per_token) else None)
     return q, scales

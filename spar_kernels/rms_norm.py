@@ -1,28 +1,34 @@
-"""RMSNorm, optionally fused with the residual add of a decoder layer (Triton).
+"""RMSNorm, optionally fused with the residual add of a decoder layer (Triton; C++ CPU twin).
 
     s = x + residual            (rounded to x's dtype and returned, when residual is given)
     y = s * rsqrt(mean(s^2) + eps) * weight      (fp32 math, one rounding to x's dtype)
 
-One program per row. Rows up to ``ROW_MAX_SINGLE_PASS`` wide stay in registers (one read, one
-write); wider rows are streamed twice (the second read hits L2): ``_triton.row_launch_config``.
+GPU: one Triton program per row. Rows up to ``ROW_MAX_SINGLE_PASS`` wide stay in registers (one
+read, one write); wider rows are streamed twice (the second read hits L2):
+``_triton.row_launch_config``. x and residual may have any strides (the kernel takes the inner
+stride; Triton specializes a unit one). CPU: the twin in csrc/rms_norm/ (one pass per row,
+AVX2 + F16C, rows over OpenMP threads).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _aot
+from . import _aot, _ext
 from ._op import device_guard, spar_op
-from ._triton import ROW_LAUNCH_WIDTHS, row_launch_config, tl, triton
+from ._triton import ROW_LAUNCH_WIDTHS, ROW_NUM_STAGES, ROW_WIDE_ALIGNED, row_launch_config, tl, triton
 from ._validate import FLOAT_DTYPES, check_out, check_shape, check_tensor
 from .reference import rms_norm as _ref
 
 
 
 @triton.jit
-def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, D, eps,
+def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_xd, stride_r, stride_rd, stride_y, stride_s, D, eps,
                      HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_PASS: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # int64: row * stride can pass 2^31 elements
+    # x and residual take any strides (a reshape(-1, D) view of a transposed or [..., ::2] tensor);
+    # Triton specializes an inner stride of 1 at launch, so contiguous rows load as vectors.
+    # y and s are contiguous rows (the wrapper checks). int64: row * stride can pass 2^31 elements.
+    row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     r_row = R + row * stride_r
     s_row = S + row * stride_s
@@ -30,9 +36,9 @@ def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, D, e
     cols = tl.arange(0, BLOCK_D)
     if SINGLE_PASS:
         mask = cols < D
-        h = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(x_row + cols * stride_xd, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
-            h += tl.load(r_row + cols, mask=mask, other=0.0).to(tl.float32)
+            h += tl.load(r_row + cols * stride_rd, mask=mask, other=0.0).to(tl.float32)
             s = h.to(S.dtype.element_ty)  # the stored sum is what gets normalized
             tl.store(s_row + cols, s, mask=mask)
             h = s.to(tl.float32)
@@ -44,9 +50,9 @@ def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, D, e
         for start in range(0, D, BLOCK_D):
             c = start + cols
             mask = c < D
-            h = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+            h = tl.load(x_row + c * stride_xd, mask=mask, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
-                h += tl.load(r_row + c, mask=mask, other=0.0).to(tl.float32)
+                h += tl.load(r_row + c * stride_rd, mask=mask, other=0.0).to(tl.float32)
                 s = h.to(S.dtype.element_ty)
                 tl.store(s_row + c, s, mask=mask)
                 h = s.to(tl.float32)
@@ -58,24 +64,41 @@ def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, D, e
             if HAS_RESIDUAL:
                 h = tl.load(s_row + c, mask=mask, other=0.0).to(tl.float32)
             else:
-                h = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+                h = tl.load(x_row + c * stride_xd, mask=mask, other=0.0).to(tl.float32)
             w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
             tl.store(y_row + c, (h * rstd * w).to(Y.dtype.element_ty), mask=mask)
 
 
 @_aot.register
 def _aot_specs():
+    """What a GPU compiles: Triton specializes integer arguments at launch (equal to 1 -> a
+    constexpr, a multiple of 16 -> divisible), so each launch configuration is compiled as
+    contiguous rows launch it (unit inner strides; row strides and D 16-divisible, or not for the
+    odd two-pass width), plus per dtype a strided launch (x and residual with inner stride 2,
+    odd row strides) and the launch where every integer argument is 1."""
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         t = _aot.TRITON_DTYPE[dtype]
+        types = {"X": f"*{t}", "R": f"*{t}", "W": f"*{t}", "Y": f"*{t}", "S": f"*{t}", "eps": "fp32"}
+        ptrs = ("X", "R", "W", "Y", "S")
+        row_strides = ("stride_x", "stride_r", "stride_y", "stride_s")
         for has_res in (False, True):
-            for D in ROW_LAUNCH_WIDTHS:
+            for D in ROW_LAUNCH_WIDTHS + (ROW_WIDE_ALIGNED,):
                 block, warps, single = row_launch_config(D)
+                cx = {"HAS_RESIDUAL": has_res, "BLOCK_D": block, "SINGLE_PASS": single}
                 yield _aot.AOTSpec(
                     kernel_name="rms_norm", fn=_rms_norm_kernel,
                     config=f"{t} residual={int(has_res)} BLOCK_D={block} {'single' if single else 'two-pass'} warps={warps}",
-                    types={"X": f"*{t}", "R": f"*{t}", "W": f"*{t}", "Y": f"*{t}", "S": f"*{t}", "eps": "fp32"},
-                    constexprs={"HAS_RESIDUAL": has_res, "BLOCK_D": block, "SINGLE_PASS": single},
-                    num_warps=warps, num_stages=1, aligned=("X", "R", "W", "Y", "S"))
+                    types=types, constexprs=dict(cx, stride_xd=1, stride_rd=1),
+                    num_warps=warps, num_stages=ROW_NUM_STAGES,
+                    aligned=ptrs + (row_strides + ("D",) if D % 16 == 0 else ()))
+        block, warps, single = row_launch_config(ROW_LAUNCH_WIDTHS[0])
+        cx = {"HAS_RESIDUAL": True, "BLOCK_D": block, "SINGLE_PASS": single}
+        yield _aot.AOTSpec(kernel_name="rms_norm", fn=_rms_norm_kernel, config=f"{t} residual=1 strided x",
+                           types=types, constexprs=cx, num_warps=warps, num_stages=ROW_NUM_STAGES,
+                           aligned=ptrs + ("stride_y", "stride_s", "D"))
+        yield _aot.AOTSpec(kernel_name="rms_norm", fn=_rms_norm_kernel, config=f"{t} residual=1 int args = 1",
+                           types=types, constexprs=_aot.value_one(_rms_norm_kernel, types, cx),
+                           num_warps=warps, num_stages=ROW_NUM_STAGES, aligned=ptrs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,8 +120,9 @@ def _impl_triton(x, weight, eps, residual, out, residual_out):
     block, warps, single = row_launch_config(D)
     with device_guard(x):
         _rms_norm_kernel[(n_rows,)](
-            x2, r2, weight, y2, s2, x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0), D, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK_D=block, SINGLE_PASS=single, num_warps=warps)
+            x2, r2, weight, y2, s2, x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1), y2.stride(0),
+            s2.stride(0), D, eps, HAS_RESIDUAL=residual is not None, BLOCK_D=block, SINGLE_PASS=single,
+            num_warps=warps, num_stages=ROW_NUM_STAGES)
 
 
 def _impl_reference(x, weight, eps, residual, out, residual_out):
@@ -111,14 +135,18 @@ def _impl_reference(x, weight, eps, residual, out, residual_out):
 
 
 def _impl_cpu(x, weight, eps, residual, out, residual_out):
-    if residual is not None:
-        torch.add(x, residual, out=residual_out)  # fp32 add, one rounding: the stored sum
-        x = residual_out
-    if weight.dtype != x.dtype:  # ATen's fused kernel wants one dtype; keep the fp32 weight exact
-        _impl_reference(x, weight, eps, None, out, None)
+    # the C++ twin (csrc/rms_norm/): one read, one write per row, the residual add fused; ATen's
+    # F.rms_norm on CPU is a chain of element-wise ops (pow, mean, rsqrt, mul) several times slower
+    if x.numel() == 0:
         return
-    # ATen's fused CPU RMSNorm: fp32 math, one pass over each row
-    out.copy_(torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps))
+    x2 = _rows(x)
+    r2 = _rows(residual) if residual is not None else None
+    w = weight if weight.dtype in (x.dtype, torch.float32) else weight.float()
+    _ext.cpu_twin("rms_norm")(x2.data_ptr(), _ext.dtype_code(x2), x2.shape[0], x2.shape[1], x2.stride(0),
+                              x2.stride(1), r2.data_ptr() if r2 is not None else 0,
+                              r2.stride(0) if r2 is not None else 0, r2.stride(1) if r2 is not None else 0,
+                              w.data_ptr(), _ext.dtype_code(w), float(eps), out.data_ptr(),
+                              residual_out.data_ptr() if residual_out is not None else 0)
 
 
 @spar_op("rms_norm", mutates_args=("out", "residual_out"),

@@ -43,19 +43,17 @@ def check_float_param(name: str, t, shape, device) -> None:
 # ---------------------------------------------------------------------------------------------
 # implementations (all write into a preallocated out)
 
-def _param_pack(hidden, alpha, ln_weight, ln_bias, materialize):
-    """alpha as fp32 contiguous; ln_weight/ln_bias in hidden's dtype or fp32 (code), contiguous.
-    With ``materialize`` (the CUDA kernel), a None weight/bias becomes ones/zeros."""
-    a = alpha.to(torch.float32).contiguous()
+def _param_pack(hidden, alpha, ln_weight, ln_bias):
+    """alpha, ln_weight, ln_bias as the kernels read them, without a copy when they already are:
+    alpha contiguous in float32/float16/bfloat16; weight and bias contiguous, both in hidden's
+    dtype or both in float32 (None stays None: weight 1, bias 0). Other dtypes or layouts are
+    converted here (a small allocation per call)."""
+    a = alpha if alpha.dtype in FLOAT_DTYPES else alpha.to(torch.float32)
+    a = a.contiguous()
     pdt = hidden.dtype
     ws = [t for t in (ln_weight, ln_bias) if t is not None]
     if any(t.dtype != pdt for t in ws):
         pdt = torch.float32
-    D = hidden.shape[-1]
-    if materialize and ln_weight is None:
-        ln_weight = torch.ones(D, dtype=pdt, device=hidden.device)
-    if materialize and ln_bias is None:
-        ln_bias = torch.zeros(D, dtype=pdt, device=hidden.device)
     w = ln_weight.to(pdt).contiguous() if ln_weight is not None else None
     b = ln_bias.to(pdt).contiguous() if ln_bias is not None else None
     return a, w, b, _ext.DTYPE_CODES[pdt]
@@ -65,18 +63,18 @@ def _logits_view(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype in FLOAT_DTYPES else logits.to(torch.float32)
 
 
-def _launch_args(hidden, layer_ids, logits, alpha, ln_weight, ln_bias, tau, eps, rows, out, materialize=False):
+def _launch_args(hidden, layer_ids, logits, alpha, ln_weight, ln_bias, tau, eps, rows, out):
     L, N, D = hidden.shape
     K = layer_ids.shape[0]
     lg = _logits_view(logits)
-    a, w, b, pcode = _param_pack(hidden, alpha, ln_weight, ln_bias, materialize)
+    a, w, b, pcode = _param_pack(hidden, alpha, ln_weight, ln_bias)
     M = out.shape[0]
     args = (hidden.data_ptr(), _ext.dtype_code(hidden), L, N, D,
             hidden.stride(0), hidden.stride(1), hidden.stride(2),
             layer_ids.data_ptr(), layer_ids.dtype == torch.int64, K,
             lg.data_ptr(), _ext.dtype_code(lg), lg.stride(0), lg.stride(1),
-            a.data_ptr(), w.data_ptr() if w is not None else 0, b.data_ptr() if b is not None else 0, pcode,
-            float(tau), float(eps),
+            a.data_ptr(), _ext.dtype_code(a), w.data_ptr() if w is not None else 0,
+            b.data_ptr() if b is not None else 0, pcode, float(tau), float(eps),
             rows.data_ptr() if rows is not None else 0, rows is not None and rows.dtype == torch.int64, M,
             out.data_ptr())
     keep = (lg, a, w, b)  # keep converted temporaries alive through the call
@@ -100,8 +98,7 @@ def _impl_cuda(hidden, layer_ids, logits, alpha, ln_weight, ln_bias, tau, eps, r
     if hidden.dtype == torch.float64 or hidden.shape[-1] > _CUDA_MAX_D:
         # fp64, or rows wider than the register-resident kernel holds: the (unfused) reference
         return _impl_reference(hidden, layer_ids, logits, alpha, ln_weight, ln_bias, tau, eps, rows, out)
-    args, keep = _launch_args(hidden, layer_ids, logits, alpha, ln_weight, ln_bias, tau, eps, rows, out,
-                              materialize=True)
+    args, keep = _launch_args(hidden, layer_ids, logits, alpha, ln_weight, ln_bias, tau, eps, rows, out)
     with device_guard(hidden):
         _ext.cuda_kernel("route_layers")(*args, _ext.stream_of(hidden))
     del keep

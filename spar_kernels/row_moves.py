@@ -28,7 +28,7 @@ import torch
 
 from . import _aot
 from ._op import device_guard, spar_op
-from ._triton import tl, triton
+from ._triton import ROW_NUM_STAGES, tl, triton
 from ._validate import as_index, check_index_range, check_out, check_tensor
 from .reference import row_moves as _ref
 
@@ -81,7 +81,8 @@ def _varlen_rows_kernel(SRC, DST, CU, T, n_packed, stride_src, stride_dst, C, pa
         tl.store(DST + q * stride_dst + cols, v, mask=cmask & valid)
     else:
         v = tl.load(SRC + q * stride_src + cols, mask=cmask & valid, other=0)
-        v = tl.where(valid, v, pad.to(v.dtype))
+        # tl.full, not pad.to(): a launch with pad == 1 makes `pad` a constexpr, which has no .to()
+        v = tl.where(valid, v, tl.full([BLOCK_C], pad, v.dtype))
         tl.store(DST + p * stride_dst + cols, v, mask=cmask)
 
 
@@ -92,26 +93,40 @@ def _block(C: int) -> tuple[int, int]:
 
 @_aot.register
 def _aot_specs():
-    for size, dt in _BITS_DTYPE.items():
+    """What a GPU compiles: the Python ints of a launch (sizes, row strides, the pad bits) are i32
+    unless they exceed it, 16-divisible ones are specialized as such and ones equal to 1 become
+    constexprs. Per element size: both column blocks with 16-divisible row strides and C, the wide
+    block with odd ones, the launch where every integer argument is 1 (one row of one element,
+    pad_value=1); int32 indices; for 8-byte elements a pad bit pattern that needs i64."""
+    for size in _BITS_DTYPE:
         t = {1: "i8", 2: "i16", 4: "i32", 8: "i64"}[size]
-        for C in (_BLOCK_SMALL, _BLOCK_LARGE + 1):
+        for C in (_BLOCK_SMALL, _BLOCK_LARGE + 16, _BLOCK_LARGE + 1, 1):
             block, warps = _block(C)
-            for has_src, has_dst in ((True, False), (False, True)):
-                yield _aot.AOTSpec(
-                    kernel_name="gather_rows" if has_src else "scatter_rows", fn=_copy_rows_kernel,
-                    config=f"{t} BLOCK_C={block} warps={warps}",
-                    types={"X": f"*{t}", "Y": f"*{t}", "SRC": "*i64", "DST": "*i64", "n_src": "i64",
-                           "n_dst": "i64", "stride_x": "i64", "stride_y": "i64"},
-                    constexprs={"HAS_SRC": has_src, "HAS_DST": has_dst, "BLOCK_C": block},
-                    num_warps=warps, num_stages=1, aligned=("X", "Y"))
-            for pack in (True, False):
-                yield _aot.AOTSpec(
-                    kernel_name="pack_sequences" if pack else "unpack_sequences", fn=_varlen_rows_kernel,
-                    config=f"{t} BLOCK_C={block} warps={warps}",
-                    types={"SRC": f"*{t}", "DST": f"*{t}", "CU": "*i64", "T": "i64", "n_packed": "i64",
-                           "stride_src": "i64", "stride_dst": "i64", "pad": t},
-                    constexprs={"PACK": pack, "BLOCK_C": block},
-                    num_warps=warps, num_stages=1, aligned=("SRC", "DST"))
+            kind = "int args = 1" if C == 1 else f"BLOCK_C={block} warps={warps}{'' if C % 16 == 0 else ' odd C'}"
+            for idx in ("i64", "i32") if (size == 4 and C == _BLOCK_SMALL) else ("i64",):
+                copy_types = {"X": f"*{t}", "Y": f"*{t}", "SRC": f"*{idx}", "DST": f"*{idx}"}
+                for has_src in (True, False):
+                    cx = {"HAS_SRC": has_src, "HAS_DST": not has_src, "BLOCK_C": block}
+                    yield _aot.AOTSpec(
+                        kernel_name="gather_rows" if has_src else "scatter_rows", fn=_copy_rows_kernel,
+                        config=f"{t} {idx} index {kind}", types=copy_types,
+                        constexprs=_aot.value_one(_copy_rows_kernel, copy_types, cx) if C == 1 else cx,
+                        num_warps=warps, num_stages=ROW_NUM_STAGES,
+                        aligned=("X", "Y", "SRC", "DST") + (("stride_x", "stride_y", "C") if C % 16 == 0 else ()))
+            # pad: the bits of pad_value as launched (i32; i64 for float64 bit patterns; 1 -> constexpr)
+            pads = ("i32", "i64", 1) if size == 8 and C == _BLOCK_SMALL else ("i32", 1) if C % 16 == 0 else ("i32",)
+            for pad in pads:
+                var_types = {"SRC": f"*{t}", "DST": f"*{t}", "CU": "*i64", "pad": pad if pad != 1 else "i32"}
+                for pack in (True, False) if pad == "i32" else (False,):
+                    cx = {"PACK": pack, "BLOCK_C": block} | ({"pad": 1} if pad == 1 else {})
+                    yield _aot.AOTSpec(
+                        kernel_name="pack_sequences" if pack else "unpack_sequences", fn=_varlen_rows_kernel,
+                        config=f"{t} {kind}{' pad=1' if pad == 1 and C != 1 else ''}"
+                               f"{' i64 pad bits' if pad == 'i64' else ''}", types=var_types,
+                        constexprs=_aot.value_one(_varlen_rows_kernel, var_types, cx) if C == 1 else cx,
+                        num_warps=warps, num_stages=ROW_NUM_STAGES,
+                        aligned=("SRC", "DST", "CU") + (("stride_src", "stride_dst", "C") if C % 16 == 0 else ())
+                        + (("pad",) if pad != 1 and C != 1 else ()))  # pad 0 (pack, default), float bits: 16-divisible
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +161,8 @@ def bits_view(t: torch.Tensor) -> torch.Tensor:
 def _grid_launch(kernel, n_rows, C, *args, **constexprs):
     block, warps = _block(C)
     with device_guard(args[0]):
-        kernel[(n_rows, triton.cdiv(C, block))](*args, BLOCK_C=block, num_warps=warps, **constexprs)
+        kernel[(n_rows, triton.cdiv(C, block))](*args, BLOCK_C=block, num_warps=warps, num_stages=ROW_NUM_STAGES,
+                                                **constexprs)
 
 
 
@@ -227,7 +243,13 @@ def _scatter_triton(x, index, src):
 
 
 def _scatter_cpu(x, index, src):
-    bits_view(x).index_copy_(0, index.long() if index.dtype != torch.int64 else index, bits_view(src))
+    # exactly what eager `x[index] = src` runs: index_put_ in x's own dtype (an int view of the
+    # bits only for dtypes ATen cannot index_put_ on CPU, e.g. float8)
+    idx = (index.long() if index.dtype != torch.int64 else index,)
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64, torch.bool):
+        x.index_put_(idx, src)
+    else:
+        bits_view(x).index_put_(idx, bits_view(src))
 
 
 def _scatter_reference(x, index, src):

@@ -27,7 +27,7 @@ import torch
 
 from . import _aot, _ext
 from ._op import device_guard, spar_op
-from ._triton import ROW_LAUNCH_WIDTHS, row_launch_config, tl, triton
+from ._triton import ROW_LAUNCH_WIDTHS, ROW_NUM_STAGES, ROW_WIDE_ALIGNED, row_launch_config, tl, triton
 from ._validate import FLOAT_DTYPES, as_index, check_index_range, check_out, check_tensor
 from .reference import split_by_expert as _ref
 from .row_moves import bits_view, copy_rows_triton
@@ -102,18 +102,30 @@ def _split_norm_kernel(X, PERM, IDS, W, Y, stride_x, stride_w, stride_y, D, E, e
 
 @_aot.register
 def _aot_specs():
+    """What a GPU compiles (Triton specializes launch ints: 1 -> constexpr, 16-divisible): each
+    width with 16-divisible strides and D, plus per dtype int32 expert ids and the launch where
+    every integer argument is 1 (one expert, a row of one element)."""
     for dtype in FLOAT_DTYPES:
         t = _aot.TRITON_DTYPE[dtype]
         for wt in sorted({t, "fp32"}):
-            for D in ROW_LAUNCH_WIDTHS:
+            types = {"X": f"*{t}", "PERM": "*i64", "IDS": "*i64", "W": f"*{wt}", "Y": f"*{t}", "eps": "fp32"}
+            for D in ROW_LAUNCH_WIDTHS + (ROW_WIDE_ALIGNED,):
                 block, warps, single = row_launch_config(D)
                 yield _aot.AOTSpec(
                     kernel_name="split_by_expert", fn=_split_norm_kernel,
                     config=f"{t} weight={wt} BLOCK_D={block} {'single' if single else 'two-pass'} warps={warps}",
-                    types={"X": f"*{t}", "PERM": "*i64", "IDS": "*i64", "W": f"*{wt}", "Y": f"*{t}",
-                           "stride_x": "i64", "stride_w": "i64", "stride_y": "i64", "E": "i64", "eps": "fp32"},
-                    constexprs={"HAS_NORM": True, "BLOCK_D": block, "SINGLE_PASS": single},
-                    num_warps=warps, num_stages=1, aligned=("X", "W", "Y"))
+                    types=types, constexprs={"HAS_NORM": True, "BLOCK_D": block, "SINGLE_PASS": single},
+                    num_warps=warps, num_stages=ROW_NUM_STAGES,
+                    aligned=("X", "PERM", "IDS", "W", "Y") + (("stride_x", "stride_w", "stride_y", "D") if D % 16 == 0 else ()))
+        block, warps, single = row_launch_config(1)
+        types = {"X": f"*{t}", "PERM": "*i64", "IDS": "*i32", "W": f"*{t}", "Y": f"*{t}", "eps": "fp32"}
+        cx = {"HAS_NORM": True, "BLOCK_D": block, "SINGLE_PASS": single}
+        yield _aot.AOTSpec(kernel_name="split_by_expert", fn=_split_norm_kernel, config=f"{t} int32 ids",
+                           types=types, constexprs=cx, num_warps=warps, num_stages=ROW_NUM_STAGES,
+                           aligned=("X", "PERM", "IDS", "W", "Y"))
+        yield _aot.AOTSpec(kernel_name="split_by_expert", fn=_split_norm_kernel, config=f"{t} int args = 1",
+                           types=types, constexprs=_aot.value_one(_split_norm_kernel, types, cx),
+                           num_warps=warps, num_stages=ROW_NUM_STAGES, aligned=("X", "PERM", "IDS", "W", "Y"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +143,8 @@ def _split_triton(x, ids, perm, offsets, weights, eps, out):
     block, warps, single = row_launch_config(D)
     with device_guard(x):
         _split_norm_kernel[(N,)](xs, perm, ids, w, out, xs.stride(0), w.stride(0), out.stride(0), D, w.shape[0],
-                                 eps, HAS_NORM=True, BLOCK_D=block, SINGLE_PASS=single, num_warps=warps)
+                                 eps, HAS_NORM=True, BLOCK_D=block, SINGLE_PASS=single, num_warps=warps,
+                                 num_stages=ROW_NUM_STAGES)
 
 
 

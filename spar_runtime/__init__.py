@@ -6,7 +6,8 @@
 
 Submodules: ``configs`` (SPAR-1B, SPAR-3B, tiny), ``loading`` (safetensors checkpoints), ``qwen2``
 (LLM and connector), ``internvl`` (vision tower, understanding), ``dtr`` (dynamic token routing),
-``sana`` (DiT), ``dcae`` (pixel decoder), ``pipeline`` (SparPipeline), ``cli`` (the ``spar`` command).
+``sana`` (DiT), ``dcae`` (pixel decoder), ``image_tokenizer`` (image -> generation latent),
+``pipeline`` (SparPipeline), ``cli`` (the ``spar`` command).
 Names are imported lazily, so importing one submodule does not load the others.
 """
 

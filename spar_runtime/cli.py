@@ -3,11 +3,14 @@
     spar generate --checkpoint DIR --prompt "a red fox" --steps 20 --guidance 4.5 --seed 0 --out out.png
     spar generate --config tiny --random-weights --prompt "anything" --out out.png
     spar describe --checkpoint DIR --image x.png --prompt "Describe the image." --max-new-tokens 64
+    spar reconstruct --checkpoint DIR --image x.png --out y.png     (also --config tiny --random-weights)
 
 ``generate`` shows a progress bar over the solver steps and ends with a per-stage timing table
 (load, prefill, DTR, connector, DiT loop, decode, total). ``--random-weights`` builds the named
 config with random weights (no files needed; prompts are byte-tokenized), which exercises the
-whole path but draws noise-like images.
+whole path but draws noise-like images. ``reconstruct`` encodes the image with the dual-stream image
+tokenizer, decodes the latent and prints the PSNR of the reconstruction against the input resized to
+the output size.
 """
 
 from __future__ import annotations
@@ -81,6 +84,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: fp32 on CPU, bf16 on CUDA")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of --random-weights")
+    p.add_argument("--quantization", choices=["fp8"], default=None,
+                   help="fp8: W8A8 linears quantized at load (needs sm_89+ on CUDA)")
+    p.add_argument("--graphs", default=None, action=argparse.BooleanOptionalAction,
+                   help="static plans (CUDA graphs on CUDA); default: on for CUDA, off for CPU")
 
 
 def _load(args, parser):
@@ -90,9 +97,11 @@ def _load(args, parser):
     if args.checkpoint and (args.config or args.random_weights):
         parser.error("give either --checkpoint DIR or --config NAME --random-weights, not both")
     if args.checkpoint:
-        return SparPipeline.from_pretrained(args.checkpoint, device=args.device, dtype=dtype)
+        return SparPipeline.from_pretrained(args.checkpoint, device=args.device, dtype=dtype,
+                                            quantization=args.quantization, graphs=args.graphs)
     if args.config and args.random_weights:
-        return SparPipeline.random(args.config, args.weights_seed, device=args.device, dtype=dtype)
+        return SparPipeline.random(args.config, args.weights_seed, device=args.device, dtype=dtype,
+                                   quantization=args.quantization, graphs=args.graphs)
     if args.config:
         parser.error("--config NAME needs --random-weights (no official SPAR weights are public); "
                      "or load real weights with --checkpoint DIR")
@@ -135,6 +144,39 @@ def _describe(args, parser) -> int:
     return 0
 
 
+def psnr(a, b) -> float:
+    """PSNR in dB between two same-size 8-bit RGB PIL images: ``10 log10(255^2 / MSE)`` (inf if equal)."""
+    import math
+
+    import numpy as np
+
+    x = np.asarray(a.convert("RGB"), dtype=np.float64)
+    y = np.asarray(b.convert("RGB"), dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"psnr: images of different sizes {x.shape} and {y.shape}")
+    mse = float(((x - y) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+def _reconstruct(args, parser) -> int:
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    pipe = _load(args, parser)
+    load_s = time.perf_counter() - t0
+    image = Image.open(args.image).convert("RGB")
+    t1 = time.perf_counter()
+    out = pipe.to_pil(pipe.reconstruct(image))[0]
+    run_s = time.perf_counter() - t1
+    out.save(args.out)
+    target = image.resize(out.size, Image.BICUBIC)
+    print(f"wrote {args.out} ({out.size[0]}x{out.size[1]}); PSNR {psnr(out, target):.2f} dB against the input "
+          f"resized to {out.size[0]}x{out.size[1]}")
+    print(f"load {load_s:.3f} s, reconstruct {run_s:.3f} s (encode {pipe.timings.get('encode_image', 0):.3f} s, "
+          f"decode {pipe.timings.get('decode', 0):.3f} s)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spar", description="SPAR text-to-image and image understanding")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt", default="Describe the image.")
     d.add_argument("--max-new-tokens", type=int, default=64)
     d.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    r = sub.add_parser("reconstruct", help="image -> tokenizer latent -> DC-AE decode, with PSNR")
+    _add_model_args(r)
+    r.add_argument("--image", required=True)
+    r.add_argument("--out", default="reconstruction.png")
     return parser
 
 
@@ -164,7 +210,8 @@ def main(argv=None) -> int:
     if getattr(args, "steps", None) is not None and args.steps < 1:
         parser.error(f"--steps: expected >= 1, got {args.steps}")
     try:
-        return _generate(args, parser) if args.command == "generate" else _describe(args, parser)
+        run = {"generate": _generate, "describe": _describe, "reconstruct": _reconstruct}[args.command]
+        return run(args, parser)
     except (ValueError, TypeError, OSError) as e:   # CheckpointError is a ValueError
         print(f"spar {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -12,7 +12,8 @@ Sizes come from the public configs of the components (../shared/SPAR_MODEL.md): 
 (InternViT-300M + Qwen2.5-0.5B) / InternVL3-2B (InternViT-300M + Qwen2.5-1.5B), SANA-0.6B /
 SANA-1.6B at 512 px (16x16 latents), DC-AE f32c32 (SANA 1.0). No official SPAR weights are public:
 the SPAR-specific fields (256 queries, DTR layers, 6 connector layers, flow shift 3.0, 20 steps,
-guidance 4.5) follow the paper as summarized in SPAR_MODEL.md.
+guidance 4.5, the dual-stream image tokenizer: 6 pixel layers of 16 heads, 3 MLP blocks per stream)
+follow the paper as summarized in SPAR_MODEL.md.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Mapping
 
-__all__ = ["SparConfig", "CONFIGS", "get_config", "SPAR_1B", "SPAR_3B", "TINY"]
+__all__ = ["SparConfig", "TokenizerConfig", "CONFIGS", "get_config", "SPAR_1B", "SPAR_3B", "TINY"]
 
 # Keys of spar_config.json (the component configs live in the component folders).
 SPAR_JSON_KEYS = ("num_queries", "dtr_layers", "dtr_tau", "dtr_norm_eps", "connector_layers", "latent_channels",
                   "latent_size", "vae_scale_factor", "flow_shift", "num_steps", "guidance", "mllm", "dit", "vae")
+OPTIONAL_JSON_KEYS = ("tokenizer",)   # the image tokenizer (spar_runtime.image_tokenizer); absent: none
+DEFAULT_TOKENIZER = {"pixel_layers": 6, "pixel_heads": 16, "mlp_blocks": 3}
+_MAX_TOKENIZER_HEAD_DIM = 128   # hybrid_attention's largest head dim (qwen2.attention pads any it does not take)
 
 
 def _qwen2(hidden, layers, heads, kv_heads, ffn, *, vocab=151674, tie=False, theta=1_000_000.0, eps=1e-6,
@@ -88,6 +92,42 @@ def _dcae_f32c32() -> dict:
             "decoder_in_shortcut": True, "decoder_conv_act_fn": "relu", "scaling_factor": 0.41407}
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """``spar_config.json``'s ``"tokenizer"`` object."""
+
+    pixel_layers: int = 6
+    pixel_heads: int = 16
+    mlp_blocks: int = 3
+
+    @classmethod
+    def from_dict(cls, d, where: str = "tokenizer") -> "TokenizerConfig":
+        """Validate a ``"tokenizer"`` object (missing fields take the defaults above)."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{where}: expected an object like {dataclasses.asdict(cls())}, got {d!r}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(k for k in d if k not in names)
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; expected {', '.join(names)}")
+        for k, v in d.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{where}: {k} = {v!r}, expected an int >= 1")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def check_width(self, hidden_size: int, where: str = "tokenizer") -> int:
+        """The pixel stream's head dim for width ``hidden_size`` (ValueError if it does not fit)."""
+        if hidden_size % self.pixel_heads:
+            raise ValueError(f"{where}: pixel_heads = {self.pixel_heads} must divide the LLM width {hidden_size}")
+        d = hidden_size // self.pixel_heads
+        if d > _MAX_TOKENIZER_HEAD_DIM:
+            raise ValueError(f"{where}: head dim {hidden_size} / {self.pixel_heads} = {d} is larger than "
+                             f"hybrid_attention takes ({_MAX_TOKENIZER_HEAD_DIM}); use more pixel_heads")
+        return d
+
+
 def _evenly_spaced(num_layers: int, k: int = 4) -> tuple[int, ...]:
     """K hidden-state indices evenly spaced up to the final normed output (index L)."""
     return tuple(num_layers * (i + 1) // k for i in range(k))
@@ -115,6 +155,7 @@ class SparConfig:
     mllm: str = "mllm"   # component folder names, as spar_config.json names them
     dit: str = "dit"
     vae: str = "vae"
+    tokenizer: dict | None = None   # the image tokenizer's {"pixel_layers", "pixel_heads", "mlp_blocks"}
 
     def __post_init__(self):
         object.__setattr__(self, "dtr_layers", tuple(int(i) for i in self.dtr_layers))
@@ -141,6 +182,19 @@ class SparConfig:
     @property
     def caption_channels(self) -> int:
         return int(self.dit_config["caption_channels"])
+
+    @property
+    def image_token_grid(self) -> tuple[int, int] | None:
+        """Rows and columns of image tokens one image gives the LLM (InternVL: the patch grid
+        times ``downsample_ratio``); None for a text-only MLLM."""
+        if not self.is_internvl:
+            return None
+        v = self.mllm_config["vision_config"]
+        size, patch = v["image_size"], v["patch_size"]
+        size = (size, size) if isinstance(size, int) else size
+        patch = (patch, patch) if isinstance(patch, int) else patch
+        r = float(self.mllm_config.get("downsample_ratio", 0.5))
+        return int(size[0] // patch[0] * r), int(size[1] // patch[1] * r)
 
     @property
     def image_size(self) -> int:
@@ -180,13 +234,40 @@ class SparConfig:
             bad("flow_shift", self.flow_shift, "> 0")
         if self.num_steps < 1:
             bad("num_steps", self.num_steps, ">= 1")
+        if self.tokenizer is not None:
+            self._validate_tokenizer(bad)
+
+    def _validate_tokenizer(self, bad) -> None:
+        tcfg = TokenizerConfig.from_dict(self.tokenizer, where=f"SparConfig {self.name!r}: tokenizer")
+        tcfg.check_width(self.hidden_size, where=f"SparConfig {self.name!r}: tokenizer")
+        grid = self.image_token_grid
+        if grid is None:
+            bad("tokenizer", self.tokenizer, "None for a text-only MLLM (the tokenizer encodes InternVL image "
+                "features)")
+        if grid != (self.latent_size, self.latent_size):
+            v = self.mllm_config["vision_config"]
+            bad("the image-token grid", f"{grid[0]}x{grid[1]}",
+                f"the {self.latent_size}x{self.latent_size} latent grid (latent_size) when a tokenizer is "
+                f"configured (images of {v['image_size']} px, patch {v['patch_size']}, downsample_ratio "
+                f"{self.mllm_config.get('downsample_ratio', 0.5)})")
 
     # ---- conversions ---------------------------------------------------------------------------
     def spar_json(self) -> dict:
         """The content of ``spar_config.json``."""
         d = {k: getattr(self, k) for k in SPAR_JSON_KEYS}
         d["dtr_layers"] = list(self.dtr_layers)
+        if self.tokenizer is not None:
+            d["tokenizer"] = dict(self.tokenizer)
         return d
+
+    def tokenizer_param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the image tokenizer's tensors in ``spar.safetensors`` (optional keys:
+        a checkpoint may leave them out); empty when no tokenizer is configured."""
+        if self.tokenizer is None:
+            return {}
+        from .image_tokenizer import param_shapes
+
+        return param_shapes(TokenizerConfig.from_dict(self.tokenizer), self.hidden_size, self.latent_channels)
 
     def spar_param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Names and shapes of the tensors in ``spar.safetensors`` (the connector named like a Qwen2Model)."""
@@ -224,7 +305,8 @@ class SparConfig:
         return SparConfig(**fields)
 
     def with_layers(self, *, llm_layers: int | None = None, dit_layers: int | None = None,
-                    connector_layers: int | None = None, vision_layers: int | None = None) -> "SparConfig":
+                    connector_layers: int | None = None, vision_layers: int | None = None,
+                    pixel_layers: int | None = None) -> "SparConfig":
         """The same widths with fewer (or more) layers: for CPU benchmarks of full-width models.
 
         With ``llm_layers``, the DTR layers are re-spaced evenly up to the new last layer.
@@ -249,6 +331,9 @@ class SparConfig:
         if connector_layers is not None:
             changes["connector_layers"] = int(connector_layers)
             suffix.append(f"conn{connector_layers}")
+        if pixel_layers is not None and self.tokenizer is not None:
+            changes["tokenizer"] = {**self.tokenizer, "pixel_layers": int(pixel_layers)}
+            suffix.append(f"pix{pixel_layers}")
         changes["name"] = self.name + ("[" + ",".join(suffix) + "]" if suffix else "")
         return self.replace(**changes)
 
@@ -260,6 +345,7 @@ class SparConfig:
             raise ValueError(f"spar_config.json of {name!r}: missing field(s) {', '.join(missing)}; "
                              f"expected all of {', '.join(SPAR_JSON_KEYS)}")
         kw = {k: spar_json[k] for k in SPAR_JSON_KEYS}
+        kw.update({k: spar_json[k] for k in OPTIONAL_JSON_KEYS if spar_json.get(k) is not None})
         return cls(name=name, mllm_config=mllm_config, dit_config=dit_config, vae_config=vae_config, **kw)
 
     @classmethod
@@ -292,7 +378,7 @@ def _spar_1b() -> SparConfig:
         num_steps=20, guidance=4.5,
         mllm_config=_internvl(_internvit(), text),
         dit_config=_sana(36, 32, 28, 16, 72),     # SANA-0.6B (512 px)
-        vae_config=_dcae_f32c32())
+        vae_config=_dcae_f32c32(), tokenizer=dict(DEFAULT_TOKENIZER))
 
 
 def _spar_3b() -> SparConfig:
@@ -303,17 +389,18 @@ def _spar_3b() -> SparConfig:
         num_steps=20, guidance=4.5,
         mllm_config=_internvl(_internvit(), text),
         dit_config=_sana(70, 32, 20, 20, 112),    # SANA-1.6B (512 px)
-        vae_config=_dcae_f32c32())
+        vae_config=_dcae_f32c32(), tokenizer=dict(DEFAULT_TOKENIZER))
 
 
 def _tiny() -> SparConfig:
     """A few-hundred-thousand-parameter SPAR for tests and ``spar generate --config tiny``.
 
     Byte-level prompts fit its vocabulary (ids 0..255 are the UTF-8 bytes, see
-    :class:`spar_runtime.pipeline.ByteTokenizer`); 56 px images give 4 image tokens.
+    :class:`spar_runtime.pipeline.ByteTokenizer`); 64 px images (patch 4: 16x16 patches,
+    pixel-shuffled to 8x8) give 64 image tokens, the 8x8 latent grid the image tokenizer needs.
     """
     text = _qwen2(64, 4, 4, 2, 96, vocab=320, theta=10000.0, max_pos=1024)
-    vision = _internvit(hidden=32, layers=2, heads=2, ffn=64, image=56, patch=14)
+    vision = _internvit(hidden=32, layers=2, heads=2, ffn=64, image=64, patch=4)
     vae = {"_class_name": "AutoencoderDC", "in_channels": 3, "latent_channels": 32, "attention_head_dim": 8,
            "encoder_block_types": ["ResBlock", "ResBlock", "EfficientViTBlock"],
            "decoder_block_types": ["ResBlock", "ResBlock", "EfficientViTBlock"],
@@ -328,7 +415,7 @@ def _tiny() -> SparConfig:
         latent_channels=32, latent_size=8, vae_scale_factor=0.5, flow_shift=3.0, num_steps=4, guidance=4.5,
         mllm_config=_internvl(vision, text, image_token_id=300),
         dit_config=_sana(2, 16, 2, 2, 16, caption_channels=48, sample_size=8),
-        vae_config=vae)
+        vae_config=vae, tokenizer={"pixel_layers": 2, "pixel_heads": 2, "mlp_blocks": 3})
 
 
 CONFIGS = {"SPAR-1B": _spar_1b, "SPAR-3B": _spar_3b, "tiny": _tiny}

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from spar_kernels import dwconv_glu, linear_attention, rms_norm
+from spar_kernels import dwconv_glu, linear_attention, rms_norm, same_device
 from .loading import CheckpointError, check_state_dict, default_dtype, load_safetensors_dir, read_json
 
 __all__ = ["DCAEConfig", "DCAEDecoder", "dcae_param_shapes", "random_weights"]
@@ -235,7 +235,8 @@ def random_weights(config_dict: dict, generator: torch.Generator | None = None) 
 # channels-last building blocks (x is [B, H, W, C] contiguous)
 
 def _conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, groups: int = 1) -> torch.Tensor:
-    y = F.conv2d(x.permute(0, 3, 1, 2), w, b, padding=w.shape[-1] // 2, groups=groups)
+    pad = w.shape[-1] // 2
+    y = F.conv2d(x.permute(0, 3, 1, 2), w, b, padding=(pad, pad), groups=groups)
     return y.permute(0, 2, 3, 1).contiguous()  # no copy: conv keeps the channels-last input format
 
 
@@ -403,7 +404,7 @@ class DCAEDecoder:
         floats = [t for t in weights.values() if t.is_floating_point()]
         self.device, self.dtype = floats[0].device, floats[0].dtype
         for name, t in weights.items():
-            if t.is_floating_point() and (t.dtype != self.dtype or t.device != self.device):
+            if t.is_floating_point() and (t.dtype != self.dtype or not same_device(t.device, self.device)):
                 raise ValueError(f"weights[{name!r}]: {t.dtype} on {t.device}, expected every tensor "
                                  f"in {self.dtype} on {self.device}")
         cfg, w = self.config, weights
@@ -466,7 +467,7 @@ class DCAEDecoder:
             raise ValueError(f"z: expected shape [B, {self.config.latent_channels}, h, w], got {tuple(z.shape)}")
         if not z.is_floating_point():
             raise ValueError(f"z: expected a floating-point tensor, got {z.dtype}")
-        if z.device != self.device:
+        if not same_device(z.device, self.device):
             raise ValueError(f"z: expected a tensor on {self.device} (the decoder's device), got {z.device}")
         x = z.to(self.dtype).permute(0, 2, 3, 1).contiguous()              # [B, h, w, C_latent]
         h = _conv(x, self.conv_in_w, self.conv_in_b)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 import spar_kernels as sk
 
+from .fp8 import Fp8Weight, linear
+
 __all__ = ["DynamicTokenRouting", "dtr_param_shapes"]
 
 
@@ -55,8 +57,8 @@ class DynamicTokenRouting:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Router logits [N, K] from the last routed hidden state."""
         w = self.w
-        h = F.linear(hidden[self.layer_ids_list[-1]], w["router.0.weight"], w["router.0.bias"])
-        return F.linear(F.silu(h), w["router.2.weight"], w["router.2.bias"])
+        h = linear(hidden[self.layer_ids_list[-1]], w["router.0.weight"], w["router.0.bias"])
+        return linear(F.silu(h), w["router.2.weight"], w["router.2.bias"])
 
     def __call__(self, hidden: torch.Tensor, *, rows: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,6 +69,7 @@ class DynamicTokenRouting:
         w = self.w
         mixed = sk.route_layers(hidden, self.layer_ids, self.logits(hidden), w["alpha"], w["norm.weight"],
                                 w["norm.bias"], tau=self.tau, eps=self.eps, rows=rows)
-        if out is None:
-            return F.linear(mixed, w["proj.weight"], w["proj.bias"])
+        if out is None or isinstance(w["proj.weight"], Fp8Weight):
+            y = linear(mixed, w["proj.weight"], w["proj.bias"])
+            return y if out is None else out.copy_(y)
         return torch.addmm(w["proj.bias"], mixed, w["proj.weight"].t(), out=out)

@@ -459,12 +459,12 @@ class MLLM:
                 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids: expected a non-empty 1-D integer tensor, got {_fmt(input_ids)}")
         V = self.config.vocab_size
-        ids = input_ids.to(self.device)
-        if int(ids.min()) < 0 or int(ids.max()) >= V:
-            raise ValueError(f"input_ids: token ids must lie in [0, {V}), got [{int(ids.min())}, {int(ids.max())}]")
-        x = self.embed_tokens(ids)
-        is_img = ids == self.image_token_id if self.image_token_id is not None else None
-        n_placeholders = int(is_img.sum()) if is_img is not None else 0
+        host = input_ids.cpu()  # checked and searched on the host (free for the usual CPU ids)
+        if int(host.min()) < 0 or int(host.max()) >= V:
+            raise ValueError(f"input_ids: token ids must lie in [0, {V}), got [{int(host.min())}, {int(host.max())}]")
+        x = self.embed_tokens(self._to_device(host))
+        img_rows = (host == self.image_token_id).nonzero().squeeze(1) if self.image_token_id is not None else None
+        n_placeholders = 0 if img_rows is None else img_rows.numel()
         n_expected = 0 if pixel_values is None else pixel_values.shape[0] * (self.image_seq_length or 0)
         if pixel_values is not None and self.vision is None:
             raise ValueError("pixel_values: this MLLM is text-only (no vision tower); pass None")
@@ -473,17 +473,25 @@ class MLLM:
                              f"pixel_values gives {n_expected} ({0 if pixel_values is None else pixel_values.shape[0]} "
                              f"image(s) x {self.image_seq_length} tokens)")
         if n_expected:
-            x[is_img] = self.encode_images(pixel_values).to(x.dtype)
+            x.index_copy_(0, self._to_device(img_rows), self.encode_images(pixel_values).to(x.dtype))
         return x
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the model's device; on CUDA through pinned memory without blocking."""
+        if torch.device(self.device).type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def describe(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor, max_new_tokens: int,
                  do_sample: bool = False, *, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
-                 generator: torch.Generator | None = None) -> list[int]:
+                 generator: torch.Generator | None = None, **engine) -> list[int]:
         """Image understanding: the prompt (with its image placeholders) prefilled into a KV cache,
         then ``max_new_tokens`` decoded greedily (or sampled). Returns the new token ids (ending with
-        the EOS id if one was emitted; the config's EOS ids unless ``eos_token_id`` is given)."""
+        the EOS id if one was emitted; the config's EOS ids unless ``eos_token_id`` is given).
+        ``engine``: ``plans`` / ``graphs`` of :meth:`Qwen2LM.generate` (the pipeline's engine)."""
         x = self.prompt_embeddings(input_ids, pixel_values)
         return self.lm.generate(x, [x.shape[0]], max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator)[0]
+                                top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator,
+                                **engine)[0]

@@ -16,6 +16,11 @@ One generation call (:meth:`SparPipeline.generate_latents`):
 
 :meth:`decode` divides by ``vae_scale_factor`` and runs the DC-AE decoder. Per-stage wall times of
 the last calls are kept in :attr:`SparPipeline.timings` (seconds).
+
+With ``graphs`` on (the default on CUDA) text-to-image runs the same stages from a static plan of
+:mod:`spar_runtime.engine` (padded context slots, persistent buffers, no host sync, the step
+captured in a CUDA graph); ``quantization="fp8"`` swaps the linears for :mod:`spar_runtime.fp8`'s
+W8A8 weights at load. This module validates arguments and delegates.
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ import time
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 import spar_kernels as sk
 
@@ -37,6 +41,9 @@ from .configs import SparConfig
 from .dcae import DCAEDecoder
 from .dcae import random_weights as _vae_random_weights
 from .dtr import DynamicTokenRouting
+from .engine import Engine, staged_copy
+from .fp8 import check_fp8_device, linear, quantize_linears
+from . import image_tokenizer as _itok
 from .internvl import MLLM
 from .internvl import random_weights as _mllm_random_weights
 from .loading import PICKLE_SUFFIXES, CheckpointError, check_state_dict, default_dtype, load_safetensors_file
@@ -48,6 +55,7 @@ from .tokenizer import ByteTokenizer, load_tokenizer
 __all__ = ["SparPipeline", "SAMPLERS", "spar_random_weights"]
 
 SAMPLERS = ("dpmsolver++2m", "euler")
+QUANTIZATIONS = (None, "fp8")
 STAGES = ("prefill", "dtr", "connector", "dit_loop", "decode")
 
 # The unconditional prompt of the CFG batch: a fixed short instruction (SPAR_MODEL.md), not "".
@@ -55,8 +63,12 @@ UNCOND_PROMPT = "Generate an image."
 
 
 def spar_random_weights(config: SparConfig, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Random float32 CPU tensors for ``spar.safetensors`` (fan-in scaled; norms near 1, alpha near 1)."""
+    """Random float32 CPU tensors for ``spar.safetensors`` (fan-in scaled; norms near 1, alpha near 1),
+    the image tokenizer's included when the config has one."""
     out = {}
+    if config.tokenizer is not None:
+        out.update(_itok.random_weights(_configs.TokenizerConfig.from_dict(config.tokenizer), config.hidden_size,
+                                        config.latent_channels, generator))
     for name, shape in config.spar_param_shapes().items():
         if name == "latent_queries":
             out[name] = 0.02 * torch.randn(shape, generator=generator)
@@ -78,6 +90,15 @@ def _default_device_dtype(device, dtype):
     return device, dtype
 
 
+def _check_engine_args(device: torch.device, quantization, graphs) -> None:
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization: expected one of {QUANTIZATIONS}, got {quantization!r}")
+    if graphs is not None and not isinstance(graphs, bool):
+        raise TypeError(f"graphs: expected True, False or None (on for CUDA), got {graphs!r}")
+    if quantization == "fp8":
+        check_fp8_device(device)
+
+
 def _as_ids(name: str, ids, vocab: int, *, allow_empty: bool) -> torch.Tensor:
     """A 1-D int64 CPU tensor of token ids from a tensor or a list of ints, range-checked."""
     if isinstance(ids, torch.Tensor):
@@ -91,8 +112,9 @@ def _as_ids(name: str, ids, vocab: int, *, allow_empty: bool) -> torch.Tensor:
         raise TypeError(f"{name}: expected a 1-D integer tensor or a list of ints, got {type(ids).__name__}")
     if t.numel() == 0 and not allow_empty:
         raise ValueError(f"{name}: empty prompt (no token ids); expected at least one token")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
-        raise ValueError(f"{name}: token ids must lie in [0, {vocab}), got min {int(t.min())} max {int(t.max())}")
+    a = t.numpy()   # host values, read without dispatching tensor ops
+    if a.size and (a.min() < 0 or a.max() >= vocab):
+        raise ValueError(f"{name}: token ids must lie in [0, {vocab}), got min {int(a.min())} max {int(a.max())}")
     return t
 
 
@@ -104,9 +126,12 @@ class SparPipeline:
     """
 
     def __init__(self, config: SparConfig, mllm: MLLM, spar_weights: dict[str, torch.Tensor], dit: SanaDiT,
-                 vae: DCAEDecoder, *, tokenizer=None, device=None, dtype=None, where: str = "spar.safetensors"):
+                 vae: DCAEDecoder, *, tokenizer=None, device=None, dtype=None, where: str = "spar.safetensors",
+                 quantization: str | None = None, graphs: bool | None = None):
         self.config = config
         self.device, self.dtype = _default_device_dtype(device, dtype)
+        _check_engine_args(self.device, quantization, graphs)
+        spar_weights, tok_weights = _itok.split_weights(spar_weights, config, where)
         check_state_dict(spar_weights, config.spar_param_shapes(), where)
         w = {k: v.to(self.device, self.dtype) for k, v in spar_weights.items()}
         self.mllm, self.dit, self.vae, self.tokenizer = mllm, dit, vae, tokenizer
@@ -124,17 +149,48 @@ class SparPipeline:
                                       config.connector_layers, norm=True)
         self.projector_weight, self.projector_bias = w["projector.weight"], w["projector.bias"]
         self.vocab_size = int(config.text_config["vocab_size"])
+        # the dual-stream image tokenizer (optional: None when spar.safetensors has no tokenizer.*)
+        self.image_tokenizer = _itok.build(config, tok_weights, self.device, self.dtype, where)
         self.timings: dict[str, float] = {}
         self.sync_timings = False  # synchronize the device at stage boundaries (exact per-stage times)
+        # FP8: every eligible linear of the LLM, connector, DTR, projector and DiT, quantized here
+        self.quantization = quantization
+        self.quantized = quantize_linears(self._linear_slots()) if quantization == "fp8" else {}
+        # graphs: text-to-image runs from static plans (CUDA graphs on CUDA); None = on for CUDA
+        self.graphs = self.device.type == "cuda" if graphs is None else bool(graphs)
+        self.engine = Engine(self, graphs=self.graphs)
+
+    def _linear_slots(self):
+        """(name, owner, key) of every linear weight FP8 quantization applies to."""
+        slots = []
+        for prefix, stack in (("mllm.layers", self.mllm.lm.model), ("connector.layers", self.connector)):
+            for i, layer in enumerate(stack.layers):
+                slots += [(f"{prefix}.{i}.{k}", layer, k) for k in ("w_qkv", "w_o", "w_gate_up", "w_down")]
+        slots += [(f"dtr.{k}", self.dtr.w, k) for k in ("router.0.weight", "router.2.weight", "proj.weight")]
+        slots.append(("projector.weight", self, "projector_weight"))
+        dit = self.dit
+        slots += [(f"dit.{k}", dit, k) for k in ("w_patch", "w_t1", "w_t2", "w_tmod", "w_c1", "w_c2", "w_out")]
+        for i, blk in enumerate(dit.blocks):
+            slots += [(f"dit.blocks.{i}.{k}", blk, k)
+                      for k in ("w_qkv", "w_o1", "w_q2", "w_kv2", "w_o2", "w_inv", "w_pt")]
+        return slots
+
+    def graph_cache_info(self) -> dict[str, int]:
+        """``{"plans": plans built, "replays": denoising steps run from a plan}`` (see engine.py)."""
+        return self.engine.info()
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, device=None, dtype=None) -> "SparPipeline":
+    def from_pretrained(cls, path: str | os.PathLike, *, device=None, dtype=None, quantization: str | None = None,
+                        graphs: bool | None = None) -> "SparPipeline":
         """Load a SPAR checkpoint directory (layout in docs/runtime.md): ``spar_config.json``,
-        ``mllm/``, ``dit/``, ``vae/`` in their public formats, and ``spar.safetensors``."""
+        ``mllm/``, ``dit/``, ``vae/`` in their public formats, and ``spar.safetensors``.
+        ``quantization="fp8"`` quantizes the linears at load (the files are not changed);
+        ``graphs`` (None: on for CUDA) runs text-to-image from static plans."""
         path = os.fspath(path)
         config = SparConfig.from_dir(path)
         device, dtype = _default_device_dtype(device, dtype)
+        _check_engine_args(device, quantization, graphs)
         spar_file = os.path.join(path, "spar.safetensors")
         if not os.path.isfile(spar_file):
             pickles = [n for n in os.listdir(path) if n.startswith("spar") and n.lower().endswith(PICKLE_SUFFIXES)]
@@ -142,20 +198,23 @@ class SparPipeline:
                     if pickles else "")
             raise CheckpointError(f"{path}: spar.safetensors not found{hint}")
         spar = load_safetensors_file(spar_file)
-        check_state_dict(spar, config.spar_param_shapes(), spar_file)
+        check_state_dict(_itok.split_weights(spar, config, spar_file)[0], config.spar_param_shapes(), spar_file)
         mllm = MLLM.from_dir(os.path.join(path, config.mllm), device=device, dtype=dtype)
         dit = SanaDiT.from_dir(os.path.join(path, config.dit), device=device, dtype=dtype)
         vae = DCAEDecoder.from_dir(os.path.join(path, config.vae), device=device, dtype=dtype)
         tokenizer = load_tokenizer(os.path.join(path, config.mllm))
-        return cls(config, mllm, spar, dit, vae, tokenizer=tokenizer, device=device, dtype=dtype, where=spar_file)
+        return cls(config, mllm, spar, dit, vae, tokenizer=tokenizer, device=device, dtype=dtype, where=spar_file,
+                   quantization=quantization, graphs=graphs)
 
     @classmethod
-    def random(cls, config: str | SparConfig, seed: int = 0, *, device=None, dtype=None) -> "SparPipeline":
+    def random(cls, config: str | SparConfig, seed: int = 0, *, device=None, dtype=None,
+               quantization: str | None = None, graphs: bool | None = None) -> "SparPipeline":
         """A pipeline with random weights for ``config`` (a :class:`SparConfig` or a name in
         ``spar_runtime.configs.CONFIGS``); reads and writes no files. Its tokenizer is a
         :class:`ByteTokenizer` when the vocabulary holds the 256 byte ids, else None."""
         config = _configs.get_config(config)
         device, dtype = _default_device_dtype(device, dtype)
+        _check_engine_args(device, quantization, graphs)
         gen = torch.Generator().manual_seed(int(seed))
 
         def place(ws):
@@ -166,7 +225,8 @@ class SparPipeline:
         dit = SanaDiT(config.dit_config, place(_dit_random_weights(config.dit_config, gen)))
         vae = DCAEDecoder(config.vae_config, place(_vae_random_weights(config.vae_config, gen)))
         tok = ByteTokenizer(int(config.text_config["vocab_size"])) if ByteTokenizer.fits(config) else None
-        return cls(config, mllm, spar, dit, vae, tokenizer=tok, device=device, dtype=dtype, where="random weights")
+        return cls(config, mllm, spar, dit, vae, tokenizer=tok, device=device, dtype=dtype, where="random weights",
+                   quantization=quantization, graphs=graphs)
 
     # ---- timing ---------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -282,7 +342,7 @@ class SparPipeline:
         """Connector (bidirectional within each row) + projector -> DiT context ``[N, caption_channels]``."""
         lengths = state["lengths"]
         c = self.connector(routed, bidirectional_layout(lengths, device=self.device), state["positions"])
-        return F.linear(c, self.projector_weight, self.projector_bias)
+        return linear(c, self.projector_weight, self.projector_bias)
 
     @torch.inference_mode()
     def encode_prompts(self, sequences: Sequence[torch.Tensor], image_embeds: torch.Tensor | None = None):
@@ -297,14 +357,25 @@ class SparPipeline:
         return context, state["lengths"]
 
     def denoise(self, context: torch.Tensor, lengths: Sequence[int], noise: torch.Tensor, num_steps: int,
-                guidance: float, sampler: str, shift: float, callback=None) -> torch.Tensor:
-        """The DiT loop on the CFG batch [cond rows; uncond rows] (context rows in that order)."""
+                guidance: float, sampler: str, shift: float, callback=None, start_step: int = 0) -> torch.Tensor:
+        """The DiT loop on the CFG batch [cond rows; uncond rows] (context rows in that order);
+        with ``start_step`` k the first k of ``num_steps`` steps are skipped (``noise`` is then the
+        state at the k-th sigma), as diffusers' schedulers run after ``set_begin_index(k)``."""
         B = noise.shape[0]
         ctx = self.dit.prepare_context(context, list(lengths))      # cross-attention K/V, once per call
         solver = self._sampler(sampler, num_steps, shift, guidance)
         timesteps = self._dit_timesteps(solver)
-        x = noise.to(self.device, torch.float32).clone()            # the solver state stays fp32
+        if start_step:
+            solver, timesteps = _itok.tail_sampler(solver, timesteps, sampler, start_step, guidance)
+            num_steps -= start_step
+        x = torch.empty(noise.shape, device=self.device, dtype=torch.float32)   # the solver state stays fp32
+        if noise.device.type == "cpu":
+            staged_copy(x, noise.float())                              # pinned, non-blocking on CUDA
+        else:
+            x.copy_(noise)
         x_in = torch.empty((2 * B,) + tuple(x.shape[1:]), device=self.device, dtype=self.dtype)
+        p = self.dit.config.patch_size
+        ctx.layout((x.shape[2] // p) * (x.shape[3] // p))          # the cross layout, built before the loop
         fused_cfg = guidance > 1.0
         for i in range(num_steps):
             x_in[:B].copy_(x)
@@ -333,7 +404,7 @@ class SparPipeline:
     @torch.inference_mode()
     def generate_latents(self, prompt_ids, *, uncond_ids, noise, num_steps=20, guidance=4.5,
                          sampler="dpmsolver++2m", shift=None, image_embeds=None,
-                         callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                         callback: Callable[[int, int], None] | None = None, start_step: int = 0) -> torch.Tensor:
         """Denoise ``noise`` into latents conditioned on ``prompt_ids``.
 
         Args:
@@ -350,7 +421,9 @@ class SparPipeline:
             image_embeds: editing only (one prompt): the reference image's ``[T, D]`` embeddings
                 (``mllm.encode_images``), placed at the T image placeholders of the prompt and of
                 the unconditional prompt, and written back over those rows after DTR.
-            callback: called as ``callback(step, num_steps)`` after every step (progress bars).
+            callback: called as ``callback(step, steps_run)`` after every step (progress bars).
+            start_step: image-to-image: skip the first ``start_step`` steps; ``noise`` is then the
+                state at that step's sigma (``(1 - sigma) z + sigma * noise``, see :meth:`edit`).
 
         Returns:
             the final latent, float32 ``[B, latent_channels, h, w]`` on the pipeline's device.
@@ -358,12 +431,20 @@ class SparPipeline:
         prompts, unconds, shift, num_steps, guidance = self._check_generate_args(
             prompt_ids, uncond_ids, noise, num_steps, guidance, sampler, shift)
         img = None if image_embeds is None else self._check_image_embeds(image_embeds, prompts, unconds)
+        if isinstance(start_step, bool) or not isinstance(start_step, numbers.Integral) \
+                or not 0 <= start_step < num_steps:
+            raise ValueError(f"start_step: expected an int in [0, num_steps = {num_steps}), got {start_step!r}")
         t_start = time.perf_counter()
+        if self.graphs and img is None and not start_step:
+            # text to image from a static plan (engine.py): padded context slots, no host sync
+            x = self.engine.generate_latents(prompts + unconds, noise, num_steps, guidance, sampler, shift, callback)
+            self.timings["total"] = time.perf_counter() - t_start
+            return x
         # 1-3. the CFG batch packed without padding: conditional rows, then unconditional rows
         context, lengths = self.encode_prompts(prompts + unconds, img)
         # 4. the DiT loop
         with self._stage("dit_loop"):
-            x = self.denoise(context, lengths, noise, num_steps, guidance, sampler, shift, callback)
+            x = self.denoise(context, lengths, noise, num_steps, guidance, sampler, shift, callback, int(start_step))
         self.timings["total"] = time.perf_counter() - t_start
         return x
 
@@ -423,9 +504,15 @@ class SparPipeline:
         return self.to_pil(self.decode(lat))
 
     def edit(self, image, instruction: str, *, num_steps: int | None = None, guidance: float | None = None,
-             seed: int = 0, sampler: str = "dpmsolver++2m", shift=None, callback=None):
+             seed: int = 0, sampler: str = "dpmsolver++2m", shift=None, callback=None, strength=None):
         """Image editing: the reference image's ViT tokens sit in both CFG prompts; after DTR their
-        positions carry the raw ViT embeddings. Returns a list with one PIL image."""
+        positions carry the raw ViT embeddings. Returns a list with one PIL image.
+
+        ``strength`` s in (0, 1] (diffusers' image-to-image name): the first ``num_steps -
+        int(num_steps * s)`` steps are skipped and the loop starts from ``(1 - sigma) * z_ref +
+        sigma * noise``, z_ref = :meth:`encode_image` of the reference image, sigma = the schedule's
+        sigma at the first step run: small s stays close to the input. None or 1 skips nothing and
+        starts from pure noise (today's edit, no image tokenizer needed)."""
         if self.mllm.vision is None:
             raise ValueError("image: this checkpoint's MLLM is text-only (no vision tower); editing needs InternVL")
         if not isinstance(instruction, str) or not instruction:
@@ -436,11 +523,35 @@ class SparPipeline:
         T = emb.shape[0]
         ids = self._t2i_ids(instruction, image_tokens=T)
         uncond = self._t2i_ids(UNCOND_PROMPT, image_tokens=T)
-        lat = self.generate_latents([ids], uncond_ids=uncond, noise=self._noise(1, seed),
-                                    num_steps=num_steps or self.config.num_steps,
-                                    guidance=self.config.guidance if guidance is None else guidance,
-                                    sampler=sampler, shift=shift, image_embeds=emb, callback=callback)
+        steps = num_steps or self.config.num_steps
+        guidance = self.config.guidance if guidance is None else guidance
+        noise, start = self._noise(1, seed), 0
+        if strength is not None:
+            start = _itok.strength_start_step(steps, strength)
+        if start:   # image-to-image: start from the reference latent noised to the first sigma run
+            sched_shift = self.config.flow_shift if shift is None else shift
+            sigma = self._sampler(sampler, steps, sched_shift, guidance).step_sigmas[start]
+            noise = _itok.noised_start(self.encode_image(pixel_values), noise, sigma)
+        lat = self.generate_latents([ids], uncond_ids=uncond, noise=noise, num_steps=steps, guidance=guidance,
+                                    sampler=sampler, shift=shift, image_embeds=emb, callback=callback,
+                                    start_step=start)
         return self.to_pil(self.decode(lat))
+
+    # ---- image tokenizer: image -> generation latent ---------------------------------------------
+    @torch.inference_mode()
+    def encode_image(self, image) -> torch.Tensor:
+        """The generation latent of image(s): PIL image(s) or InternVL-normalized pixel values
+        ``[B, 3, S, S]`` -> float32 ``[B, latent_channels, h, w]`` (vision tower, pixel shuffle,
+        projector, then the dual-stream tokenizer, all images in one batch)."""
+        tok = _itok.require(self.image_tokenizer, self.config)
+        pv = _itok.pixel_batch(image, self.preprocess, self.config)
+        with self._stage("encode_image"):
+            feats = self.mllm.encode_images(pv)                                   # [B * T, D]
+            return tok(feats.view(pv.shape[0], -1, feats.shape[-1]))
+
+    def reconstruct(self, image) -> torch.Tensor:
+        """``decode(encode_image(image))``: ``[B, 3, H, W]`` in [-1, 1] (unclamped), the pipeline's dtype."""
+        return self.decode(self.encode_image(image))
 
     # ---- understanding --------------------------------------------------------------------------
     def preprocess(self, image) -> torch.Tensor:
@@ -481,7 +592,8 @@ class SparPipeline:
             ids = _as_ids("prompt", prompt, self.vocab_size, allow_empty=False)
         if self.tokenizer is not None:
             sampling.setdefault("eos_token_id", self.tokenizer.eos_token_id)
-        out = self.mllm.describe(pixel_values, ids, max_new_tokens, do_sample=do_sample, **sampling)
+        engine = {"plans": self.engine.decode_plans, "graphs": True} if self.graphs else {}
+        out = self.mllm.describe(pixel_values, ids, max_new_tokens, do_sample=do_sample, **sampling, **engine)
         if isinstance(prompt, str):
             return self.tokenizer.decode([int(i) for i in out])
         return out

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 import spar_kernels as sk
-from spar_kernels.attention import HEAD_DIMS as _HEAD_DIMS
 
+from .fp8 import Fp8Weight, linear
 from .loading import CheckpointError, check_state_dict, load_safetensors_dir, read_json
 
 __all__ = ["Qwen2Config", "qwen2_param_shapes", "qwen2_lm_param_shapes", "packed_positions",
@@ -202,21 +202,9 @@ def _check_dtype(dtype: torch.dtype) -> None:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, scale: float) -> torch.Tensor:
-    """``spar_kernels.hybrid_attention`` for any head dim up to the kernels' largest.
-
-    Head dims the kernels do not take (e.g. 8 or 48 in small configs) are zero-padded to the next
-    one they take: zero columns add nothing to q.k, and the padded output columns (zero values)
-    are dropped. The softmax scale stays that of the real head dim.
-    """
-    d = q.shape[-1]
-    if d in _HEAD_DIMS:
-        return sk.hybrid_attention(q, k, v, layout, softmax_scale=scale)
-    bigger = [h for h in _HEAD_DIMS if h > d]
-    if not bigger:
-        raise ValueError(f"head dim {d} is larger than the attention kernels take (at most {max(_HEAD_DIMS)})")
-    pad = (0, bigger[0] - d)
-    o = sk.hybrid_attention(F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), layout, softmax_scale=scale)
-    return o[..., :d]
+    """``spar_kernels.hybrid_attention`` with the softmax scale of the real head dim (it takes every
+    head dim from 8 to 128 as it is)."""
+    return sk.hybrid_attention(q, k, v, layout, softmax_scale=scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +237,11 @@ class KVCache:
     Sequence b owns the slots ``[b * capacity, (b + 1) * capacity)`` of every layer's
     ``[batch_size * capacity, Hkv, head_dim]`` buffer, so appending never moves anything.
     :meth:`append` reserves the next slots and returns the layout and positions of the new
-    tokens (each sees every cached key of its sequence up to and including itself).
+    tokens (each sees every cached key of its sequence up to and including itself); it builds
+    them on the host (a prefill, once per call). Token-by-token decoding uses :meth:`start_decode`
+    and :meth:`decode_inputs` / :meth:`advance` instead: one token per sequence per step, with the
+    positions, slots and layout intervals advanced on the device (no host copy, no sync, the
+    same tensors every step, so a CUDA graph can capture the step).
     """
 
     def __init__(self, num_layers: int, batch_size: int, capacity: int, num_kv_heads: int, head_dim: int, *,
@@ -265,6 +257,53 @@ class KVCache:
         self.batch_size = batch_size
         self.lengths = [0] * batch_size      # host-side: known without reading the device
         self._slots: torch.Tensor | None = None
+        self._decode = None                  # (positions, slot base, slots, layout) of static decoding
+
+    def reset(self) -> None:
+        """Forget every cached token (the buffers are kept; stale values are never attended to)."""
+        self.lengths = [0] * self.batch_size
+        self._slots = None
+
+    def start_decode(self) -> None:
+        """Static decoding from the current lengths: the device positions are set once (one
+        staged copy); each step then appends one token to every sequence on the device."""
+        dev, B, cap = self.k.device, self.batch_size, self.capacity
+        if self._decode is None:
+            base = torch.arange(B, device=dev, dtype=torch.int64) * cap
+            layout = sk.AttentionLayout.from_intervals(list(range(B + 1)), [b * cap for b in range(B + 1)],
+                                                       [0] * B, [1] * B)
+            self._decode = (torch.zeros(B, dtype=torch.int64, device=dev), base,
+                            torch.zeros(B, dtype=torch.int64, device=dev), layout.to(dev))
+        pos = torch.tensor(self.lengths, dtype=torch.int64)
+        if dev.type == "cpu":
+            self._decode[0].copy_(pos)
+        else:
+            self._decode[0].copy_(pos.pin_memory(), non_blocking=True)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """The device positions of the next decoded token of each sequence (after :meth:`start_decode`)."""
+        return self._decode[0]
+
+    def decode_inputs(self):
+        """``(layout, positions)`` of one new token per sequence at the device positions (device
+        work only). After the forward pass the caller adds 1 to ``positions`` (device) and calls
+        :meth:`advance` (host)."""
+        if self._decode is None:
+            raise ValueError("kv_cache: call start_decode() before decode_inputs()")
+        if any(n + 1 > self.capacity for n in self.lengths):
+            raise ValueError(f"kv_cache: one more token does not fit: cached {self.lengths}, capacity "
+                             f"{self.capacity} per sequence")
+        pos, base, slots, layout = self._decode
+        torch.add(pos, base, out=slots)
+        layout.kv_end.copy_(pos + 1)
+        self._slots = slots
+        return layout, pos
+
+    def advance(self) -> None:
+        """The host lengths move on by one token per sequence (the device positions were
+        advanced by the step)."""
+        self.lengths = [n + 1 for n in self.lengths]
 
     def append(self, q_lens: Sequence[int]):
         """Reserve ``q_lens[b]`` slots after sequence b's cached tokens.
@@ -428,23 +467,23 @@ class DecoderStack:
     def _attention(self, i, layer, a, cos, sin, layout, kv_cache):
         cfg = self.cfg
         N, d, hq, hkv = a.shape[0], cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        qkv = F.linear(a, layer.w_qkv, layer.b_qkv)
+        qkv = linear(a, layer.w_qkv, layer.b_qkv)
         qk = _apply_rope(qkv[:, :(hq + hkv) * d].view(N, hq + hkv, d), cos, sin)
         q, k = qk[:, :hq], qk[:, hq:]
         v = qkv[:, (hq + hkv) * d:].view(N, hkv, d)
         if kv_cache is not None:
             k, v = kv_cache.store(i, k, v)
         o = attention(q, k, v, layout, self.scale)
-        return F.linear(o.reshape(N, hq * d), layer.w_o)
+        return linear(o.reshape(N, hq * d), layer.w_o)
 
     def _mlp(self, layer, a):
         f = self.cfg.intermediate_size
-        if self.split_gate_up:   # two GEMMs on views of the fused weight
+        if self.split_gate_up and not isinstance(layer.w_gate_up, Fp8Weight):   # two GEMMs on weight views
             h = F.silu(F.linear(a, layer.w_gate_up[:f]), inplace=True).mul_(F.linear(a, layer.w_gate_up[f:]))
         else:                    # one GEMM
-            gate_up = F.linear(a, layer.w_gate_up)
+            gate_up = linear(a, layer.w_gate_up)
             h = F.silu(gate_up[:, :f], inplace=True).mul_(gate_up[:, f:])
-        return F.linear(h, layer.w_down)
+        return linear(h, layer.w_down)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,8 +552,9 @@ class Qwen2LM:
     def generate(self, embeds: torch.Tensor, lengths: Sequence[int], max_new_tokens: int, *, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  eos_token_id: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
-                 ) -> list[list[int]]:
-        """Decode after packed prompts, with a KV cache.
+                 plans: dict | None = None, graphs: bool = False) -> list[list[int]]:
+        """Decode after packed prompts, with a static KV cache and a single-token step
+        (:func:`spar_runtime.engine.generate_tokens`).
 
         Args:
             embeds: ``[sum(lengths), D]`` prompt embeddings (token embeddings, image features...).
@@ -524,6 +564,8 @@ class Qwen2LM:
                 ``top_p`` (nucleus); greedy (argmax) otherwise.
             eos_token_id: stop a sequence after it emits one of these (default: the config's).
             generator: the random generator used for sampling.
+            plans, graphs: the engine's decode plans to reuse (a dict) and whether to capture the
+                step in a CUDA graph (CUDA only).
 
         Returns:
             the new token ids of each prompt (an emitted EOS is included as the last id).
@@ -538,35 +580,10 @@ class Qwen2LM:
             raise ValueError(f"temperature: expected > 0 when sampling, got {temperature!r}")
         eos = self.config.eos_ids if eos_token_id is None else (
             (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
-        B = len(lens)
-        cache = self.new_cache(B, max(lens) + max_new_tokens)
-        layout, positions = cache.append(lens)
-        h = self.forward(embeds.to(self.dtype), layout, positions, kv_cache=cache)
-        last = torch.tensor(lens, device=self.device).cumsum(0) - 1
-        logits = self.logits(h[last])
-        tokens = torch.empty(B, max_new_tokens, dtype=torch.int64, device=self.device)
-        eos_t = torch.tensor(eos, dtype=torch.int64, device=self.device) if eos else None
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        steps = max_new_tokens
-        for step in range(max_new_tokens):
-            tok = _pick(logits, do_sample, temperature, top_k, top_p, generator)
-            tokens[:, step] = tok
-            if eos_t is not None:
-                done |= torch.isin(tok, eos_t)
-                if bool(done.all()):       # host sync: only when stopping is possible
-                    steps = step + 1
-                    break
-            if step + 1 == max_new_tokens:
-                break
-            layout, positions = cache.append([1] * B)
-            h = self.forward(self.embed_tokens(tok), layout, positions, kv_cache=cache)
-            logits = self.logits(h)
-        out = tokens[:, :steps].tolist()
-        result = []
-        for row in out:
-            cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
-            result.append(row[:cut])
-        return result
+        from .engine import generate_tokens   # the loop lives in the execution layer
+
+        pick = lambda logits: _pick(logits, do_sample, temperature, top_k, top_p, generator)  # noqa: E731
+        return generate_tokens(self, embeds, lens, max_new_tokens, pick=pick, eos=eos, plans=plans, graphs=graphs)
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k, top_p, generator) -> torch.Tensor:

@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from spar_kernels import (AttentionLayout, adaln_layernorm, dwconv_glu, gated_residual, hybrid_attention,
                           linear_attention, rms_norm)
 from spar_kernels.attention import HEAD_DIMS as _ATTN_HEAD_DIMS
+from .fp8 import linear
 from .loading import CheckpointError, check_state_dict, default_dtype, load_safetensors_dir, read_json
 
-__all__ = ["SanaConfig", "SanaContext", "SanaDiT", "sana_param_shapes", "random_weights"]
+__all__ = ["SanaConfig", "SanaContext", "SanaBlock", "SanaDiT", "sana_param_shapes", "random_weights"]
 
 _TIME_CHANNELS = 256        # Timesteps(num_channels=256, flip_sin_to_cos=True, downscale_freq_shift=0)
 _MAX_PERIOD = 10000
@@ -199,8 +200,7 @@ class SanaContext:
         ctx_lens: context tokens per sample.
         kv: ``[num_layers, 2, sum(ctx_lens), cross_heads, head_dim]``: every block's
             cross-attention keys (``kv[l, 0]``) and values (``kv[l, 1]``), packed; head_dim is
-            ``cross_attention_head_dim``, zero-padded to the next of hybrid_attention's
-            ``HEAD_DIMS`` when it is not one of them.
+            ``cross_attention_head_dim``.
         context: ``[sum(ctx_lens), D]``: the projected, normalised context.
     """
 
@@ -223,27 +223,113 @@ class SanaContext:
         return lay
 
 
-class _Block:
-    """One SanaTransformerBlock's weights, re-laid out for the fused path."""
+def _cross_attn_dim(c: SanaConfig) -> int:
+    """The cross-attention's head dim, checked against what hybrid_attention takes (8 to 128)."""
+    dc = c.cross_attention_head_dim
+    if dc not in _ATTN_HEAD_DIMS:
+        raise ValueError(f"cross_attention_head_dim: {dc} is outside the head dims hybrid_attention takes "
+                         f"({min(_ATTN_HEAD_DIMS)} to {max(_ATTN_HEAD_DIMS)})")
+    return dc
 
-    def __init__(self, c: SanaConfig, w: dict, i: int):
-        b = f"transformer_blocks.{i}"
-        self.table = w[f"{b}.scale_shift_table"]                                   # [6, D]
-        self.w_qkv = torch.cat([w[f"{b}.attn1.to_{n}.weight"] for n in "qkv"], 0)   # [3D, D]
-        self.b_qkv = (torch.cat([w[f"{b}.attn1.to_{n}.bias"] for n in "qkv"], 0) if c.attention_bias else None)
-        self.w_o1, self.b_o1 = w[f"{b}.attn1.to_out.0.weight"], w[f"{b}.attn1.to_out.0.bias"]
-        self.w_q2, self.b_q2 = w[f"{b}.attn2.to_q.weight"], w[f"{b}.attn2.to_q.bias"]
-        self.w_k2, self.b_k2 = w[f"{b}.attn2.to_k.weight"], w[f"{b}.attn2.to_k.bias"]
-        self.w_v2, self.b_v2 = w[f"{b}.attn2.to_v.weight"], w[f"{b}.attn2.to_v.bias"]
-        self.w_o2, self.b_o2 = w[f"{b}.attn2.to_out.0.weight"], w[f"{b}.attn2.to_out.0.bias"]
+
+class SanaBlock:
+    """One ``SanaTransformerBlock``: its weights re-laid out for the fused path, and its step.
+
+    Args:
+        c: the DiT's :class:`SanaConfig`.
+        w: a state dict holding the block's tensors under ``prefix`` (diffusers' names:
+            ``{prefix}attn1.to_q.weight``, ...; ``prefix="transformer_blocks.3."`` in a
+            ``SanaTransformer2DModel`` state dict, ``""`` for a lone block's).
+        attn_dim: the head dim the cross-attention runs with (``cross_attention_head_dim``).
+    """
+
+    def __init__(self, c: SanaConfig, w: dict, prefix: str, attn_dim: int | None = None):
+        b = prefix
+        self.config = c
+        self.attn_dim = _cross_attn_dim(c)
+        if attn_dim is not None and int(attn_dim) != self.attn_dim:
+            raise ValueError(f"attn_dim: expected the config's cross_attention_head_dim {self.attn_dim}, got {attn_dim}")
+        self.table = w[f"{b}scale_shift_table"]                                    # [6, D]
+        self.w_qkv = torch.cat([w[f"{b}attn1.to_{n}.weight"] for n in "qkv"], 0)    # [3D, D]
+        self.b_qkv = (torch.cat([w[f"{b}attn1.to_{n}.bias"] for n in "qkv"], 0) if c.attention_bias else None)
+        self.w_o1, self.b_o1 = w[f"{b}attn1.to_out.0.weight"], w[f"{b}attn1.to_out.0.bias"]
+        self.w_q2, self.b_q2 = w[f"{b}attn2.to_q.weight"], w[f"{b}attn2.to_q.bias"]
+        # the context's keys and values: one GEMM, run once per generation (cross_kv)
+        self.w_kv2 = torch.cat([w[f"{b}attn2.to_k.weight"], w[f"{b}attn2.to_v.weight"]], 0)      # [2 Dc, D]
+        self.b_kv2 = torch.cat([w[f"{b}attn2.to_k.bias"], w[f"{b}attn2.to_v.bias"]], 0)
+        self.w_o2, self.b_o2 = w[f"{b}attn2.to_out.0.weight"], w[f"{b}attn2.to_out.0.bias"]
         self.qk_norm = None
         if c.qk_norm is not None:
-            self.qk_norm = {a: (w[f"{b}.{a}.norm_q.weight"], w[f"{b}.{a}.norm_k.weight"]) for a in ("attn1", "attn2")}
-        self.norm2 = (w[f"{b}.norm2.weight"], w[f"{b}.norm2.bias"]) if c.norm_elementwise_affine else None
+            self.qk_norm = {a: (w[f"{b}{a}.norm_q.weight"], w[f"{b}{a}.norm_k.weight"]) for a in ("attn1", "attn2")}
+        self.norm2 = (w[f"{b}norm2.weight"], w[f"{b}norm2.bias"]) if c.norm_elementwise_affine else None
         Fh, D = c.ff_hidden, c.inner_dim
-        self.w_inv, self.b_inv = w[f"{b}.ff.conv_inverted.weight"].reshape(2 * Fh, D), w[f"{b}.ff.conv_inverted.bias"]
-        self.w_dw, self.b_dw = w[f"{b}.ff.conv_depth.weight"], w[f"{b}.ff.conv_depth.bias"]
-        self.w_pt = w[f"{b}.ff.conv_point.weight"].reshape(D, Fh)
+        self.w_inv, self.b_inv = w[f"{b}ff.conv_inverted.weight"].reshape(2 * Fh, D), w[f"{b}ff.conv_inverted.bias"]
+        self.w_dw, self.b_dw = w[f"{b}ff.conv_depth.weight"], w[f"{b}ff.conv_depth.bias"]
+        self.w_pt = w[f"{b}ff.conv_point.weight"].reshape(D, Fh)
+
+    def cross_kv(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """The cross-attention keys and values of the projected context ``x [n, D]`` into
+        ``out [2, n, heads, attn_dim]`` (columns past the head dim are left as they are: zero)."""
+        c = self.config
+        n, Hc, dc = x.shape[0], c.num_cross_attention_heads, c.cross_attention_head_dim
+        kv = linear(x, self.w_kv2, self.b_kv2).view(n, 2, Hc, dc)
+        if self.qk_norm is not None:
+            k = rms_norm(kv[:, 0].reshape(n, Hc * dc), self.qk_norm["attn2"][1], _QK_NORM_EPS)
+            kv[:, 0].copy_(k.view(n, Hc, dc))
+        out[..., :dc].copy_(kv.transpose(0, 1))
+
+    def modulation(self, t_mod: torch.Tensor) -> torch.Tensor:
+        """This block's six modulation vectors ``[B, 6, D]`` from adaLN-single's ``t_mod [B, 6, D]``
+        (:class:`SanaDiT` adds every block's table in one op per step instead)."""
+        return self.table[None] + t_mod
+
+    def __call__(self, hs: torch.Tensor, mod: torch.Tensor, kv: torch.Tensor, layout: AttentionLayout,
+                 h: int, w: int) -> torch.Tensor:
+        """One step of the block on ``hs [B, N, D]`` (updated in place and returned).
+
+        ``mod [B, 6, D]``: :meth:`modulation` (shift, scale, gate of the attention, then of the
+        feed-forward); ``kv [2, n, heads, attn_dim]``: this block's slice of
+        :attr:`SanaContext.kv`; ``layout``: the cross-attention layout (N rows per sample);
+        ``h x w = N``: the token grid. 15 kernel launches without qk-norm (two norms with their
+        modulation, five GEMMs and a bias-free one, the two attentions, the depthwise conv + GLU,
+        two gated residuals, SiLU and the cross-attention residual add)."""
+        c = self.config
+        B, N, D = hs.shape
+        Hs, ds = c.num_attention_heads, c.attention_head_dim
+        Hc, dc = c.num_cross_attention_heads, c.cross_attention_head_dim
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(1)
+        # 1. self-attention: ReLU linear attention
+        y = adaln_layernorm(hs, shift_msa, scale_msa, eps=c.norm_eps)
+        qkv = linear(y, self.w_qkv, self.b_qkv).view(B, N, 3, D)
+        q, k, v = qkv.unbind(2)
+        if self.qk_norm is not None:
+            q = rms_norm(q, self.qk_norm["attn1"][0], _QK_NORM_EPS)
+            k = rms_norm(k, self.qk_norm["attn1"][1], _QK_NORM_EPS)
+        a = linear_attention(q.unflatten(-1, (Hs, ds)), k.unflatten(-1, (Hs, ds)), v.unflatten(-1, (Hs, ds)),
+                             eps=_LINEAR_ATTN_EPS)
+        y = linear(a.view(B, N, D), self.w_o1, self.b_o1)
+        if hs.dtype == torch.float16:  # as SanaLinearAttnProcessor2_0
+            y.clamp_(-65504, 65504)
+        hs = gated_residual(hs, y, gate_msa, out=hs)
+        # 2. cross-attention to the packed context (K/V from SanaDiT.prepare_context)
+        q2 = linear(hs.view(B * N, D), self.w_q2, self.b_q2)
+        if self.qk_norm is not None:
+            q2 = rms_norm(q2, self.qk_norm["attn2"][0], _QK_NORM_EPS)
+        q2 = q2.view(B * N, Hc, dc)
+        o = hybrid_attention(q2, kv[0], kv[1], layout, softmax_scale=dc ** -0.5)
+        hs.view(B * N, D).add_(linear(o.reshape(B * N, Hc * dc), self.w_o2, self.b_o2))
+        # 3. Mix-FFN: 1x1 conv -> SiLU -> depthwise 3x3 + GLU -> 1x1 conv
+        if self.norm2 is None:
+            sh, sc = shift_mlp, scale_mlp
+        else:  # LayerNorm affine folded into the modulation: ln*w*(1+s) + b*(1+s) + shift
+            one_s = 1 + scale_mlp.float()
+            sc = self.norm2[0].float() * one_s - 1
+            sh = self.norm2[1].float() * one_s + shift_mlp.float()
+        y = adaln_layernorm(hs, sh, sc, eps=c.norm_eps)
+        y = F.silu(linear(y, self.w_inv, self.b_inv), inplace=True)
+        y = dwconv_glu(y, self.w_dw, self.b_dw, h, w)
+        y = linear(y, self.w_pt)
+        return gated_residual(hs, y, gate_mlp, out=hs)
 
 
 class SanaDiT:
@@ -279,19 +365,13 @@ class SanaDiT:
         self.caption_norm = w["caption_norm.weight"]
         self.out_table = w["scale_shift_table"]
         self.w_out, self.b_out = w["proj_out.weight"], w["proj_out.bias"]
-        self.blocks = [_Block(c, w, i) for i in range(c.num_layers)]
         half = _TIME_CHANNELS // 2
         self._freqs = torch.exp(-math.log(_MAX_PERIOD) * torch.arange(half, dtype=torch.float32,
                                                                        device=self.device) / half)
         self._pos_embed: dict[tuple[int, int], torch.Tensor] = {}
-        # hybrid_attention takes the head dims in HEAD_DIMS (SANA's 72 and 112 included); any
-        # other cross-attention head dim is zero-padded to the next one (K/V once, q per step).
-        dc = c.cross_attention_head_dim
-        fits = [d for d in _ATTN_HEAD_DIMS if d >= dc]
-        if not fits:
-            raise ValueError(f"cross_attention_head_dim: {dc} is larger than the largest head dim "
-                             f"hybrid_attention supports ({max(_ATTN_HEAD_DIMS)})")
-        self._attn_dim = min(fits)
+        self._attn_dim = _cross_attn_dim(c)
+        self.blocks = [SanaBlock(c, w, f"transformer_blocks.{i}.", self._attn_dim) for i in range(c.num_layers)]
+        self._tables = torch.stack([blk.table for blk in self.blocks])             # [L, 6, D]: one add per step
 
     @classmethod
     def from_dir(cls, folder: str | os.PathLike, device=None, dtype: torch.dtype | None = None) -> "SanaDiT":
@@ -313,14 +393,25 @@ class SanaDiT:
     # -----------------------------------------------------------------------------------------
     # once per generation call
 
+    def kv_shape(self, n_tokens: int) -> tuple[int, ...]:
+        """The shape of :attr:`SanaContext.kv` for ``n_tokens`` packed context tokens."""
+        c = self.config
+        return (c.num_layers, 2, n_tokens, c.num_cross_attention_heads, self._attn_dim)
+
     @torch.no_grad()
-    def prepare_context(self, context: torch.Tensor, ctx_lens) -> SanaContext:
+    def prepare_context(self, context: torch.Tensor, ctx_lens, *, out: torch.Tensor | None = None,
+                        layouts: dict | None = None) -> SanaContext:
         """Caption projection + caption RMSNorm + every block's cross-attention K/V, once.
 
         Args:
             context: ``[sum(ctx_lens), caption_channels]``, the samples' context tokens packed.
             ctx_lens: context tokens per sample (list of positive ints, one per sample the DiT
                 will be called with, in the order of x's batch).
+            out: optional contiguous buffer of :meth:`kv_shape` in the DiT's dtype that receives
+                the K/V (the engine's plans keep one per plan).
+            layouts: optional ``{tokens_per_sample: AttentionLayout}`` cross-attention layouts to
+                use instead of building ``AttentionLayout.cross`` (a plan's, whose intervals
+                carry the true context lengths inside padded context slots).
         """
         c = self.config
         if not isinstance(context, torch.Tensor):
@@ -344,26 +435,20 @@ class SanaDiT:
         if sum(lens) != context.shape[0]:
             raise ValueError(f"ctx_lens: sum {sum(lens)} does not match context's {context.shape[0]} tokens")
         x = context.to(self.dtype)
-        x = F.linear(F.gelu(F.linear(x, self.w_c1, self.b_c1), approximate="tanh"), self.w_c2, self.b_c2)
+        x = linear(F.gelu(linear(x, self.w_c1, self.b_c1), approximate="tanh"), self.w_c2, self.b_c2)
         x = rms_norm(x, self.caption_norm, _CAPTION_NORM_EPS)
-        n_tok, Hc, dc = x.shape[0], c.num_cross_attention_heads, c.cross_attention_head_dim
-        da = self._attn_dim
-        kv = torch.empty((c.num_layers, 2, n_tok, Hc, da), dtype=self.dtype, device=self.device)
-        if da != dc:
-            kv[..., dc:] = 0
+        n_tok = x.shape[0]
+        if out is None:
+            kv = torch.empty(self.kv_shape(n_tok), dtype=self.dtype, device=self.device)
+        elif (not isinstance(out, torch.Tensor) or tuple(out.shape) != self.kv_shape(n_tok) or out.dtype != self.dtype
+              or out.device != self.device or not out.is_contiguous()):
+            raise ValueError(f"out: expected a contiguous {self.dtype} tensor of shape {self.kv_shape(n_tok)} on "
+                             f"{self.device}, got {tuple(out.shape) if isinstance(out, torch.Tensor) else out!r}")
+        else:
+            kv = out
         for i, blk in enumerate(self.blocks):
-            if da == dc:
-                k, v = kv[i, 0].view(n_tok, Hc * dc), kv[i, 1].view(n_tok, Hc * dc)
-                torch.addmm(blk.b_k2, x, blk.w_k2.t(), out=k)
-                torch.addmm(blk.b_v2, x, blk.w_v2.t(), out=v)
-            else:
-                k = F.linear(x, blk.w_k2, blk.b_k2)
-                kv[i, 1, ..., :dc] = F.linear(x, blk.w_v2, blk.b_v2).view(n_tok, Hc, dc)
-            if blk.qk_norm is not None:
-                k.copy_(rms_norm(k, blk.qk_norm["attn2"][1], _QK_NORM_EPS))
-            if da != dc:
-                kv[i, 0, ..., :dc] = k.view(n_tok, Hc, dc)
-        return SanaContext(ctx_lens=tuple(lens), kv=kv, context=x)
+            blk.cross_kv(x, kv[i])
+        return SanaContext(ctx_lens=tuple(lens), kv=kv, context=x, _layouts=dict(layouts or {}))
 
     # -----------------------------------------------------------------------------------------
     # every step
@@ -375,8 +460,8 @@ class SanaDiT:
             t = t.expand(B)
         arg = t[:, None] * self._freqs[None, :]
         sincos = torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1).to(self.dtype)   # flip_sin_to_cos
-        emb = F.linear(F.silu(F.linear(sincos, self.w_t1, self.b_t1)), self.w_t2, self.b_t2)
-        return emb, F.linear(F.silu(emb), self.w_tmod, self.b_tmod)
+        emb = linear(F.silu(linear(sincos, self.w_t1, self.b_t1)), self.w_t2, self.b_t2)
+        return emb, linear(F.silu(emb), self.w_tmod, self.b_tmod)
 
     def _pos(self, h: int, w: int) -> torch.Tensor:
         """2-D sin-cos position embedding (only when ``interpolation_scale`` is set), as PatchEmbed."""
@@ -442,57 +527,18 @@ class SanaDiT:
         N, D = h * w, c.inner_dim
         # patch embedding as a GEMM on the (C, p, p) patches, tokens row-major over (h, w)
         patches = x.to(self.dtype).reshape(B, c.in_channels, h, p, w, p).permute(0, 2, 4, 1, 3, 5)
-        hs = F.linear(patches.reshape(B, N, c.in_channels * p * p), self.w_patch, self.b_patch)
+        hs = linear(patches.reshape(B, N, c.in_channels * p * p), self.w_patch, self.b_patch)
         if c.interpolation_scale is not None:
             hs = (hs + self._pos(h, w)).to(self.dtype)
         emb, t_mod = self._time_embedding(timestep, B)
         t_mod = t_mod.view(B, 6, D)
         layout = ctx.layout(N)
-        Hs, ds = c.num_attention_heads, c.attention_head_dim
-        Hc, dc = c.num_cross_attention_heads, c.cross_attention_head_dim
-        scale_c = dc ** -0.5
+        mods = self._tables[:, None] + t_mod[None]                              # [L, B, 6, D]
         for i, blk in enumerate(self.blocks):
-            mod = blk.table[None] + t_mod                                          # [B, 6, D]
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(1)
-            # 1. self-attention: ReLU linear attention
-            y = adaln_layernorm(hs, shift_msa, scale_msa, eps=c.norm_eps)
-            qkv = F.linear(y, blk.w_qkv, blk.b_qkv).view(B, N, 3, D)
-            q, k, v = qkv.unbind(2)
-            if blk.qk_norm is not None:
-                q = rms_norm(q, blk.qk_norm["attn1"][0], _QK_NORM_EPS)
-                k = rms_norm(k, blk.qk_norm["attn1"][1], _QK_NORM_EPS)
-            a = linear_attention(q.unflatten(-1, (Hs, ds)), k.unflatten(-1, (Hs, ds)), v.unflatten(-1, (Hs, ds)),
-                                 eps=_LINEAR_ATTN_EPS)
-            y = F.linear(a.view(B, N, D), blk.w_o1, blk.b_o1)
-            if self.dtype == torch.float16:  # as SanaLinearAttnProcessor2_0
-                y.clamp_(-65504, 65504)
-            hs = gated_residual(hs, y, gate_msa, out=hs)
-            # 2. cross-attention to the packed context (K/V from prepare_context)
-            q2 = F.linear(hs.view(B * N, D), blk.w_q2, blk.b_q2)
-            if blk.qk_norm is not None:
-                q2 = rms_norm(q2, blk.qk_norm["attn2"][0], _QK_NORM_EPS)
-            q2 = q2.view(B * N, Hc, dc)
-            if self._attn_dim != dc:
-                q2 = F.pad(q2, (0, self._attn_dim - dc))
-            o = hybrid_attention(q2, ctx.kv[i, 0], ctx.kv[i, 1], layout, softmax_scale=scale_c)
-            if self._attn_dim != dc:
-                o = o[..., :dc]
-            hs.view(B * N, D).add_(F.linear(o.reshape(B * N, Hc * dc), blk.w_o2, blk.b_o2))
-            # 3. Mix-FFN: 1x1 conv -> SiLU -> depthwise 3x3 + GLU -> 1x1 conv
-            if blk.norm2 is None:
-                sh, sc = shift_mlp, scale_mlp
-            else:  # LayerNorm affine folded into the modulation: ln*w*(1+s) + b*(1+s) + shift
-                one_s = 1 + scale_mlp.float()
-                sc = blk.norm2[0].float() * one_s - 1
-                sh = blk.norm2[1].float() * one_s + shift_mlp.float()
-            y = adaln_layernorm(hs, sh, sc, eps=c.norm_eps)
-            y = F.silu(F.linear(y, blk.w_inv, blk.b_inv), inplace=True)
-            y = dwconv_glu(y, blk.w_dw, blk.b_dw, h, w)
-            y = F.linear(y, blk.w_pt)
-            hs = gated_residual(hs, y, gate_mlp, out=hs)
+            hs = blk(hs, mods[i], ctx.kv[i], layout, h, w)
         # final layer: modulated LayerNorm + projection + unpatchify
         shift, scale = (self.out_table[None] + emb[:, None]).unbind(1)
         y = adaln_layernorm(hs, shift, scale, eps=_OUT_NORM_EPS)
-        y = F.linear(y, self.w_out, self.b_out)                                   # [B, N, p*p*C_out]
+        y = linear(y, self.w_out, self.b_out)                                   # [B, N, p*p*C_out]
         y = y.view(B, h, w, p, p, c.out_channels).permute(0, 5, 1, 3, 2, 4)
         return y.reshape(B, c.out_channels, H, W)

@@ -7,12 +7,15 @@ randomly initialized public-library models:
     mllm/   InternVLForConditionalGeneration.save_pretrained (or Qwen2ForCausalLM for text-only)
     dit/    SanaTransformer2DModel.save_pretrained
     vae/    AutoencoderDC.save_pretrained
-    spar.safetensors   latent queries, DTR, connector (Qwen2Model layer names), projector
+    spar.safetensors   latent queries, DTR, connector (Qwen2Model layer names), projector, and the
+                       image tokenizer (tokenizer.*) when the config has one
 
 and returns a :class:`Reference` holding those same library modules. :func:`reference_generate_latents`
 is the reference pipeline the issue defines, assembled only from transformers, diffusers and the DTR
 formula written out in plain torch, run one sequence at a time without padding: spar_runtime must
-reproduce it within fp32 rounding.
+reproduce it within fp32 rounding. :class:`ReferenceTokenizer` is the image tokenizer the issue
+defines, built from ``nn.TransformerEncoderLayer`` / ``nn.LayerNorm`` / ``nn.Linear``;
+:func:`reference_encode_image` runs it on transformers' ``get_image_features``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from spar_runtime.configs import SparConfig, get_config
+from spar_runtime.configs import SparConfig, TokenizerConfig, get_config
 
 
 def _perturb(module: torch.nn.Module, gen: torch.Generator) -> None:
@@ -57,6 +60,7 @@ class Reference:
     dit: torch.nn.Module         # SanaTransformer2DModel
     vae: torch.nn.Module         # AutoencoderDC
     spar: dict                   # the tensors of spar.safetensors
+    tokenizer: torch.nn.Module | None = None   # ReferenceTokenizer (its weights are spar's tokenizer.*)
 
 
 def spar_tensors(config: SparConfig, connector: torch.nn.Module, gen: torch.Generator) -> dict:
@@ -80,7 +84,57 @@ def spar_tensors(config: SparConfig, connector: torch.nn.Module, gen: torch.Gene
     return {k: v.contiguous() for k, v in t.items()}
 
 
-def build_reference(config: str | SparConfig = "tiny", *, seed: int = 0, text_only: bool = False) -> Reference:
+class _MLP(torch.nn.Module):
+    """``fc2(gelu(fc1(norm(x))))``, LayerNorm eps 1e-6, exact GELU."""
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d_in, eps=1e-6)
+        self.fc1 = torch.nn.Linear(d_in, d_hidden)
+        self.fc2 = torch.nn.Linear(d_hidden, d_out)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class _Stream(torch.nn.Module):
+    def __init__(self, D: int, C: int, blocks: int, layers: int = 0, heads: int = 1):
+        super().__init__()
+        if layers:
+            self.layers = torch.nn.ModuleList(
+                torch.nn.TransformerEncoderLayer(d_model=D, nhead=heads, dim_feedforward=4 * D, activation="gelu",
+                                                 norm_first=True, batch_first=True, layer_norm_eps=1e-6, dropout=0.0)
+                for _ in range(layers))
+        self.blocks = torch.nn.ModuleList(_MLP(D, D, D) for _ in range(blocks))
+        self.head = _MLP(D, C, C)
+
+    def forward(self, x):
+        for layer in getattr(self, "layers", ()):
+            x = layer(x)
+        for blk in self.blocks:
+            x = x + blk(x)
+        return self.head(x)
+
+
+class ReferenceTokenizer(torch.nn.Module):
+    """The dual-stream tokenizer of issue 12 from plain torch modules; its state_dict names are
+    spar.safetensors' ``tokenizer.*`` names without the prefix."""
+
+    def __init__(self, D: int, C: int, pixel_layers: int, pixel_heads: int, mlp_blocks: int):
+        super().__init__()
+        self.semantic = _Stream(D, C, mlp_blocks)
+        self.pixel = _Stream(D, C, mlp_blocks, pixel_layers, pixel_heads)
+        self.fusion = _MLP(2 * C, 2 * C, C)
+
+    def forward(self, feats):                       # [B, T, D] -> [B, C, h, w]
+        z = self.fusion(torch.cat([self.semantic(feats), self.pixel(feats)], dim=-1))
+        B, T, C = z.shape
+        h = int(T ** 0.5)
+        return z.reshape(B, h, h, C).permute(0, 3, 1, 2)
+
+
+def build_reference(config: str | SparConfig = "tiny", *, seed: int = 0, text_only: bool = False,
+                    with_tokenizer: bool = True) -> Reference:
     """Random transformers/diffusers modules (and spar tensors) for ``config``, in memory (path None)."""
     from diffusers import AutoencoderDC, SanaTransformer2DModel
     from transformers import (InternVLConfig, InternVLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM,
@@ -88,7 +142,7 @@ def build_reference(config: str | SparConfig = "tiny", *, seed: int = 0, text_on
 
     config = get_config(config)
     if text_only:
-        config = config.replace(mllm_config=dict(config.text_config))
+        config = config.replace(mllm_config=dict(config.text_config), tokenizer=None)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     if config.is_internvl:
@@ -100,17 +154,24 @@ def build_reference(config: str | SparConfig = "tiny", *, seed: int = 0, text_on
     connector = Qwen2Model(_connector_config(config))
     dit = SanaTransformer2DModel.from_config(config.dit_config)
     vae = AutoencoderDC.from_config(config.vae_config)
-    for m in (mllm, connector, dit, vae):
+    tok = None
+    if config.tokenizer is not None:
+        tok = ReferenceTokenizer(config.hidden_size, config.latent_channels,
+                                 **TokenizerConfig.from_dict(config.tokenizer).to_dict())
+    for m in (mllm, connector, dit, vae) + ((tok,) if tok is not None else ()):
         _perturb(m, gen)
         m.eval().float()
     spar = spar_tensors(config, connector, gen)
-    return Reference(None, config, mllm, llm, connector, dit, vae, spar)
+    if tok is not None and with_tokenizer:
+        spar.update({"tokenizer." + k: v.detach().clone().contiguous() for k, v in tok.state_dict().items()})
+    return Reference(None, config, mllm, llm, connector, dit, vae, spar, tok)
 
 
 def build_checkpoint(root: str, config: str | SparConfig = "tiny", *, seed: int = 0, text_only: bool = False,
-                     shard_mllm: bool = False) -> Reference:
-    """Write a random SPAR checkpoint to ``root`` and return the library modules that hold its weights."""
-    ref = build_reference(config, seed=seed, text_only=text_only)
+                     shard_mllm: bool = False, with_tokenizer: bool = True) -> Reference:
+    """Write a random SPAR checkpoint to ``root`` and return the library modules that hold its weights
+    (``with_tokenizer=False``: spar.safetensors without the optional tokenizer.* tensors)."""
+    ref = build_reference(config, seed=seed, text_only=text_only, with_tokenizer=with_tokenizer)
     config = ref.config
     os.makedirs(root, exist_ok=True)
     ref.mllm.save_pretrained(os.path.join(root, config.mllm), **({"max_shard_size": "200KB"} if shard_mllm else {}))
@@ -213,3 +274,10 @@ def reference_generate_latents(ref: Reference, prompt_ids, uncond_ids, noise, *,
 def reference_decode(ref: Reference, latents: torch.Tensor) -> torch.Tensor:
     dtype = next(ref.vae.parameters()).dtype
     return ref.vae.decode((latents / ref.config.vae_scale_factor).to(dtype)).sample
+
+
+@torch.no_grad()
+def reference_encode_image(ref: Reference, pixel_values: torch.Tensor) -> torch.Tensor:
+    """transformers' get_image_features, then the ReferenceTokenizer: the latent [B, C, h, w]."""
+    feats = ref.mllm.get_image_features(pixel_values=pixel_values).pooler_output      # [B, T, D]
+    return ref.tokenizer(feats)

@@ -195,7 +195,82 @@ def test_adaln_bad_inputs(call, match):
         call()
 
 
-def test_gated_residual_in_place_needs_contiguous_channels():
-    x = _x(2, 4, 16)[..., ::2]
+def _strided_views(B, N, C, dtype):
+    """x layouts the row kernels must read in place: transposed (token stride 1, channel stride N)
+    and every other channel (channel stride 2)."""
+    return {"transposed": torch.randn(B, C, N).to(dtype).transpose(1, 2),
+            "every other channel": torch.randn(B, N, 2 * C).to(dtype)[..., ::2]}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adaln_layernorm_any_strides(backend, dtype):
+    B, N, C = 2, 7, 130
+    shift, scale, *_ = _mods(B, C, dtype)
+    for name, x in _strided_views(B, N, C, dtype).items():
+        _check_adaln(backend, x, shift, scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_residual_any_strides_and_in_place(backend, dtype):
+    B, N, C = 2, 7, 130
+    gate = _mods(B, C, dtype)[2]
+    views = _strided_views(B, N, C, dtype)
+    for xname, x in views.items():
+        for yname, y in views.items():
+            _check_gr(backend, x.clone(), y, gate, "buffer")
+            # in place on the strided view itself: only x's elements change, the storage around stays
+            storage = torch.randn(B, N, 2 * C).to(dtype) if xname == "every other channel" else None
+            xv = storage[..., ::2] if storage is not None else torch.randn(B, C, N).to(dtype).transpose(1, 2)
+            untouched = storage[..., 1::2].clone() if storage is not None else None
+            before = xv.clone()
+            with sk.backend(backend):
+                got = sk.gated_residual(xv, y, gate, out=xv)
+            assert got is xv
+            want64 = ref.gated_residual(before.double(), y.double(), gate.double(), compute_dtype=torch.float64)
+            base = before + ref.per_sample(gate, B, C).to(dtype) * y
+            assert_close_fa(xv, base, want64, name=f"in place {xname} / {yname}")
+            if storage is not None:
+                assert torch.equal(storage[..., 1::2], untouched)
+
+
+def test_gated_residual_in_place_rejects_overlapping_x():
+    x = _x(2, 1, 8).expand(2, 4, 8)
     with pytest.raises(ValueError, match="out: in-place update"):
         sk.gated_residual(x, _x(2, 4, 8), _x(2, 8), out=x)
+
+
+def _launch_key(spec):
+    return (spec.fn, tuple(sorted(spec.types.items())), tuple(sorted((k, repr(v)) for k, v in spec.constexprs.items())),
+            tuple(sorted(spec.aligned)), spec.num_warps, spec.num_stages)
+
+
+@pytest.mark.parametrize("x_layout", ["contiguous", "transposed", "every other channel", "one token"])
+@pytest.mark.parametrize("C", [1152, 2240])
+def test_adaln_aot_specs_cover_runtime_specializations(x_layout, C):
+    """python -m spar_kernels.inspect compiles what triton specializes at run time for SANA's
+    launches (N = 4096 tokens, modulation chunks of [B, 6, C]): channel / token strides equal to 1
+    as constants, 16-divisible sizes and strides aligned, i32 strides."""
+    import sys
+
+    from spar_kernels import _aot
+
+    mod = sys.modules["spar_kernels.adaln"]
+    B, N, bf = 2, 4096, torch.bfloat16
+    meta = dict(dtype=bf, device="meta")
+    x = {"contiguous": lambda: torch.empty(B, N, C, **meta),
+         "transposed": lambda: torch.empty(B, C, N, **meta).transpose(1, 2),
+         "every other channel": lambda: torch.empty(B, N, 2 * C, **meta)[..., ::2],
+         "one token": lambda: torch.empty(B, 1, C, **meta)}[x_layout]()
+    m = torch.empty(B, 6, C, **meta)[:, 0]
+    out = torch.empty(x.shape, **meta)
+    have = {_launch_key(s) for s in mod._aot_specs()}
+    _, args, consts, warps, stages = mod._adaln_launch(x, m, m, 1e-6, out)
+    spec = _aot.launch_spec("x", mod._adaln_kernel, "x", args, consts, num_warps=warps, num_stages=stages)
+    assert _launch_key(spec) in have, (spec.types, spec.constexprs, spec.aligned)
+    if x_layout != "one token":
+        _, args, consts, warps, stages = mod._gr_launch(x, out, m, x)
+        spec = _aot.launch_spec("x", mod._gated_residual_kernel, "x", args, consts, num_warps=warps,
+                                num_stages=stages)
+        assert _launch_key(spec) in have, (spec.types, spec.constexprs, spec.aligned)

@@ -123,3 +123,26 @@ def _x(*s, dtype=torch.float32):
 def test_dwconv_glu_bad_inputs(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+def test_cpu_twins_agree_in_every_instruction_set_variant(isa, monkeypatch):
+    """The DiT twins are compiled for AVX-512, AVX2 and the baseline and pick one at run time;
+    SPAR_CPU_ISA forces one (a variant this CPU lacks falls back to the widest it has)."""
+    monkeypatch.setenv("SPAR_CPU_ISA", isa)
+    x = torch.randn(2, 5 * 7, 2 * 37)
+    w, b = torch.randn(74, 1, 3, 3), torch.randn(74)
+    _check("cpu", x, w, b, 5, 7)
+    from spar_kernels.reference import adaln as ref_adaln, linear_attention as ref_la
+
+    h = torch.randn(2, 130, 9).transpose(1, 2)                 # [2, 9, 130], channel stride 9
+    sh, sc = torch.randn(2, 130), torch.randn(2, 130)
+    with sk.backend("cpu"):
+        torch.testing.assert_close(sk.adaln_layernorm(h, sh, sc, eps=1e-6),
+                                   ref_adaln.adaln_layernorm(h, sh, sc, 1e-6), atol=1e-5, rtol=1e-5)
+        y = torch.randn(2, 130, 9).transpose(1, 2)
+        torch.testing.assert_close(sk.gated_residual(h, y, sh), ref_adaln.gated_residual(h, y, sh))
+        for d in (16, 32, 64):
+            q, k, v = (torch.randn(2, 11, 3, d) for _ in range(3))
+            torch.testing.assert_close(sk.linear_attention(q, k, v), ref_la.linear_attention(q, k, v),
+                                       atol=1e-5, rtol=1e-4)

@@ -482,3 +482,130 @@ def test_torch_compile_fullgraph_traces_the_step():
         y, y_eager = compiled(y, vc, vu), s_eager.step(y_eager, vc, vu)
         assert torch.equal(y, y_eager)
     assert int(s.counter) == 2
+
+
+# ------------------------------------------------ devices, branches by step, the C++ twin's paths
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda")])
+def test_sampler_on_cuda_device_steps_cuda0_tensors(device):
+    # torch.device("cuda") != torch.device("cuda:0"): the sampler resolves its device, and every
+    # device check compares type and resolved index (spar_kernels._device.same_device)
+    from spar_kernels import _ext
+    from spar_kernels.testing import fake_cuda
+
+    with fake_cuda() as rec:
+        s = sk.FlowSampler("heun", num_steps=2, guidance=3.0, renorm="global", device=device)
+        assert s.device == torch.device("cuda:0") and s.table.device == torch.device("cuda:0")
+        x = torch.randn(2, 4, 8, 8, device="cuda")
+        for _ in range(s.num_evals):
+            x = s.step(x, torch.randn_like(x), torch.randn_like(x), out=x)
+        assert x.device == torch.device("cuda:0") and x.shape == (2, 4, 8, 8)
+    want = "cuda" if _ext.has_cuda_extension() else "reference"
+    assert dict(rec.backends["flow_sampler_step"]) == {want: s.num_evals}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("renorm", ["global", "channel", "token"])
+def test_unconditional_branch_only_where_the_step_guides(backend, renorm):
+    # BAGEL skips the unconditional pass outside its guidance interval: v_uncond is needed only
+    # at evaluations that guide, for every renorm mode
+    kw = dict(num_steps=4, guidance=3.0, guidance_interval=(0.6, 1.0), renorm=renorm)
+    a, b = sk.FlowSampler("euler", **kw), sk.FlowSampler("euler", **kw)
+    guided = [0.6 < float(t) <= 1.0 for t in a.eval_sigmas]
+    assert guided == [True, True, False, False]
+    x = torch.randn(2, 3, 4, 5)
+    xa = xb = x
+    with sk.backend(backend):
+        for k in range(4):
+            vc, vu = torch.randn_like(x), torch.randn_like(x)
+            xa = a.step(xa, vc, vu if guided[k] else None)
+            xb = b.step(xb, vc, vu)  # given but unused where the step does not guide
+            assert torch.equal(xa, xb)
+    c = sk.FlowSampler("euler", **kw)
+    with sk.backend(backend), pytest.raises(ValueError, match="v_uncond: guidance=3.0 > 1 is on at evaluation 0"):
+        c.step(x, torch.randn_like(x))
+    d = sk.FlowSampler("euler", num_steps=2, guidance=1.0, renorm=renorm)  # never guides
+    with sk.backend(backend):
+        d.step(x, torch.randn_like(x))
+
+
+def test_cuda_launcher_needs_v_uncond_only_where_the_step_guides():
+    # the CUDA host launcher cannot see the device-side row: it must not demand v_uncond for a
+    # renorm mode (the kernels check flow::missing_input, shared with the CPU twin). Sizes 0: the
+    # launcher validates its arguments and returns without touching a GPU.
+    from spar_kernels import _ext
+
+    if not _ext.has_cuda_extension():
+        pytest.skip(f"the CUDA extension is not built: {_ext.cuda_extension_error()}")
+    fn = _ext.cuda_kernel("flow_sampler_step")
+    args = lambda stats, mode: (0, 0, 0, 0, 0, *([0] * 16), 0, 0, 0, 0, 13, 0, stats, mode, 0.0, 0)  # noqa: E731
+    for mode in (sp_mod.RENORM_GLOBAL, sp_mod.RENORM_COL):
+        fn(*args(256, mode))  # no v_uncond (pointer 0), a stats workspace: fine
+        with pytest.raises(ValueError, match="needs the stats workspace"):
+            fn(*args(0, mode))
+    root = __import__("pathlib").Path(__file__).resolve().parents[1] / "csrc" / "flow_sampler"
+    for src in ("flow_sampler.cu", "flow_sampler_cpu.cpp"):  # one condition, in the shared header
+        assert "flow::missing_input(" in (root / src).read_text()
+
+
+def test_cuda_sampler_reductions_have_a_fixed_order():
+    # bitwise-reproducible renorm on the GPU: no float atomics in the sampler's kernels (the only
+    # atomic is the integer done count of the last-block pattern)
+    import re
+    from pathlib import Path
+
+    src = (Path(__file__).resolve().parents[1] / "csrc" / "flow_sampler" / "flow_sampler.cu").read_text()
+    calls = re.findall(r"atomic\w+\(([^,]*),", src)
+    assert calls and all("unsigned*" in first for first in calls), calls
+    assert "atomicAdd(a.stats" not in src and "cudaMemsetAsync" not in src
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+@pytest.mark.parametrize("method,renorm,shape", [
+    ("heun", None, (1, 3, 20, 30)),               # rows of 600: three chunks, the last partial
+    ("dpmsolver++2m", "global", (2, 300, 9)),     # many short rows, one factor per sample
+    ("euler", "channel", (2, 5, 70, 9)),          # per-(b, q) factors over chunks
+    ("euler", "token", (2, 3, 520)),              # per-row factors over chunks
+    ("euler", "text_token", (2, 3, 260)),
+    ("euler", "global", (300, 256)),              # from 65,536 elements: rows over OpenMP threads
+    ("heun", "channel", (1, 8, 100, 90)),
+])
+def test_cpu_twin_chunks_and_instruction_sets(monkeypatch, isa, method, renorm, shape):
+    # every instruction-set variant the CPU runs (SPAR_CPU_ISA picks one, never one it lacks),
+    # rows longer than the twin's fp32 staging chunk, strided branches
+    monkeypatch.setenv("SPAR_CPU_ISA", isa)
+    kw = dict(num_steps=3, shift=3.0, guidance=4.0, image_guidance=1.5, renorm=renorm, renorm_min=0.1)
+    a, b = sk.FlowSampler(method, **kw), sk.FlowSampler(method, **kw)
+    for dtype in (torch.float32, torch.bfloat16):
+        a.reset(), b.reset()
+        x = torch.randn(shape).to(dtype)
+        for _ in range(a.num_evals):
+            big = torch.randn((2,) + shape).to(dtype)
+            vs = [big[0], torch.randn(shape).to(dtype).transpose(-1, -2).contiguous().transpose(-1, -2),
+                  big[1]]
+            with sk.backend("cpu"):
+                xa = a.step(x, *vs)
+            with sk.backend("reference"):
+                xb = b.step(x, *vs)
+            tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}[dtype]
+            torch.testing.assert_close(xa.float(), xb.float(), atol=tol, rtol=tol)
+            x = xa
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_twin_converts_every_16bit_value(monkeypatch, isa, dtype):
+    # every bit pattern (subnormals, inf, nan included) in and out of the twin's branch-free
+    # conversions: out = 0 + dt * v in v's dtype, as torch rounds it
+    monkeypatch.setenv("SPAR_CPU_ISA", isa)
+    v = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(256, 256)
+    x = torch.zeros(256, 256, dtype=dtype)
+    got = {}
+    for backend in BACKENDS:
+        s = sk.FlowSampler("euler", sigmas=[1.0, 0.75, 0.0])
+        with sk.backend(backend):
+            got[backend] = s.step(x, v)
+    a, b = got["cpu"], got["reference"]
+    nan = a.isnan()
+    assert torch.equal(nan, b.isnan())
+    assert torch.equal(a[~nan].view(torch.int16), b[~nan].view(torch.int16))

@@ -31,7 +31,7 @@ def _check(backend, q, k, v, eps=ref.DEFAULT_EPS, out=None):
 
 # (B, Nq, Nk, H, d, e): SANA's head dim 32, the non-power-of-two cross dims 72 / 112, odd sizes
 SHAPES = [(1, 1, 1, 1, 32, 32), (2, 37, 37, 3, 32, 32), (1, 113, 113, 2, 72, 72),
-          (2, 19, 19, 1, 112, 112), (2, 7, 45, 2, 24, 40), (1, 130, 130, 2, 16, 16)]
+          (2, 19, 19, 1, 112, 112), (2, 7, 45, 2, 24, 40), (1, 130, 130, 2, 16, 16), (2, 21, 33, 2, 64, 64)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -70,6 +70,26 @@ def test_linear_attention_eps_and_all_negative_rows(backend):
     assert torch.all(got[0, :5] == 0)
     _check(backend, q, k, v, eps=0.5)       # eps matters for small normalisers
     assert not torch.allclose(sk.linear_attention(q, k, v, eps=0.5), sk.linear_attention(q, k, v))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])  # Triton: test_linear_attention_eps_and_all_negative_rows
+@pytest.mark.parametrize("d, e", [(72, 72), (24, 40), (32, 32)])  # the CPU's BLAS fallback, then the twin
+def test_linear_attention_zero_denominators_and_eps(backend, d, e):
+    # heads whose keys are all negative (normaliser 0, state 0) and query rows that are all negative
+    # (relu(q) = 0): the denominator is exactly eps there, the output exactly 0
+    q, k, v = _inputs(2, 9, 11, 3, d, e, torch.float32)
+    k[0, :, 1] = -k[0, :, 1].abs()
+    q[1, :4] = -q[1, :4].abs()
+    for eps in (ref.DEFAULT_EPS, 0.5, 3.0):
+        _check(backend, q, k, v, eps=eps)
+        with sk.backend(backend):
+            got = sk.linear_attention(q, k, v, eps=eps)
+        assert torch.all(got[0, :, 1] == 0) and torch.all(got[1, :4] == 0)
+    # eps comparable to the normaliser changes the result, as the reference says
+    with sk.backend(backend):
+        a, b = sk.linear_attention(q, k, v, eps=3.0), sk.linear_attention(q, k, v)
+    torch.testing.assert_close(a, ref.linear_attention(q, k, v, 3.0), atol=1e-5, rtol=1e-4)
+    assert (a - b).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -118,7 +138,7 @@ def test_linear_attention_torch_compile_fullgraph():
 def test_linear_attention_opcheck():
     q, k, v = _inputs(1, 9, 9, 2, 32, 32, torch.float32)
     out = torch.empty(1, 9, 2, 32)
-    torch.library.opcheck(torch.ops.spar.linear_attention.default, (q, k, v, 1e-15, out))
+    torch.library.opcheck(torch.ops.spar.linear_attention.default, (q, k, v, 1e-15, out, torch.empty(0)))
 
 
 def _q(*s, dtype=torch.float32):
@@ -145,3 +165,107 @@ def _q(*s, dtype=torch.float32):
 def test_linear_attention_bad_inputs(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU launch properties, checked on CPU: caller-owned workspace, grid limits, AOT specializations
+
+def _alloc_counter():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.allocs = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.startswith(("empty", "new_empty", "zeros", "full")):
+                self.allocs.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    return Count()
+
+
+@requires_triton
+def test_linear_attention_uses_the_callers_workspace():
+    q, k, v = _inputs(2, 40, 300, 3, 32, 32, torch.bfloat16)   # several key splits
+    with sk.backend("triton"):
+        ws = sk.linear_attention_workspace(q, k, v)
+        assert ws.dtype == torch.float32 and ws.numel() > 0
+        ws.fill_(float("nan"))
+        out = poisoned_empty(2, 40, 3, 32, dtype=torch.bfloat16)
+        counter = _alloc_counter()
+        with counter:
+            got = sk.linear_attention(q, k, v, out=out, workspace=ws)
+        assert got is out
+        assert counter.allocs == []                # out= and workspace=: the call allocates nothing
+        assert torch.isfinite(ws).all()            # the partial states went into the given workspace
+        _check("triton", q, k, v, out=poisoned_empty(2, 40, 3, 32, dtype=torch.bfloat16))
+        torch.testing.assert_close(got, sk.linear_attention(q, k, v))
+        small = torch.empty(ws.numel() - 1)
+        with pytest.raises(ValueError, match="workspace: expected a contiguous fp32 tensor of at least"):
+            sk.linear_attention(q, k, v, workspace=small)
+    with pytest.raises(ValueError, match="workspace: expected dtype"):
+        sk.linear_attention(q, k, v, workspace=ws.half())
+    assert sk.linear_attention_workspace(q, k, v).numel() == 0   # CPU implementation: none needed
+
+
+def test_linear_attention_grid_axes_y_z_stay_under_65535(monkeypatch):
+    """1000 samples x 70 heads (B*H = 70000): no grid axis but x may exceed 65535. Inputs are
+    stride-0 views (no big allocation); the kernels are replaced by recorders of the grid."""
+    import sys
+
+    mod = sys.modules["spar_kernels.linear_attention"]
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return lambda *a, **kw: None
+
+    monkeypatch.setattr(mod, "_la_state_kernel", Recorder())
+    monkeypatch.setattr(mod, "_la_out_kernel", Recorder())
+    B, N, H, d = 1000, 1, 70, 16
+    q = torch.randn(1, N, 1, d).expand(B, N, H, d)
+    out = torch.empty(B, N, H, d)
+    ws = torch.empty(mod._Plan(B, N, N, H, d, d, q.dtype).numel)  # never touched: no memory committed
+    mod._impl_triton(q, q, q, 1e-15, out, ws)
+    assert len(grids) == 2
+    for g in grids:
+        assert all(n <= 65535 for n in g[1:]), g
+        assert g[0] < 2 ** 31
+
+
+def _launch_key(spec):
+    return (spec.fn, tuple(sorted(spec.types.items())), tuple(sorted((k, repr(v)) for k, v in spec.constexprs.items())),
+            tuple(sorted(spec.aligned)), spec.num_warps, spec.num_stages)
+
+
+@pytest.mark.parametrize("B, N, H, fused, dtype", [
+    (2, 1024, 70, False, torch.bfloat16),   # SANA-1.6B, 1024 tokens
+    (2, 256, 36, True, torch.bfloat16),     # SANA-0.6B, 256 tokens, q/k/v views of one projection
+    (2, 4096, 36, False, torch.float16),
+    (1, 37, 1, False, torch.float32),       # one head (H == 1 is specialized as a constant)
+])
+def test_linear_attention_aot_specs_cover_runtime_specializations(B, N, H, fused, dtype):
+    """The AOT specs (python -m spar_kernels.inspect) compile what triton specializes at run time
+    for these launches: integers equal to 1 as constants, 16-divisible ints / pointers aligned,
+    strides as i32, the launchers' warps and stages."""
+    import sys
+
+    from spar_kernels import _aot
+
+    mod = sys.modules["spar_kernels.linear_attention"]
+    d = 32 if H > 1 else 24
+    if fused:
+        q, k, v = torch.empty(B, N, 3, H, d, dtype=dtype, device="meta").unbind(2)
+    else:
+        q, k, v = (torch.empty(B, N, H, d, dtype=dtype, device="meta") for _ in range(3))
+    out = torch.empty(B, N, H, d, dtype=dtype, device="meta")
+    plan = mod._Plan(B, N, N, H, d, d, dtype)
+    ws = torch.empty(plan.numel, device="meta")
+    have = {_launch_key(s) for s in mod._aot_specs()}
+    for fn, _grid, args, consts, warps, stages in plan.launches(q, k, v, out, ws, 1e-15):
+        consts = dict(consts, DOT_UPCAST=False) if "DOT_UPCAST" in consts else consts
+        spec = _aot.launch_spec("x", fn, "x", args, consts, num_warps=warps, num_stages=stages)
+        assert _launch_key(spec) in have, (fn.__name__, spec.types, spec.constexprs, spec.aligned)

@@ -101,14 +101,14 @@ def test_text_only_checkpoint(tmp_path):
     out = pipe.generate_latents(prompts, uncond_ids=uncond, noise=noise, num_steps=3)
     assert rel_err(out, reference_generate_latents(ref, prompts, uncond, noise, num_steps=3)) <= 1e-4
     with pytest.raises(ValueError, match="text-only"):
-        pipe.describe(torch.randn(1, 3, 56, 56), [1, 2, 3], max_new_tokens=2)
+        pipe.describe(torch.randn(1, 3, 64, 64), [1, 2, 3], max_new_tokens=2)
 
 
 def test_describe_matches_transformers_generate(ckpt, pipe):
     T = ckpt.config.mllm_config["image_seq_length"]
     img_id = ckpt.config.mllm_config["image_token_id"]
     ids = torch.tensor([5, 17] + [img_id] * T + [40, 41, 42])
-    pv = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(8))
+    pv = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(8))
     ours = pipe.describe(pv, ids, max_new_tokens=6)
     with torch.no_grad():
         theirs = ckpt.mllm.generate(input_ids=ids[None], pixel_values=pv, max_new_tokens=6, do_sample=False,
@@ -331,7 +331,7 @@ def test_edit_rows_and_bad_image_embeds(rpipe):
     count or several prompts are refused."""
     pipe = rpipe
     img_id, T = pipe.mllm.image_token_id, pipe.mllm.image_seq_length
-    emb = pipe.mllm.encode_images(torch.randn(1, 3, 56, 56))
+    emb = pipe.mllm.encode_images(torch.randn(1, 3, 64, 64))
     ids = torch.tensor([1, 2] + [img_id] * T + [3])
     uncond = torch.tensor([img_id] * T + [5])
     state = pipe.prefill([ids, uncond], torch.cat([emb, emb]))

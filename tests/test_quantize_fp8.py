@@ -104,3 +104,44 @@ def test_quantize_fp8_opcheck_and_compile():
 def test_quantize_fp8_bad_inputs(call, match, exc):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("granularity", ["token", "tensor"])
+def test_quantize_fp8_nan_gives_nan_scales(backend, dtype, granularity):
+    # the C++ amax once used fmaxf / std::max, which drop NaN: a NaN input gave a finite scale
+    x = torch.randn(5, 300).to(dtype)
+    x[1, 7] = float("nan")
+    x[3, 299] = -float("nan")  # a negative NaN, in the scalar tail of a vectorized row
+    with sk.backend(backend):
+        q, s = sk.quantize_fp8(x, granularity)
+    want_q, want_s = ref.quantize_fp8(x, granularity)
+    nan_rows = torch.tensor([False, True, False, True, False])
+    if granularity == "token":
+        assert torch.equal(s.isnan().flatten(), nan_rows)
+    else:
+        assert bool(s.isnan())
+    assert torch.equal(s.isnan(), want_s.reshape(s.shape).isnan())
+    assert torch.equal(_bits(q), _bits(want_q))  # NaN codes where the reference has them, same finite codes
+
+
+@pytest.mark.skipif(not __import__("spar_kernels")._ext.has_cuda_extension(), reason="no CUDA extension built")
+def test_quantize_fp8_out_and_workspace_allocate_nothing_on_a_gpu():
+    from spar_kernels.testing import fake_cuda
+
+    with fake_cuda() as rec:
+        x = torch.randn(16, 256, device="cuda", dtype=torch.bfloat16)
+        q = torch.empty(16, 256, device="cuda", dtype=torch.float8_e4m3fn)
+        s_tok, s_ten = torch.empty(16, 1, device="cuda"), torch.empty((), device="cuda")
+        ws = torch.empty(1, device="cuda")
+        live = rec.live_bytes
+        with rec.region("out"):
+            sk.quantize_fp8(x, "token", out=(q, s_tok))
+            sk.quantize_fp8(x, "tensor", out=(q, s_ten), workspace=ws)
+        assert rec.stats("out").peak_bytes == live
+        with rec.region("no workspace"):  # the documented one float
+            sk.quantize_fp8(x, "tensor", out=(q, s_ten))
+        assert rec.stats("no workspace").peak_bytes == live + 4
+    rec.assert_no_syncs()
+    assert dict(rec.backends["quantize_fp8"]) == {"cuda": 3}

@@ -117,3 +117,49 @@ def test_backend_errors():
         with sk.backend("cuda"):
             sk.quantize_fp8(x)
     assert sk.current_backend() == "auto"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["transposed", "every_other", "transposed_wide"])
+def test_rms_norm_any_inner_stride(backend, layout):
+    # reshape(-1, D) of these is a view whose last stride is not 1: the kernel must follow it
+    if layout == "transposed":
+        x, r = torch.randn(8, 4).t(), torch.randn(8, 4).t()          # [4, 8], strides (1, 4)
+    elif layout == "every_other":
+        x, r = torch.randn(2, 3, 32)[..., ::2], torch.randn(2, 3, 32)[..., ::2]  # inner stride 2
+    else:
+        x, r = torch.randn(9000, 3).t(), torch.randn(9000, 3).t()    # two-pass rows, stride 3
+    assert x.stride(-1) != 1
+    w = torch.randn(x.shape[-1])
+    with sk.backend(backend):
+        y = sk.rms_norm(x, w, 1e-5)
+        y2, s2 = sk.rms_norm(x, w, 1e-5, residual=r)
+    want64 = fp64(ref.rms_norm, x, w, 1e-5, compute_dtype=torch.float64)
+    assert_close_fa(y, ref.rms_norm(x, w, 1e-5), want64, name="y")
+    want64 = fp64(ref.rms_norm, x, w, 1e-5, r, compute_dtype=torch.float64)
+    assert_close_fa(y2, ref.rms_norm(x, w, 1e-5, r)[0], want64[0], name="y (residual)")
+    torch.testing.assert_close(s2, x + r, atol=0, rtol=0)
+
+
+@requires_triton
+@pytest.mark.parametrize("case", ["aligned", "aligned_residual_bf16", "two_pass", "two_pass_aligned", "ones",
+                                  "strided"])
+def test_rms_norm_launches_are_aot_compiled(monkeypatch, case):
+    # `python -m spar_kernels.inspect` must compile what a GPU JIT-compiles for these launches:
+    # Triton turns int args equal to 1 into constexprs and marks 16-divisible ones, and the
+    # launcher's num_warps / num_stages must be the spec's
+    import sys
+
+    from _aot_launch import assert_launches_compiled, record_launches
+
+    mod = sys.modules["spar_kernels.rms_norm"]
+    dtype = torch.bfloat16 if case == "aligned_residual_bf16" else torch.float32
+    shape = {"aligned": (4, 896), "aligned_residual_bf16": (3, 2048), "two_pass": (2, 9000),
+             "two_pass_aligned": (2, 16384), "ones": (1, 1), "strided": (4, 128)}[case]
+    x, r = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    if case == "strided":  # inner stride 2, odd row stride
+        x, r = torch.randn(4, 258)[:, :256:2], torch.randn(4, 258)[:, :256:2]
+    residual = None if case in ("aligned", "two_pass") else r
+    with record_launches(monkeypatch, mod, "_rms_norm_kernel") as rec, sk.backend("triton"):
+        sk.rms_norm(x, torch.randn(shape[-1], dtype=dtype), 1e-6, residual=residual)
+    assert_launches_compiled(rec, mod._aot_specs())

@@ -110,7 +110,7 @@ def test_route_layers_rows(backend, rows_kind):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", ["rows_strided", "layer_major_permuted", "d_strided", "logits_t"])
+@pytest.mark.parametrize("layout", ["rows_strided", "layer_major_permuted", "d_strided", "d_transposed", "logits_t"])
 def test_route_layers_strided(backend, dtype, layout):
     L, N, D, K = 5, 29, 136, 4
     hidden, ids, logits, alpha, w, b = _inputs(L, N, D, K, dtype, seed=11)
@@ -118,8 +118,10 @@ def test_route_layers_strided(backend, dtype, layout):
         hidden = non_contiguous(hidden, 1)
     elif layout == "layer_major_permuted":  # [N, L, D] buffer viewed as [L, N, D]
         hidden = hidden.permute(1, 0, 2).contiguous().permute(1, 0, 2)
-    elif layout == "d_strided":
+    elif layout == "d_strided":  # [..., ::2]
         hidden = non_contiguous(hidden, 2)
+    elif layout == "d_transposed":  # an [L, D, N] buffer viewed as [L, N, D]: stride_d = N
+        hidden = hidden.transpose(1, 2).contiguous().transpose(1, 2)
     else:
         logits = logits.t().contiguous().t()
     with sk.backend(backend):
@@ -180,13 +182,13 @@ def test_route_layers_twin_nan_rows_for_bad_indices():
     out = torch.zeros(4, 16)
     a = alpha.float().contiguous()
     _ext.cpu_ext().route_layers(hidden.data_ptr(), 0, 4, 10, 16, *hidden.stride(), ids.data_ptr(), True, 2,
-                                logits.data_ptr(), 0, *logits.stride(), a.data_ptr(), w.data_ptr(), b.data_ptr(), 0,
+                                logits.data_ptr(), 0, *logits.stride(), a.data_ptr(), 0, w.data_ptr(), b.data_ptr(), 0,
                                 1.0, 1e-5, rows.data_ptr(), True, 4, out.data_ptr())
     assert bool(out[1:3].isnan().all()) and bool(torch.isfinite(out[[0, 3]]).all())
     bad_ids = torch.tensor([0, 4])
     out2 = torch.zeros(10, 16)
     _ext.cpu_ext().route_layers(hidden.data_ptr(), 0, 4, 10, 16, *hidden.stride(), bad_ids.data_ptr(), True, 2,
-                                logits.data_ptr(), 0, *logits.stride(), a.data_ptr(), w.data_ptr(), b.data_ptr(), 0,
+                                logits.data_ptr(), 0, *logits.stride(), a.data_ptr(), 0, w.data_ptr(), b.data_ptr(), 0,
                                 1.0, 1e-5, 0, False, 10, out2.data_ptr())
     assert bool(out2.isnan().all())
 
@@ -262,3 +264,49 @@ def test_route_layers_cubins_vectorized_and_spill_free():
     assert all(r["spill_bytes"] == 0 for r in rows), [r for r in rows if r["spill_bytes"]]
     vec = [r for r in rows if int(r["config"].split("<", 1)[1].rstrip(">").split(", ")[2]) > 1]
     assert len(vec) == len(rows) // 2 and all(r["ldg128"] for r in vec), [r["config"] for r in vec if not r["ldg128"]]
+
+
+@pytest.mark.skipif(not __import__("spar_kernels")._ext.has_cuda_extension(), reason="no CUDA extension built")
+def test_route_layers_on_a_simulated_gpu_no_sync_no_allocation():
+    # list indices are copied from pinned memory without blocking; with out= the CUDA call allocates
+    # nothing: absent LayerNorm parameters are not materialized and alpha is read in its own dtype
+    from spar_kernels.testing import fake_cuda
+
+    with fake_cuda() as rec:
+        hidden = torch.randn(5, 37, 64, device="cuda", dtype=torch.bfloat16)
+        logits = torch.randn(37, 3, device="cuda", dtype=torch.bfloat16)
+        alpha = torch.ones(3, device="cuda", dtype=torch.bfloat16)
+        w, b = torch.ones(64, device="cuda", dtype=torch.bfloat16), torch.zeros(64, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty(2, 64, device="cuda", dtype=torch.bfloat16)
+        lid, rows = torch.tensor([0, 2, 4], device="cuda"), torch.tensor([1, 2], device="cuda")
+        with rec.region("lists"):
+            y = sk.route_layers(hidden, [0, 2, 4], logits, alpha, w, b, rows=[1, 2])
+        assert y.shape == (2, 64) and y.device == torch.device("cuda", 0)
+        for name, (lw, lb) in {"none": (None, None), "params": (w, b)}.items():
+            live = rec.live_bytes
+            with rec.region(name):
+                assert sk.route_layers(hidden, lid, logits, alpha, lw, lb, rows=rows, out=out) is out
+            assert rec.stats(name).peak_bytes == live, f"{name}: the call allocated device memory"
+    rec.assert_no_syncs("lists")
+    assert rec.stats("lists").h2d_copies == 2
+    assert dict(rec.backends["route_layers"]) == {"cuda": 3}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("eps_over_var", [0.1, 1.0, 10.0])
+@pytest.mark.parametrize("D", [64, 1536])
+def test_route_layers_eps_comparable_to_the_variance(backend, eps_over_var, D):
+    # With eps far below the variance, rstd = 1/sqrt(v + eps) and a wrong 1/(sqrt(v) + eps) differ
+    # by ~eps/(2v) * sqrt(v) relative: invisible at the default eps. Here eps ~ v, and the output
+    # is held to the suite's own fp32 tolerance (spar_kernels.testing.TOLERANCES) against fp64.
+    from spar_kernels.testing import tolerance
+
+    hidden, ids, logits, alpha, w, b = _inputs(6, 40, D, 3, torch.float32, seed=21)
+    hidden = hidden * 1e-2  # mixture variance ~ 1e-4
+    h = hidden.double()[ids.long()]
+    wts = torch.softmax(logits.double(), -1) * alpha.double()
+    var = float(torch.einsum("nk,knd->nd", wts, h).var(-1, unbiased=False).mean())
+    eps = eps_over_var * var
+    with sk.backend(backend):
+        y = sk.route_layers(hidden, ids, logits, alpha, w, b, eps=eps)
+    assert_close(y, _oracle(hidden, ids, logits, alpha, w, b, 1.0, eps, None).float(), **tolerance(torch.float32))

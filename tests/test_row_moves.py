@@ -239,3 +239,102 @@ def test_row_move_custom_ops_registration():
                           (torch.randn(2, 3, 5), torch.tensor([0, 2, 3]), torch.empty(3, 5)), test_utils=checks)
     torch.library.opcheck(torch.ops.spar.unpack_sequences.default,
                           (torch.randn(3, 5), torch.tensor([0, 2, 3]), 4, 0.0, torch.empty(2, 4, 5)), test_utils=checks)
+
+
+# ---- what a GPU compiles ------------------------------------------------------------------------------
+
+def _launch_case(case):
+    """(kernel attribute, call) of one launch of each row-move kernel (odd row counts, so the
+    16-divisibility of sizes is the spec's)."""
+    if case.startswith("gather") and case != "gather_int32":
+        C = {"gather": 128, "gather_wide": 1536, "gather_odd": 141, "gather_one": 1}[case]
+        x, idx = _rand((37, C), torch.float32), torch.randint(0, 37, (29,))
+        if case == "gather_one":
+            x, idx = x[:1], torch.zeros(1, dtype=torch.int64)
+        return "_copy_rows_kernel", lambda: sk.gather_rows(x, idx)
+    if case == "gather_int32":
+        return "_copy_rows_kernel", lambda: sk.gather_rows(_rand((37, 128), torch.float32),
+                                                           torch.randint(0, 37, (29,), dtype=torch.int32))
+    if case == "scatter":
+        return "_copy_rows_kernel", lambda: sk.scatter_rows(_rand((37, 1536), torch.bfloat16), torch.randperm(37)[:29],
+                                                            _rand((29, 1536), torch.bfloat16))
+    if case == "pack":
+        return "_varlen_rows_kernel", lambda: sk.pack_sequences(_rand((3, 9, 128), torch.float16), [4, 9, 2])
+    packed = _rand((15, 128), torch.int32)
+    if case == "unpack_pad1":
+        return "_varlen_rows_kernel", lambda: sk.unpack_sequences(packed, [0, 4, 13, 15], 9, pad_value=1)
+    if case == "unpack_f64_pad":
+        return "_varlen_rows_kernel", lambda: sk.unpack_sequences(_rand((15, 128), torch.float64), [0, 4, 13, 15], 9,
+                                                                  pad_value=-1.5)
+    return "_varlen_rows_kernel", lambda: sk.unpack_sequences(packed[:1, :1], [0, 1], 1, pad_value=1)  # all ones
+
+
+LAUNCH_CASES = ["gather", "gather_wide", "gather_odd", "gather_one", "gather_int32", "scatter", "pack",
+                "unpack_pad1", "unpack_f64_pad", "unpack_ones"]
+
+
+@pytest.mark.skipif(not interpreter_ok(), reason="needs the interpreter")
+@pytest.mark.parametrize("case", LAUNCH_CASES)
+def test_row_move_launches_are_aot_compiled(monkeypatch, case):
+    # every launch has an AOT spec compiling exactly what a GPU JIT-compiles for it (int args equal
+    # to 1 as constexprs, 16-divisible ones marked, the launcher's num_warps / num_stages)
+    import sys
+
+    from _aot_launch import assert_launches_compiled, record_launches
+
+    mod = sys.modules["spar_kernels.row_moves"]
+    name, call = _launch_case(case)
+    with record_launches(monkeypatch, mod, name) as rec, sk.backend("triton"):
+        call()
+    assert_launches_compiled(rec, mod._aot_specs())
+
+
+def test_unpack_pad_value_one_compiles_for_a_gpu():
+    # pad_value=1 on an integer tensor: Triton passes pad as a constexpr, which has no .to(); the
+    # interpreter does not specialize, so only a real compile (no GPU needed) shows it. Compiled
+    # in a subprocess: this one runs kernels under TRITON_INTERPRET=1.
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = (
+        "import dataclasses, sys, spar_kernels\n"
+        "from spar_kernels import inspect as I\n"
+        "tool = I.cuobjdump()\n"
+        "if tool is None: print('SKIP'); sys.exit(0)\n"
+        "m = sys.modules['spar_kernels.row_moves']\n"
+        "base = next(s for s in m._aot_specs() if s.kernel_name == 'unpack_sequences')\n"
+        "spec = dataclasses.replace(base, constexprs=dict(base.constexprs, pad=1),\n"
+        "                           aligned=tuple(a for a in base.aligned if a != 'pad'))\n"
+        "row = I._compile_triton(spec, 'sm_90a', tool)\n"
+        "print(row.get('error') or 'OK')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    out = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else p.stderr[-2000:]
+    if out == "SKIP":
+        pytest.skip("no cuobjdump")
+    assert out == "OK", out
+
+
+# ---- on a simulated GPU: list indices reach the device without a host sync --------------------------
+
+def test_list_indices_are_copied_without_a_host_sync():
+    # torch.tensor(list, device="cuda") copies from pageable memory, which blocks the host: list
+    # indices are built in pinned memory and copied with non_blocking=True instead
+    from spar_kernels.testing import fake_cuda
+
+    with fake_cuda() as rec:
+        x = torch.randn(37, 64, device="cuda")
+        src, padded = torch.randn(2, 64, device="cuda"), torch.randn(3, 9, 16, device="cuda")
+        with rec.region("ops"):
+            y = sk.gather_rows(x, [3, 1, 2])
+            sk.scatter_rows(x, [0, 5], src)
+            packed = sk.pack_sequences(padded, [4, 9, 2])
+            up = sk.unpack_sequences(packed, [0, 4, 13, 15], 9, pad_value=1)
+        assert (y.device, packed.shape, up.shape) == (torch.device("cuda", 0), (15, 16), (3, 9, 16))
+    rec.assert_no_syncs("ops")
+    ops = rec.stats("ops")
+    assert ops.h2d_copies == 4  # one index tensor per call
+    assert {k: dict(v) for k, v in ops.backends.items()} == {
+        n: {"triton": 1} for n in ("gather_rows", "scatter_rows", "pack_sequences", "unpack_sequences")}

@@ -67,7 +67,9 @@ def test_spar_json_round_trip_and_with_layers():
     c = get_config("SPAR-1B")
     j = c.spar_json()
     assert set(j) == {"num_queries", "dtr_layers", "dtr_tau", "dtr_norm_eps", "connector_layers", "latent_channels",
-                      "latent_size", "vae_scale_factor", "flow_shift", "num_steps", "guidance", "mllm", "dit", "vae"}
+                      "latent_size", "vae_scale_factor", "flow_shift", "num_steps", "guidance", "mllm", "dit", "vae",
+                      "tokenizer"}
+    assert j["tokenizer"] == {"pixel_layers": 6, "pixel_heads": 16, "mlp_blocks": 3}
     back = SparConfig.from_json(j, c.mllm_config, c.dit_config, c.vae_config, name="SPAR-1B")
     assert back.spar_json() == j and back.text_config == c.text_config
     small = c.with_layers(llm_layers=4, dit_layers=3, connector_layers=2)

@@ -132,7 +132,7 @@ def test_context_kv_computed_once_and_reused(saved):
     x = torch.randn(2, 32, 4, 4)
     before = [dit(x, torch.tensor([t, t]), prepared) for t in (900, 100)]
     for blk in dit.blocks:
-        blk.w_k2 = blk.w_v2 = blk.b_k2 = blk.b_v2 = None
+        blk.w_kv2 = blk.b_kv2 = None
     after = [dit(x, torch.tensor([t, t]), prepared) for t in (900, 100)]
     for a, b in zip(before, after):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -1,30 +1,41 @@
-"""A whole diffusers SanaTransformerBlock against the same block rebuilt from spar's fused ops
-(spar_kernels.sana_block.sana_block_forward), same weights, padded-and-masked context on the
-diffusers side, unpadded packed context through hybrid_attention on spar's."""
+"""A whole diffusers SanaTransformerBlock against the runtime's block (spar_runtime.sana.SanaBlock)
+with the same weights: padded-and-masked context on the diffusers side, unpadded packed context
+through hybrid_attention on spar's."""
 
 import pytest
 import torch
 
 import spar_kernels as sk
-from spar_kernels.sana_block import sana_block_forward, sana_cross_kv
 from spar_kernels.testing import assert_close_fa
+from spar_runtime.sana import SanaBlock, SanaConfig
 
 from conftest import requires_triton
 
 
-def _block(dim, heads, head_dim, cross_heads, cross_head_dim, ctx_dim, seed=0):
+def _block(dim, heads, head_dim, cross_heads, cross_head_dim, seed=0):
     from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
 
     torch.manual_seed(seed)
     return SanaTransformerBlock(dim, heads, head_dim, num_cross_attention_heads=cross_heads,
-                                cross_attention_head_dim=cross_head_dim, cross_attention_dim=ctx_dim).eval()
+                                cross_attention_head_dim=cross_head_dim, cross_attention_dim=dim).eval()
 
 
-def _inputs(B, H, W, dim, ctx_dim, lens):
+def _runtime(blk) -> SanaBlock:
+    """The runtime block holding ``blk``'s weights (a lone block's state dict: prefix "")."""
+    a1, a2 = blk.attn1, blk.attn2
+    cfg = SanaConfig.from_dict({
+        "in_channels": 32, "num_attention_heads": a1.heads, "attention_head_dim": a1.inner_dim // a1.heads,
+        "num_layers": 1, "num_cross_attention_heads": a2.heads, "cross_attention_head_dim": a2.inner_dim // a2.heads,
+        "cross_attention_dim": a1.inner_dim, "caption_channels": 16, "mlp_ratio": 2.5, "attention_bias": True})
+    w = {k: v.detach() for k, v in blk.state_dict().items()}
+    return SanaBlock(cfg, w, "")
+
+
+def _inputs(B, H, W, dim, lens):
     x = torch.randn(B, H * W, dim)
     t = torch.randn(B, 6 * dim)
     L = max(lens)
-    ctx = torch.randn(B, L, ctx_dim)
+    ctx = torch.randn(B, L, dim)
     keep = torch.zeros(B, L)
     for b, n in enumerate(lens):
         keep[b, :n] = 1
@@ -37,12 +48,20 @@ def _diffusers(blk, x, t, ctx, bias, H, W):
     return blk(x, encoder_hidden_states=ctx, encoder_attention_mask=bias.to(x.dtype), timestep=t, height=H, width=W)
 
 
+def _spar(blk: SanaBlock, x, t, packed, lens, H, W, layout=None):
+    c = blk.config
+    kv = torch.zeros((2, packed.shape[0], c.num_cross_attention_heads, blk.attn_dim), dtype=x.dtype)
+    blk.cross_kv(packed.to(x.dtype), kv)
+    layout = layout or sk.AttentionLayout.cross([H * W] * x.shape[0], lens)
+    return blk(x.clone(), blk.modulation(t.view(x.shape[0], 6, -1)), kv, layout, H, W)
+
+
 # (B, H, W, dim, heads x head_dim, cross heads x cross head dim, context lengths)
 CASES = [
     (1, 5, 7, 64, (2, 32), (2, 32), [9]),
     (2, 5, 7, 96, (3, 32), (2, 72), [5, 11]),     # SANA-0.6B's cross head dim 72, H != W
     (2, 1, 13, 64, (2, 32), (1, 112), [1, 7]),    # SANA-1.6B's 112, a 1 x N grid, a 1-token context
-    (2, 6, 1, 64, (2, 32), (2, 64), [3, 3]),      # N x 1
+    (2, 6, 1, 64, (2, 32), (2, 48), [3, 3]),      # N x 1; a cross head dim hybrid_attention pads (48 -> 64)
 ]
 
 
@@ -50,16 +69,14 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sana_block_matches_diffusers(case, dtype):
     B, H, W, dim, (h1, d1), (h2, d2), lens = case
-    blk = _block(dim, h1, d1, h2, d2, dim)
-    x, t, ctx, bias, packed = _inputs(B, H, W, dim, dim, lens)
+    blk = _block(dim, h1, d1, h2, d2)
+    x, t, ctx, bias, packed = _inputs(B, H, W, dim, lens)
     with torch.no_grad():
         want64 = _diffusers(blk.double(), x.double(), t.double(), ctx.double(), bias.double(), H, W)
         blk = blk.to(dtype)
         xd = x.to(dtype)
         base = _diffusers(blk, xd, t.to(dtype), ctx.to(dtype), bias, H, W)
-        x_before = xd.clone()
-        got = sana_block_forward(blk, xd, packed.to(dtype), lens, t.to(dtype), H, W)
-    assert torch.equal(xd, x_before), "the input hidden states were modified"
+        got = _spar(_runtime(blk), xd, t.to(dtype), packed.to(dtype), lens, H, W)
     assert got.dtype == dtype and got.shape == x.shape
     if dtype == torch.float32:
         rel = float((got.double() - want64).abs().max() / want64.abs().max())
@@ -67,54 +84,38 @@ def test_sana_block_matches_diffusers(case, dtype):
     assert_close_fa(got, base, want64, name="block")
 
 
-def test_sana_block_cached_cross_kv_and_layout():
+def test_sana_block_reuses_kv_and_layout_across_steps():
     B, H, W, dim, lens = 2, 4, 3, 64, [4, 6]
-    blk = _block(dim, 2, 32, 2, 32, 48)
-    x, t, ctx, bias, packed = _inputs(B, H, W, dim, 48, lens)
+    blk = _block(dim, 2, 32, 2, 32)
+    x, t, ctx, bias, packed = _inputs(B, H, W, dim, lens)
+    rt = _runtime(blk)
     with torch.no_grad():
         want = _diffusers(blk, x, t, ctx, bias, H, W)
-        kv = sana_cross_kv(blk, packed)
+        kv = torch.zeros((2, packed.shape[0], 2, 32))
+        rt.cross_kv(packed, kv)
         layout = sk.AttentionLayout.cross([H * W] * B, lens)
-        for _ in range(2):  # reused across "steps"
-            got = sana_block_forward(blk, x, None, lens, t, H, W, cross_kv=kv, cross_layout=layout)
+        for _ in range(2):  # reused across "steps"; the block updates its input in place
+            hs = x.clone()
+            got = rt(hs, rt.modulation(t.view(B, 6, dim)), kv, layout, H, W)
+            assert got.data_ptr() == hs.data_ptr()
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 @requires_triton
 def test_sana_block_with_triton_kernels(monkeypatch):
-    """The fused ops on their Triton kernels (interpreter); cross-attention on whichever path runs."""
+    """The fused ops and the cross-attention on their Triton kernels (interpreter), no fallback."""
+    from spar_kernels import attention
+
     B, H, W, dim, lens = 2, 3, 5, 64, [2, 5]
-    blk = _block(dim, 2, 32, 2, 32, dim)
-    x, t, ctx, bias, packed = _inputs(B, H, W, dim, dim, lens)
-    hybrid = sk.hybrid_attention
-
-    def hybrid_any_backend(*a, **k):
-        try:
-            with sk.backend("triton"):
-                return hybrid(*a, **k)
-        except sk.BackendUnavailableError:
-            with sk.backend("auto"):
-                return hybrid(*a, **k)
-
-    monkeypatch.setattr(sk, "hybrid_attention", hybrid_any_backend)
+    blk = _block(dim, 2, 32, 2, 32)
+    x, t, ctx, bias, packed = _inputs(B, H, W, dim, lens)
+    ran, impl = [], attention._IMPLS["triton"]
+    monkeypatch.setitem(attention._IMPLS, "triton", lambda *a: ran.append(a[0].shape) or impl(*a))
     with torch.no_grad():
         want = _diffusers(blk, x, t, ctx, bias, H, W)
+        rt = _runtime(blk)
         with sk.backend("triton"):
-            got = sana_block_forward(blk, x, packed, lens, t, H, W)
+            got = _spar(rt, x, t, packed, lens, H, W)
+    assert ran == [(B * H * W, 2, 32)]  # the cross-attention ran on the Triton kernel
     rel = float((got - want).abs().max() / want.abs().max())
     assert rel <= 1e-4, rel
-
-
-@pytest.mark.parametrize("call, match", [
-    (lambda blk, x, t, p: sana_block_forward(blk, x, p, [4, 6], t, 4, 4), "height, width"),
-    (lambda blk, x, t, p: sana_block_forward(blk, x, p, [4, 6], t[:, :10], 4, 3), "timestep"),
-    (lambda blk, x, t, p: sana_block_forward(blk, x[0], p, [4, 6], t, 4, 3), "hidden_states"),
-    (lambda blk, x, t, p: sana_block_forward(blk, x, None, [4, 6], t, 4, 3), "context"),
-    (lambda blk, x, t, p: sana_cross_kv(blk, p[None]), "context: expected a packed"),
-])
-def test_sana_block_bad_inputs(call, match):
-    blk = _block(64, 2, 32, 2, 32, 64)
-    x, t, ctx, bias, packed = _inputs(2, 4, 3, 64, 64, [4, 6])
-    with pytest.raises((ValueError, TypeError), match=match):
-        with torch.no_grad():
-            call(blk, x, t, packed)

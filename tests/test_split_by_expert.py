@@ -181,3 +181,54 @@ def test_moe_custom_ops_registration():
                           (x, ids, perm, torch.tensor([0, 2, 5]), torch.ones(2, 8), 1e-6, torch.empty(5, 8)),
                           test_utils=checks)
     torch.library.opcheck(torch.ops.spar.merge_experts.default, (x, perm, torch.empty(5, 8)), test_utils=checks)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["transposed", "every_other"])
+@pytest.mark.parametrize("D", [24, 8200])
+def test_split_by_expert_any_inner_stride(backend, layout, D):
+    N, E = 6, 2
+    x = torch.randn(D, N).t() if layout == "transposed" else torch.randn(N, 2 * D)[:, ::2]
+    assert x.stride(-1) != 1
+    ids = torch.tensor([1, 0, 1, 1, 0, 0])
+    W = torch.randn(E, D) * 0.5 + 1
+    with sk.backend(backend):
+        s = sk.split_by_expert(x, ids, E, W, eps=1e-5)
+        plain = sk.split_by_expert(x, ids, E)
+    want64, order = _oracle64(x, ids, W, 1e-5)
+    assert_close(s.rows, want64.float(), atol=2e-5, rtol=2e-5)
+    assert torch.equal(plain.rows, x[order])
+
+
+@pytest.mark.skipif(not interpreter_ok(), reason="needs the interpreter")
+@pytest.mark.parametrize("case", ["aligned", "int32_ids", "ones", "two_pass_aligned"])
+def test_split_by_expert_launches_are_aot_compiled(monkeypatch, case):
+    # an AOT spec compiles exactly what a GPU JIT-compiles for the launch (ints equal to 1 as
+    # constexprs, 16-divisible ones marked, the launcher's num_warps / num_stages)
+    import sys
+
+    from _aot_launch import assert_launches_compiled, record_launches
+
+    mod = sys.modules["spar_kernels.split_by_expert"]
+    N, D, E, dt, wdt, idt = {"aligned": (37, 896, 3, torch.float32, torch.float32, torch.int64),
+                             "int32_ids": (37, 100, 2, torch.bfloat16, torch.bfloat16, torch.int32),
+                             "ones": (1, 1, 1, torch.float16, torch.float16, torch.int32),
+                             "two_pass_aligned": (3, 16384, 3, torch.bfloat16, torch.float32, torch.int64)}[case]
+    x = torch.randn(N, D).to(dt)
+    ids = torch.randint(0, E, (N,), dtype=idt)
+    with record_launches(monkeypatch, mod, "_split_norm_kernel") as rec, sk.backend("triton"):
+        sk.split_by_expert(x, ids, E, torch.randn(E, D).to(wdt))
+    assert_launches_compiled(rec, mod._aot_specs())
+
+
+def test_split_by_expert_list_ids_without_a_host_sync():
+    from spar_kernels.testing import fake_cuda
+
+    with fake_cuda() as rec:
+        x, W = torch.randn(37, 64, device="cuda"), torch.ones(2, 64, device="cuda")
+        with rec.region("split"):
+            s = sk.split_by_expert(x, [0, 1] * 18 + [0], 2, W, counts=[19, 18])
+            y = sk.merge_experts(s.rows, s)
+        assert s.rows.device == y.device == torch.device("cuda", 0)
+    rec.assert_no_syncs("split")
+    assert rec.stats("split").h2d_copies == 1

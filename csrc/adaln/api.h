@@ -1,15 +1,16 @@
 // CPU entry point of adaLN modulation and the gated residual (spar_kernels/adaln.py) (its GPU path is Triton). Plain C++ types: pointers as uintptr_t,
-// sizes and strides in elements, DType codes. Per-sample vectors, weights and biases arrive as
-// contiguous fp32, prepared by the caller.
+// sizes and strides in elements (any strides), DType codes. Per-sample vectors arrive as
+// contiguous fp32 [B, C], prepared by the caller.
 #pragma once
 #include <cstdint>
 
 namespace spar {
 // y[b, n, :] = LayerNorm(x[b, n, :]) * scale1[b, :] + shift[b, :]   (scale1 = 1 + scale)
 void adaln_layernorm_cpu(uintptr_t x, int dtype, int64_t B, int64_t N, int64_t C, int64_t sxb, int64_t sxn,
-                         uintptr_t shift, uintptr_t scale1, uintptr_t y, int64_t syb, int64_t syn, double eps);
+                         int64_t sxc, uintptr_t shift, uintptr_t scale1, uintptr_t y, int64_t syb, int64_t syn,
+                         int64_t syc, double eps);
 // out[b, n, :] = x[b, n, :] + gate[b, :] * y[b, n, :]   (out may be x)
 void gated_residual_cpu(uintptr_t x, int dtype, int64_t B, int64_t N, int64_t C, int64_t sxb, int64_t sxn,
-                        uintptr_t y, int64_t syb, int64_t syn, uintptr_t gate, uintptr_t out, int64_t sob,
-                        int64_t son);
+                        int64_t sxc, uintptr_t y, int64_t syb, int64_t syn, int64_t syc, uintptr_t gate,
+                        uintptr_t out, int64_t sob, int64_t son, int64_t soc);
 }  // namespace spar

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include "quantize_fp8/api.h"
+#include "rms_norm/api.h"
 #include "route_layers/api.h"
 #include "flow_sampler/api.h"
 #include "split_by_expert/api.h"
@@ -20,22 +21,28 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("route_layers", &spar::route_layers_cpu, py::arg("hidden"), py::arg("dtype"), py::arg("L"), py::arg("N"),
         py::arg("D"), py::arg("stride_l"), py::arg("stride_n"), py::arg("stride_d"), py::arg("layer_ids"),
         py::arg("ids_int64"), py::arg("K"), py::arg("logits"), py::arg("logits_dtype"), py::arg("logits_stride_n"),
-        py::arg("logits_stride_k"), py::arg("alpha"), py::arg("ln_weight"), py::arg("ln_bias"),
+        py::arg("logits_stride_k"), py::arg("alpha"), py::arg("alpha_dtype"), py::arg("ln_weight"), py::arg("ln_bias"),
         py::arg("param_dtype"), py::arg("tau"), py::arg("eps"), py::arg("rows"), py::arg("rows_int64"),
         py::arg("M"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
   m.def("flow_sampler_step", &spar::flow_sampler_step_cpu,
         "fused flow-sampler step (arguments: see csrc/flow_sampler/api.h)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("rms_norm", &spar::rms_norm_cpu, py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("D"),
+        py::arg("x_row_stride"), py::arg("x_d_stride"), py::arg("residual"), py::arg("r_row_stride"),
+        py::arg("r_d_stride"), py::arg("weight"), py::arg("weight_dtype"), py::arg("eps"), py::arg("out"),
+        py::arg("residual_out"), py::call_guard<py::gil_scoped_release>());
   m.def("split_by_expert", &spar::split_by_expert_cpu, py::arg("x"), py::arg("dtype"), py::arg("N"), py::arg("D"),
         py::arg("stride_n"), py::arg("stride_d"), py::arg("perm"), py::arg("expert_ids"), py::arg("ids_int64"),
         py::arg("weights"), py::arg("weight_dtype"), py::arg("E"), py::arg("weight_stride"), py::arg("eps"),
         py::arg("out"), py::call_guard<py::gil_scoped_release>());
   m.def("adaln_layernorm", &spar::adaln_layernorm_cpu, py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("N"),
-        py::arg("C"), py::arg("sxb"), py::arg("sxn"), py::arg("shift"), py::arg("scale1"), py::arg("y"),
-        py::arg("syb"), py::arg("syn"), py::arg("eps"), py::call_guard<py::gil_scoped_release>());
+        py::arg("C"), py::arg("sxb"), py::arg("sxn"), py::arg("sxc"), py::arg("shift"), py::arg("scale1"),
+        py::arg("y"), py::arg("syb"), py::arg("syn"), py::arg("syc"), py::arg("eps"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("gated_residual", &spar::gated_residual_cpu, py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("N"),
-        py::arg("C"), py::arg("sxb"), py::arg("sxn"), py::arg("y"), py::arg("syb"), py::arg("syn"), py::arg("gate"),
-        py::arg("out"), py::arg("sob"), py::arg("son"), py::call_guard<py::gil_scoped_release>());
+        py::arg("C"), py::arg("sxb"), py::arg("sxn"), py::arg("sxc"), py::arg("y"), py::arg("syb"), py::arg("syn"),
+        py::arg("syc"), py::arg("gate"), py::arg("out"), py::arg("sob"), py::arg("son"), py::arg("soc"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("dwconv_glu", &spar::dwconv_glu_cpu, py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("H"),
         py::arg("W"), py::arg("C"), py::arg("sxb"), py::arg("sxn"), py::arg("w9"), py::arg("bias"), py::arg("out"),
         py::arg("sob"), py::arg("son"), py::call_guard<py::gil_scoped_release>());

@@ -8,7 +8,8 @@
 //   h1 / h2: fp32 solver history, 0 when the method has none
 //   table: `rows` x flow::kNumCols float32 coefficient rows (the last is the identity)
 //   counter: int32[2] on the same device: {evaluation index, block-done count (CUDA only)}
-//   stats: fp32 workspace of the CUDA global / col renorm (2 * B or 2 * B * Q floats), else 0
+//   stats: fp32 workspace of the CUDA global renorm (2 * B * (P + 1) floats: per-sample sums, then
+//          per-row sums) or col renorm (2 * B * Q floats), else 0 (the CPU twin ignores it)
 //   renorm_mode: flow::Renorm; renorm_min: the lower clamp of the renorm factor
 #pragma once
 #include <cstdint>

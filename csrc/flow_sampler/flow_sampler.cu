@@ -8,6 +8,10 @@
 // L1/L2 for the update. "global" and "col" norms need the whole sample first: a stats launch
 // (fp32 sums of squares in `stats`) precedes the update launch. Rows move in 4-element vectors
 // when every present tensor's q-stride is 1 and the row length, strides and pointers allow it.
+// Every reduction has a fixed order (no float atomics), so results are bitwise reproducible run
+// to run: a row is reduced by a fixed shuffle / shared-memory tree, the global norm sums the
+// per-row sums in a second stage (the last block of the stats launch), the along-P norm is
+// one thread's sequential sum.
 #include <cuda_runtime.h>
 
 #include "common/cuda_utils.cuh"
@@ -107,6 +111,7 @@ __global__ void __launch_bounds__(kThreads, 1) step_kernel(Params<TX, TV> a) {
   __shared__ float smem[32];
   const int32_t k = *reinterpret_cast<volatile int32_t*>(a.counter);
   const flow::Row r = flow::load_row(a.table, a.rows, k);
+  if (flow::missing_input(r, a.vu, a.vi, a.h1, a.h2)) __trap();  // the Python API never lets this happen
   const bool ren = flow::renorm_on(r, a.mode);
   constexpr int kGroups = kThreads / TPR;
   const int lane = threadIdx.x % TPR;
@@ -153,25 +158,51 @@ __global__ void __launch_bounds__(kThreads, 1) step_kernel(Params<TX, TV> a) {
   finish(a.counter);
 }
 
-// "global": per-row sums, accumulated per sample with atomics into stats[2b], stats[2b + 1].
+// "global", stage 1: the sums of squares of every row into stats[2B + 2 rr], [2B + 2 rr + 1];
+// stage 2, in the last block to finish (a done count in counter[1], reset afterwards): per
+// sample, the block sums its P row sums in a fixed order into stats[2b], stats[2b + 1].
 template <typename TX, typename TV, int VEC, int TPR>
 __global__ void __launch_bounds__(kThreads) stats_global_kernel(Params<TX, TV> a) {
   __shared__ float smem[32];
+  __shared__ bool last;
   const int32_t k = *reinterpret_cast<volatile int32_t*>(a.counter);
   const flow::Row r = flow::load_row(a.table, a.rows, k);
   if (!flow::renorm_on(r, a.mode)) return;  // uniform: the whole grid leaves
+  if (flow::missing_input(r, a.vu, a.vi, a.h1, a.h2)) __trap();
   constexpr int kGroups = kThreads / TPR;
   const int lane = threadIdx.x % TPR;
+  float* row_ss = a.stats + 2 * a.B;
   for (int64_t rr = int64_t(blockIdx.x) * kGroups + threadIdx.x / TPR; rr < a.B * a.P;
        rr += int64_t(gridDim.x) * kGroups) {
-    const int64_t b = rr / a.P;
     float sc, sg;
-    row_sums<TX, TV, VEC, TPR>(a, b, rr % a.P, r, lane, smem, &sc, &sg);
+    row_sums<TX, TV, VEC, TPR>(a, rr / a.P, rr % a.P, r, lane, smem, &sc, &sg);
     if (lane == 0) {
-      atomicAdd(a.stats + 2 * b, sc);
-      atomicAdd(a.stats + 2 * b + 1, sg);
+      row_ss[2 * rr] = sc;
+      row_ss[2 * rr + 1] = sg;
     }
   }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();  // this block's row sums are visible before it counts itself done
+    last = atomicAdd(reinterpret_cast<unsigned*>(a.counter + 1), 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int64_t b = 0; b < a.B; ++b) {
+    float s0 = 0.f, s1 = 0.f;
+    for (int64_t p = threadIdx.x; p < a.P; p += kThreads) {  // L2 loads: other blocks wrote these
+      s0 += __ldcg(row_ss + 2 * (b * a.P + p));
+      s1 += __ldcg(row_ss + 2 * (b * a.P + p) + 1);
+    }
+    s0 = block_reduce<false>(s0, smem);
+    s1 = block_reduce<false>(s1, smem);
+    if (threadIdx.x == 0) {
+      a.stats[2 * b] = s0;
+      a.stats[2 * b + 1] = s1;
+    }
+  }
+  if (threadIdx.x == 0) a.counter[1] = 0;  // the update launch counts its own blocks
 }
 
 // "col": one thread per (b, q) sums over p (coalesced along q).
@@ -180,6 +211,7 @@ __global__ void __launch_bounds__(kThreads) stats_col_kernel(Params<TX, TV> a) {
   const int32_t k = *reinterpret_cast<volatile int32_t*>(a.counter);
   const flow::Row r = flow::load_row(a.table, a.rows, k);
   if (!flow::renorm_on(r, a.mode)) return;
+  if (flow::missing_input(r, a.vu, a.vi, a.h1, a.h2)) __trap();
   for (int64_t j = int64_t(blockIdx.x) * kThreads + threadIdx.x; j < a.B * a.Q; j += int64_t(gridDim.x) * kThreads) {
     const int64_t b = j / a.Q, q = j % a.Q;
     float s0 = 0.f, s1 = 0.f;
@@ -202,7 +234,6 @@ void launch_step(const Params<TX, TV>& a, cudaStream_t stream) {
   const int64_t nrows = a.B * a.P;
   const int grid = int(std::min<int64_t>((nrows + groups - 1) / groups, kMaxBlocks));
   if (a.mode == flow::kRenormGlobal) {
-    check_cuda(cudaMemsetAsync(a.stats, 0, sizeof(float) * 2 * a.B, stream), "flow_sampler_step: memset");
     stats_global_kernel<TX, TV, VEC, TPR><<<grid, kThreads, 0, stream>>>(a);
   } else if (a.mode == flow::kRenormCol) {
     const int g = int(std::min<int64_t>((a.B * a.Q + kThreads - 1) / kThreads, kMaxBlocks));
@@ -273,8 +304,10 @@ void flow_sampler_step_cuda(int x_dtype, int v_dtype, int64_t B, int64_t P, int6
                             uintptr_t stream) {
   if (renorm_mode < flow::kRenormNone || renorm_mode > flow::kRenormCol)
     throw std::invalid_argument("flow_sampler_step: unknown renorm mode " + std::to_string(renorm_mode));
-  if ((renorm_mode == flow::kRenormGlobal || renorm_mode == flow::kRenormCol) && (stats == 0 || vu == 0))
-    throw std::invalid_argument("flow_sampler_step: global / col renorm needs the stats workspace and v_uncond");
+  // v_uncond / v_img_uncond are needed only at steps where guidance is on: the row is on the
+  // device, so the kernels check flow::missing_input (Python checks it on its host copy first)
+  if ((renorm_mode == flow::kRenormGlobal || renorm_mode == flow::kRenormCol) && stats == 0)
+    throw std::invalid_argument("flow_sampler_step: global / col renorm needs the stats workspace");
   if (B * P * Q == 0) return;
   auto st = reinterpret_cast<cudaStream_t>(stream);
 #define SPAR_FS_ARGS v_dtype, B, P, Q, x, sxb, sxp, sxq, vc, scb, scp, scq, vu, sub, sup, suq, vi, sib, sip, siq, out, \

@@ -1,5 +1,6 @@
 // CPU twin of linear_attention for head dims 16 / 32 / 64 (other head dims run as batched BLAS
-// matmuls from PyTorch): heads spread over OpenMP threads, fp32 throughout.
+// matmuls from PyTorch): the loops in linear_attention_kernels.h, compiled for AVX-512, AVX2 and
+// the build's baseline, the widest this CPU runs chosen at run time; fp32 throughout.
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -14,78 +15,19 @@
 namespace spar {
 namespace {
 
-using cpu::dispatch;
-using cpu::load_row;
-using cpu::store_row;
-
-// ReLU linear attention for head dims d = e = HD (SANA: 32). Phase 1, per (b, h): the state
-// [HD, HD] and normaliser in register-sized blocks of kLaRows rows of the state, accumulated over
-// all keys; phase 2, per query row: relu(q) @ state / (relu(q) . z + eps). fp32 throughout.
-constexpr int kLaRows = 8;
-
-template <typename T, int HD>
-void linear_attention_run(const T* q, const T* k, const T* v, int64_t B, int64_t Nq, int64_t Nk, int64_t H,
-                          int64_t sqb, int64_t sqn, int64_t sqh, int64_t skb, int64_t skn, int64_t skh,
-                          int64_t svb, int64_t svn, int64_t svh, T* out, int64_t sob, int64_t son, int64_t soh,
-                          float eps) {
-  constexpr int64_t SE = HD * HD + HD;
-  std::vector<float> ws(B * H * SE);
-#pragma omp parallel
-  {
-#pragma omp for schedule(static)
-    for (int64_t bh = 0; bh < B * H; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      float* S = ws.data() + bh * SE;
-      float* z = S + HD * HD;
-      alignas(64) float vf[HD];
-      for (int d0 = 0; d0 < HD; d0 += kLaRows) {
-        alignas(64) float acc[kLaRows][HD] = {};
-        float zz[kLaRows] = {};
-        for (int64_t n = 0; n < Nk; ++n) {
-          const T* kr = k + b * skb + n * skn + h * skh + d0;
-          const T* vr = v + b * svb + n * svn + h * svh;
-          const float* vrow = vf;
-          if constexpr (std::is_same<T, float>::value) {
-            vrow = vr;  // fp32: read v in place
-          } else {
-            for (int e = 0; e < HD; ++e) vf[e] = to_float(vr[e]);
-          }
-#pragma GCC unroll 8
-          for (int i = 0; i < kLaRows; ++i) {
-            const float kd = fast::relu(to_float(kr[i]));
-            zz[i] += kd;
-#pragma omp simd
-            for (int e = 0; e < HD; ++e) acc[i][e] += kd * vrow[e];
-          }
-        }
-        for (int i = 0; i < kLaRows; ++i) {
-          z[d0 + i] = zz[i];
-          for (int e = 0; e < HD; ++e) S[(d0 + i) * HD + e] = acc[i][e];
-        }
-      }
-    }
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < B * H * Nq; ++r) {
-      const int64_t bh = r / Nq, n = r % Nq, b = bh / H, h = bh % H;
-      const float* S = ws.data() + bh * SE;
-      const float* z = S + HD * HD;
-      const T* qr = q + b * sqb + n * sqn + h * sqh;
-      alignas(64) float num[HD] = {};
-      float den = 0.f;
-#pragma GCC unroll 32
-      for (int d = 0; d < HD; ++d) {  // unrolled: num stays in registers
-        const float qd = fast::relu(to_float(qr[d]));
-        den += qd * z[d];
-#pragma omp simd
-        for (int e = 0; e < HD; ++e) num[e] += qd * S[d * HD + e];
-      }
-      const float dd = den + eps;
-      T* o = out + b * sob + n * son + h * soh;
-#pragma omp simd
-      for (int e = 0; e < HD; ++e) o[e] = from_float<T>(num[e] / dd);
-    }
-  }
-}
+SPAR_ISA_BEGIN_AVX512
+namespace avx512 {
+#include "linear_attention/linear_attention_kernels.h"
+}  // namespace avx512
+SPAR_ISA_END
+SPAR_ISA_BEGIN_AVX2
+namespace avx2 {
+#include "linear_attention/linear_attention_kernels.h"
+}  // namespace avx2
+SPAR_ISA_END
+namespace base {
+#include "linear_attention/linear_attention_kernels.h"
+}  // namespace base
 
 }  // namespace
 
@@ -94,11 +36,14 @@ bool linear_attention_cpu(uintptr_t q, uintptr_t k, uintptr_t v, int dtype, int6
                           int64_t skh, int64_t svb, int64_t svn, int64_t svh, uintptr_t out, int64_t sob,
                           int64_t son, int64_t soh, double eps) {
   bool done = false;
-  dispatch(dtype, "linear_attention", [&](auto tag) {
+  const cpu::Isa isa = cpu::cpu_isa();
+  cpu::dispatch(dtype, "linear_attention", [&](auto tag) {
     using T = decltype(tag);
     auto run = [&](auto hd) {
-      linear_attention_run<T, decltype(hd)::value>(
-          reinterpret_cast<const T*>(q), reinterpret_cast<const T*>(k), reinterpret_cast<const T*>(v), B, Nq, Nk,
+      constexpr int HD = decltype(hd)::value;
+      auto* fn = isa == cpu::Isa::Avx512 ? &avx512::linear_attention_run<T, HD>
+                 : isa == cpu::Isa::Avx2 ? &avx2::linear_attention_run<T, HD> : &base::linear_attention_run<T, HD>;
+      fn(reinterpret_cast<const T*>(q), reinterpret_cast<const T*>(k), reinterpret_cast<const T*>(v), B, Nq, Nk,
           H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, reinterpret_cast<T*>(out), sob, son, soh, float(eps));
       done = true;
     };

@@ -3,6 +3,10 @@
 // Per token: one block per row reads the row once for its amax (kept in L1/L2) and once to
 // quantize. Per tensor: an amax pass (atomicMax on the float bits, valid for values >= 0)
 // into a one-float workspace, then the same row kernel reading the shared amax. No host sync.
+// Deterministic: max is exact and does not depend on the order values meet in, so the block
+// reductions and the atomicMax give the same bits on every run (no float atomicAdd anywhere).
+// NaN propagates (quant::amax_combine; the atomicMax on the bits of |x| keeps it too, a positive
+// NaN's bits being above +inf's), as in the reference.
 // Rows move in 16-byte vectors when the row length, row stride and pointers allow it.
 #include <cuda_runtime.h>
 
@@ -15,13 +19,30 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// Warp / block max with quant::amax_combine (cuda_utils' reductions use fmaxf, which drops NaN).
+__device__ __forceinline__ float warp_amax(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = quant::amax_combine(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float block_amax(float v, float* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+  v = warp_amax(v);
+  __syncthreads();  // smem may still be read from a previous reduction
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? smem[lane] : 0.f;
+  return warp_amax(v);
+}
+
 template <typename T, int VEC>
 __device__ float row_amax(const T* xr, int64_t cols) {
   float m = 0.f;
   for (int64_t c = int64_t(threadIdx.x) * VEC; c < cols; c += int64_t(blockDim.x) * VEC) {
     Vec<T, VEC> v = load_vec<T, VEC>(xr + c);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) m = fmaxf(m, quant::abs_value(v.v[i]));
+    for (int i = 0; i < VEC; ++i) m = quant::amax_combine(m, quant::abs_value(v.v[i]));
   }
   return m;
 }
@@ -32,8 +53,8 @@ tensor_amax_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, int64_t 
                    float* __restrict__ amax) {
   __shared__ float smem[32];
   float m = 0.f;
-  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) m = fmaxf(m, row_amax<T, VEC>(x + r * row_stride, cols));
-  m = block_reduce<true>(m, smem);
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) m = quant::amax_combine(m, row_amax<T, VEC>(x + r * row_stride, cols));
+  m = block_amax(m, smem);
   if (threadIdx.x == 0) atomicMax(reinterpret_cast<int*>(amax), __float_as_int(m));
 }
 
@@ -46,7 +67,7 @@ quantize_rows_kernel(const T* __restrict__ x, int64_t cols, int64_t row_stride, 
   const T* xr = x + row * row_stride;
   float scale;
   if (tensor_amax == nullptr) {
-    scale = quant::scale_from_amax(block_reduce<true>(row_amax<T, VEC>(xr, cols), smem));
+    scale = quant::scale_from_amax(block_amax(row_amax<T, VEC>(xr, cols), smem));
     if (threadIdx.x == 0) scales[row] = scale;
   } else {
     scale = quant::scale_from_amax(*tensor_amax);

@@ -5,7 +5,9 @@
 //   q     = e4m3fn_saturating(x / scale)     (round to nearest even, clamp to +-448)
 //
 // x / scale (a true IEEE division, not x * (1/scale)) keeps the CPU twin, the CUDA kernel and
-// the PyTorch reference bit-identical.
+// the PyTorch reference bit-identical. NaN propagates as in the reference (torch's amax and
+// clamp): a NaN in a row (or the tensor) gives a NaN amax, a NaN scale and NaN codes; fmaxf and
+// std::max would drop it, so the amax is taken with amax_combine.
 #pragma once
 
 #include "common/spar_common.h"
@@ -14,7 +16,13 @@ namespace spar::quant {
 
 constexpr float kMinAmax = 1e-12f;
 
-SPAR_HD float scale_from_amax(float amax) { return fmaxf(amax, kMinAmax) / kFp8E4M3Max; }
+// max(m, a) that keeps a NaN from either side (NaN compares false with everything). The
+// result does not depend on the order values are combined in, so reductions stay deterministic.
+SPAR_HD float amax_combine(float m, float a) { return (a > m || a != a) ? a : m; }
+
+SPAR_HD float scale_from_amax(float amax) {
+  return amax != amax ? amax : fmaxf(amax, kMinAmax) / kFp8E4M3Max;  // NaN amax -> NaN scale
+}
 
 template <typename T>
 SPAR_HD float abs_value(T v) { return fabsf(to_float(v)); }

@@ -6,8 +6,8 @@
 // vector loads when D, the strides and the pointers allow it, a scalar path with any stride_d
 // otherwise), reduces the LayerNorm mean and centered sum of squares from registers, and writes
 // the row once. The scalar math is route_layers.h, shared with the CPU twin. No host sync:
-// out-of-range ids/rows are detected here and give NaN rows. ln_weight and ln_bias must be
-// given (the Python wrapper passes ones / zeros for None).
+// out-of-range ids/rows are detected here and give NaN rows. ln_weight / ln_bias may be absent
+// (null: weight 1, bias 0) and alpha is read in its own dtype, so a call allocates nothing.
 #include <cuda_runtime.h>
 
 #include "common/cuda_utils.cuh"
@@ -31,7 +31,8 @@ struct Params {
   const void* logits;
   int ldt;
   int64_t lsn, lsk;
-  const float* alpha;
+  const void* alpha;
+  int adt;
   const void* w;
   const void* b;
   float tau, eps;
@@ -76,7 +77,7 @@ route_layers_kernel(const Params p) {
     const float e = lane < p.K ? route::shifted_exp(v, vmax) : 0.f;
     const float esum = warp_reduce_sum(e);
     if (lane < p.K) {
-      s_coef[slot][lane] = route::mix_coeff(e, esum, p.alpha[lane]);
+      s_coef[slot][lane] = route::mix_coeff(e, esum, route::load_float(p.alpha, p.adt, lane));
       s_off[slot][lane] = off;
     }
     if (lane == 0) s_ok[slot] = ok;
@@ -142,10 +143,25 @@ route_layers_kernel(const Params p) {
     const int64_t col = (int64_t(ch) * nthr + tid) * VEC;
     if (col < D) {
       Vec<T, VEC> ov;
-      const Vec<P, VEC> wv = load_vec<P, VEC>(w + col), bv = load_vec<P, VEC>(b + col);
+      float wf[VEC], bf[VEC];
+      if (w) {
+        const Vec<P, VEC> wv = load_vec<P, VEC>(w + col);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j)
-        ov.v[j] = from_float<T>(route::ln_apply(acc[ch][j], mean, rstd, to_float(wv.v[j]), to_float(bv.v[j])));
+        for (int j = 0; j < VEC; ++j) wf[j] = to_float(wv.v[j]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) wf[j] = 1.f;
+      }
+      if (b) {
+        const Vec<P, VEC> bv = load_vec<P, VEC>(b + col);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) bf[j] = to_float(bv.v[j]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) bf[j] = 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) ov.v[j] = from_float<T>(route::ln_apply(acc[ch][j], mean, rstd, wf[j], bf[j]));
       store_vec<T, VEC>(o + col, ov);
     }
   }
@@ -189,8 +205,9 @@ void dispatch_param(const Params& p, int param_dtype, cudaStream_t stream) {
 void route_layers_cuda(uintptr_t hidden, int dtype, int64_t L, int64_t N, int64_t D, int64_t stride_l,
                        int64_t stride_n, int64_t stride_d, uintptr_t layer_ids, bool ids_int64, int64_t K,
                        uintptr_t logits, int logits_dtype, int64_t logits_stride_n, int64_t logits_stride_k,
-                       uintptr_t alpha, uintptr_t ln_weight, uintptr_t ln_bias, int param_dtype, float tau,
-                       float eps, uintptr_t rows, bool rows_int64, int64_t M, uintptr_t out, uintptr_t stream) {
+                       uintptr_t alpha, int alpha_dtype, uintptr_t ln_weight, uintptr_t ln_bias, int param_dtype,
+                       float tau, float eps, uintptr_t rows, bool rows_int64, int64_t M, uintptr_t out,
+                       uintptr_t stream) {
   if (K < 1 || K > route::kMaxK) throw std::invalid_argument("route_layers: K must be in [1, 16], got " + std::to_string(K));
   if (D < 1 || D > kRouteMaxDCuda)
     throw std::invalid_argument("route_layers: the CUDA kernel takes 1 <= D <= 8192, got " + std::to_string(D));
@@ -199,7 +216,7 @@ void route_layers_cuda(uintptr_t hidden, int dtype, int64_t L, int64_t N, int64_
   if (M == 0) return;
   const auto cp = [](uintptr_t v) { return reinterpret_cast<const void*>(v); };
   Params p{cp(hidden), L, N, D, stride_l, stride_n, stride_d, cp(layer_ids), ids_int64, int(K), cp(logits),
-           logits_dtype, logits_stride_n, logits_stride_k, reinterpret_cast<const float*>(alpha), cp(ln_weight),
+           logits_dtype, logits_stride_n, logits_stride_k, cp(alpha), alpha_dtype, cp(ln_weight),
            cp(ln_bias), tau, eps, cp(rows), rows_int64, M, reinterpret_cast<void*>(out)};
   auto st = reinterpret_cast<cudaStream_t>(stream);
   switch (static_cast<DType>(dtype)) {

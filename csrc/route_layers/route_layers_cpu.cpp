@@ -98,7 +98,7 @@ inline float row_centered_sq(const float* m, int64_t D, float mean) {
 template <typename T, typename P>
 void run(const T* hidden, int64_t L, int64_t N, int64_t D, int64_t stride_l, int64_t stride_n, int64_t stride_d,
          const void* layer_ids, bool ids64, int64_t K, const void* logits, int logits_dtype, int64_t lsn,
-         int64_t lsk, const float* alpha, const P* w, const P* b, float tau, float eps, const void* rows,
+         int64_t lsk, const void* alpha, int adt, const P* w, const P* b, float tau, float eps, const void* rows,
          bool rows64, int64_t M, T* out) {
   // Layer ids are the same for every row: resolve them once.
   int64_t lid[route::kMaxK];
@@ -132,7 +132,7 @@ void run(const T* hidden, int64_t L, int64_t N, int64_t D, int64_t stride_l, int
         c[k] = route::shifted_exp(v[k], vmax);
         esum += c[k];
       }
-      for (int64_t k = 0; k < K; ++k) c[k] = route::mix_coeff(c[k], esum, alpha[k]);
+      for (int64_t k = 0; k < K; ++k) c[k] = route::mix_coeff(c[k], esum, route::load_float(alpha, adt, k));
 
       // m = sum_k c_k * hidden[lid_k, r]
       float* m = acc.data();
@@ -187,19 +187,19 @@ void run(const T* hidden, int64_t L, int64_t N, int64_t D, int64_t stride_l, int
 template <typename T>
 void dispatch_param(uintptr_t hidden, int64_t L, int64_t N, int64_t D, int64_t sl, int64_t sn, int64_t sd,
                     uintptr_t ids, bool ids64, int64_t K, uintptr_t logits, int ldt, int64_t lsn, int64_t lsk,
-                    uintptr_t alpha, uintptr_t w, uintptr_t b, int pdt, float tau, float eps, uintptr_t rows,
+                    uintptr_t alpha, int adt, uintptr_t w, uintptr_t b, int pdt, float tau, float eps, uintptr_t rows,
                     bool rows64, int64_t M, uintptr_t out) {
   auto* h = reinterpret_cast<const T*>(hidden);
   auto* o = reinterpret_cast<T*>(out);
-  auto* a = reinterpret_cast<const float*>(alpha);
+  auto* a = reinterpret_cast<const void*>(alpha);
   auto* ip = reinterpret_cast<const void*>(ids);
   auto* lp = reinterpret_cast<const void*>(logits);
   auto* rp = reinterpret_cast<const void*>(rows);
   if (static_cast<DType>(pdt) == DType::F32)
-    run<T, float>(h, L, N, D, sl, sn, sd, ip, ids64, K, lp, ldt, lsn, lsk, a, reinterpret_cast<const float*>(w),
+    run<T, float>(h, L, N, D, sl, sn, sd, ip, ids64, K, lp, ldt, lsn, lsk, a, adt, reinterpret_cast<const float*>(w),
                   reinterpret_cast<const float*>(b), tau, eps, rp, rows64, M, o);
   else
-    run<T, T>(h, L, N, D, sl, sn, sd, ip, ids64, K, lp, ldt, lsn, lsk, a, reinterpret_cast<const T*>(w),
+    run<T, T>(h, L, N, D, sl, sn, sd, ip, ids64, K, lp, ldt, lsn, lsk, a, adt, reinterpret_cast<const T*>(w),
               reinterpret_cast<const T*>(b), tau, eps, rp, rows64, M, o);
 }
 
@@ -208,14 +208,14 @@ void dispatch_param(uintptr_t hidden, int64_t L, int64_t N, int64_t D, int64_t s
 void route_layers_cpu(uintptr_t hidden, int dtype, int64_t L, int64_t N, int64_t D, int64_t stride_l,
                       int64_t stride_n, int64_t stride_d, uintptr_t layer_ids, bool ids_int64, int64_t K,
                       uintptr_t logits, int logits_dtype, int64_t logits_stride_n, int64_t logits_stride_k,
-                      uintptr_t alpha, uintptr_t ln_weight, uintptr_t ln_bias, int param_dtype, float tau,
-                      float eps, uintptr_t rows, bool rows_int64, int64_t M, uintptr_t out) {
+                      uintptr_t alpha, int alpha_dtype, uintptr_t ln_weight, uintptr_t ln_bias, int param_dtype,
+                      float tau, float eps, uintptr_t rows, bool rows_int64, int64_t M, uintptr_t out) {
   if (K < 1 || K > route::kMaxK) throw std::invalid_argument("route_layers: K must be in [1, 16], got " + std::to_string(K));
   if (param_dtype != dtype && static_cast<DType>(param_dtype) != DType::F32)
     throw std::invalid_argument("route_layers: param_dtype must be hidden's dtype or float32");
 #define SPAR_ROUTE_ARGS                                                                                     \
   hidden, L, N, D, stride_l, stride_n, stride_d, layer_ids, ids_int64, K, logits, logits_dtype, logits_stride_n, \
-      logits_stride_k, alpha, ln_weight, ln_bias, param_dtype, tau, eps, rows, rows_int64, M, out
+      logits_stride_k, alpha, alpha_dtype, ln_weight, ln_bias, param_dtype, tau, eps, rows, rows_int64, M, out
   switch (static_cast<DType>(dtype)) {
     case DType::F32: return dispatch_param<float>(SPAR_ROUTE_ARGS);
     case DType::F16: return dispatch_param<f16_t>(SPAR_ROUTE_ARGS);

@@ -11,7 +11,9 @@ Implementations (``spar_kernels.backend`` forces one):
 
 - ``"triton"``: FlashAttention-2 style kernel (:mod:`spar_kernels.attention.kernels`) that skips
   empty key tiles and masks only boundary tiles, plus a split-KV decode path for few query rows
-  per sequence and a float8_e4m3fn path with per-head descales;
+  per sequence and a float8_e4m3fn path with per-head descales; its scratch memory (the lse when
+  not returned, the decode partials, FP8 descale vectors) comes from a caller-owned ``workspace``
+  (:func:`hybrid_attention_workspace`) or is allocated per call;
 - ``"cpu"``: fp32 attention per sequence, in query chunks whose mask stays under
   ``_CPU_CHUNK_BYTES`` and whose keys are only the chunk's ``[min kv_start, max kv_end)``: ATen's
   fused CPU attention with an additive mask built from the intervals (explicit matmul-softmax where
@@ -28,15 +30,19 @@ import math
 import numpy as np
 import torch
 
+from .._device import same_device
 from .._op import spar_op
 from .._validate import check_out, check_tensor
 from ..reference import attention as _ref
+from . import kernels as _kernels
 from .kernels import _impl_triton
 from .layout import AttentionLayout, TileWork, validate_intervals
 
-# Head dims the kernels take (the model heads: 64, 72, 80, 96, 112, 128; 16 and 32 for the small
-# test configs of the runtime). Non powers of two are padded inside the kernel, never by the caller.
-HEAD_DIMS = (16, 32, 64, 72, 80, 96, 112, 128)
+# Head dims every backend takes: any from 8 to 128 (the models' 56, 64, 72, 96, 112, 128 and the
+# small test configs' 8 to 48). The kernels pad the head dim to their BLOCK_D (64 or 128) with
+# masked loads, never the caller; multiples of 8 keep 16-bit rows 16-byte aligned.
+MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 128
+HEAD_DIMS = range(MIN_HEAD_DIM, MAX_HEAD_DIM + 1)
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
 
 # CPU path: the fp32 scores (explicit path) or additive mask (fused path) of one query chunk stay
@@ -81,7 +87,7 @@ def _cpu_chunk_explicit(qc, kc, vc, visible, scale, g):
 
 
 def _impl_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_q, max_seqlen_k, softmax_scale,
-              out, lse, q_descale, k_descale, v_descale):
+              out, lse, q_descale, k_descale, v_descale, workspace):
     Hq = q.shape[1]
     g = Hq // k.shape[1]
     chunk_fn = _cpu_chunk_fused if _CPU_FUSED is not None else _cpu_chunk_explicit
@@ -133,7 +139,7 @@ def _impl_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_
 
 
 def _impl_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_q, max_seqlen_k,
-                    softmax_scale, out, lse, q_descale, k_descale, v_descale):
+                    softmax_scale, out, lse, q_descale, k_descale, v_descale, workspace):
     o, l = _ref.hybrid_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, softmax_scale,
                                  q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
                                  out_dtype=out.dtype)
@@ -145,12 +151,13 @@ def _impl_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_s
 _IMPLS = {"triton": _impl_triton, "cpu": _impl_cpu, "reference": _impl_reference}
 
 
-@spar_op("hybrid_attention", mutates_args=("out", "lse"), impls=_IMPLS)
+@spar_op("hybrid_attention", mutates_args=("out", "lse", "workspace"), impls=_IMPLS)
 def _hybrid_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor,
                          max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, out: torch.Tensor,
                          lse: torch.Tensor | None, q_descale: torch.Tensor | None,
-                         k_descale: torch.Tensor | None, v_descale: torch.Tensor | None) -> None: ...
+                         k_descale: torch.Tensor | None, v_descale: torch.Tensor | None,
+                         workspace: torch.Tensor | None) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +173,8 @@ def _check_qkv(q, k, v):
     if k.shape[2] != D:
         raise ValueError(f"k: expected head dim {D} (q's), got shape {tuple(k.shape)}")
     if D not in HEAD_DIMS:
-        raise ValueError(f"q: head dim {D} is not supported; expected one of {HEAD_DIMS}")
+        raise ValueError(f"q: head dim {D} is not supported; expected {MIN_HEAD_DIM} <= head dim <= {MAX_HEAD_DIM} "
+                         f"(shape {tuple(q.shape)})")
     Hkv = k.shape[1]
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"k: the number of query heads ({Hq}) must be a multiple of the number of key/value "
@@ -174,22 +182,33 @@ def _check_qkv(q, k, v):
 
 
 def _check_descale(name: str, t, heads: int, device, fp8: bool, kv_heads: int | None = None):
-    """A float32 per-head descale: ``[heads]``, one value, or (q_descale) ``[kv_heads]`` shared by
-    each query-head group. Returns a contiguous ``[heads]`` tensor (no host sync)."""
+    """Validate a float32 per-head descale: ``[heads]``, one value, or (q_descale) ``[kv_heads]``
+    shared by each query-head group. Returns it unchanged (None stays None)."""
     if t is None:
         return None
     if not fp8:
         raise ValueError(f"{name}: descale factors apply to float8_e4m3fn inputs only")
     check_tensor(name, t, dtypes=(torch.float32,), device=device)
-    if t.numel() == 1:
-        return t.reshape(1).expand(heads).contiguous()
-    if t.dim() == 1 and t.shape[0] == heads:
-        return t.contiguous()
-    if kv_heads is not None and t.dim() == 1 and t.shape[0] == kv_heads:
-        return t.repeat_interleave(heads // kv_heads)
+    if t.numel() == 1 or (t.dim() == 1 and t.shape[0] == heads) or (
+            kv_heads is not None and t.dim() == 1 and t.shape[0] == kv_heads):
+        return t
     want = f"({heads},)" + (f" or ({kv_heads},)" if kv_heads is not None and kv_heads != heads else "")
     raise ValueError(f"{name}: expected a float32 tensor of shape {want} (one factor per head) or a "
                      f"single factor, got shape {tuple(t.shape)}")
+
+
+def _descale_vector(t, heads: int, buf, device):
+    """A contiguous float32 ``[heads]`` descale (no host sync): ``t`` itself when it already is one,
+    else written into ``buf`` (a workspace region) or a new tensor; None means 1."""
+    if t is not None and t.dim() == 1 and t.shape[0] == heads and t.stride(0) == 1:
+        return t
+    if buf is None:
+        buf = torch.empty(heads, dtype=torch.float32, device=device)
+    if t is None:
+        return buf.fill_(1.0)
+    if t.numel() == 1:
+        return buf.copy_(t.reshape(1).expand(heads))
+    return buf.view(t.shape[0], heads // t.shape[0]).copy_(t.view(-1, 1).expand(-1, heads // t.shape[0])).view(heads)
 
 
 def _is_compiling() -> bool:
@@ -203,22 +222,68 @@ def hybrid_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
                             cu_seqlens_k: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor,
                             max_seqlen_q: int, max_seqlen_k: int, *, softmax_scale: float | None = None,
                             return_lse: bool = False, out: torch.Tensor | None = None,
+                            out_lse: torch.Tensor | None = None, workspace: torch.Tensor | None = None,
                             q_descale: torch.Tensor | None = None, k_descale: torch.Tensor | None = None,
                             v_descale: torch.Tensor | None = None):
     """:func:`hybrid_attention` without the layout object.
 
     ``cu_seqlens_q``, ``cu_seqlens_k``: int32 ``[B+1]``; ``kv_start``, ``kv_end``: int32
     ``[total_q]``; ``max_seqlen_q``/``max_seqlen_k``: at least the longest sequence (they size the
-    grid). On CPU the interval values are validated like :meth:`AttentionLayout.from_intervals`;
-    on CUDA only shapes, dtypes and devices are (checking values would sync with the host: build
-    the layout once with ``from_intervals`` to validate it).
+    grid). On CPU every value is validated like :meth:`AttentionLayout.from_intervals` (a
+    ValueError). On CUDA only shapes, dtypes and devices are checked (reading values would make the
+    host wait for the GPU); the kernels clamp each row's interval to ``[0, seqlen_k]`` of its
+    sequence, so intervals outside it cannot read other sequences' keys or memory past ``k``. The
+    ``cu_seqlens`` are trusted there: build the layout once with ``from_intervals`` (host data,
+    validated) when they come from an untrusted source.
     """
     return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_q, max_seqlen_k,
-                      softmax_scale, return_lse, out, q_descale, k_descale, v_descale, check_values=True)
+                      softmax_scale, return_lse, out, out_lse, workspace, q_descale, k_descale, v_descale,
+                      check_values=True)
+
+
+def _workspace_regions(q, k, batch: int, max_seqlen_q: int, max_seqlen_k: int):
+    """(descale regions, kernel plan or None): what a call with these shapes takes from a workspace."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    descales = {"q_descale": Hq, "k_descale": Hkv, "v_descale": Hkv} if q.dtype == torch.float8_e4m3fn else {}
+    plan = None
+    if _hybrid_attention_op.backend_for(q.device) == "triton":
+        plan = _kernels.plan_for(q, k, batch, max_seqlen_q, max_seqlen_k)
+    return descales, plan
+
+
+def _workspace_numel(q, k, batch, max_seqlen_q, max_seqlen_k) -> int:
+    descales, plan = _workspace_regions(q, k, batch, max_seqlen_q, max_seqlen_k)
+    return sum(_kernels._round_up(n) for n in descales.values()) + (plan.numel if plan is not None else 0)
+
+
+def hybrid_attention_workspace(q: torch.Tensor, k: torch.Tensor, layout: AttentionLayout | None = None, *,
+                               batch_size: int | None = None, max_seqlen_q: int | None = None,
+                               max_seqlen_k: int | None = None) -> torch.Tensor:
+    """A float32 workspace for :func:`hybrid_attention` calls with these shapes, dtype and device.
+
+    It holds the scratch memory a call needs besides ``out``/``out_lse``: the log-sum-exp the
+    kernels write when the caller does not ask for it, the split-KV decode partials, and FP8
+    descale vectors built from single or grouped factors (or ones). Allocate it once (e.g. at the
+    largest shape a captured CUDA graph will see: a larger workspace serves every smaller call)
+    and pass it as ``workspace=``: the call then allocates nothing. The size depends on q's and k's
+    shapes and dtype, the layout's batch size and maximum lengths (or the keyword arguments, for
+    :func:`hybrid_attention_varlen`) and the backend that runs on q's device (CPU: only the FP8
+    descale vectors).
+    """
+    _check_qkv(q, k, k)
+    if layout is not None:
+        if not isinstance(layout, AttentionLayout):
+            raise TypeError(f"layout: expected an AttentionLayout or None, got {type(layout).__name__}")
+        batch_size, max_seqlen_q, max_seqlen_k = layout.batch_size, layout.max_seqlen_q, layout.max_seqlen_k
+    for name, val in (("batch_size", batch_size), ("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 0:
+            raise ValueError(f"{name}: expected a non-negative int (or a layout), got {val!r}")
+    numel = _workspace_numel(q, k, int(batch_size), int(max_seqlen_q), int(max_seqlen_k))
+    return torch.empty(numel, dtype=torch.float32, device=q.device)
 
 
 def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_q, max_seqlen_k, softmax_scale,
-               return_lse, out, q_descale, k_descale, v_descale, *, check_values: bool):
+               return_lse, out, out_lse, workspace, q_descale, k_descale, v_descale, *, check_values: bool):
     _check_qkv(q, k, v)
     dev = q.device
     total_q, Hq, D = q.shape
@@ -264,10 +329,35 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen
         out = torch.empty((total_q, Hq, D), dtype=out_dtype, device=dev)
     else:
         check_out("out", out, (total_q, Hq, D), out_dtype, dev)
-    lse = torch.empty((Hq, total_q), dtype=torch.float32, device=dev) if return_lse else None
+    if out_lse is not None:
+        check_out("out_lse", out_lse, (Hq, total_q), torch.float32, dev)
+        return_lse = True
+    lse = out_lse if out_lse is not None else (
+        torch.empty((Hq, total_q), dtype=torch.float32, device=dev) if return_lse else None)
+    kernel_ws = None
+    descale_bufs = {}
+    if workspace is not None:
+        B = cu_seqlens_q.shape[0] - 1
+        need = _workspace_numel(q, k, B, int(max_seqlen_q), int(max_seqlen_k))
+        check_tensor("workspace", workspace, ndim=1, dtypes=(torch.float32,), device=dev)
+        if workspace.numel() < need or (workspace.numel() > 1 and workspace.stride(0) != 1):
+            raise ValueError(f"workspace: expected a contiguous float32 tensor of at least {need} elements "
+                             f"(hybrid_attention_workspace), got shape {tuple(workspace.shape)} and stride "
+                             f"{tuple(workspace.stride())}")
+        descales, _ = _workspace_regions(q, k, B, int(max_seqlen_q), int(max_seqlen_k))
+        off = 0
+        for name, n in descales.items():
+            descale_bufs[name] = workspace.narrow(0, off, n)
+            off += _kernels._round_up(n)
+        kernel_ws = workspace.narrow(0, off, workspace.numel() - off)
+    if fp8:  # [heads] vectors, from the workspace where they must be built
+        q_descale = _descale_vector(q_descale, Hq, descale_bufs.get("q_descale"), dev)
+        k_descale = _descale_vector(k_descale, Hkv, descale_bufs.get("k_descale"), dev)
+        v_descale = _descale_vector(v_descale, Hkv, descale_bufs.get("v_descale"), dev)
     if total_q > 0:
         _hybrid_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, int(max_seqlen_q),
-                             int(max_seqlen_k), float(softmax_scale), out, lse, q_descale, k_descale, v_descale)
+                             int(max_seqlen_k), float(softmax_scale), out, lse, q_descale, k_descale, v_descale,
+                             kernel_ws)
     return (out, lse) if return_lse else out
 
 
@@ -282,19 +372,24 @@ def _check_totals(total_q, total_k, q, k):
 
 def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, *,
                      softmax_scale: float | None = None, return_lse: bool = False, out: torch.Tensor | None = None,
+                     out_lse: torch.Tensor | None = None, workspace: torch.Tensor | None = None,
                      q_descale: torch.Tensor | None = None, k_descale: torch.Tensor | None = None,
                      v_descale: torch.Tensor | None = None):
     """Attention over a packed batch where each query row sees one interval of its sequence's keys.
 
     Args:
-        q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]`` with ``Hq % Hkv == 0`` and D in
-            :data:`HEAD_DIMS`; float32 / float16 / bfloat16 / float8_e4m3fn, all the same dtype and
-            device; the last dimension contiguous (other strides are free).
+        q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]`` with ``Hq % Hkv == 0`` and
+            ``8 <= D <= 128`` (:data:`HEAD_DIMS`); float32 / float16 / bfloat16 / float8_e4m3fn, all
+            the same dtype and device; the last dimension contiguous (other strides are free).
         layout: an :class:`AttentionLayout` on the tensors' device whose totals match q and k.
         softmax_scale: defaults to ``1 / sqrt(D)``.
         return_lse: also return ``lse`` float32 ``[Hq, total_q]`` (natural log; ``-inf`` on rows
             with an empty interval).
         out: optional contiguous ``[total_q, Hq, D]`` output (q's dtype; bfloat16 for FP8 inputs).
+        out_lse: optional contiguous float32 ``[Hq, total_q]`` the lse is written into (implies
+            ``return_lse``).
+        workspace: optional float32 scratch from :func:`hybrid_attention_workspace`; with it (and
+            ``out``, ``out_lse``) the call allocates nothing, so a captured CUDA graph can replay it.
         q_descale, k_descale, v_descale: float32 per-head factors (``[Hq]`` (or ``[Hkv]``, shared by a
             group), ``[Hkv]``, ``[Hkv]``, or one value each) of float8_e4m3fn inputs:
             ``q_real = q.float() * q_descale[h]``; missing factors are 1.
@@ -305,15 +400,16 @@ def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     if not isinstance(layout, AttentionLayout):
         raise TypeError(f"layout: expected an AttentionLayout, got {type(layout).__name__}")
     if isinstance(q, torch.Tensor):
-        if layout.device != q.device:
+        if not same_device(layout.device, q.device):
             raise ValueError(f"layout: its tensors are on {layout.device} but q is on {q.device}; "
                              "use layout.to(device)")
         if q.dim() == 3 and isinstance(k, torch.Tensor) and k.dim() == 3:
             _check_totals(layout.total_q, layout.total_k, q, k)
     # the layout was validated when it was built: only shapes, dtypes and devices are checked here
     return _attention(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.kv_start, layout.kv_end,
-                      layout.max_seqlen_q, layout.max_seqlen_k, softmax_scale, return_lse, out,
-                      q_descale, k_descale, v_descale, check_values=False)
+                      layout.max_seqlen_q, layout.max_seqlen_k, softmax_scale, return_lse, out, out_lse,
+                      workspace, q_descale, k_descale, v_descale, check_values=False)
 
 
-__all__ = ["AttentionLayout", "TileWork", "hybrid_attention", "hybrid_attention_varlen", "HEAD_DIMS"]
+__all__ = ["AttentionLayout", "TileWork", "hybrid_attention", "hybrid_attention_varlen", "hybrid_attention_workspace",
+           "HEAD_DIMS", "MIN_HEAD_DIM", "MAX_HEAD_DIM"]

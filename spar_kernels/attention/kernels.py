@@ -13,10 +13,17 @@ KV head) holds every query row of the sequence times the query heads of its grou
 tile, so K/V are read once per group; partial results are merged by :func:`_combine_kernel`
 with their log-sum-exps.
 
-Head dims are padded inside the kernel to ``BLOCK_D`` (64 or 128) with masked loads on a runtime
-``head_dim`` (its mask is uniform over 16 elements when head_dim % 16 == 0, which triton
-specializes on, so the loads stay 16-byte vectors); the GQA group size is a runtime argument too,
-so a handful of compiled variants covers every model (``python -m spar_kernels.inspect``).
+Every grid has one axis (the kernels decompose the program id), so batch x heads is not limited
+by the 65535 of grid axes y and z, and offsets that multiply a head, split or row index by a
+stride are 64-bit. Each row's key interval is clamped to its sequence (values never validated on
+the device cannot read outside it). Head dims are padded inside the kernel to ``BLOCK_D`` (64 or
+128) with masked loads on a runtime ``head_dim``; it and the strides are passed in units of the
+constexpr ``ALIGN`` (16, 8 or 1, :func:`align_of`) so the loads stay 16-byte vectors for head dims
+that are multiples of 8. The GQA group size and the grid sizes are runtime arguments excluded from
+triton's specialization (``NO_SPECIALIZE``), so a handful of compiled variants covers every model
+(``python -m spar_kernels.inspect``; the specs come from :class:`Plan`, see ``_aot_specs.py``).
+Under the interpreter (``DOT_UPCAST``) the dots run in fp32 on the same 16-bit operands the GPU
+multiplies: P is rounded to the dot dtype first.
 FP8 (float8_e4m3fn) inputs are read as bytes (half the K/V traffic of bf16), decoded to fp16 in
 registers with two integer ops and a multiply (:func:`_e4m3_to_f16`, exact) and multiplied on
 fp16 tensor cores (P in fp16 too), with the per-head descales folded into the score scale and the
@@ -44,6 +51,23 @@ DECODE_BLOCK_M = 64         # rows of one decode tile (query rows x group heads)
 DECODE_MIN_KEYS = 512       # shorter keys: the prefill kernel is enough
 DECODE_KEYS_PER_SPLIT = 256  # the least keys one split handles
 DECODE_MAX_SPLITS = 64
+
+# Integer arguments triton must not specialize at run time (as a constant when equal to 1, or as
+# divisible by 16): grid sizes, the GQA group and the lse strides (total_q). Left alone they would
+# compile a different kernel for a batch of one, a single query tile, MHA or one query row; their
+# value changes nothing the compiler could use.
+# The head dim and the q/k/v/out strides are passed in units of the constexpr ALIGN (16, 8 or 1: the
+# largest dividing all of them, :func:`align_of`) and multiplied back in the kernel, so the compiler
+# knows their divisibility: 16-byte vector loads for head dims like 56 or 72 (multiples of 8), one
+# compiled kernel per ALIGN instead of one per stride pattern.
+_UNITS_FWD = ["head_dim", "stride_qm", "stride_qh", "stride_km", "stride_kh", "stride_vm", "stride_vh", "stride_om",
+              "stride_oh"]
+_UNITS_PART = ["head_dim", "stride_ps", "stride_pm", "stride_ph"]
+NO_SPECIALIZE = {
+    "fwd": ["batch", "num_m_tiles", "group", "stride_lh"] + _UNITS_FWD,
+    "decode": ["batch", "num_splits", "group", "stride_ls", "stride_lh"] + _UNITS_FWD[:7] + _UNITS_PART[1:],
+    "combine": ["num_splits", "total_q", "stride_ls", "stride_lh", "stride_lo", "stride_om", "stride_oh"] + _UNITS_PART,
+}
 
 
 @triton.jit
@@ -98,7 +122,10 @@ def _step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, seqle
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if DOT_UPCAST:
-        acc = tl.dot(p, v.to(tl.float32), acc)
+        if IS_FP32:
+            acc = tl.dot(p, v.to(tl.float32), acc)
+        else:  # P rounded to the 16-bit dot dtype, exactly as the compiled branch below does
+            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
     elif IS_FP32:
         acc = tl.dot(p, v, acc, input_precision="ieee")
     else:
@@ -129,17 +156,24 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, st, en, lo, 
     return acc, m_i, l_i, visited, (f1 - f0) // BLOCK_N
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE["fwd"])
 def _hybrid_attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KV_START, KV_END, Q_DESCALE, K_DESCALE, V_DESCALE, TILES,
-                     sm_scale_log2, head_dim,
+                     sm_scale_log2, head_dim, batch, num_m_tiles,
                      stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh, stride_lh,
                      group, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     IS_FP8: tl.constexpr, COUNT_TILES: tl.constexpr,
+                     IS_FP8: tl.constexpr, COUNT_TILES: tl.constexpr, ALIGN: tl.constexpr,
                      DOT_UPCAST: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
-    h = tl.program_id(2)
+    head_dim = head_dim * ALIGN  # passed in units of ALIGN (NO_SPECIALIZE)
+    stride_qm, stride_qh = stride_qm * ALIGN, stride_qh * ALIGN
+    stride_km, stride_kh = stride_km * ALIGN, stride_kh * ALIGN
+    stride_vm, stride_vh = stride_vm * ALIGN, stride_vh * ALIGN
+    stride_om, stride_oh = stride_om * ALIGN, stride_oh * ALIGN
+    # one grid axis: (query tile, sequence, head), query tile fastest
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_tiles
+    b = (pid // num_m_tiles) % batch
+    h = pid // num_m_tiles // batch
     q_start = tl.load(CU_Q + b)
     seqlen_q = tl.load(CU_Q + b + 1) - q_start
     m0 = pid_m * BLOCK_M
@@ -148,14 +182,18 @@ def _hybrid_attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KV_START, KV_END, Q_DESCALE, K
     k_start = tl.load(CU_K + b)
     seqlen_k = tl.load(CU_K + b + 1) - k_start
     hk = h // group
+    h64 = h.to(tl.int64)  # 64-bit offsets: head-major tensors may hold more than 2^31 elements
+    hk64 = hk.to(tl.int64)
     IS_FP32: tl.constexpr = Q.dtype.element_ty == tl.float32
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < seqlen_q
-    st = tl.load(KV_START + q_start + offs_m, mask=row_ok, other=0)
-    en = tl.load(KV_END + q_start + offs_m, mask=row_ok, other=0)
+    # intervals clamped to the sequence's keys: values never validated on the device cannot read
+    # outside it
+    st = tl.maximum(tl.load(KV_START + q_start + offs_m, mask=row_ok, other=0), 0)
+    en = tl.minimum(tl.load(KV_END + q_start + offs_m, mask=row_ok, other=0), seqlen_k)
     nonempty = en > st
     lo = tl.min(tl.where(nonempty, st, _BIG), 0)
     hi = tl.max(tl.where(nonempty, en, 0), 0)
@@ -163,14 +201,14 @@ def _hybrid_attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KV_START, KV_END, Q_DESCALE, K
     full_hi = tl.min(tl.where(row_ok, en, _BIG), 0)
 
     rows = (q_start + offs_m).to(tl.int64)
-    q_ptrs = Q + rows[:, None] * stride_qm + h * stride_qh + offs_d[None, :]
+    q_ptrs = Q + rows[:, None] * stride_qm + h64 * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
     qk_scale = sm_scale_log2
     if IS_FP8:
         q = _e4m3_to_f16(q)
         qk_scale = qk_scale * tl.load(Q_DESCALE + h) * tl.load(K_DESCALE + hk)
-    k_base = K + k_start.to(tl.int64) * stride_km + hk * stride_kh
-    v_base = V + k_start.to(tl.int64) * stride_vm + hk * stride_vh
+    k_base = K + k_start.to(tl.int64) * stride_km + hk64 * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vm + hk64 * stride_vh
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -187,22 +225,29 @@ def _hybrid_attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KV_START, KV_END, Q_DESCALE, K
     if IS_FP8:
         out = out * tl.load(V_DESCALE + hk)
     lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) / _LOG2E, float("-inf"))
-    tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=row_ok)
-    o_ptrs = O + rows[:, None] * stride_om + h * stride_oh + offs_d[None, :]
+    tl.store(LSE + h64 * stride_lh + q_start + offs_m, lse, mask=row_ok)
+    o_ptrs = O + rows[:, None] * stride_om + h64 * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < head_dim))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE["decode"])
 def _hybrid_attn_decode(Q, K, V, O_PART, LSE_PART, CU_Q, CU_K, KV_START, KV_END, Q_DESCALE, K_DESCALE, V_DESCALE,
-                        sm_scale_log2, head_dim, keys_per_split,
+                        sm_scale_log2, head_dim, keys_per_split, batch, num_splits,
                         stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh,
                         stride_ps, stride_pm, stride_ph, stride_ls, stride_lh,
                         group, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        IS_FP8: tl.constexpr, DOT_UPCAST: tl.constexpr):
+                        IS_FP8: tl.constexpr, ALIGN: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """Split s of the keys for every query row x group head of (sequence b, KV head hk)."""
-    split = tl.program_id(0)
-    b = tl.program_id(1)
-    hk = tl.program_id(2)
+    head_dim = head_dim * ALIGN  # passed in units of ALIGN (NO_SPECIALIZE)
+    stride_qm, stride_qh = stride_qm * ALIGN, stride_qh * ALIGN
+    stride_km, stride_kh = stride_km * ALIGN, stride_kh * ALIGN
+    stride_vm, stride_vh = stride_vm * ALIGN, stride_vh * ALIGN
+    stride_ps, stride_pm, stride_ph = stride_ps * ALIGN, stride_pm * ALIGN, stride_ph * ALIGN
+    # one grid axis: (split, sequence, KV head), split fastest
+    pid = tl.program_id(0)
+    split = pid % num_splits
+    b = (pid // num_splits) % batch
+    hk = pid // num_splits // batch
     q_start = tl.load(CU_Q + b)
     seqlen_q = tl.load(CU_Q + b + 1) - q_start
     k_start = tl.load(CU_K + b)
@@ -212,11 +257,12 @@ def _hybrid_attn_decode(Q, K, V, O_PART, LSE_PART, CU_Q, CU_K, KV_START, KV_END,
     r = tl.arange(0, BLOCK_M)          # tile row -> (query row r // group, head hk * group + r % group)
     qi = r // group
     h = hk * group + r % group
+    h64 = h.to(tl.int64)
     row_ok = qi < seqlen_q
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    st = tl.load(KV_START + q_start + qi, mask=row_ok, other=0)
-    en = tl.load(KV_END + q_start + qi, mask=row_ok, other=0)
+    st = tl.maximum(tl.load(KV_START + q_start + qi, mask=row_ok, other=0), 0)   # clamped as in the prefill
+    en = tl.minimum(tl.load(KV_END + q_start + qi, mask=row_ok, other=0), seqlen_k)
     s0 = split * keys_per_split
     s1 = s0 + keys_per_split
     nonempty = en > st
@@ -226,15 +272,15 @@ def _hybrid_attn_decode(Q, K, V, O_PART, LSE_PART, CU_Q, CU_K, KV_START, KV_END,
     full_hi = tl.min(tl.where(row_ok, en, _BIG), 0)
 
     rows = (q_start + qi).to(tl.int64)
-    q_ptrs = Q + rows[:, None] * stride_qm + h[:, None] * stride_qh + offs_d[None, :]
+    q_ptrs = Q + rows[:, None] * stride_qm + h64[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
     qk_scale = tl.full([BLOCK_M], 1.0, tl.float32) * sm_scale_log2
     if IS_FP8:
         q = _e4m3_to_f16(q)
         qk_scale = qk_scale * tl.load(Q_DESCALE + h) * tl.load(K_DESCALE + hk)
     qk_scale = qk_scale[:, None]
-    k_base = K + k_start.to(tl.int64) * stride_km + hk * stride_kh
-    v_base = V + k_start.to(tl.int64) * stride_vm + hk * stride_vh
+    k_base = K + k_start.to(tl.int64) * stride_km + hk.to(tl.int64) * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vm + hk.to(tl.int64) * stride_vh
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -247,31 +293,37 @@ def _hybrid_attn_decode(Q, K, V, O_PART, LSE_PART, CU_Q, CU_K, KV_START, KV_END,
     if IS_FP8:
         out = out * tl.load(V_DESCALE + hk)
     lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))  # base 2
-    tl.store(LSE_PART + split * stride_ls + h * stride_lh + q_start + qi, lse, mask=row_ok)
-    p_ptrs = O_PART + split * stride_ps + rows[:, None] * stride_pm + h[:, None] * stride_ph + offs_d[None, :]
+    split64 = split.to(tl.int64)
+    tl.store(LSE_PART + split64 * stride_ls + h64 * stride_lh + q_start + qi, lse, mask=row_ok)
+    p_ptrs = O_PART + split64 * stride_ps + rows[:, None] * stride_pm + h64[:, None] * stride_ph + offs_d[None, :]
     tl.store(p_ptrs, out, mask=row_ok[:, None] & (offs_d[None, :] < head_dim))
 
 
-@triton.jit
-def _combine_kernel(O_PART, LSE_PART, O, LSE, num_splits, head_dim,
+@triton.jit(do_not_specialize=NO_SPECIALIZE["combine"])
+def _combine_kernel(O_PART, LSE_PART, O, LSE, num_splits, head_dim, total_q,
                     stride_ps, stride_pm, stride_ph, stride_ls, stride_lh, stride_om, stride_oh, stride_lo,
-                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr):
     """out[i, h] = sum_s 2^(lse_s - lse) out_s over the split partials of one (row, head)."""
-    i = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
+    head_dim = head_dim * ALIGN  # passed in units of ALIGN (NO_SPECIALIZE)
+    stride_ps, stride_pm, stride_ph = stride_ps * ALIGN, stride_pm * ALIGN, stride_ph * ALIGN
+    stride_om, stride_oh = stride_om * ALIGN, stride_oh * ALIGN
+    pid = tl.program_id(0)  # one grid axis: (row, head), row fastest
+    i = (pid % total_q).to(tl.int64)
+    h = (pid // total_q).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    lse_s = tl.load(LSE_PART + offs_s * stride_ls + h * stride_lh + i, mask=offs_s < num_splits,
-                    other=float("-inf"))
+    lse_row = LSE_PART + h * stride_lh + i
+    lse_s = tl.load(lse_row + offs_s.to(tl.int64) * stride_ls, mask=offs_s < num_splits, other=float("-inf"))
     m = tl.max(lse_s, 0)
     m_use = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights 0, output 0
     total = tl.sum(tl.math.exp2(lse_s - m_use), 0)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for s in range(0, num_splits):
-        w = tl.math.exp2(tl.load(LSE_PART + s * stride_ls + h * stride_lh + i) - m_use)
-        part = tl.load(O_PART + s * stride_ps + i * stride_pm + h * stride_ph + offs_d, mask=offs_d < head_dim,
-                       other=0.0)
-        acc += w * part
+    part_row = O_PART + i * stride_pm + h * stride_ph
+    for _s in range(0, num_splits):  # pointers advance by one split per step (64-bit pointer math)
+        w = tl.math.exp2(tl.load(lse_row) - m_use)
+        acc += w * tl.load(part_row + offs_d, mask=offs_d < head_dim, other=0.0)
+        lse_row += stride_ls
+        part_row += stride_ps
     out = acc / tl.where(total > 0.0, total, 1.0)
     tl.store(O + i * stride_om + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=offs_d < head_dim)
     lse = tl.where(total > 0.0, (m_use + tl.math.log2(tl.where(total > 0.0, total, 1.0))) / _LOG2E, float("-inf"))
@@ -283,39 +335,48 @@ def _combine_kernel(O_PART, LSE_PART, O, LSE, num_splits, head_dim,
 # spill-free on both sm_80 and sm_90a and uses mma / wgmma (python -m spar_kernels.inspect
 # --kernel hybrid_attention).
 
-# (BLOCK_D, dtype kind) -> (BLOCK_M, BLOCK_N, num_warps, num_stages)
+# (BLOCK_D, dtype kind) -> (BLOCK_M, BLOCK_N, num_warps, num_stages). Kind "fp8-narrow": FP8 inputs
+# whose head dim or strides are not multiples of 16 (ALIGN < 16: 8-byte loads of the bytes), which
+# spill 300+ bytes on sm_80 with the "half" tiles.
 _PREFILL_CONFIGS = {
-    (64, "half"): (128, 64, 8, 2),   # 4 warps spill 8-16 bytes on both archs
+    (64, "half"): (128, 64, 8, 2),   # fp16, bf16, FP8 (ALIGN 16); 4 warps spill 8-16 bytes on both archs
     (128, "half"): (128, 32, 8, 2),  # 128x64 spills on sm_80 (ORACLES); 128x32 fits both
+    (64, "fp8-narrow"): (128, 32, 8, 2),
+    (128, "fp8-narrow"): (128, 16, 8, 2),
     (64, "fp32"): (32, 32, 4, 1),    # fp32 dots are exact FMA loops (input_precision="ieee"), no tensor cores
     (128, "fp32"): (32, 16, 8, 1),
 }
-# BLOCK_D -> (BLOCK_N, num_warps, num_stages) of the DECODE_BLOCK_M-row decode tile (fp16/bf16/fp8;
-# fp32 inputs decode with the prefill kernel). 64 keys spill on sm_90a (D=128, 56 bytes) and on
-# sm_80 (FP8 D=64, 40 bytes); decode is bound by reading K/V, so 32-key tiles cost little.
-_DECODE_CONFIGS = {64: (32, 4, 2), 128: (32, 4, 2)}
+# (BLOCK_D, FP8?) -> (BLOCK_N, num_warps, num_stages) of the DECODE_BLOCK_M-row decode tile
+# (fp16/bf16/fp8; fp32 inputs decode with the prefill kernel). 64 keys spill on sm_90a (D=128, 56
+# bytes) and on sm_80 (FP8 D=64, 40 bytes), 32 keys with FP8 D=128 on sm_80 (8 bytes); decode is
+# bound by reading K/V, so narrow key tiles cost little.
+_DECODE_CONFIGS = {(64, False): (32, 4, 2), (128, False): (32, 4, 2), (64, True): (32, 4, 2),
+                   (128, True): (16, 4, 2)}
 _COMBINE_BLOCK_D = 128
 _COMBINE_WARPS = 1
 BLOCK_DS = (64, 128)
 
 
-def _kind(dtype: torch.dtype) -> str:
-    return "fp32" if dtype == torch.float32 else "half"  # fp16, bf16 and fp8 (multiplied as fp16)
+def _kind(dtype: torch.dtype, align: int = 16) -> str:
+    if dtype == torch.float32:
+        return "fp32"
+    return "fp8-narrow" if dtype == torch.float8_e4m3fn and align < 16 else "half"  # fp8 multiplied as fp16
 
 
 def block_d(head_dim: int) -> int:
     return 64 if head_dim <= 64 else 128
 
 
-def prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel."""
-    return _PREFILL_CONFIGS[(block_d(head_dim), _kind(dtype))]
+def prefill_config(head_dim: int, dtype: torch.dtype, align: int | None = None) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel (``align``: see
+    :func:`align_of`; by default that of contiguous inputs with this head dim)."""
+    return _PREFILL_CONFIGS[(block_d(head_dim), _kind(dtype, align_of(head_dim) if align is None else align))]
 
 
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.cuda.is_available():
         return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 132  # the interpreter: behave like an H100 so the split logic is exercised
+    return 132  # the interpreter, meta and simulated devices: behave like an H100
 
 
 _SM_CACHE: dict[int, int] = {}
@@ -339,58 +400,157 @@ def use_decode(max_seqlen_q: int, max_seqlen_k: int, group: int, dtype: torch.dt
             and max_seqlen_k >= DECODE_MIN_KEYS)
 
 
+_ALIGN = 16  # fp32 elements: every workspace region starts 64-byte aligned, like a fresh allocation
+
+
+def _round_up(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+class Plan:
+    """The launch geometry of one call, from shapes, dtype and device only (no host sync): which
+    path runs, its tiles, and the fp32 scratch regions it needs (the workspace)."""
+
+    def __init__(self, total_q: int, hq: int, hkv: int, d: int, batch: int, max_seqlen_q: int, max_seqlen_k: int,
+                 dtype: torch.dtype, device: torch.device, tile_counter: "TileCounter | None" = None,
+                 align: int = 16):
+        self.total_q, self.hq, self.hkv, self.d, self.batch = total_q, hq, hkv, d, batch
+        self.align = align  # of the head dim and strides (align_of): in the kernels' ALIGN
+        self.max_seqlen_q, self.max_seqlen_k = max_seqlen_q, max_seqlen_k
+        self.group = hq // hkv
+        self.bd = block_d(d)
+        self.tile_counter = tile_counter
+        self.decode = tile_counter is None and use_decode(max_seqlen_q, max_seqlen_k, self.group, dtype)
+        if self.decode:
+            self.bn, self.warps, self.stages = _DECODE_CONFIGS[(self.bd, dtype == torch.float8_e4m3fn)]
+            splits = decode_splits(batch, hkv, max_seqlen_k, device)
+            self.per_split = -(-max_seqlen_k // (splits * self.bn)) * self.bn
+            self.splits = -(-max_seqlen_k // self.per_split)
+        else:
+            self.bm, self.bn, self.warps, self.stages = _PREFILL_CONFIGS[(self.bd, _kind(dtype, align))]
+            if tile_counter is not None:
+                self.bm, self.bn = tile_counter.block_m, tile_counter.block_n
+            self.splits = 0
+
+    def regions(self) -> dict[str, tuple[int, ...]]:
+        """name -> shape of each fp32 scratch region: ``lse`` (used when the caller does not ask
+        for it; the kernels always write it) and the decode path's partial outputs and LSEs."""
+        r = {"lse": (self.hq, self.total_q)}
+        if self.decode:
+            r["o_part"] = (self.splits, self.total_q, self.hq, self.d)
+            r["lse_part"] = (self.splits, self.hq, self.total_q)
+        return r
+
+    @property
+    def numel(self) -> int:
+        return sum(_round_up(_prod(shape)) for shape in self.regions().values())
+
+    def carve(self, workspace: torch.Tensor | None, device) -> dict[str, torch.Tensor]:
+        """The regions as views of ``workspace`` (fresh allocations when it is None)."""
+        out, off = {}, 0
+        for name, shape in self.regions().items():
+            n = _prod(shape)
+            if workspace is None:
+                out[name] = torch.empty(shape, dtype=torch.float32, device=device)
+            else:
+                out[name] = workspace.narrow(0, off, n).view(shape)
+            off += _round_up(n)
+        return out
+
+    def launches(self, q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, softmax_scale, out, lse, qd, kd, vd,
+                 scratch):
+        """[(kernel, grid, args, constexprs, num_warps, num_stages)]: what :func:`_impl_triton`
+        launches and what the AOT specs compile (one description, so they cannot drift). ``q``,
+        ``k``, ``v`` as the kernels read them (FP8 as uint8); ``scratch`` from :meth:`carve`."""
+        scale_log2 = float(softmax_scale) * LOG2E
+        fp8 = q.dtype == torch.uint8
+        a = self.align
+        common = dict(Q=q, K=k, V=v, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k, KV_START=kv_start, KV_END=kv_end,
+                      Q_DESCALE=qd, K_DESCALE=kd, V_DESCALE=vd, sm_scale_log2=scale_log2, head_dim=self.d // a,
+                      batch=self.batch, stride_qm=q.stride(0) // a, stride_qh=q.stride(1) // a,
+                      stride_km=k.stride(0) // a, stride_kh=k.stride(1) // a, stride_vm=v.stride(0) // a,
+                      stride_vh=v.stride(1) // a, group=self.group)
+        if self.decode:
+            o_part, lse_part = scratch["o_part"], scratch["lse_part"]
+            part = dict(stride_ps=o_part.stride(0) // a, stride_pm=o_part.stride(1) // a,
+                        stride_ph=o_part.stride(2) // a, stride_ls=lse_part.stride(0), stride_lh=lse_part.stride(1))
+            dec = dict(common, **part, O_PART=o_part, LSE_PART=lse_part, keys_per_split=self.per_split,
+                       num_splits=self.splits)
+            comb = dict(part, O_PART=o_part, LSE_PART=lse_part, O=out, LSE=lse, num_splits=self.splits,
+                        head_dim=self.d // a, total_q=self.total_q, stride_om=out.stride(0) // a,
+                        stride_oh=out.stride(1) // a, stride_lo=lse.stride(0))
+            return [
+                (_hybrid_attn_decode, (_grid(self.splits * self.batch * self.hkv),), dec,
+                 dict(BLOCK_M=DECODE_BLOCK_M, BLOCK_N=self.bn, BLOCK_D=self.bd, IS_FP8=fp8, ALIGN=a,
+                      DOT_UPCAST=DOT_UPCAST), self.warps, self.stages),
+                (_combine_kernel, (_grid(self.total_q * self.hq),), comb,
+                 dict(BLOCK_S=DECODE_MAX_SPLITS, BLOCK_D=_COMBINE_BLOCK_D, ALIGN=a), _COMBINE_WARPS, 1)]
+        n_m = -(-max(self.max_seqlen_q, 1) // self.bm)
+        tc = self.tile_counter
+        fwd = dict(common, O=out, LSE=lse, TILES=tc.counts if tc is not None else cu_seqlens_q,  # int32, unused
+                   num_m_tiles=n_m, stride_om=out.stride(0) // a, stride_oh=out.stride(1) // a,
+                   stride_lh=lse.stride(0))
+        return [(_hybrid_attn_fwd, (_grid(n_m * self.batch * self.hq),), fwd,
+                 dict(BLOCK_M=self.bm, BLOCK_N=self.bn, BLOCK_D=self.bd, IS_FP8=fp8, COUNT_TILES=tc is not None,
+                      ALIGN=a, DOT_UPCAST=DOT_UPCAST), self.warps, self.stages)]
+
+
+def align_of(*values: int) -> int:
+    """The largest of 16 and 8 dividing every value (the head dim and the q/k/v/out strides), else 1."""
+    for a in (16, 8):
+        if all(v % a == 0 for v in values):
+            return a
+    return 1
+
+
+_MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on grid axis x (axes y and z stop at 65535: not used)
+
+
+def _grid(n: int) -> int:
+    if n > _MAX_PROGRAMS:
+        raise ValueError(f"hybrid_attention: the launch needs {n} programs, more than a CUDA grid holds "
+                         f"({_MAX_PROGRAMS}); split the batch")
+    return n
+
+
+def _prod(shape) -> int:
+    n = 1
+    for x in shape:
+        n *= int(x)
+    return n
+
+
+def plan_for(q, k, batch: int, max_seqlen_q: int, max_seqlen_k: int, tile_counter=None, v=None, out=None) -> Plan:
+    """The plan of a call; ``v`` and ``out`` (when given) join q and k in the alignment (the
+    workspace size does not depend on it)."""
+    total_q, hq, d = q.shape
+    strides = [s for t in (q, k, v, out) if t is not None for s in t.stride()[:2]]
+    return Plan(total_q, hq, k.shape[1], d, batch, int(max_seqlen_q), int(max_seqlen_k), q.dtype, q.device,
+                tile_counter, align_of(d, *strides))
+
+
 def _impl_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_q, max_seqlen_k, softmax_scale,
-                 out, lse, q_descale, k_descale, v_descale, tile_counter=None):
-    total_q, Hq, D = q.shape
-    Hkv = k.shape[1]
-    group = Hq // Hkv
-    B = cu_seqlens_q.shape[0] - 1
+                 out, lse, q_descale, k_descale, v_descale, workspace, tile_counter=None):
+    """The Triton launches; ``workspace`` (fp32, at least ``Plan.numel`` elements, or None: allocate)
+    holds the scratch regions, ``lse`` may be None (then its workspace region takes it)."""
+    plan = plan_for(q, k, cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, tile_counter, v, out)
+    if workspace is not None and workspace.numel() < plan.numel:
+        workspace = None  # too small (a direct op call): allocate instead of writing out of bounds
+    scratch = plan.carve(workspace, q.device)
     if lse is None:
-        lse = torch.empty((Hq, total_q), dtype=torch.float32, device=q.device)
+        lse = scratch["lse"]
     fp8 = q.dtype == torch.float8_e4m3fn
-    decode = tile_counter is None and use_decode(max_seqlen_q, max_seqlen_k, group, q.dtype)
     if fp8:  # bytes: decoded in the kernel
         q, k, v = q.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
-    dummy = lse  # any fp32 pointer for unused arguments
-    qd = q_descale if q_descale is not None else (torch.ones(Hq, device=q.device) if fp8 else dummy)
-    kd = k_descale if k_descale is not None else (torch.ones(Hkv, device=q.device) if fp8 else dummy)
-    vd = v_descale if v_descale is not None else (torch.ones(Hkv, device=q.device) if fp8 else dummy)
-    bd = block_d(D)
-    scale_log2 = softmax_scale * LOG2E
-    ctx = device_guard(q)
-    with ctx:
-        if decode:
-            bn, warps, stages = _DECODE_CONFIGS[bd]
-            splits = decode_splits(B, Hkv, max_seqlen_k, q.device)
-            per_split = -(-max_seqlen_k // (splits * bn)) * bn
-            splits = -(-max_seqlen_k // per_split)
-            o_part = torch.empty((splits, total_q, Hq, D), dtype=torch.float32, device=q.device)
-            lse_part = torch.empty((splits, Hq, total_q), dtype=torch.float32, device=q.device)
-            _hybrid_attn_decode[(splits, B, Hkv)](
-                q, k, v, o_part, lse_part, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, qd, kd, vd,
-                scale_log2, D, per_split,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
-                group, BLOCK_M=DECODE_BLOCK_M, BLOCK_N=bn, BLOCK_D=bd, IS_FP8=fp8,
-                DOT_UPCAST=DOT_UPCAST, num_warps=warps, num_stages=stages)
-            _combine_kernel[(total_q, Hq)](
-                o_part, lse_part, out, lse, splits, D,
-                o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
-                out.stride(0), out.stride(1), lse.stride(0),
-                BLOCK_S=DECODE_MAX_SPLITS, BLOCK_D=_COMBINE_BLOCK_D, num_warps=_COMBINE_WARPS)
-            return
-        bm, bn, warps, stages = _PREFILL_CONFIGS[(bd, _kind(q.dtype))]
-        if tile_counter is not None:
-            bm, bn = tile_counter.block_m, tile_counter.block_n
-        grid = (triton.cdiv(max(max_seqlen_q, 1), bm), B, Hq)
-        _hybrid_attn_fwd[grid](
-            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, qd, kd, vd,
-            tile_counter.counts if tile_counter is not None else cu_seqlens_q,  # int32, unused
-            scale_log2, D,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0), group,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IS_FP8=fp8,
-            COUNT_TILES=tile_counter is not None, DOT_UPCAST=DOT_UPCAST, num_warps=warps, num_stages=stages)
+    # descales: [heads] vectors (the public entry points always pass them for FP8 inputs)
+    qd = q_descale if q_descale is not None else (torch.ones(plan.hq, device=q.device) if fp8 else lse)
+    kd = k_descale if k_descale is not None else (torch.ones(plan.hkv, device=q.device) if fp8 else lse)
+    vd = v_descale if v_descale is not None else (torch.ones(plan.hkv, device=q.device) if fp8 else lse)
+    with device_guard(q):
+        for fn, grid, args, consts, warps, stages in plan.launches(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start,
+                                                                    kv_end, softmax_scale, out, lse, qd, kd, vd,
+                                                                    scratch):
+            fn[grid](**args, **consts, num_warps=warps, num_stages=stages)
 
 
 class TileCounter:
@@ -402,78 +562,4 @@ class TileCounter:
         self.counts = torch.zeros(2, dtype=torch.int32, device=device)
 
 
-
-
-# ---------------------------------------------------------------------------------------------
-# AOT specs: every configuration the launcher can pick
-
-_STRIDES_FWD = ("stride_qm", "stride_qh", "stride_km", "stride_kh", "stride_vm", "stride_vh", "stride_om",
-                "stride_oh", "stride_lh")
-_STRIDES_DEC = ("stride_qm", "stride_qh", "stride_km", "stride_kh", "stride_vm", "stride_vh", "stride_ps",
-                "stride_pm", "stride_ph", "stride_ls", "stride_lh")
-
-
-_ALIGNED_FWD = ("Q", "K", "V", "O", "LSE", "head_dim") + tuple(n for n in _STRIDES_FWD if n != "stride_lh")
-_ALIGNED_DEC = ("Q", "K", "V", "O_PART", "LSE_PART", "head_dim", "keys_per_split") + tuple(
-    n for n in _STRIDES_DEC if n not in ("stride_ls", "stride_lh"))  # those are multiples of total_q
-
-
-@_aot.register
-def _aot_specs():
-    """The base variants plus how triton specializes them at run time for the models' shapes:
-    ``group == 1`` (plain multi-head attention, e.g. SANA's cross-attention) becomes a constant, and
-    head_dim 72 is not a multiple of 16 (its masked loads are then checked element-wise)."""
-    import dataclasses
-
-    for spec in _base_specs():
-        yield spec
-        if spec.fn is _combine_kernel or "bf16" not in spec.config:
-            continue
-        yield dataclasses.replace(spec, config=spec.config + " group=1", constexprs=dict(spec.constexprs, group=1))
-        if spec.constexprs["BLOCK_D"] == 128:
-            yield dataclasses.replace(spec, config=spec.config + " head_dim=72",
-                                      aligned=tuple(a for a in spec.aligned if a != "head_dim"))
-
-
-def _base_specs():
-    """Every kernel variant the launcher compiles: (input dtype) x (BLOCK_D 64 / 128) for prefill
-    and decode, plus the combine kernel per output dtype. head_dim and the strides are specialized
-    as multiples of 16, as triton does at run time for head dims 16, 32, 64, 80, 96, 112, 128."""
-    for dtype in (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float32):
-        fp8 = dtype == torch.float8_e4m3fn
-        t = "u8" if fp8 else _aot.TRITON_DTYPE[dtype]
-        o_t = "bf16" if fp8 else t
-        for bd in BLOCK_DS:
-            bm, bn, warps, stages = _PREFILL_CONFIGS[(bd, _kind(dtype))]
-            sig = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "O": f"*{o_t}", "LSE": "*fp32", "CU_Q": "*i32",
-                   "CU_K": "*i32", "KV_START": "*i32", "KV_END": "*i32", "Q_DESCALE": "*fp32", "K_DESCALE": "*fp32",
-                   "V_DESCALE": "*fp32", "TILES": "*i32", "sm_scale_log2": "fp32"}
-            yield _aot.AOTSpec(
-                kernel_name="hybrid_attention", fn=_hybrid_attn_fwd,
-                config=f"prefill {t} D<={bd} {bm}x{bn} warps={warps} stages={stages}", types=sig,
-                constexprs={"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "IS_FP8": fp8, "COUNT_TILES": False,
-                            "DOT_UPCAST": False},
-                num_warps=warps, num_stages=stages,
-                aligned=_ALIGNED_FWD,
-                expect_mma=dtype != torch.float32)
-            if dtype == torch.float32:
-                continue  # fp32 decodes with the prefill kernel
-            bn, warps, stages = _DECODE_CONFIGS[bd]
-            sig = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "O_PART": "*fp32", "LSE_PART": "*fp32",
-                   "CU_Q": "*i32", "CU_K": "*i32", "KV_START": "*i32", "KV_END": "*i32", "Q_DESCALE": "*fp32",
-                   "K_DESCALE": "*fp32", "V_DESCALE": "*fp32", "sm_scale_log2": "fp32"}
-            yield _aot.AOTSpec(
-                kernel_name="hybrid_attention", fn=_hybrid_attn_decode,
-                config=f"decode {t} D<={bd} {DECODE_BLOCK_M}x{bn} warps={warps} stages={stages}", types=sig,
-                constexprs={"BLOCK_M": DECODE_BLOCK_M, "BLOCK_N": bn, "BLOCK_D": bd, "IS_FP8": fp8,
-                            "DOT_UPCAST": False},
-                num_warps=warps, num_stages=stages,
-                aligned=_ALIGNED_DEC,
-                expect_mma=True)
-    for o_t in ("fp16", "bf16"):
-        sig = {"O_PART": "*fp32", "LSE_PART": "*fp32", "O": f"*{o_t}", "LSE": "*fp32"}
-        yield _aot.AOTSpec(
-            kernel_name="hybrid_attention", fn=_combine_kernel,
-            config=f"combine {o_t} splits<={DECODE_MAX_SPLITS} D<={_COMBINE_BLOCK_D}", types=sig,
-            constexprs={"BLOCK_S": DECODE_MAX_SPLITS, "BLOCK_D": _COMBINE_BLOCK_D},
-            num_warps=_COMBINE_WARPS, num_stages=1, aligned=("O_PART", "LSE_PART", "O", "LSE", "head_dim"))
+from . import _aot_specs  # noqa: E402,F401  - registers the AOT specs (python -m spar_kernels.inspect)

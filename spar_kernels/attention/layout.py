@@ -80,9 +80,20 @@ class AttentionLayout:
         lq, lk = np.diff(cu_seqlens_q), np.diff(cu_seqlens_k)
         self.max_seqlen_q = int(lq.max()) if lq.size else 0
         self.max_seqlen_k = int(lk.max()) if lk.size else 0
-        t = lambda a: torch.from_numpy(a.astype(np.int32)).to(device)  # noqa: E731
-        self.cu_seqlens_q, self.cu_seqlens_k = t(cu_seqlens_q), t(cu_seqlens_k)
-        self.kv_start, self.kv_end = t(kv_start), t(kv_end)
+        # one host buffer for the four tensors (each starting 16-byte aligned, as its own allocation
+        # would); on CUDA pinned and copied without blocking the host (a copy from pageable memory
+        # waits for the GPU), so a layout built between kernels costs no host sync
+        parts = [cu_seqlens_q, cu_seqlens_k, kv_start, kv_end]
+        starts = np.cumsum([0] + [-(-len(a) // 4) * 4 for a in parts])
+        buf = np.zeros(int(starts[-1]), np.int32)
+        for a, o in zip(parts, starts):
+            buf[o:o + len(a)] = a
+        host = torch.from_numpy(buf)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        flat = host.to(device, non_blocking=device.type == "cuda")
+        self.cu_seqlens_q, self.cu_seqlens_k, self.kv_start, self.kv_end = (
+            flat[o:o + len(a)] for a, o in zip(parts, starts))
 
     # ------------------------------------------------------------------------------------------
     # constructors

@@ -1,0 +1,280 @@
+// The hot loops of the flow-sampler CPU twin. No include guard on purpose: flow_sampler_cpu.cpp
+// includes this file once per instruction-set variant (AVX-512, AVX2, the build's baseline;
+// common/cpu_rows.h), and runs the widest this CPU supports.
+//
+// A row of the [B, P, Q] view is processed in chunks of kChunk elements staged in fp32 (inputs
+// that are fp32 with q-stride 1 are read in place): every loop below is branch-free with its
+// flags fixed at compile time, so it vectorizes; the per-element math is flow_sampler.h's.
+
+constexpr int64_t kChunk = 256;
+
+// ---- conversions to and from fp32, branch-free (same results as spar_common.h's) ----
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t em = uint32_t(h & 0x7fffu) << 13;
+  float f = bits_to_float(em) * bits_to_float((127u + 112u) << 23);  // 2^112: rebias (subnormals too)
+  f = em >= (0x7c00u << 13) ? bits_to_float(em | 0x7f800000u) : f;  // inf / nan keep their payload
+  return bits_to_float(float_to_bits(f) | (uint32_t(h & 0x8000u) << 16));
+}
+
+inline uint16_t f32_to_f16(float x) {  // round to nearest even; nan -> 0x7e00, overflow -> inf
+  const uint32_t u = float_to_bits(x), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  const float denorm_magic = bits_to_float((127u - 15u + 23u - 10u + 1u) << 23);  // 0.5f
+  const uint32_t sub = float_to_bits(bits_to_float(a) + denorm_magic) - float_to_bits(denorm_magic);
+  const uint32_t norm = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;  // rebias (-112 << 23) + round
+  uint32_t o = a < 0x38800000u ? sub : norm;
+  o = a >= 0x47800000u ? (a > 0x7f800000u ? 0x7e00u : 0x7c00u) : o;
+  return uint16_t(o | sign);
+}
+
+inline float cvt_in(float v) { return v; }
+inline float cvt_in(bf16_t v) { return to_float(v); }
+inline float cvt_in(f16_t v) { return f16_to_f32(v.bits); }
+template <typename T> inline T cvt_out(float v);
+template <> inline float cvt_out<float>(float v) { return v; }
+template <> inline bf16_t cvt_out<bf16_t>(float v) {
+  const uint32_t u = float_to_bits(v);
+  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return bf16_t{uint16_t((u & 0x7fffffffu) > 0x7f800000u ? ((u >> 16) | 0x40u) : r)};
+}
+template <> inline f16_t cvt_out<f16_t>(float v) { return f16_t{f32_to_f16(v)}; }
+
+// n elements of row p (element stride sq) as fp32: in place when fp32 and contiguous, else in buf
+template <typename T>
+inline const float* stage(const T* p, int64_t sq, float* __restrict buf, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (sq == 1) return p;
+  }
+  if (sq == 1) {
+#pragma omp simd
+    for (int64_t q = 0; q < n; ++q) buf[q] = cvt_in(p[q]);
+  } else {
+    for (int64_t q = 0; q < n; ++q) buf[q] = cvt_in(p[q * sq]);
+  }
+  return buf;
+}
+
+template <typename T>
+inline void unstage(const float* __restrict src, T* __restrict dst, int64_t n) {
+#pragma omp simd
+  for (int64_t q = 0; q < n; ++q) dst[q] = cvt_out<T>(src[q]);
+}
+
+// ---- fp32 chunk loops ----
+// the guided velocity whose norm renorm compares with |v_cond|, squared and summed with |v_cond|^2
+template <bool kImgNorm>
+inline void sums_chunk(const float* c, const float* u, const float* i, int64_t n, float g, float gi, float* s_c,
+                       float* s_g) {
+  float f0 = 0.f, f1 = 0.f;
+#pragma omp simd reduction(+ : f0, f1)
+  for (int64_t q = 0; q < n; ++q) {
+    const float vg = flow::guide_t<kImgNorm>(c[q], u[q], kImgNorm ? i[q] : 0.f, g, gi);
+    f0 += c[q] * c[q];
+    f1 += vg * vg;
+  }
+  *s_c = f0;
+  *s_g = f1;
+}
+
+// per-q sums (the along-P renorm): sc[q] += |v_cond|^2, sg[q] += |guided|^2, in fp64
+template <bool kImgNorm>
+inline void col_sums_chunk(const float* c, const float* u, const float* i, int64_t n, float g, float gi,
+                           double* __restrict sc, double* __restrict sg) {
+#pragma omp simd
+  for (int64_t q = 0; q < n; ++q) {
+    const float vg = flow::guide_t<kImgNorm>(c[q], u[q], kImgNorm ? i[q] : 0.f, g, gi);
+    sc[q] += double(c[q]) * c[q];
+    sg[q] += double(vg) * vg;
+  }
+}
+
+template <bool kImg, bool kText, bool kPerQ>
+inline void velocity_loop(const float* c, const float* u, const float* i, const float* scale, float* __restrict v,
+                          int64_t n, float g, float gi) {
+  const float s0 = scale[0];
+#pragma omp simd
+  for (int64_t q = 0; q < n; ++q)
+    v[q] = flow::velocity_t<kImg, kText>(c[q], u[q], kImg ? i[q] : 0.f, g, gi, kPerQ ? scale[q] : s0);
+}
+
+inline void velocity_chunk(bool img, bool text, bool per_q, const float* c, const float* u, const float* i,
+                           const float* scale, float* v, int64_t n, float g, float gi) {
+  const int sel = (img ? 4 : 0) | (text ? 2 : 0) | (per_q ? 1 : 0);
+  switch (sel) {
+    case 0: return velocity_loop<false, false, false>(c, u, i, scale, v, n, g, gi);
+    case 1: return velocity_loop<false, false, true>(c, u, i, scale, v, n, g, gi);
+    case 2: return velocity_loop<false, true, false>(c, u, i, scale, v, n, g, gi);
+    case 3: return velocity_loop<false, true, true>(c, u, i, scale, v, n, g, gi);
+    case 4: return velocity_loop<true, false, false>(c, u, i, scale, v, n, g, gi);
+    case 5: return velocity_loop<true, false, true>(c, u, i, scale, v, n, g, gi);
+    case 6: return velocity_loop<true, true, false>(c, u, i, scale, v, n, g, gi);
+    default: return velocity_loop<true, true, true>(c, u, i, scale, v, n, g, gi);
+  }
+}
+
+template <int kF>  // the row's solver flags (kReadH1 | kReadH2 | kStoreH1X | kStoreH1X0 | kStoreH2V)
+inline void update_loop(const float* x, const float* v, float* h1, float* h2, float* o, int64_t n,
+                        const flow::Row& row) {
+  const flow::Row r = row;  // a local copy: stores through o / h1 / h2 cannot alias it
+  constexpr bool kH1 = kF & (flow::kReadH1 | flow::kStoreH1X | flow::kStoreH1X0);
+  constexpr bool kH2 = kF & (flow::kReadH2 | flow::kStoreH2V);
+  // o may be x itself (out=x): each element is read before it is written, no cross-element reuse
+#pragma omp simd
+  for (int64_t q = 0; q < n; ++q) {
+    float a = kH1 ? h1[q] : 0.f, b = kH2 ? h2[q] : 0.f;
+    o[q] = flow::update_t<kF>(x[q], v[q], a, b, r);
+    if (kF & (flow::kStoreH1X | flow::kStoreH1X0)) h1[q] = a;
+    if (kF & flow::kStoreH2V) h2[q] = b;
+  }
+}
+
+inline void update_chunk(const float* x, const float* v, float* h1, float* h2, float* o, int64_t n,
+                         const flow::Row& r) {
+  using namespace flow;
+  switch (r.flags & kSolverFlags) {  // the rows the table builder writes; others take the generic loop
+    case 0: return update_loop<0>(x, v, h1, h2, o, n, r);
+    case kStoreH1X | kStoreH2V: return update_loop<kStoreH1X | kStoreH2V>(x, v, h1, h2, o, n, r);
+    case kReadH1 | kReadH2: return update_loop<kReadH1 | kReadH2>(x, v, h1, h2, o, n, r);
+    case kStoreH1X0: return update_loop<kStoreH1X0>(x, v, h1, h2, o, n, r);
+    case kStoreH1X0 | kReadH1: return update_loop<kStoreH1X0 | kReadH1>(x, v, h1, h2, o, n, r);
+    default:
+      for (int64_t q = 0; q < n; ++q) {
+        float d1 = 0.f, d2 = 0.f;
+        o[q] = update(x[q], v[q], h1 ? h1[q] : d1, h2 ? h2[q] : d2, r);
+      }
+  }
+}
+
+// ---- rows ----
+template <typename TX, typename TV>
+struct Rows {
+  const TX* x;
+  int64_t sxb, sxp, sxq;
+  const TV *vc, *vu, *vi;
+  int64_t scb, scp, scq, sub, sup, suq, sib, sip, siq;
+  TX* out;
+  float *h1, *h2;
+  int64_t B, P, Q;
+};
+
+struct Stage {  // per-thread fp32 staging buffers
+  float c[kChunk], u[kChunk], i[kChunk], x[kChunk], v[kChunk], o[kChunk];
+};
+
+// sums of squares of v_cond and of the guided velocity over row (b, p), fp64 across chunks
+template <typename TX, typename TV>
+void row_sums(const Rows<TX, TV>& a, int64_t b, int64_t p, const flow::Row& r, Stage& st, double* sc, double* sg) {
+  const bool img = flow::img_in_norm(r);
+  double s0 = 0, s1 = 0;
+  for (int64_t q0 = 0; q0 < a.Q; q0 += kChunk) {
+    const int64_t n = std::min(kChunk, a.Q - q0);
+    const float* c = stage(a.vc + b * a.scb + p * a.scp + q0 * a.scq, a.scq, st.c, n);
+    const float* u = stage(a.vu + b * a.sub + p * a.sup + q0 * a.suq, a.suq, st.u, n);
+    const float* i = img ? stage(a.vi + b * a.sib + p * a.sip + q0 * a.siq, a.siq, st.i, n) : nullptr;
+    float f0, f1;
+    if (img) sums_chunk<true>(c, u, i, n, r.g, r.gi, &f0, &f1);
+    else sums_chunk<false>(c, u, i, n, r.g, r.gi, &f0, &f1);
+    s0 += f0;
+    s1 += f1;
+  }
+  *sc = s0;
+  *sg = s1;
+}
+
+// the per-q sums of sample b over all its rows (sequential in p, as the CUDA stats kernel)
+template <typename TX, typename TV>
+void col_sums(const Rows<TX, TV>& a, int64_t b, int64_t q0, int64_t n, const flow::Row& r, Stage& st, double* sc,
+              double* sg) {
+  const bool img = flow::img_in_norm(r);
+  for (int64_t q = 0; q < n; ++q) sc[q] = sg[q] = 0.0;
+  for (int64_t p = 0; p < a.P; ++p) {
+    const float* c = stage(a.vc + b * a.scb + p * a.scp + q0 * a.scq, a.scq, st.c, n);
+    const float* u = stage(a.vu + b * a.sub + p * a.sup + q0 * a.suq, a.suq, st.u, n);
+    const float* i = img ? stage(a.vi + b * a.sib + p * a.sip + q0 * a.siq, a.siq, st.i, n) : nullptr;
+    if (img) col_sums_chunk<true>(c, u, i, n, r.g, r.gi, sc, sg);
+    else col_sums_chunk<false>(c, u, i, n, r.g, r.gi, sc, sg);
+  }
+}
+
+// the update of row (b, p); `scale`: the row's renorm factor, or one per q (per_q)
+template <typename TX, typename TV>
+void apply_row(const Rows<TX, TV>& a, int64_t b, int64_t p, const flow::Row& r, const float* scale, bool per_q,
+               Stage& st) {
+  const bool cfg = r.flags & flow::kCfg, img = cfg && (r.flags & flow::kImg);
+  const bool text = r.flags & flow::kRenormText;
+  const int64_t base = (b * a.P + p) * a.Q;
+  for (int64_t q0 = 0; q0 < a.Q; q0 += kChunk) {
+    const int64_t n = std::min(kChunk, a.Q - q0);
+    const float* c = stage(a.vc + b * a.scb + p * a.scp + q0 * a.scq, a.scq, st.c, n);
+    const float* v = c;
+    if (cfg) {
+      const float* u = stage(a.vu + b * a.sub + p * a.sup + q0 * a.suq, a.suq, st.u, n);
+      const float* i = img ? stage(a.vi + b * a.sib + p * a.sip + q0 * a.siq, a.siq, st.i, n) : nullptr;
+      velocity_chunk(img, text, per_q, c, u, i, per_q ? scale + q0 : scale, st.v, n, r.g, r.gi);
+      v = st.v;
+    }
+    const float* x = stage(a.x + b * a.sxb + p * a.sxp + q0 * a.sxq, a.sxq, st.x, n);
+    float* o = std::is_same_v<TX, float> ? reinterpret_cast<float*>(a.out + base + q0) : st.o;
+    update_chunk(x, v, a.h1 ? a.h1 + base + q0 : nullptr, a.h2 ? a.h2 + base + q0 : nullptr, o, n, r);
+    if constexpr (!std::is_same_v<TX, float>) unstage(st.o, a.out + base + q0, n);
+  }
+}
+
+template <typename TX, typename TV>
+void run(const Rows<TX, TV>& a, const flow::Row& r, int mode, float lo, bool par) {
+  const int64_t nrows = a.B * a.P;
+  const bool ren = flow::renorm_on(r, mode);
+  if (!ren || mode == flow::kRenormRow) {  // one pass per row: its own sums (if any), then the update
+#pragma omp parallel if (par)
+    {
+      Stage st;
+#pragma omp for schedule(static)
+      for (int64_t rr = 0; rr < nrows; ++rr) {
+        const int64_t b = rr / a.P, p = rr % a.P;
+        float s = 1.f;
+        if (ren) {
+          double sc, sg;
+          row_sums(a, b, p, r, st, &sc, &sg);
+          s = flow::renorm_scale(float(sc), float(sg), lo);
+        }
+        apply_row(a, b, p, r, &s, false, st);
+      }
+    }
+    return;
+  }
+  std::vector<float> scale;
+  if (mode == flow::kRenormGlobal) {  // one factor per sample: row sums, then a fixed-order total
+    std::vector<double> sc(nrows), sg(nrows);
+    scale.resize(a.B);
+#pragma omp parallel if (par)
+    {
+      Stage st;
+#pragma omp for schedule(static)
+      for (int64_t rr = 0; rr < nrows; ++rr) row_sums(a, rr / a.P, rr % a.P, r, st, &sc[rr], &sg[rr]);
+#pragma omp single
+      for (int64_t b = 0; b < a.B; ++b) {
+        double c = 0, g = 0;
+        for (int64_t p = 0; p < a.P; ++p) c += sc[b * a.P + p], g += sg[b * a.P + p];
+        scale[b] = flow::renorm_scale(float(c), float(g), lo);
+      }
+#pragma omp for schedule(static)
+      for (int64_t rr = 0; rr < nrows; ++rr) apply_row(a, rr / a.P, rr % a.P, r, &scale[rr / a.P], false, st);
+    }
+    return;
+  }
+  // kRenormCol: one factor per (b, q), the norm running over p
+  scale.resize(a.B * a.Q);
+  const int64_t nq = (a.Q + kChunk - 1) / kChunk;
+#pragma omp parallel if (par)
+  {
+    Stage st;
+    double sc[kChunk], sg[kChunk];
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < a.B * nq; ++j) {
+      const int64_t b = j / nq, q0 = (j % nq) * kChunk, n = std::min(kChunk, a.Q - q0);
+      col_sums(a, b, q0, n, r, st, sc, sg);
+      for (int64_t q = 0; q < n; ++q) scale[b * a.Q + q0 + q] = flow::renorm_scale(float(sc[q]), float(sg[q]), lo);
+    }
+#pragma omp for schedule(static)
+    for (int64_t rr = 0; rr < nrows; ++rr) apply_row(a, rr / a.P, rr % a.P, r, &scale[(rr / a.P) * a.Q], true, st);
+  }
+}

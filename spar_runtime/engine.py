@@ -1,0 +1,371 @@
+"""The execution engine: static generation plans, graph capture/replay, FP8 linears.
+
+The model files (qwen2, internvl, dtr, sana, dcae) are definitions: they compute what they are
+given, into buffers they are given. This module owns allocation, layouts, loops and capture.
+
+A :class:`GenerationPlan` is built once per shape signature (:func:`plan_key`): batch size,
+latent size, steps, sampler (with its shift and guidance, which its coefficient table holds),
+and the context slot ``S`` (each CFG row's ``prompt + queries`` rounded up to a multiple of
+:data:`BUCKET` tokens). It holds every persistent buffer of a text-to-image call::
+
+    ids, query_rows        packed token ids [R*S] (R = 2B CFG rows, padding id 0) and the rows
+                           of the latent queries
+    positions              RoPE positions 0..S-1 per row (constant)
+    causal, bidirectional  the LLM's and the connector's layouts over 2R sequences, each slot's
+                           real tokens then its padding (so padding rows stay finite and are
+                           never read); cu_seqlens and intervals refilled per call, max_seqlen S
+    cross                  the DiT's cross-attention layout (keys [0, n_r) of each row's slot)
+    hidden                 [L+1, R*S, D]: every LLM hidden state (DTR reads K of them)
+    kv                     [layers, 2, R*S, heads, head_dim]: the DiT's context K/V
+    x, x_in                the fp32 solver state [B, C, h, w] and the CFG input [2B, C, h, w]
+    sampler                a FlowSampler (table, step counter, history on the device)
+
+Per call the host packs ids and intervals into one int64 array, which reaches the device in
+one non-blocking copy from pinned memory (CUDA); everything after is device work with no host
+synchronization. The denoising step (DiT forward + CFG + solver step, timestep read from the
+sampler's device counter) is one function: with graphs on CUDA it is captured once per plan in
+a ``torch.cuda.CUDAGraph`` and replayed per step; on CPU (and on the simulated GPU of
+``spar_kernels.testing.fake_cuda``, which has no graphs) it is called directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+import spar_kernels as sk
+
+from .fp8 import linear
+
+__all__ = ["BUCKET", "plan_key", "staged_copy", "GenerationPlan", "DecodePlan", "Engine", "StepGraph",
+           "simulated_device", "generate_tokens"]
+
+BUCKET = 64                    # context slot granularity (tokens per CFG row)
+
+
+# ---------------------------------------------------------------------------------------------
+# graphs
+
+def simulated_device() -> bool:
+    """True inside ``spar_kernels.testing.fake_cuda()`` (CUDA tensors are fake; no graphs there)."""
+    try:
+        from spar_kernels._fake_cuda import active_recorder
+    except ImportError:  # pragma: no cover - the simulated device is not installed
+        return False
+    return active_recorder() is not None
+
+
+class StepGraph:
+    """One function run as a CUDA graph: warmed up on a side stream, captured once, replayed.
+
+    ``reset()`` puts the state the function advances (the sampler's counter) back before each
+    warm-up run and after the capture, so capturing leaves no trace in the results."""
+
+    WARMUP = 2
+
+    def __init__(self, fn: Callable[[], None], reset: Callable[[], None]):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.WARMUP):
+                reset()
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        reset()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            fn()
+        reset()
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
+# ---------------------------------------------------------------------------------------------
+# plans
+
+def plan_key(rows: Sequence[int], noise_shape: Sequence[int], num_steps: int, sampler: str, shift: float,
+             guidance: float) -> tuple:
+    """What selects a plan: batch and latent shape, steps, sampler (shift and guidance are in its
+    table), and the context slot S = the longest CFG row rounded up to :data:`BUCKET`."""
+    slot = BUCKET * math.ceil(max(rows) / BUCKET)
+    return (tuple(int(s) for s in noise_shape), int(num_steps), sampler, float(shift), float(guidance), slot)
+
+
+def staged_copy(dst: torch.Tensor, host: torch.Tensor) -> None:
+    """``dst.copy_(host)`` for a CPU ``host`` tensor: on CUDA through a pinned buffer, without
+    blocking (torch's caching host allocator keeps that buffer until the copy has run)."""
+    if dst.device.type == "cpu":
+        dst.copy_(host)
+        return
+    pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+    pinned.copy_(host)
+    dst.copy_(pinned, non_blocking=True)
+
+
+def _layout_like(layout: sk.AttentionLayout, host: sk.AttentionLayout, staged: dict) -> None:
+    """Point a plan's persistent ``layout`` at ``host`` (same batch, totals and longest sequence):
+    its host copy now, the device tensors named in ``staged`` (already on the device)."""
+    layout._host = host.host_intervals()          # what tile_work / visible_pairs read
+    for name in ("cu_seqlens_q", "cu_seqlens_k", "kv_start", "kv_end"):   # (what never changes is not copied)
+        if name in staged:
+            getattr(layout, name).copy_(staged[name])
+
+
+class GenerationPlan:
+    """Persistent buffers and the step function of one shape signature (see the module docstring).
+
+    Args:
+        pipe: the :class:`~spar_runtime.pipeline.SparPipeline` whose components run.
+        key: :func:`plan_key`'s tuple.
+        graphs: capture the step in a CUDA graph (CUDA only; ignored on CPU and on fake CUDA).
+    """
+
+    def __init__(self, pipe, key: tuple, graphs: bool):
+        noise_shape, num_steps, sampler, shift, guidance, slot = key
+        self.key = key
+        self.pipe = pipe
+        dev, dt = pipe.device, pipe.dtype
+        cfg = pipe.config
+        B = noise_shape[0]
+        self.B, self.R, self.S = B, 2 * B, slot
+        self.h, self.w = noise_shape[2], noise_shape[3]
+        self.num_steps, self.guidance = num_steps, guidance
+        self.Q, D = cfg.num_queries, cfg.hidden_size
+        R, S = self.R, self.S
+        L = pipe.mllm.lm.model.num_layers
+        self.n_img = (self.h // pipe.dit.config.patch_size) * (self.w // pipe.dit.config.patch_size)
+        # int64 per-call inputs, staged together: ids | query rows | cu_seqlens | causal ends |
+        # bidirectional ends | cross ends
+        self._sizes = (R * S, R * self.Q, 2 * R + 1, R * S, R * S, R * self.n_img)
+        self.stage = torch.zeros(sum(self._sizes), dtype=torch.int64, device=dev)
+        self.ids = torch.zeros(R * S, dtype=torch.int64, device=dev)
+        self.query_rows = torch.zeros(R * self.Q, dtype=torch.int64, device=dev)
+        self.queries = pipe.latent_queries.repeat(R, 1)                       # [R*Q, D]
+        self.positions = torch.arange(S, dtype=torch.int64).repeat(R).to(dev)
+        # built once (full slots; the intervals are refilled per call, cu_seqlens never change)
+        self.causal, self.bidirectional, self.cross = (lay.to(dev) for lay in self._layouts([S] * R))
+        self.hidden = torch.empty((L + 1, R * S, D), device=dev, dtype=dt)
+        self.kv = torch.zeros(pipe.dit.kv_shape(R * S), device=dev, dtype=dt)
+        self.x = torch.zeros(tuple(noise_shape), device=dev, dtype=torch.float32)
+        self.x_in = torch.empty((2 * B,) + tuple(noise_shape[1:]), device=dev, dtype=dt)
+        self.sampler = pipe._sampler(sampler, num_steps, shift, guidance)
+        self.ctx = None
+        self.graphs = bool(graphs) and dev.type == "cuda" and not simulated_device()
+        self.graph: StepGraph | None = None
+        self.replays = 0
+
+    def _layouts(self, lens: Sequence[int]):
+        """Host layouts (validated) for CFG rows of ``lens[r]`` real tokens in slots of S: the
+        LLM's and the connector's over 2R sequences (row r's n_r tokens, then its S - n_r padding
+        tokens: slot r's halves), the DiT's cross-attention over R samples of the slots' keys."""
+        R, S, N = self.R, self.S, self.n_img
+        parts = [m for n in lens for m in (n, S - n)]
+        cu = np.concatenate([[0], np.cumsum(parts)])
+        c_en = np.concatenate([np.arange(1, m + 1) for m in parts])
+        b_en = np.repeat(np.asarray(parts, np.int64), parts)
+        zeros = np.zeros(R * S, np.int64)
+        causal = sk.AttentionLayout.from_intervals(cu, cu, zeros, c_en)
+        bidir = sk.AttentionLayout.from_intervals(cu, cu, zeros, b_en)
+        x_en = np.repeat(np.asarray(lens, np.int64), N)
+        cross = sk.AttentionLayout.from_intervals([r * N for r in range(R + 1)], [r * S for r in range(R + 1)],
+                                                  np.zeros_like(x_en), x_en)
+        return causal, bidir, cross
+
+    # ---- per call ---------------------------------------------------------------------------
+    def load(self, sequences: Sequence[torch.Tensor]) -> None:
+        """Pack ``sequences`` (R 1-D CPU int64 id tensors) into the plan: one staged copy."""
+        R, S, Q = self.R, self.S, self.Q
+        lens = [int(s.numel()) + Q for s in sequences]
+        ids = np.zeros(R * S, np.int64)
+        qrows = np.empty(R * Q, np.int64)
+        for r, s in enumerate(sequences):
+            n = int(s.numel())
+            ids[r * S:r * S + n] = s.numpy()
+            qrows[r * Q:(r + 1) * Q] = np.arange(r * S + n, r * S + n + Q)
+        causal, bidir, cross = self._layouts(lens)
+        host = np.concatenate([ids, qrows, causal.host_intervals()[0], causal.host_intervals()[3],
+                               bidir.host_intervals()[3], cross.host_intervals()[3]])
+        staged_copy(self.stage, torch.from_numpy(host))
+        parts = dict(zip(("ids", "qrows", "cu", "c_en", "b_en", "x_en"), self.stage.split(self._sizes)))
+        self.ids.copy_(parts["ids"])
+        self.query_rows.copy_(parts["qrows"])
+        cu = {"cu_seqlens_q": parts["cu"], "cu_seqlens_k": parts["cu"]}
+        _layout_like(self.causal, causal, {**cu, "kv_end": parts["c_en"]})
+        _layout_like(self.bidirectional, bidir, {**cu, "kv_end": parts["b_en"]})
+        _layout_like(self.cross, cross, {"kv_end": parts["x_en"]})
+        self.lengths = lens
+
+    def encode(self, sequences, stage: Callable[[str], contextlib.AbstractContextManager]) -> None:
+        """:meth:`load` the sequences, then LLM prefill -> DTR -> connector -> projector -> the
+        DiT's context K/V, into the buffers."""
+        p = self.pipe
+        with stage("prefill"):
+            self.load(sequences)
+            h0 = self.hidden[0]
+            torch.index_select(p.mllm.lm.embed_weight, 0, self.ids, out=h0)
+            h0.index_copy_(0, self.query_rows, self.queries)
+            p.mllm.lm.forward(h0, self.causal, self.positions, hidden_out=self.hidden)
+        with stage("dtr"):
+            routed = p.dtr(self.hidden)
+        with stage("connector"):
+            c = p.connector(routed, self.bidirectional, self.positions)
+            context = linear(c, p.projector_weight, p.projector_bias)
+            self.ctx = p.dit.prepare_context(context, [self.S] * self.R, out=self.kv,
+                                             layouts={self.n_img: self.cross})
+
+    def step(self) -> None:
+        """One denoising step on the plan's buffers: CFG batch, DiT, guidance + solver (in place)."""
+        B, s = self.B, self.sampler
+        self.x_in[:B].copy_(self.x)
+        self.x_in[B:].copy_(self.x)
+        t = s.current_timestep()                      # the device counter picks the timestep
+        if t.is_floating_point():                     # Euler: the DiT takes trunc(sigma * 1000)
+            t = t.long()
+        v = self.pipe.dit(self.x_in, t.expand(2 * B), self.ctx)
+        if self.guidance > 1.0:
+            s.step(self.x, v[:B], v[B:], out=self.x)
+        else:  # FlowSampler guides only when g > 1; the CFG formula holds for every g
+            v_u = v[B:].float()
+            s.step(self.x, v_u + self.guidance * (v[:B].float() - v_u), out=self.x)
+
+    def denoise(self, noise: torch.Tensor, callback=None) -> torch.Tensor:
+        """The loop from ``noise``; returns a new tensor (the plan's state is reused next call)."""
+        if self.graphs and self.graph is None:
+            self.graph = StepGraph(self.step, self.sampler.reset)
+        if noise.device.type == "cpu":
+            staged_copy(self.x, noise.to(torch.float32))
+        else:
+            self.x.copy_(noise)
+        self.sampler.reset()
+        run = self.graph if self.graph is not None else self.step
+        for i in range(self.num_steps):
+            run()
+            self.replays += 1
+            if callback is not None:
+                callback(i + 1, self.num_steps)
+        return self.x.clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# token-by-token decoding (describe)
+
+DECODE_BUCKET = 64      # KV-cache capacity granularity (tokens per sequence)
+EOS_CHECK_EVERY = 8     # decoded tokens between two host reads of "every sequence stopped"
+
+
+class DecodePlan:
+    """A static KV cache for ``B`` sequences of ``capacity`` tokens and its single-token step
+    (embed the last tokens -> decoder over the cache -> logits), captured as a CUDA graph when
+    ``graphs`` on CUDA, called directly otherwise. Sampling runs outside the step."""
+
+    def __init__(self, lm, B: int, capacity: int, graphs: bool):
+        self.lm = lm
+        self.cache = lm.new_cache(B, capacity)
+        dev = lm.device
+        self.tok = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.logits = torch.zeros((B, lm.config.vocab_size), dtype=torch.float32, device=dev)
+        self.graphs = bool(graphs) and dev.type == "cuda" and not simulated_device()
+        self.graph: StepGraph | None = None
+        self.steps = 0
+
+    def step(self) -> None:
+        layout, pos = self.cache.decode_inputs()
+        h = self.lm.forward(self.lm.embed_tokens(self.tok), layout, pos, kv_cache=self.cache)
+        self.logits.copy_(self.lm.logits(h))
+        pos.add_(1)
+
+    def prefill(self, embeds: torch.Tensor, lens: list[int]) -> torch.Tensor:
+        """The prompts into the (reset) cache; returns the logits of their last tokens [B, V]."""
+        c = self.cache
+        c.reset()
+        layout, positions = c.append(lens)
+        h = self.lm.forward(embeds.to(self.lm.dtype), layout, positions, kv_cache=c)
+        last = torch.empty(len(lens), dtype=torch.int64, device=h.device)
+        staged_copy(last, torch.tensor(np.cumsum(lens) - 1))
+        c.start_decode()
+        return self.lm.logits(h.index_select(0, last))
+
+    def run_step(self) -> None:
+        if self.graphs and self.graph is None:
+            start = self.cache.positions.clone()
+            tok = self.tok.clone()
+
+            def reset():   # warm-up and capture write KV slots past the prompts: overwritten later
+                self.cache.positions.copy_(start)
+                self.tok.copy_(tok)
+            self.graph = StepGraph(self.step, reset)
+        (self.graph or self.step)()
+        self.cache.advance()
+        self.steps += 1
+
+
+def generate_tokens(lm, embeds: torch.Tensor, lens: list[int], max_new_tokens: int, *, pick, eos: tuple,
+                    plans: dict | None = None, graphs: bool = False) -> list[list[int]]:
+    """Greedy or sampled decoding after packed prompts (``lm``: a :class:`~spar_runtime.qwen2.Qwen2LM`).
+
+    ``pick(logits) -> [B] token ids``; ``eos``: stop ids. ``plans``: a dict keeping
+    :class:`DecodePlan`s by ``(B, capacity)`` across calls (the capacity is rounded up to
+    :data:`DECODE_BUCKET`). Stopping is checked on the host every :data:`EOS_CHECK_EVERY` tokens."""
+    B = len(lens)
+    capacity = DECODE_BUCKET * math.ceil((max(lens) + max_new_tokens) / DECODE_BUCKET)
+    plan = None if plans is None else plans.get((B, capacity))
+    if plan is None:
+        plan = DecodePlan(lm, B, capacity, graphs)
+        if plans is not None:
+            plans[(B, capacity)] = plan
+    logits = plan.prefill(embeds, lens)
+    dev = lm.device
+    tokens = torch.empty(B, max_new_tokens, dtype=torch.int64, device=dev)
+    eos_t = torch.tensor(eos, dtype=torch.int64).to(dev) if eos else None
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    steps = max_new_tokens
+    for step in range(max_new_tokens):
+        tok = pick(logits)
+        tokens[:, step] = tok
+        if eos_t is not None:
+            done |= torch.isin(tok, eos_t)
+            if (step + 1) % EOS_CHECK_EVERY == 0 and bool(done.all()):   # a host read, every few tokens
+                steps = step + 1
+                break
+        if step + 1 == max_new_tokens:
+            break
+        plan.tok.copy_(tok)
+        plan.run_step()
+        logits = plan.logits
+    out = tokens[:, :steps].tolist()
+    return [row[:next((j + 1 for j, t in enumerate(row) if t in eos), len(row))] for row in out]
+
+
+class Engine:
+    """The plans of one pipeline: generation plans by :func:`plan_key`, decode plans by
+    ``(sequences, capacity)``."""
+
+    def __init__(self, pipe, graphs: bool):
+        self.pipe = pipe
+        self.graphs = bool(graphs)
+        self.plans: dict[tuple, GenerationPlan] = {}
+        self.decode_plans: dict[tuple, DecodePlan] = {}
+
+    def info(self) -> dict:
+        return {"plans": len(self.plans), "replays": sum(p.replays for p in self.plans.values()),
+                "decode_plans": len(self.decode_plans),
+                "decode_steps": sum(p.steps for p in self.decode_plans.values())}
+
+    def plan(self, sequences: Sequence[torch.Tensor], noise_shape, num_steps, sampler, shift, guidance):
+        rows = [int(s.numel()) + self.pipe.config.num_queries for s in sequences]
+        key = plan_key(rows, noise_shape, num_steps, sampler, shift, guidance)
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = GenerationPlan(self.pipe, key, self.graphs)
+        return plan
+
+    def generate_latents(self, sequences, noise, num_steps, guidance, sampler, shift, callback=None):
+        plan = self.plan(sequences, tuple(noise.shape), num_steps, sampler, shift, guidance)
+        plan.encode(sequences, self.pipe._stage)
+        with self.pipe._stage("dit_loop"):
+            return plan.denoise(noise, callback)
