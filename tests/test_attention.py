@@ -344,7 +344,8 @@ def test_cpu_uniform_batch_fast_path(kind, dtype, heads, monkeypatch):
     real = att._cpu_uniform
     monkeypatch.setattr(att, "_cpu_uniform", lambda *a: taken.append(real(*a)) or taken[-1])
     Hq, Hkv = heads
-    for segs, expect in (([[(kind, 19)]] * 3, True), ([[(kind, 19)], [(kind, 7)]], False),
+    # unequal lengths take the per-sequence path (one fused causal call per plain causal sequence)
+    for segs, expect in (([[(kind, 19)]] * 3, True), ([[(kind, 19)], [(kind, 7)], [(kind, 1)]], False),
                          ([[("causal", 10), ("full", 9)]] * 2, False)):
         lay = sk.AttentionLayout.from_segments(segs)
         n = lay.total_q
