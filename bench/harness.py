@@ -190,7 +190,8 @@ def is_spar_provider(name: str) -> bool:
 class SmokeResult:
     op: str
     case: str
-    status: str                   # "ok", "error" or "unavailable" (no spar provider could run here)
+    status: str                   # "ok", "error", "unavailable" (no spar provider could run here) or
+    #                               "data-dependent" (failed after reading device values back)
     detail: str = ""              # the error, or what ran: providers, and on the simulated GPU the
     #                               launches and host syncs of their calls (setup not counted)
 
@@ -204,7 +205,10 @@ def smoke(device: torch.device, quick: bool = False, only: Iterable[str] | None 
     """Every case's setup and one call of each spar provider, untimed: on ``device="cuda"``
     inside ``spar_kernels.testing.fake_cuda()`` (a simulated GPU: nothing computes, so the full
     sizes cost only Python time), so that a crash in a GPU-only path shows up without a GPU.
-    A module whose ``cases()`` raises gives one ``error`` result named after the module."""
+    A module whose ``cases()`` raises gives one ``error`` result named after the module. A call
+    that fails after reading device values back to the host (a recorded host sync: the simulated
+    GPU returns zeros there) is reported as ``data-dependent``, not as an error: the code after
+    the sync is not what a GPU would run."""
     import contextlib
 
     from spar_kernels.testing import fake_cuda
@@ -215,10 +219,11 @@ def smoke(device: torch.device, quick: bool = False, only: Iterable[str] | None 
         cases = collect(device, quick, only, errors)
         results += [SmokeResult(m[len("bench_"):], "cases()", "error", _error(e)) for m, e in errors]
         for i, case in enumerate(cases[:max_cases] if max_cases > 0 else cases):
-            ran, problems, unavailable, stats = [], [], [], None
+            ran, problems, unavailable, data_dependent, stats = [], [], [], [], None
             for prov, factory in case.providers.items():
                 if not is_spar_provider(prov):
                     continue
+                stats = None
                 try:
                     fn = factory()  # setup: not counted
                     with rec.region(f"case {i}") if rec is not None else contextlib.nullcontext() as stats:
@@ -227,9 +232,18 @@ def smoke(device: torch.device, quick: bool = False, only: Iterable[str] | None 
                 except Unavailable as e:
                     unavailable.append(f"{prov}: {e}")
                 except Exception as e:  # noqa: BLE001 - the point of a smoke run: report and go on
-                    problems.append(f"{prov}: {_error(e)}")
+                    if stats is not None and stats.syncs:
+                        # the call read device values back to the host first: the simulated GPU
+                        # returns zeros there, so what follows is not what a GPU would run
+                        first = stats.syncs[0]
+                        data_dependent.append(f"{prov}: {_error(e)} after {len(stats.syncs)} host sync(s), "
+                                              f"the first {getattr(first, 'op', first)}")
+                    else:
+                        problems.append(f"{prov}: {_error(e)}")
             if problems:
                 results.append(SmokeResult(case.op, case.name, "error", "; ".join(problems)))
+            elif data_dependent:
+                results.append(SmokeResult(case.op, case.name, "data-dependent", "; ".join(data_dependent)))
             elif not ran:
                 results.append(SmokeResult(case.op, case.name, "unavailable",
                                            "; ".join(unavailable) or "no spar provider"))

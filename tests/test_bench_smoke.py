@@ -81,3 +81,26 @@ def test_smoke_with_no_cases_fails(monkeypatch, capsys):
     _fake_module(monkeypatch, lambda device, quick: [])
     assert bench_main.main(["--device", "cuda", "--smoke"]) == 1
     assert "0 of 0 cases" in capsys.readouterr().out
+
+
+def test_smoke_separates_failures_after_a_host_read_from_errors(monkeypatch, capsys):
+    """A call that reads device values back (zeros on the simulated GPU) and then fails is
+    'data-dependent', not an error; a failure with no host read before it stays an error."""
+    import torch
+
+    def reads_then_fails():
+        x = torch.ones(4, device="cuda")
+
+        def run():
+            n = int(x.sum().item())  # a host sync: 0 on the simulated GPU
+            if n == 0:
+                raise RuntimeError("empty batch")
+        return run
+
+    def cases(device, quick):
+        yield harness.Case(op="smoketest", name="reads", providers={"spar": reads_then_fails})
+
+    _fake_module(monkeypatch, cases)
+    assert bench_main.main(["--device", "cuda", "--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "  data-dependent smoketest: reads: spar: RuntimeError: empty batch after 1 host sync(s)" in out
