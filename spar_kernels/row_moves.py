@@ -322,15 +322,20 @@ _PACK_IMPLS = {"triton": _pack_triton, "cpu": _pack_cpu, "reference": _pack_refe
 def _pack_op(padded: torch.Tensor, cu_seqlens: torch.Tensor, out: torch.Tensor) -> None: ...
 
 
-def cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
-    """``[B+1]`` int64 cumulative offsets ``[0, l0, l0+l1, ...]`` (device op, no host sync)."""
-    cu = torch.zeros(lengths.shape[0] + 1, dtype=torch.int64, device=lengths.device)
-    torch.cumsum(lengths, 0, out=cu[1:])
-    return cu
+def cu_seqlens_from_lengths(lengths: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B+1]`` int64 cumulative offsets ``[0, l0, l0+l1, ...]`` (device op, no host sync),
+    written into ``out`` when given (a contiguous ``[B+1]`` int64 tensor on lengths' device)."""
+    if out is None:
+        out = torch.empty(lengths.shape[0] + 1, dtype=torch.int64, device=lengths.device)
+    else:
+        check_out("workspace", out, (lengths.shape[0] + 1,), torch.int64, lengths.device)
+    out[:1].zero_()
+    torch.cumsum(lengths, 0, out=out[1:])
+    return out
 
 
 def pack_sequences(padded: torch.Tensor, lengths: torch.Tensor | Sequence[int], *, total: int | None = None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, workspace: torch.Tensor | None = None) -> torch.Tensor:
     """Padded ``[B, T, ...]`` -> packed ``[sum(lengths), ...]``: the first ``lengths[b]`` rows of
     every sequence, in order (sequence b starts at row ``cu_seqlens[b]``, see
     :func:`cu_seqlens_from_lengths`).
@@ -341,6 +346,9 @@ def pack_sequences(padded: torch.Tensor, lengths: torch.Tensor | Sequence[int], 
         total: optional ``sum(lengths)`` known on the host (avoids the one host sync a CUDA
             ``lengths`` tensor otherwise costs; it is trusted, not checked, on CUDA).
         out: optional contiguous ``[total, ...]`` output (its first dimension gives ``total``).
+        workspace: optional contiguous ``[B+1]`` int64 tensor on padded's device that receives the
+            sequences' row offsets (``cu_seqlens``); with ``out=`` and ``workspace=`` (and
+            ``total=`` or host lengths) the call allocates nothing, so a captured graph can reuse them.
     """
     check_tensor("padded", padded)
     if padded.dim() < 2:
@@ -371,7 +379,7 @@ def pack_sequences(padded: torch.Tensor, lengths: torch.Tensor | Sequence[int], 
         check_out("out", out, shape, padded.dtype, padded.device)
     if out.numel() == 0:
         return out
-    _pack_op(padded, cu_seqlens_from_lengths(lengths), out)
+    _pack_op(padded, cu_seqlens_from_lengths(lengths, out=workspace), out)
     return out
 
 

@@ -408,7 +408,8 @@ def _out_cases(dev, only: str | None = None):
 
     if need("pack_sequences"):
         padded, lengths, po = _rand(dev, 3, 8, 16, dtype=bf), _ints(dev, [3, 8, 0]), e(11, 16)
-        cases["pack_sequences"] = (lambda: sk.pack_sequences(padded, lengths, out=po), [po])
+        cu_ws = e(4, dtype=torch.int64)
+        cases["pack_sequences"] = (lambda: sk.pack_sequences(padded, lengths, out=po, workspace=cu_ws), [po])
 
     if need("unpack_sequences"):
         packed, cu, uo = _rand(dev, 13, 40, dtype=bf), _ints(dev, [0, 3, 11, 12]), e(3, 9, 40)
@@ -455,8 +456,6 @@ OUT_CASES = ["rms_norm", "rms_norm_residual_in_place", "quantize_fp8_token", "qu
 # what still allocates despite out= / workspace= (issue 10: "out= variants allocate nothing
 # beyond documented workspaces"); neither is in defect 8's list
 NOT_YET = {
-    "pack_sequences": "pack_sequences(out=) still builds cu_seqlens on the device per call "
-                      "(zeros + cumsum: (B+1) int64); no workspace for it yet",
     "split_by_expert": "split_by_expert(out=) allocates the sort's values ([N] int64) and arange(E+1) "
                        "besides its perm/offsets outputs; no workspace for them yet",
 }

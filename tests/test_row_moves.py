@@ -338,3 +338,13 @@ def test_list_indices_are_copied_without_a_host_sync():
     assert ops.h2d_copies == 4  # one index tensor per call
     assert {k: dict(v) for k, v in ops.backends.items()} == {
         n: {"triton": 1} for n in ("gather_rows", "scatter_rows", "pack_sequences", "unpack_sequences")}
+
+
+def test_pack_sequences_workspace_receives_cu_seqlens():
+    padded = torch.randn(3, 8, 5)
+    ws = torch.full((4,), -7, dtype=torch.int64)
+    out = sk.pack_sequences(padded, torch.tensor([3, 8, 1]), workspace=ws)
+    assert ws.tolist() == [0, 3, 11, 12]
+    torch.testing.assert_close(out, torch.cat([padded[0, :3], padded[1, :8], padded[2, :1]]))
+    with pytest.raises(ValueError, match="workspace"):
+        sk.pack_sequences(padded, torch.tensor([3, 8, 1]), workspace=torch.empty(3, dtype=torch.int64))
