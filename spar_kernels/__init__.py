@@ -19,7 +19,7 @@ from .dwconv_glu import dwconv_glu
 from .flow_sampler import FlowSampler
 from .schedules import flow_sigmas
 from .row_moves import gather_rows, pack_sequences, scatter_rows, unpack_sequences
-from .split_by_expert import ExpertSplit, merge_experts, split_by_expert
+from .split_by_expert import ExpertSplit, merge_experts, split_by_expert, split_by_expert_workspace
 
 __version__ = "0.1.0"
 
@@ -65,5 +65,6 @@ __all__ = [
     "unpack_sequences",
     "split_by_expert",
     "merge_experts",
+    "split_by_expert_workspace",
     "ExpertSplit",
 ]

@@ -175,9 +175,15 @@ def _split_op(x: torch.Tensor, expert_ids: torch.Tensor, perm: torch.Tensor, off
               norm_weights: torch.Tensor | None, eps: float, out: torch.Tensor) -> None: ...
 
 
+def split_by_expert_workspace(x: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The ``workspace=`` of :func:`split_by_expert` for ``x`` ([N, D]) and ``num_experts``."""
+    return torch.empty(2 * x.shape[0] + num_experts + 1, dtype=torch.int64, device=x.device)
+
+
 def split_by_expert(x: torch.Tensor, expert_ids: torch.Tensor | Sequence[int], num_experts: int,
                     norm_weights: torch.Tensor | Sequence[torch.Tensor] | None = None, eps: float = 1e-6, *,
-                    counts: Sequence[int] | None = None, out: torch.Tensor | None = None) -> ExpertSplit:
+                    counts: Sequence[int] | None = None, out: torch.Tensor | None = None,
+                    workspace: torch.Tensor | None = None) -> ExpertSplit:
     """Group token rows by expert, fusing each expert's RMSNorm.
 
     Args:
@@ -193,6 +199,10 @@ def split_by_expert(x: torch.Tensor, expert_ids: torch.Tensor | Sequence[int], n
         counts: optional per-expert row counts known on the host (trusted on CUDA), so that
             :meth:`ExpertSplit.expert` slices without a host sync.
         out: optional contiguous ``[N, D]`` buffer for the grouped rows.
+        workspace: optional contiguous int64 tensor of ``2 * N + num_experts + 1`` elements on x's
+            device for the sort's keys and the experts' boundaries (see
+            :func:`split_by_expert_workspace`); with ``out=`` and ``workspace=`` the call allocates
+            only its returned ``offsets`` and ``perm``.
 
     Returns:
         :class:`ExpertSplit` ``(rows, offsets, perm, counts)``.
@@ -235,8 +245,17 @@ def split_by_expert(x: torch.Tensor, expert_ids: torch.Tensor | Sequence[int], n
         out = torch.empty((N, D), dtype=x.dtype, device=x.device)
     else:
         check_out("out", out, (N, D), x.dtype, x.device)
-    sorted_ids, perm = torch.sort(ids.to(torch.int64), stable=True)
-    offsets = torch.searchsorted(sorted_ids, torch.arange(E + 1, device=x.device, dtype=torch.int64))
+    if workspace is None:
+        sorted_ids, perm = torch.sort(ids.to(torch.int64), stable=True)
+        bounds = torch.arange(E + 1, device=x.device, dtype=torch.int64)
+    else:
+        check_out("workspace", workspace, (2 * N + E + 1,), torch.int64, x.device)
+        keys, sorted_ids, bounds = workspace[:N], workspace[N:2 * N], workspace[2 * N:]
+        keys.copy_(ids)
+        perm = torch.empty(N, dtype=torch.int64, device=x.device)
+        torch.sort(keys, stable=True, out=(sorted_ids, perm))
+        torch.arange(0, E + 1, 1, out=bounds)
+    offsets = torch.searchsorted(sorted_ids, bounds)
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
         host = tuple(int(v) for v in (offsets[1:] - offsets[:-1]).tolist())
         if counts is not None and counts != host:

@@ -232,3 +232,17 @@ def test_split_by_expert_list_ids_without_a_host_sync():
         assert s.rows.device == y.device == torch.device("cuda", 0)
     rec.assert_no_syncs("split")
     assert rec.stats("split").h2d_copies == 1
+
+
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+def test_split_by_expert_workspace_gives_the_same_split(ids_dtype):
+    x = torch.randn(13, 24)
+    ids = torch.randint(0, 3, (13,), dtype=ids_dtype)
+    w = torch.randn(3, 24)
+    a = sk.split_by_expert(x, ids, 3, w)
+    ws = sk.split_by_expert_workspace(x, 3).fill_(-5)
+    b = sk.split_by_expert(x, ids, 3, w, workspace=ws)
+    assert torch.equal(a.rows, b.rows) and torch.equal(a.offsets, b.offsets) and torch.equal(a.perm, b.perm)
+    assert a.counts == b.counts
+    with pytest.raises(ValueError, match="workspace"):
+        sk.split_by_expert(x, ids, 3, w, workspace=torch.empty(5, dtype=torch.int64))
