@@ -10,19 +10,8 @@
 namespace spar {
 namespace {
 
-SPAR_ISA_BEGIN_AVX512
-namespace avx512 {
-#include "adaln/adaln_kernels.h"
-}  // namespace avx512
-SPAR_ISA_END
-SPAR_ISA_BEGIN_AVX2
-namespace avx2 {
-#include "adaln/adaln_kernels.h"
-}  // namespace avx2
-SPAR_ISA_END
-namespace base {
-#include "adaln/adaln_kernels.h"
-}  // namespace base
+#define SPAR_ISA_KERNELS "adaln/adaln_kernels.h"
+#include "common/isa_variants.inc"
 
 }  // namespace
 

@@ -18,22 +18,8 @@
 namespace spar {
 namespace {
 
-SPAR_ISA_BEGIN_AVX512
-namespace avx512 {
-using namespace spar::flow;
-#include "flow_sampler/flow_sampler_kernels.h"
-}  // namespace avx512
-SPAR_ISA_END
-SPAR_ISA_BEGIN_AVX2
-namespace avx2 {
-using namespace spar::flow;
-#include "flow_sampler/flow_sampler_kernels.h"
-}  // namespace avx2
-SPAR_ISA_END
-namespace base {
-using namespace spar::flow;
-#include "flow_sampler/flow_sampler_kernels.h"
-}  // namespace base
+#define SPAR_ISA_KERNELS "flow_sampler/flow_sampler_kernels.h"
+#include "common/isa_variants.inc"
 
 // Below this many elements a step runs on one thread: waking the OpenMP team costs more.
 constexpr int64_t kParallelMin = int64_t(1) << 16;

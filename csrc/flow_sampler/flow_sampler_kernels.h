@@ -6,6 +6,8 @@
 // that are fp32 with q-stride 1 are read in place): every loop below is branch-free with its
 // flags fixed at compile time, so it vectorizes; the per-element math is flow_sampler.h's.
 
+using namespace spar::flow;
+
 constexpr int64_t kChunk = 256;
 
 // ---- conversions to and from fp32, branch-free (same results as spar_common.h's) ----

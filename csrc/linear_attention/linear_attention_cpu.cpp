@@ -15,19 +15,8 @@
 namespace spar {
 namespace {
 
-SPAR_ISA_BEGIN_AVX512
-namespace avx512 {
-#include "linear_attention/linear_attention_kernels.h"
-}  // namespace avx512
-SPAR_ISA_END
-SPAR_ISA_BEGIN_AVX2
-namespace avx2 {
-#include "linear_attention/linear_attention_kernels.h"
-}  // namespace avx2
-SPAR_ISA_END
-namespace base {
-#include "linear_attention/linear_attention_kernels.h"
-}  // namespace base
+#define SPAR_ISA_KERNELS "linear_attention/linear_attention_kernels.h"
+#include "common/isa_variants.inc"
 
 }  // namespace
 
