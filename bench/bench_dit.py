@@ -203,9 +203,8 @@ def _cpu_name() -> str:
 def interleaved(reps: int = 9, block: bool = True, ops=None) -> None:
     """spar vs diffusers of every DiT case (the per-op modules' cases, nongemm, block), one call of
     each provider in turn, ``reps`` times, timed with the process CPU clock; medians printed."""
-    import time
-
     from bench import bench_adaln, bench_dwconv_glu, bench_linear_attention
+    from bench.harness import time_interleaved
 
     dev = torch.device("cpu")
     mods = (bench_adaln, bench_linear_attention, bench_dwconv_glu)
@@ -228,15 +227,7 @@ def interleaved(reps: int = 9, block: bool = True, ops=None) -> None:
             if ops and c.op not in ops:
                 continue
             fs = {k: c.providers[k]() for k in ("spar", "diffusers")}
-            ts = {k: [] for k in fs}
-            for f in fs.values():
-                f()
-            for _ in range(reps):
-                for k, f in fs.items():
-                    t0 = time.process_time()
-                    f()
-                    ts[k].append(time.process_time() - t0)
-            med = {k: sorted(v)[len(v) // 2] * 1e6 for k, v in ts.items()}
+            med = {k: v * 1e6 for k, v in time_interleaved(fs, reps, warmup=1, clock="cpu").median().items()}
             print(f"| {name} | {c.op} | {med['spar']:.0f} | {med['diffusers']:.0f} | "
                   f"{med['diffusers'] / med['spar']:.2f}x |", flush=True)
 

@@ -16,13 +16,11 @@ providers then see the same load.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import spar_kernels as sk
-from bench.harness import Case, Unavailable, device_name
+from bench.harness import Case, Unavailable, device_name, time_interleaved
 
 STEPS = 1000  # long schedules, so the timed calls rarely wrap around (the wrap is a host-side reset)
 
@@ -126,9 +124,10 @@ def cases(device: torch.device, quick: bool):
             bytes=2 * n * es + 3 * n * es, baseline="diffusers step + eager cfg")
 
 
-def interleaved(quick: bool = False, reps: int = 11, budget_s: float = 0.05) -> list[tuple[str, dict]]:
+def interleaved(quick: bool = False, reps: int = 11, budget_s: float = 0.01) -> list[tuple[str, dict]]:
     """Median process-CPU microseconds per call of every provider of every CPU case, the
-    providers of a case timed in turn in each repetition (see the module docstring)."""
+    providers of a case timed in turn in each repetition, each in a block of calls lasting about
+    ``budget_s`` (see the module docstring)."""
     device = torch.device("cpu")
     rows = []
     for case in cases(device, quick):
@@ -138,22 +137,8 @@ def interleaved(quick: bool = False, reps: int = 11, budget_s: float = 0.05) -> 
                 fns[prov] = factory()
             except Unavailable:
                 continue
-        calls = {}
-        for prov, fn in fns.items():  # warm up; size a block of calls to about budget_s
-            fn()
-            t0, k = time.process_time(), 0
-            while time.process_time() - t0 < budget_s / 5 or k < 2:
-                fn()
-                k += 1
-            calls[prov] = max(1, int(k * budget_s / max(time.process_time() - t0, 1e-9) / 5))
-        times = {p: [] for p in fns}
-        for _ in range(reps):
-            for prov, fn in fns.items():
-                t0 = time.process_time()
-                for _ in range(calls[prov]):
-                    fn()
-                times[prov].append((time.process_time() - t0) / calls[prov] * 1e6)
-        rows.append((case.name, {p: statistics.median(v) for p, v in times.items()}))
+        med = time_interleaved(fns, reps, warmup=1, clock="cpu", budget_s=budget_s).median()
+        rows.append((case.name, {p: v * 1e6 for p, v in med.items()}))
     return rows
 
 

@@ -28,14 +28,13 @@ import datetime as _dt
 import functools
 import json
 import os
-import statistics
 import sys
 import time
 
 import torch
 
 from bench.bench_pipeline import _ref_module
-from bench.harness import Case, Unavailable, device_name
+from bench.harness import Case, Unavailable, device_name, time_interleaved
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -139,21 +138,6 @@ def cases(device: torch.device, quick: bool):
 
 # ---- standalone run: interleaved timing, accuracy, Markdown + JSON ----------------------------
 
-def _time(fns: dict, reps: int, warmup: int, clock):
-    """Interleaved (A, B, A, B, ...) so that a noisy shared machine hits both providers alike."""
-    last = {}
-    for _ in range(warmup):
-        for k, f in fns.items():
-            last[k] = f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = clock()
-            last[k] = f()
-            times[k].append(clock() - t0)
-    return times, last
-
-
 def _rel(a, b) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
@@ -166,8 +150,9 @@ def run(models, dtypes, batches, ops, reps: int, warmup: int, clock) -> list[dic
                 for batch in batches:
                     heavy = name != "tiny" and (op == "reconstruct" or batch > 1)   # seconds to minutes a call
                     n_reps, n_warm = (max(1, reps - 1), 0) if heavy else (reps, warmup)
-                    t, last = _time(providers(name, dt, op, batch), n_reps, n_warm, clock)
-                    med = {k: statistics.median(v) for k, v in t.items()}
+                    # interleaved (reference, spar, reference, ...) so a noisy shared machine hits both alike
+                    t = time_interleaved(providers(name, dt, op, batch), n_reps, warmup=n_warm, clock=clock)
+                    med, last = t.median(), t.last
                     row = {"model": name, "dtype": dt, "op": op, "batch": batch, "reps": n_reps,
                            "reference_ms": 1e3 * med["reference"], "spar_ms": 1e3 * med["spar"],
                            "speedup": med["reference"] / med["spar"],

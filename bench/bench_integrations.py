@@ -225,10 +225,7 @@ def interleaved(quick: bool = False, reps: int = 5, match: str = "") -> None:
     load changes on a shared machine hit both alike; prints medians and p20-p80 per provider and
     stock / patched. ``python -m bench.bench_integrations [--quick] [--reps N] [--match TEXT]`` (only
     the cases whose name contains TEXT)."""
-    import statistics
-    import time
-
-    from bench.harness import _quantile, device_name
+    from bench.harness import device_name, time_interleaved
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"{device_name(device)}, {'quick' if quick else 'full'} cases, {reps} interleaved reps; "
@@ -238,20 +235,10 @@ def interleaved(quick: bool = False, reps: int = 5, match: str = "") -> None:
         if match not in case.name:
             continue
         fns = {k: case.providers[k]() for k in ("patched", "stock")}
-        for f in fns.values():
-            f()
-        ts = {k: [] for k in fns}
-        for _ in range(reps):
-            for k, f in fns.items():
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                f()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                ts[k].append((time.perf_counter() - t0) * 1e3)
-        med = {k: statistics.median(v) for k, v in ts.items()}
-        cells = [f"{med[k]:.1f} ({_quantile(ts[k], 0.2):.1f}-{_quantile(ts[k], 0.8):.1f})" for k in fns]
+        t = time_interleaved(fns, reps, warmup=1, clock="wall",
+                             sync=torch.cuda.synchronize if device.type == "cuda" else None)
+        med, p20, p80 = ({k: v * 1e3 for k, v in d.items()} for d in (t.median(), t.quantile(0.2), t.quantile(0.8)))
+        cells = [f"{med[k]:.1f} ({p20[k]:.1f}-{p80[k]:.1f})" for k in fns]
         print(f"| {case.name} | {cells[0]} | {cells[1]} | {med['stock'] / med['patched']:.3f}x |", flush=True)
 
 

@@ -42,13 +42,12 @@ import functools
 import importlib.util
 import json
 import os
-import statistics
 import sys
 import time
 
 import torch
 
-from bench.harness import Case, Unavailable, device_name
+from bench.harness import Case, Unavailable, device_name, time_interleaved
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _TESTS = os.path.join(os.path.dirname(_HERE), "tests")
@@ -242,22 +241,6 @@ def cases(device: torch.device, quick: bool):
 
 # ---- standalone run: interleaved timing, accuracy, Markdown + JSON ----------------------------
 
-def _time(fns: dict, reps: int, warmup: int, clock) -> tuple[dict[str, list[float]], dict]:
-    """Interleaved timing (provider A, B, A, B, ...) so a noisy shared machine hits both alike.
-    Returns the times and each provider's last output."""
-    last = {}
-    for _ in range(warmup):
-        for k, f in fns.items():
-            last[k] = f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = clock()
-            last[k] = f()
-            times[k].append(clock() - t0)
-    return times, last
-
-
 def _rel(a, b) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
@@ -271,9 +254,10 @@ def run(models, dtypes, reps: int, warmup: int, clock=time.perf_counter) -> tupl
             st = _stages(name, dt)
             for stage in STAGES:
                 # non-tiny models: _Stages already ran every stage but decode once on both sides
-                t, last = _time({"reference": st.reference(stage), "spar": st.spar(stage)}, n_reps,
-                                warmup if name == "tiny" else 0, clock)
-                med = {k: statistics.median(v) for k, v in t.items()}
+                # interleaved (reference, spar, reference, ...) so a noisy shared machine hits both alike
+                t = time_interleaved({"reference": st.reference(stage), "spar": st.spar(stage)}, n_reps,
+                                     warmup=warmup if name == "tiny" else 0, clock=clock)
+                med, last = t.median(), t.last
                 rows.append({"model": name, "dtype": dt, "stage": stage, "reference_ms": 1e3 * med["reference"],
                              "spar_ms": 1e3 * med["spar"], "speedup": med["reference"] / med["spar"],
                              "reps": n_reps})
@@ -339,8 +323,8 @@ def engine_rows(models, reps: int, clock) -> list[dict]:
         eager, plan = _variant(name, graphs=False), _variant(name, graphs=True)
         gen = {k: (lambda p=p: p.generate_latents(prompts, num_steps=m.steps, **kw)) for k, p in
                (("eager", eager), ("graphs=True", plan))}
-        t, last = _time(gen, reps, 1, clock)
-        med = {k: statistics.median(v) for k, v in t.items()}
+        t = time_interleaved(gen, reps, warmup=1, clock=clock)
+        med, last = t.median(), t.last
         row = {"model": name, "eager_ms": 1e3 * med["eager"], "plan_ms": 1e3 * med["graphs=True"],
                "plan_vs_eager": med["eager"] / med["graphs=True"], "latent_rel": _rel(last["graphs=True"], last["eager"])}
         for label, p in (("eager", eager), ("plan", plan)):   # launches per DiT step: (3 steps - 1 step) / 2

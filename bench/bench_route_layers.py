@@ -63,8 +63,8 @@ def _main(argv=None) -> int:
         python -m bench.bench_route_layers --clock cpu [--quick] [--reps 7]
     Sets OMP_NUM_THREADS=1 and torch threads to 1, and times each call with the process CPU clock."""
     import argparse
-    import statistics
-    import time
+
+    from bench.harness import time_interleaved
 
     p = argparse.ArgumentParser(prog="python -m bench.bench_route_layers")
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
@@ -72,26 +72,22 @@ def _main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=7)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"CPU figures, 1 thread, {'process CPU time' if args.clock == 'cpu' else 'wall time'}, "
-          f"median of {args.reps} (min in brackets)")
+          f"median of {args.reps} (min in brackets), providers interleaved")
     print("| case | provider | median ms [min] | GB/s at median | speedup vs eager |")
     print("|---|---|---:|---:|---:|")
     for case in cases(torch.device("cpu"), args.quick):
-        res = {}
+        fns = {}
         for prov, factory in case.providers.items():
             try:
-                fn = factory()
-                for _ in range(2):
-                    fn()
-                ts = []
-                for _ in range(args.reps):
-                    t0 = clock()
-                    fn()
-                    ts.append(clock() - t0)
-                res[prov] = (statistics.median(ts), min(ts))
+                fns[prov] = factory()
+                fns[prov]()  # first call (torch.compile compiles here): a provider that fails is reported
             except Exception as e:  # noqa: BLE001
+                fns.pop(prov, None)
                 print(f"| {case.name} | {prov} | {type(e).__name__}: {e} | | |")
+        t = time_interleaved(fns, args.reps, warmup=1, clock=args.clock)
+        meds, mins = t.median(), t.min()
+        res = {prov: (meds[prov], mins[prov]) for prov in fns}
         base = res.get(case.baseline or "torch eager")
         for prov, (med, mn) in res.items():
             gbps = case.bytes / med / 1e9 if case.bytes else float("nan")

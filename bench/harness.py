@@ -11,6 +11,11 @@ Timing: CUDA -> CUDA events around each call (after warm-up, with an L2-sized bu
 between calls); CPU -> ``time.perf_counter`` per call. Reported: median, p20, p80 in
 microseconds, GB/s and TFLOP/s at the median, and each provider's speedup over the case's
 baseline provider.
+
+The standalone runs of the bench modules (``python -m bench.interleaved``, ``python -m
+bench.bench_<op>``) time their providers with :func:`time_interleaved`: the providers of a case
+called round-robin, with warm-up, the process CPU clock or wall time, and optionally a block of
+calls per provider sized to a time budget.
 """
 
 from __future__ import annotations
@@ -121,6 +126,87 @@ def _quantile(xs: list[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+@dataclasses.dataclass
+class Interleaved:
+    """What :func:`time_interleaved` measured: per provider, the seconds per call of every
+    repetition (``samples``), the calls timed together per repetition (``calls``) and the last
+    call's return value (``last``)."""
+    samples: dict[str, list[float]]
+    calls: dict[str, int]
+    last: dict[str, object]
+
+    def median(self) -> dict[str, float]:
+        return {k: statistics.median(v) for k, v in self.samples.items()}
+
+    def min(self) -> dict[str, float]:
+        return {k: min(v) for k, v in self.samples.items()}
+
+    def quantile(self, q: float) -> dict[str, float]:
+        return {k: _quantile(v, q) for k, v in self.samples.items()}
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], reps: int, *, warmup: int = 1,
+                     clock: str | Callable[[], float] = "cpu", rotate: bool = False,
+                     budget_s: float | None = None, sync: Callable[[], object] | None = None) -> Interleaved:
+    """Time the zero-argument callables ``fns`` round-robin: every repetition calls each provider
+    once (or a block of ``calls`` calls) in turn, so a burst of load on a shared machine hits them
+    alike. This is the one timing loop of the standalone (interleaved) bench runs.
+
+    - ``warmup``: rounds of one call per provider, untimed, before anything is timed.
+    - ``clock``: ``"cpu"`` (``time.process_time``: this process's CPU seconds, robust on a shared
+      machine with one thread), ``"wall"`` (``time.perf_counter``) or any callable returning seconds.
+    - ``rotate``: rotate which provider goes first in each repetition, so none always runs on the
+      cache state another left.
+    - ``budget_s``: calibrate a block of calls per provider whose time is about ``budget_s``
+      (after the warm-up, each provider is called until ``budget_s`` has passed, at least twice);
+      samples are then the block's time divided by its calls. None: one call per repetition.
+    - ``sync``: called before and after each timed block (e.g. ``torch.cuda.synchronize``).
+    """
+    if not isinstance(reps, int) or reps < 1:
+        raise ValueError(f"time_interleaved: reps must be an int >= 1, got {reps!r}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"time_interleaved: warmup must be an int >= 0, got {warmup!r}")
+    if budget_s is not None and not budget_s > 0:
+        raise ValueError(f"time_interleaved: budget_s must be > 0 seconds or None, got {budget_s!r}")
+    if isinstance(clock, str):
+        if clock not in CLOCKS:
+            raise ValueError(f"time_interleaved: clock must be one of {sorted(CLOCKS)} or a callable, got {clock!r}")
+        clock = CLOCKS[clock]
+    elif not callable(clock):
+        raise TypeError(f"time_interleaved: clock must be a str or a callable, got {type(clock).__name__}")
+    sync = sync or (lambda: None)
+    last: dict[str, object] = {}
+    for _ in range(warmup):
+        for k, f in fns.items():
+            last[k] = f()
+    calls = dict.fromkeys(fns, 1)
+    if budget_s is not None:
+        for k, f in fns.items():
+            sync()
+            t0, n = clock(), 0
+            while clock() - t0 < budget_s or n < 2:
+                last[k] = f()
+                n += 1
+            sync()
+            calls[k] = max(1, int(n * budget_s / max(clock() - t0, 1e-9)))
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[:rep % len(names)] if rotate and names else names
+        for k in order:
+            f, n = fns[k], calls[k]
+            sync()
+            t0 = clock()
+            for _ in range(n):
+                last[k] = f()
+            sync()
+            samples[k].append((clock() - t0) / n)
+    return Interleaved(samples, calls, last)
 
 
 def run_case(case: Case, device: torch.device, *, quick: bool) -> list[Result]:

@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from bench.harness import time_interleaved
+
 
 def cpu_model() -> str:
     try:
@@ -56,20 +58,12 @@ def run(cases, reps: int, clock=time.process_time) -> list[dict]:
         for name, factory in providers.items():
             try:
                 fns[name] = factory()
-                fns[name]()  # warm-up (first-call costs: allocation, dispatch caches)
-                fns[name]()
+                fns[name]()  # first call (allocation, dispatch caches): a provider that fails is reported
             except Exception as e:  # noqa: BLE001 - a provider that cannot run here is reported
                 rows.append({"case": case.name, "provider": name, "error": f"{type(e).__name__}: {e}"[:120]})
                 fns.pop(name, None)
-        times = {name: [] for name in fns}
-        names = list(fns)
-        for rep in range(reps):
-            # rotate who goes first: a provider running right after another sees its cache state
-            for name in names[rep % len(names):] + names[:rep % len(names)]:
-                fn = fns[name]
-                t0 = clock()
-                fn()
-                times[name].append(clock() - t0)
+        # rotate who goes first: a provider running right after another sees its cache state
+        times = time_interleaved(fns, reps, warmup=1, clock=clock, rotate=True).samples
         med = {name: statistics.median(ts) for name, ts in times.items()}
         base = med.get(case.baseline or "torch eager")
         for name, ts in times.items():

@@ -118,6 +118,39 @@ def test_bench_quick_runs_and_writes_reports(tmp_path):
     assert any(f.endswith(".json") for f in files) and any(f.endswith(".md") for f in files)
 
 
+def test_time_interleaved_round_robin_warmup_rotation_and_calibration():
+    from bench.harness import time_interleaved
+
+    now, order = [0.0], []
+
+    def provider(name, cost):
+        def call():
+            order.append(name)
+            now[0] += cost
+            return name + str(len(order))
+        return call
+
+    fns = {"a": provider("a", 1.0), "b": provider("b", 3.0)}
+    t = time_interleaved(fns, 3, warmup=2, clock=lambda: now[0])
+    assert order == ["a", "b"] * 5                      # 2 warm-up rounds, then 3 timed, in turn
+    assert t.samples == {"a": [1.0] * 3, "b": [3.0] * 3} and t.median() == {"a": 1.0, "b": 3.0}
+    assert t.last == {"a": "a9", "b": "b10"} and t.calls == {"a": 1, "b": 1}
+    order.clear()
+    time_interleaved(fns, 3, warmup=0, clock=lambda: now[0], rotate=True)
+    assert order == ["a", "b", "b", "a", "a", "b"]
+    order.clear()
+    t = time_interleaved(fns, 2, warmup=0, clock=lambda: now[0], budget_s=6.0)
+    assert t.calls == {"a": 6, "b": 2}                  # blocks of about 6 s each
+    assert order[-16:] == ["a"] * 6 + ["b"] * 2 + ["a"] * 6 + ["b"] * 2
+    assert t.samples == {"a": [1.0, 1.0], "b": [3.0, 3.0]}
+    with pytest.raises(ValueError, match="reps"):
+        time_interleaved(fns, 0)
+    with pytest.raises(ValueError, match="clock"):
+        time_interleaved(fns, 1, clock="gpu")
+    with pytest.raises(ValueError, match="budget_s"):
+        time_interleaved(fns, 1, budget_s=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # the build and the op-definition helper (spar_kernels/_op.py)
 
