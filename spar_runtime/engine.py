@@ -6,31 +6,37 @@ given, into buffers they are given. This module owns allocation, layouts, loops 
 A :class:`GenerationPlan` is built once per shape signature (:func:`plan_key`): batch size,
 latent size, steps, sampler (with its shift and guidance, which its coefficient table holds),
 and the context slot ``S`` (each CFG row's ``prompt + queries`` rounded up to a multiple of
-:data:`BUCKET` tokens). It holds every persistent buffer of a text-to-image call::
+:data:`BUCKET` tokens). The LLM, DTR and connector run on the TRUE tokens of a call, packed
+without padding (N = sum of the R rows' lengths, R = 2B CFG rows), in prefixes of buffers sized
+for R*S tokens; only what the denoising step reads is slot-shaped. It holds every persistent
+buffer of a text-to-image call::
 
-    ids, query_rows        packed token ids [R*S] (R = 2B CFG rows, padding id 0) and the rows
-                           of the latent queries
-    positions              RoPE positions 0..S-1 per row (constant)
-    causal, bidirectional  the LLM's and the connector's layouts over 2R sequences, each slot's
-                           real tokens then its padding (so padding rows stay finite and are
-                           never read); cu_seqlens and intervals refilled per call, max_seqlen S
-    cross                  the DiT's cross-attention layout (keys [0, n_r) of each row's slot)
-    hidden                 [L+1, R*S, D]: every LLM hidden state (DTR reads K of them)
-    kv                     [layers, 2, R*S, heads, head_dim]: the DiT's context K/V
+    stage                  the per-call int64 inputs (ids, query rows, positions, the layouts'
+                           intervals), one buffer for one staged copy
+    hidden                 room for [L+1, R*S, D]: every LLM hidden state of the N packed tokens
+                           ([L+1, N, D], a contiguous prefix; DTR reads K of them)
+    queries                the latent queries of every row [R*Q, D]
+    kv                     [layers, 2, R*S, heads, head_dim]: the DiT's context K/V, row r's
+                           n_r keys at the start of its slot r*S
+    cross                  the DiT's cross-attention layout over the slots (keys [0, n_r) of slot
+                           r: the intervals carry the true lengths, padding keys are never read)
     x, x_in                the fp32 solver state [B, C, h, w] and the CFG input [2B, C, h, w]
     sampler                a FlowSampler (table, step counter, history on the device)
 
-Per call the host packs ids and intervals into one int64 array, which reaches the device in
-one non-blocking copy from pinned memory (CUDA); everything after is device work with no host
-synchronization. The denoising step (DiT forward + CFG + solver step, timestep read from the
-sampler's device counter) is one function: with graphs on CUDA it is captured once per plan in
-a ``torch.cuda.CUDAGraph`` and replayed per step; on CPU (and on the simulated GPU of
-``spar_kernels.testing.fake_cuda``, which has no graphs) it is called directly.
+The LLM's causal and the connector's bidirectional layouts of a call are views of the staged
+buffer. Per call the host packs ids,
+positions and intervals into one int64 array, which reaches the device in one non-blocking copy
+from pinned memory (CUDA); everything after is device work with no host synchronization. The
+denoising step (DiT forward + CFG + solver step, timestep read from the sampler's device counter)
+is one function: with graphs on CUDA it is captured once per plan in a ``torch.cuda.CUDAGraph``
+and replayed per step; on CPU (and on the simulated GPU of ``spar_kernels.testing.fake_cuda``,
+which has no graphs) it is called directly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from typing import Callable, Sequence
 
@@ -40,6 +46,7 @@ import torch
 import spar_kernels as sk
 
 from .fp8 import linear
+from .sana import SanaContext
 
 __all__ = ["BUCKET", "plan_key", "staged_copy", "GenerationPlan", "DecodePlan", "Engine", "StepGraph",
            "simulated_device", "generate_tokens"]
@@ -116,6 +123,22 @@ def _layout_like(layout: sk.AttentionLayout, host: sk.AttentionLayout, staged: d
             getattr(layout, name).copy_(staged[name])
 
 
+def _int32_words(a: np.ndarray) -> np.ndarray:
+    """``a`` as int32 values packed two per int64 word (zero-padded to even length): staged with
+    the int64 inputs, they are read back on the device as ``words.view(torch.int32)``."""
+    b = np.zeros(len(a) + len(a) % 2, np.int32)
+    b[:len(a)] = a
+    return b.view(np.int64)
+
+
+def _layout_on(host: sk.AttentionLayout, tensors: Sequence[torch.Tensor]) -> sk.AttentionLayout:
+    """``host`` (a validated CPU layout) with its four device tensors replaced by ``tensors``
+    (int32 views of the staged buffer holding the same values): no copy, no sync."""
+    lay = copy.copy(host)
+    lay.cu_seqlens_q, lay.cu_seqlens_k, lay.kv_start, lay.kv_end = tensors
+    return lay
+
+
 class GenerationPlan:
     """Persistent buffers and the step function of one shape signature (see the module docstring).
 
@@ -135,40 +158,37 @@ class GenerationPlan:
         self.B, self.R, self.S = B, 2 * B, slot
         self.h, self.w = noise_shape[2], noise_shape[3]
         self.num_steps, self.guidance = num_steps, guidance
-        self.Q, D = cfg.num_queries, cfg.hidden_size
+        self.Q, self.D = cfg.num_queries, cfg.hidden_size
         R, S = self.R, self.S
-        L = pipe.mllm.lm.model.num_layers
+        self.L = pipe.mllm.lm.model.num_layers
         self.n_img = (self.h // pipe.dit.config.patch_size) * (self.w // pipe.dit.config.patch_size)
-        # int64 per-call inputs, staged together: ids | query rows | cu_seqlens | causal ends |
-        # bidirectional ends | cross ends
-        self._sizes = (R * S, R * self.Q, 2 * R + 1, R * S, R * S, R * self.n_img)
-        self.stage = torch.zeros(sum(self._sizes), dtype=torch.int64, device=dev)
-        self.ids = torch.zeros(R * S, dtype=torch.int64, device=dev)
-        self.query_rows = torch.zeros(R * self.Q, dtype=torch.int64, device=dev)
+        # per-call inputs, staged together (int64 words): ids | query rows | positions | cross
+        # ends, then the causal / bidirectional layouts' int32 intervals two per word; at most
+        # R*S packed tokens
+        self.stage = torch.zeros(2 * R * S + R * self.Q + R * self.n_img + (R + 2 + 3 * R * S) // 2,
+                                 dtype=torch.int64, device=dev)
         self.queries = pipe.latent_queries.repeat(R, 1)                       # [R*Q, D]
-        self.positions = torch.arange(S, dtype=torch.int64).repeat(R).to(dev)
-        # built once (full slots; the intervals are refilled per call, cu_seqlens never change)
-        self.causal, self.bidirectional, self.cross = (lay.to(dev) for lay in self._layouts([S] * R))
-        self.hidden = torch.empty((L + 1, R * S, D), device=dev, dtype=dt)
+        self.hidden = torch.empty((self.L + 1) * R * S * self.D, device=dev, dtype=dt)
         self.kv = torch.zeros(pipe.dit.kv_shape(R * S), device=dev, dtype=dt)
+        # the DiT's cross-attention over the slots: built once, its intervals refilled per call
+        self.cross = sk.AttentionLayout.cross([self.n_img] * R, [S] * R, device=dev)
+        self.ctx = SanaContext(ctx_lens=(S,) * R, kv=self.kv, context=None, _layouts={self.n_img: self.cross})
         self.x = torch.zeros(tuple(noise_shape), device=dev, dtype=torch.float32)
         self.x_in = torch.empty((2 * B,) + tuple(noise_shape[1:]), device=dev, dtype=dt)
         self.sampler = pipe._sampler(sampler, num_steps, shift, guidance)
-        self.ctx = None
         self.graphs = bool(graphs) and dev.type == "cuda" and not simulated_device()
         self.graph: StepGraph | None = None
         self.replays = 0
 
     def _layouts(self, lens: Sequence[int]):
-        """Host layouts (validated) for CFG rows of ``lens[r]`` real tokens in slots of S: the
-        LLM's and the connector's over 2R sequences (row r's n_r tokens, then its S - n_r padding
-        tokens: slot r's halves), the DiT's cross-attention over R samples of the slots' keys."""
+        """Host layouts (validated) for CFG rows of ``lens[r]`` real tokens: the LLM's causal and
+        the connector's bidirectional one over the R rows packed without padding, and the DiT's
+        cross-attention over R samples of the slots' first ``lens[r]`` keys."""
         R, S, N = self.R, self.S, self.n_img
-        parts = [m for n in lens for m in (n, S - n)]
-        cu = np.concatenate([[0], np.cumsum(parts)])
-        c_en = np.concatenate([np.arange(1, m + 1) for m in parts])
-        b_en = np.repeat(np.asarray(parts, np.int64), parts)
-        zeros = np.zeros(R * S, np.int64)
+        cu = np.concatenate([[0], np.cumsum(lens)])
+        c_en = np.concatenate([np.arange(1, m + 1) for m in lens])
+        b_en = np.repeat(np.asarray(lens, np.int64), lens)
+        zeros = np.zeros(int(cu[-1]), np.int64)
         causal = sk.AttentionLayout.from_intervals(cu, cu, zeros, c_en)
         bidir = sk.AttentionLayout.from_intervals(cu, cu, zeros, b_en)
         x_en = np.repeat(np.asarray(lens, np.int64), N)
@@ -178,45 +198,57 @@ class GenerationPlan:
 
     # ---- per call ---------------------------------------------------------------------------
     def load(self, sequences: Sequence[torch.Tensor]) -> None:
-        """Pack ``sequences`` (R 1-D CPU int64 id tensors) into the plan: one staged copy."""
-        R, S, Q = self.R, self.S, self.Q
+        """Pack ``sequences`` (R 1-D CPU int64 id tensors) + the queries into the plan: one staged
+        copy; sets the call's packed views (``self.ids``, ``self.positions``, ``self.query_rows``,
+        ``self.causal``, ``self.bidirectional``)."""
+        R, Q = self.R, self.Q
         lens = [int(s.numel()) + Q for s in sequences]
-        ids = np.zeros(R * S, np.int64)
+        N = sum(lens)
+        ids = np.zeros(N, np.int64)
         qrows = np.empty(R * Q, np.int64)
+        start = 0
         for r, s in enumerate(sequences):
             n = int(s.numel())
-            ids[r * S:r * S + n] = s.numpy()
-            qrows[r * Q:(r + 1) * Q] = np.arange(r * S + n, r * S + n + Q)
+            ids[start:start + n] = s.numpy()
+            qrows[r * Q:(r + 1) * Q] = np.arange(start + n, start + n + Q)
+            start += n + Q
+        positions = np.concatenate([np.arange(m, dtype=np.int64) for m in lens])
         causal, bidir, cross = self._layouts(lens)
-        host = np.concatenate([ids, qrows, causal.host_intervals()[0], causal.host_intervals()[3],
-                               bidir.host_intervals()[3], cross.host_intervals()[3]])
-        staged_copy(self.stage, torch.from_numpy(host))
-        parts = dict(zip(("ids", "qrows", "cu", "c_en", "b_en", "x_en"), self.stage.split(self._sizes)))
-        self.ids.copy_(parts["ids"])
-        self.query_rows.copy_(parts["qrows"])
-        cu = {"cu_seqlens_q": parts["cu"], "cu_seqlens_k": parts["cu"]}
-        _layout_like(self.causal, causal, {**cu, "kv_end": parts["c_en"]})
-        _layout_like(self.bidirectional, bidir, {**cu, "kv_end": parts["b_en"]})
-        _layout_like(self.cross, cross, {"kv_end": parts["x_en"]})
+        cu, _, zeros, c_en = causal.host_intervals()
+        words = _int32_words(np.concatenate([cu, zeros, c_en, bidir.host_intervals()[3]]))
+        host = np.concatenate([ids, qrows, positions, cross.host_intervals()[3], words])
+        staged = self.stage[:len(host)]
+        staged_copy(staged, torch.from_numpy(host))
+        self.ids, self.query_rows, self.positions, x_en, w = staged.split(
+            (N, R * Q, N, R * self.n_img, len(words)))
+        cu_d, zeros_d, c_en_d, b_en_d = w.view(torch.int32)[:R + 1 + 3 * N].split((R + 1, N, N, N))
+        self.causal = _layout_on(causal, (cu_d, cu_d, zeros_d, c_en_d))
+        self.bidirectional = _layout_on(bidir, (cu_d, cu_d, zeros_d, b_en_d))
+        _layout_like(self.cross, cross, {"kv_end": x_en})
         self.lengths = lens
 
     def encode(self, sequences, stage: Callable[[str], contextlib.AbstractContextManager]) -> None:
-        """:meth:`load` the sequences, then LLM prefill -> DTR -> connector -> projector -> the
-        DiT's context K/V, into the buffers."""
+        """:meth:`load` the sequences, then LLM prefill -> DTR -> connector -> projector on the N
+        packed true tokens -> the DiT's context K/V, each row's into its slot of ``kv``."""
         p = self.pipe
         with stage("prefill"):
             self.load(sequences)
-            h0 = self.hidden[0]
+            N = self.ids.shape[0]
+            hidden = self.hidden[:(self.L + 1) * N * self.D].view(self.L + 1, N, self.D)
+            h0 = hidden[0]
             torch.index_select(p.mllm.lm.embed_weight, 0, self.ids, out=h0)
             h0.index_copy_(0, self.query_rows, self.queries)
-            p.mllm.lm.forward(h0, self.causal, self.positions, hidden_out=self.hidden)
+            p.mllm.lm.forward(h0, self.causal, self.positions, hidden_out=hidden)
         with stage("dtr"):
-            routed = p.dtr(self.hidden)
+            routed = p.dtr(hidden)
         with stage("connector"):
             c = p.connector(routed, self.bidirectional, self.positions)
             context = linear(c, p.projector_weight, p.projector_bias)
-            self.ctx = p.dit.prepare_context(context, [self.S] * self.R, out=self.kv,
-                                             layouts={self.n_img: self.cross})
+            kv = p.dit.prepare_context(context, self.lengths).kv       # [layers, 2, N, heads, dim]
+            start = 0
+            for r, n in enumerate(self.lengths):                       # row r's keys into slot r
+                self.kv[:, :, r * self.S:r * self.S + n].copy_(kv[:, :, start:start + n])
+                start += n
 
     def step(self) -> None:
         """One denoising step on the plan's buffers: CFG batch, DiT, guidance + solver (in place)."""

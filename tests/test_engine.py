@@ -91,6 +91,47 @@ def test_plan_batch_and_guidance_without_fused_cfg(eager, planned, sampler, guid
     assert rel(got, want) <= 1e-5
 
 
+def test_plan_runs_the_llm_and_connector_on_the_true_tokens(monkeypatch):
+    """Only the DiT's context K/V are slot-shaped: the LLM, DTR and connector see the packed true
+    tokens of each call (no padding rows), in a plan shared by prompts of different lengths."""
+    from spar_runtime.qwen2 import DecoderStack
+
+    pipe = SparPipeline.random("tiny", seed=3, graphs=True)
+    names = {id(pipe.mllm.lm.model): "llm", id(pipe.connector): "connector"}
+    rows = {"llm": [], "connector": []}
+    forward = DecoderStack.forward
+
+    def spy(self, x, *args, **kw):
+        rows[names[id(self)]].append(x.shape[0])
+        return forward(self, x, *args, **kw)
+    monkeypatch.setattr(DecoderStack, "forward", spy)
+    monkeypatch.setattr(DecoderStack, "__call__", spy)
+    Q = pipe.config.num_queries
+    noise = torch.randn(2, 32, 4, 4)
+    for lens in ((3, 20), (30, 1)):
+        pipe.generate_latents([[5] * n for n in lens], uncond_ids=[[6] * 2, []], noise=noise, num_steps=1)
+        want = sum(lens) + 2 + 2 * Q + 2 * Q
+        assert rows["llm"][-1] == want and rows["connector"][-1] == want, rows
+        plan, = pipe.engine.plans.values()   # the call's layouts: device tensors = their host intervals
+        for lay in (plan.causal, plan.bidirectional, plan.cross):
+            host = lay.host_intervals()
+            dev = (lay.cu_seqlens_q, lay.cu_seqlens_k, lay.kv_start, lay.kv_end)
+            assert [t.tolist() for t in dev] == [h.tolist() for h in host]
+    assert pipe.graph_cache_info()["plans"] == 1
+
+
+def test_staged_int32_words_round_trip():
+    import numpy as np
+
+    from spar_runtime.engine import _int32_words
+
+    for n in (0, 1, 2, 7):
+        a = np.arange(-3, n - 3, dtype=np.int64) * 1000003
+        w = torch.from_numpy(_int32_words(a))
+        assert w.dtype == torch.int64 and w.numel() == (n + 1) // 2
+        assert w.view(torch.int32)[:n].tolist() == a.tolist()
+
+
 def test_plan_keys():
     pipe = SparPipeline.random("tiny", seed=2, graphs=True)
     noise = torch.randn(1, 32, 8, 8)
@@ -232,6 +273,8 @@ def test_dryrun_tiny_fp8_graphs_json(capsys):
     assert loop["fp8_flops"] > 0 and loop["floor_ms"] > 0
     blocks = dryrun._configs.get_config("tiny").dit_config["num_layers"]
     assert r["launches_per_dit_step"] > blocks * r["launches_per_sana_block_step"]
+    # the FP8 GEMMs' inputs come from the producing ops (fp8=True): issue 11's <= 16 per block
+    assert r["launches_per_sana_block_step"] <= 16
 
 
 def test_dryrun_tiny_bf16_eager_no_sync_in_loop():
