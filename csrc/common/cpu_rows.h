@@ -1,12 +1,59 @@
 // Row helpers shared by the CPU twins of the float ops: load a row to fp32, store fp32 back with
-// one rounding (contiguous or with an element stride), and dispatch on the dtype code
-// (fp32 / fp16 / bf16).
+// one rounding (contiguous or with an element stride), dispatch on the dtype code
+// (fp32 / fp16 / bf16), 8-lane AVX2/F16C loads and stores as fp32 and a row's sum of squares.
 #pragma once
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
 #include "common/spar_common.h"
+
+// SPAR_CPU_AVX2: the build targets AVX2/F16C/FMA (-march), so the twins compiled once (not per
+// instruction set, below) may use the 8-lane helpers of spar::simd.
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define SPAR_CPU_AVX2 1
+#endif
+
+namespace spar {
+namespace simd {
+#ifdef SPAR_CPU_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const f16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const bf16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+// Store 8 floats as T (round to nearest even; the same rounding as from_float<T>).
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(f16_t* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+// bf16: round to nearest even on the bits, NaN kept quiet (the vector form of bf16_from_float).
+inline void store8(bf16_t* p, __m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                         _mm256_set1_epi32(0x7f800000));
+  const __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  r = _mm256_blendv_epi8(r, qnan, nan);
+  // pack the 8 low halves: [r0..r3 | r4..r7] -> 8 x u16
+  const __m256i packed = _mm256_packus_epi32(r, r);  // values are < 2^16: no saturation
+  const __m256i ordered = _mm256_permute4x64_epi64(packed, 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(ordered));
+}
+// the sum of the 8 lanes, added in lane order into `s` (float or double)
+template <typename S>
+inline S hsum(__m256 v, S s) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  for (float l : lanes) s += l;
+  return s;
+}
+#endif
+}  // namespace simd
+}  // namespace spar
 
 namespace spar {
 namespace cpu {
@@ -32,6 +79,46 @@ template <typename T>
 inline void store_row(const float* __restrict src, T* __restrict dst, int64_t stride, int64_t n) {
   if (stride == 1) return store_row(src, dst, n);
   for (int64_t i = 0; i < n; ++i) dst[i * stride] = from_float<T>(src[i]);
+}
+
+// Sum of squares of a row of n elements at element stride sd: the contiguous part in two 8-lane
+// fp32 accumulators (16 elements a step), the rest and the lanes' total in double (a serial fp32
+// sum of thousands of squares drifts by several ulp).
+template <typename T>
+float sum_sq(const T* x, int64_t n, int64_t sd) {
+  int64_t d = 0;
+  double s = 0.0;
+#ifdef SPAR_CPU_AVX2
+  if (sd == 1) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (; d + 16 <= n; d += 16) {
+      const __m256 v0 = simd::load8(x + d), v1 = simd::load8(x + d + 8);
+      a0 = _mm256_fmadd_ps(v0, v0, a0);
+      a1 = _mm256_fmadd_ps(v1, v1, a1);
+    }
+    s = simd::hsum(_mm256_add_ps(a0, a1), s);
+  }
+#endif
+  for (; d < n; ++d) {
+    const double h = to_float(x[d * sd]);
+    s += h * h;
+  }
+  return float(s);
+}
+
+// y[d] = round(x[d * sd] * rstd * w[d]) over a row of n elements (y and w contiguous): the
+// RMSNorm scaling of rms_norm and split_by_expert.
+template <typename T, typename P>
+void scale_row(const T* x, int64_t sd, const P* w, float rstd, T* y, int64_t n) {
+  int64_t d = 0;
+#ifdef SPAR_CPU_AVX2
+  if (sd == 1) {
+    const __m256 vr = _mm256_set1_ps(rstd);
+    for (; d + 8 <= n; d += 8)
+      simd::store8(y + d, _mm256_mul_ps(_mm256_mul_ps(simd::load8(x + d), vr), simd::load8(w + d)));
+  }
+#endif
+  for (; d < n; ++d) y[d] = from_float<T>(to_float(x[d * sd]) * rstd * to_float(w[d]));
 }
 
 template <typename F>

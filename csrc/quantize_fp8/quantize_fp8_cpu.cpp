@@ -1,87 +1,47 @@
 // CPU twin of quantize_fp8.cu: the same math (quantize_fp8.h), rows spread over OpenMP threads.
-// Contiguous rows take 8-wide AVX2 loops (where the build targets AVX2): the amax as an integer
-// max over the bits of |x| (for non-negative floats the bit order is the value order, and a NaN's
-// bits are above +inf's, so NaN propagates exactly as quant::amax_combine does), and the
-// division plus the saturating round-to-nearest-even e4m3 encode of fp8e4m3_from_float_sat in
-// integer vector ops (bit-identical to the scalar encode, which handles the tail).
+// The row loops live in quantize_fp8_kernels.h, compiled for AVX-512, AVX2 and the build's
+// baseline (common/isa_variants.inc); the widest this CPU runs is chosen at run time
+// (common/cpu_rows.h). Contiguous rows take 32 elements a step, bit-identical to the scalar encode
+// of quantize_fp8.h (which handles the tails and rows with a NaN or infinite scale).
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
+#include "common/cpu_rows.h"
 #include "quantize_fp8/api.h"
 #include "quantize_fp8/quantize_fp8.h"
-#include "route_layers/cpu_simd.h"
 
 namespace spar {
 namespace {
 
+using namespace spar::quant;
+#define SPAR_ISA_KERNELS "quantize_fp8/quantize_fp8_kernels.h"
+#include "common/isa_variants.inc"
+
 template <typename T>
-float row_amax(const T* x, int64_t cols) {
-  float m = 0.f;
-  int64_t c = 0;
-#ifdef SPAR_ROUTE_AVX2
-  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
-  __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
-  for (; c + 16 <= cols; c += 16) {
-    a0 = _mm256_max_epi32(a0, _mm256_and_si256(_mm256_castps_si256(simd::load8(x + c)), abs_mask));
-    a1 = _mm256_max_epi32(a1, _mm256_and_si256(_mm256_castps_si256(simd::load8(x + c + 8)), abs_mask));
+struct RowFns {
+  float (*amax)(const T*, int64_t);
+  void (*quantize)(const T*, float, uint8_t*, int64_t, const T*);
+};
+
+template <typename T>
+RowFns<T> row_fns() {
+  switch (cpu::cpu_isa()) {
+    case cpu::Isa::Avx512: return {avx512::row_amax<T>, avx512::quantize_row<T>};
+    case cpu::Isa::Avx2: return {avx2::row_amax<T>, avx2::quantize_row<T>};
+    default: return {base::row_amax<T>, base::quantize_row<T>};
   }
-  alignas(32) int32_t lanes[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_max_epi32(a0, a1));
-  int32_t mb = 0;
-  for (int32_t v : lanes) mb = std::max(mb, v);
-  m = bits_to_float(uint32_t(mb));
-#endif
-  for (; c < cols; ++c) m = quant::amax_combine(m, quant::abs_value(x[c]));
-  return m;
-}
-
-#ifdef SPAR_ROUTE_AVX2
-// 8 floats -> 8 e4m3fn codes, exactly fp8e4m3_from_float_sat (spar_common.h) lane by lane.
-inline void encode8(uint8_t* q, __m256 f) {
-  const __m256i u0 = _mm256_castps_si256(f);
-  const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(u0, 24), _mm256_set1_epi32(0x80));
-  const __m256i u = _mm256_and_si256(u0, _mm256_set1_epi32(0x7fffffff));
-  const __m256 a = _mm256_castsi256_ps(u);
-  // normal range: round the mantissa to 3 bits (nearest even), rebias the exponent by 127 - 7
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 20), _mm256_set1_epi32(1));
-  const __m256i ur = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7ffff), lsb));
-  const __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(ur, 23), _mm256_set1_epi32(120));
-  __m256i code = _mm256_or_si256(_mm256_slli_epi32(e, 3), _mm256_and_si256(_mm256_srli_epi32(ur, 20), _mm256_set1_epi32(7)));
-  code = _mm256_min_epi32(code, _mm256_set1_epi32(0x7e));
-  // below 2^-6: subnormal steps of 2^-9, rounded to nearest even
-  const __m256i sub = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(a, _mm256_set1_ps(512.0f)),
-                                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  const __m256 is_sub = _mm256_cmp_ps(a, _mm256_set1_ps(0.015625f), _CMP_LT_OQ);
-  code = _mm256_blendv_epi8(code, sub, _mm256_castps_si256(is_sub));
-  const __m256 is_sat = _mm256_cmp_ps(a, _mm256_set1_ps(kFp8E4M3Max), _CMP_GE_OQ);
-  code = _mm256_blendv_epi8(code, _mm256_set1_epi32(0x7e), _mm256_castps_si256(is_sat));
-  const __m256i is_nan = _mm256_cmpgt_epi32(u, _mm256_set1_epi32(0x7f800000));
-  code = _mm256_blendv_epi8(code, _mm256_set1_epi32(0x7f), is_nan);
-  code = _mm256_or_si256(code, sign);
-  // 8 x i32 (each < 256) -> 8 bytes
-  const __m256i w16 = _mm256_packus_epi32(code, code);      // [c0..c3 c0..c3 | c4..c7 c4..c7] as u16
-  const __m256i w8 = _mm256_packus_epi16(w16, w16);          // bytes
-  const uint32_t lo = uint32_t(_mm256_extract_epi32(w8, 0)), hi = uint32_t(_mm256_extract_epi32(w8, 4));
-  const uint64_t packed = uint64_t(lo) | (uint64_t(hi) << 32);
-  std::memcpy(q, &packed, 8);
-}
-#endif
-
-template <typename T>
-void quantize_row(const T* xr, float scale, uint8_t* qr, int64_t cols) {
-  int64_t c = 0;
-#ifdef SPAR_ROUTE_AVX2
-  const __m256 vs = _mm256_set1_ps(scale);
-  for (; c + 8 <= cols; c += 8) encode8(qr + c, _mm256_div_ps(simd::load8(xr + c), vs));  // x / scale: IEEE division
-#endif
-  for (; c < cols; ++c) qr[c] = quant::quantize(xr[c], scale);
 }
 
 template <typename T>
 void run(const T* x, int64_t rows, int64_t cols, int64_t row_stride, uint8_t* q, float* scales,
          bool per_token) {
+  const RowFns<T> fn = row_fns<T>();
   float tensor_scale = 0.f;
   if (!per_token) {
     // per-thread maxima combined with amax_combine (OpenMP's max reduction drops NaN)
@@ -90,7 +50,7 @@ void run(const T* x, int64_t rows, int64_t cols, int64_t row_stride, uint8_t* q,
     {
       float m = 0.f;
 #pragma omp for schedule(static) nowait
-      for (int64_t r = 0; r < rows; ++r) m = quant::amax_combine(m, row_amax(x + r * row_stride, cols));
+      for (int64_t r = 0; r < rows; ++r) m = quant::amax_combine(m, fn.amax(x + r * row_stride, cols));
 #pragma omp critical
       amax = quant::amax_combine(amax, m);
     }
@@ -102,10 +62,13 @@ void run(const T* x, int64_t rows, int64_t cols, int64_t row_stride, uint8_t* q,
     const T* xr = x + r * row_stride;
     float scale = tensor_scale;
     if (per_token) {
-      scale = quant::scale_from_amax(row_amax(xr, cols));
+      scale = quant::scale_from_amax(fn.amax(xr, cols));
       scales[r] = scale;
     }
-    quantize_row(xr, scale, q + r * cols, cols);
+    // per token, the next row's amax follows: fetch that row meanwhile (at the end of a thread's
+    // share it is another thread's row: a fetch that does not help, and does no harm)
+    const T* next = per_token && r + 1 < rows ? xr + row_stride : nullptr;
+    fn.quantize(xr, scale, q + r * cols, cols, next);
   }
 }
 

@@ -1,6 +1,6 @@
 // CPU twin of the rms_norm Triton kernel (spar_kernels/rms_norm.py): one read of x (and the
 // residual), one write of y (and the sum), rows spread over OpenMP threads. Contiguous rows take
-// 8-wide AVX2/F16C loops (csrc/route_layers/cpu_simd.h) with two accumulators for the sum of
+// 8-wide AVX2/F16C loops (common/cpu_rows.h) with two accumulators for the sum of
 // squares; any other element stride the scalar loop (accumulating in double: a serial fp32 sum
 // of thousands of squares drifts by several ulp). The same math as the kernel:
 //   s = round(x + r);  rstd = 1 / sqrt(sum(s^2) / D + eps);  y = round(s * rstd * w)
@@ -9,42 +9,17 @@
 #include <string>
 
 #include "rms_norm/api.h"
-#include "route_layers/cpu_simd.h"
+#include "common/cpu_rows.h"
 
 namespace spar {
 namespace {
-
-// sum of squares of a row (element stride sd)
-template <typename T>
-float sum_sq(const T* x, int64_t D, int64_t sd) {
-  int64_t d = 0;
-  double s = 0.0;
-#ifdef SPAR_ROUTE_AVX2
-  if (sd == 1) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    for (; d + 16 <= D; d += 16) {
-      const __m256 v0 = simd::load8(x + d), v1 = simd::load8(x + d + 8);
-      a0 = _mm256_fmadd_ps(v0, v0, a0);
-      a1 = _mm256_fmadd_ps(v1, v1, a1);
-    }
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, _mm256_add_ps(a0, a1));
-    for (float v : lanes) s += v;
-  }
-#endif
-  for (; d < D; ++d) {
-    const double h = to_float(x[d * sd]);
-    s += h * h;
-  }
-  return float(s);
-}
 
 // o[d] = round(x[d] + r[d]) (o contiguous); returns the sum of squares of the rounded values
 template <typename T>
 float add_store_sum_sq(const T* x, int64_t sxd, const T* r, int64_t srd, T* o, int64_t D) {
   int64_t d = 0;
   double s = 0.0;
-#ifdef SPAR_ROUTE_AVX2
+#ifdef SPAR_CPU_AVX2
   if (sxd == 1 && srd == 1) {
     __m256 a0 = _mm256_setzero_ps();
     for (; d + 8 <= D; d += 8) {
@@ -52,9 +27,7 @@ float add_store_sum_sq(const T* x, int64_t sxd, const T* r, int64_t srd, T* o, i
       const __m256 v = simd::load8(o + d);  // the rounded sum is what gets normalized
       a0 = _mm256_fmadd_ps(v, v, a0);
     }
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, a0);
-    for (float v : lanes) s += v;
+    s = simd::hsum(a0, s);
   }
 #endif
   for (; d < D; ++d) {
@@ -63,19 +36,6 @@ float add_store_sum_sq(const T* x, int64_t sxd, const T* r, int64_t srd, T* o, i
     s += h * h;
   }
   return float(s);
-}
-
-template <typename T, typename P>
-void scale_row(const T* x, int64_t sd, const P* w, float rstd, T* y, int64_t D) {
-  int64_t d = 0;
-#ifdef SPAR_ROUTE_AVX2
-  if (sd == 1) {
-    const __m256 vr = _mm256_set1_ps(rstd);
-    for (; d + 8 <= D; d += 8)
-      simd::store8(y + d, _mm256_mul_ps(_mm256_mul_ps(simd::load8(x + d), vr), simd::load8(w + d)));
-  }
-#endif
-  for (; d < D; ++d) y[d] = from_float<T>(to_float(x[d * sd]) * rstd * to_float(w[d]));
 }
 
 template <typename T, typename P>
@@ -92,10 +52,10 @@ void run(const T* x, int64_t rows, int64_t D, int64_t sxr, int64_t sxd, const T*
       src = si;
       sd = 1;
     } else {
-      ss = sum_sq(src, D, sd);
+      ss = cpu::sum_sq(src, D, sd);
     }
     const float rstd = 1.0f / sqrtf(ss / float(D) + eps);
-    scale_row(src, sd, w, rstd, y + i * D, D);
+    cpu::scale_row(src, sd, w, rstd, y + i * D, D);
   }
 }
 
@@ -120,15 +80,10 @@ void rms_norm_cpu(uintptr_t x, int dtype, int64_t rows, int64_t D, int64_t x_row
   if (weight_dtype != dtype && static_cast<DType>(weight_dtype) != DType::F32)
     throw std::invalid_argument("rms_norm: weight_dtype must be x's dtype or float32");
   if (residual && !residual_out) throw std::invalid_argument("rms_norm: a residual needs residual_out");
-#define SPAR_RMS_ARGS \
-  x, rows, D, x_row_stride, x_d_stride, residual, r_row_stride, r_d_stride, weight, weight_dtype, eps, out, residual_out
-  switch (static_cast<DType>(dtype)) {
-    case DType::F32: return dispatch_w<float>(SPAR_RMS_ARGS);
-    case DType::F16: return dispatch_w<f16_t>(SPAR_RMS_ARGS);
-    case DType::BF16: return dispatch_w<bf16_t>(SPAR_RMS_ARGS);
-    default: throw std::invalid_argument("rms_norm: unsupported dtype code " + std::to_string(dtype));
-  }
-#undef SPAR_RMS_ARGS
+  cpu::dispatch(dtype, "rms_norm", [&](auto t) {
+    dispatch_w<decltype(t)>(x, rows, D, x_row_stride, x_d_stride, residual, r_row_stride, r_d_stride, weight,
+                            weight_dtype, eps, out, residual_out);
+  });
 }
 
 }  // namespace spar

@@ -1,22 +1,23 @@
 // CPU twin of route_layers.cu: the same per-row math (route_layers.h), output rows spread over
 // OpenMP threads. Each thread accumulates the fp32 mixture of one row in a private buffer of D
 // floats (L1/L2 resident), then computes the LayerNorm from it: one read of the K input rows,
-// one write of the output row. Contiguous rows (stride_d == 1) take a loop the compiler
-// vectorizes (AVX2/F16C conversions where the build has them); any other stride_d the scalar loop.
+// one write of the output row. Contiguous rows (stride_d == 1) take one 8-lane AVX2/F16C pass over
+// the K rows that also sums the mixture (where the build targets AVX2; common/cpu_rows.h); any
+// other stride_d the scalar loop.
 #include <cmath>
 #include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "common/cpu_rows.h"
 #include "route_layers/api.h"
-#include "route_layers/cpu_simd.h"
 #include "route_layers/route_layers.h"
 
 namespace spar {
 namespace {
 
-#ifdef SPAR_ROUTE_AVX2
+#ifdef SPAR_CPU_AVX2
 using simd::load8;
 using simd::store8;
 #endif
@@ -30,52 +31,53 @@ inline void axpy_row(float* acc, float c, const T* x, int64_t D, bool first) {
   }
 }
 
-#ifdef SPAR_ROUTE_AVX2
-// `next` (may be null): the same layer's next output row, prefetched while this one streams in
-// (rows of different layers live far apart, so the hardware prefetcher restarts on every row).
+#ifdef SPAR_CPU_AVX2
+// m[d] = sum_k c_k x_k[d] over K contiguous rows in one pass (k = 0 first, then one fma per
+// layer, as route::mix_fma), returning sum_d m[d] (two 8-lane accumulators, 16 elements a step,
+// the rest in order). next[k] (null at the last row): the same layers' next output row,
+// prefetched a line per step while this one streams in (rows of different layers live far apart,
+// so the hardware prefetcher restarts on every row).
 template <typename T>
-inline void axpy_row_avx2(float* acc, float c, const T* x, int64_t D, bool first, const T* next) {
-  const __m256 vc = _mm256_set1_ps(c);
-  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
-  if (next)
-    for (int64_t d = 0; d < D; d += kLine) _mm_prefetch(reinterpret_cast<const char*>(next + d), _MM_HINT_T0);
+float mix_rows_sum(float* m, const float* c, const T* const* x, int64_t K, int64_t D, const T* const* next) {
+  __m256 vc[route::kMaxK];
+  for (int64_t k = 0; k < K; ++k) vc[k] = _mm256_set1_ps(c[k]);
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   int64_t d = 0;
-  if (first) {
-    for (; d + 8 <= D; d += 8) _mm256_storeu_ps(acc + d, _mm256_mul_ps(vc, load8(x + d)));
-  } else {
-    for (; d + 8 <= D; d += 8)
-      _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(vc, load8(x + d), _mm256_loadu_ps(acc + d)));
+  for (; d + 16 <= D; d += 16) {
+    if (next)
+      for (int64_t k = 0; k < K; ++k) _mm_prefetch(reinterpret_cast<const char*>(next[k] + d), _MM_HINT_T0);
+    __m256 v0 = _mm256_mul_ps(vc[0], load8(x[0] + d)), v1 = _mm256_mul_ps(vc[0], load8(x[0] + d + 8));
+    for (int64_t k = 1; k < K; ++k) {
+      v0 = _mm256_fmadd_ps(vc[k], load8(x[k] + d), v0);
+      v1 = _mm256_fmadd_ps(vc[k], load8(x[k] + d + 8), v1);
+    }
+    _mm256_storeu_ps(m + d, v0);
+    _mm256_storeu_ps(m + d + 8, v1);
+    a0 = _mm256_add_ps(a0, v0);
+    a1 = _mm256_add_ps(a1, v1);
+  }
+  float s = simd::hsum(_mm256_add_ps(a0, a1), 0.f);
+  const int64_t d16 = d;
+  if (d + 8 <= D) {
+    __m256 v = _mm256_mul_ps(vc[0], load8(x[0] + d));
+    for (int64_t k = 1; k < K; ++k) v = _mm256_fmadd_ps(vc[k], load8(x[k] + d), v);
+    _mm256_storeu_ps(m + d, v);
+    d += 8;
   }
   for (; d < D; ++d) {
-    const float h = to_float(x[d]);
-    acc[d] = first ? c * h : route::mix_fma(acc[d], c, h);
+    float v = c[0] * to_float(x[0][d]);
+    for (int64_t k = 1; k < K; ++k) v = route::mix_fma(v, c[k], to_float(x[k][d]));
+    m[d] = v;
   }
-}
-#endif
-
-// Sums over the fp32 row buffer. A plain `s += m[d]` loop is one serial add chain (the compiler
-// may not reorder fp adds), ~4 cycles per element: vector accumulators make it ~16x cheaper.
-inline float row_sum(const float* m, int64_t D) {
-  int64_t d = 0;
-  float s = 0.f;
-#ifdef SPAR_ROUTE_AVX2
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  for (; d + 16 <= D; d += 16) {
-    a0 = _mm256_add_ps(a0, _mm256_loadu_ps(m + d));
-    a1 = _mm256_add_ps(a1, _mm256_loadu_ps(m + d + 8));
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, _mm256_add_ps(a0, a1));
-  for (float v : lanes) s += v;
-#endif
-  for (; d < D; ++d) s += m[d];
+  for (d = d16; d < D; ++d) s += m[d];
   return s;
 }
+#endif
 
 inline float row_centered_sq(const float* m, int64_t D, float mean) {
   int64_t d = 0;
   float s = 0.f;
-#ifdef SPAR_ROUTE_AVX2
+#ifdef SPAR_CPU_AVX2
   const __m256 vm = _mm256_set1_ps(mean);
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   for (; d + 16 <= D; d += 16) {
@@ -84,9 +86,7 @@ inline float row_centered_sq(const float* m, int64_t D, float mean) {
     a0 = _mm256_fmadd_ps(t0, t0, a0);
     a1 = _mm256_fmadd_ps(t1, t1, a1);
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, _mm256_add_ps(a0, a1));
-  for (float v : lanes) s += v;
+  s = simd::hsum(_mm256_add_ps(a0, a1), s);
 #endif
   for (; d < D; ++d) {
     const float t = m[d] - mean;
@@ -134,34 +134,39 @@ void run(const T* hidden, int64_t L, int64_t N, int64_t D, int64_t stride_l, int
       }
       for (int64_t k = 0; k < K; ++k) c[k] = route::mix_coeff(c[k], esum, route::load_float(alpha, adt, k));
 
-      // m = sum_k c_k * hidden[lid_k, r]
+      // m = sum_k c_k * hidden[lid_k, r], and its sum for the mean
       float* m = acc.data();
-      for (int64_t k = 0; k < K; ++k) {
-        const T* x = hidden + lid[k] * stride_l + r * stride_n;
-        if (stride_d == 1) {
-#ifdef SPAR_ROUTE_AVX2
-          const T* next = nullptr;
-          if (i + 1 < M) {
-            const int64_t rn = rows ? route::load_index(rows, rows64, i + 1) : i + 1;
-            if (route::in_range(rn, N)) next = hidden + lid[k] * stride_l + rn * stride_n;
-          }
-          axpy_row_avx2(m, c[k], x, D, k == 0, next);
-#else
-          axpy_row(m, c[k], x, D, k == 0);
+      const T* xs[route::kMaxK];
+      for (int64_t k = 0; k < K; ++k) xs[k] = hidden + lid[k] * stride_l + r * stride_n;
+      float msum = 0.f;
+#ifdef SPAR_CPU_AVX2
+      if (stride_d == 1) {
+        const T* nx[route::kMaxK];
+        const int64_t rn = i + 1 < M ? (rows ? route::load_index(rows, rows64, i + 1) : i + 1) : -1;
+        const bool prefetch = route::in_range(rn, N);
+        for (int64_t k = 0; prefetch && k < K; ++k) nx[k] = hidden + lid[k] * stride_l + rn * stride_n;
+        msum = mix_rows_sum(m, c, xs, K, D, prefetch ? nx : nullptr);
+      } else
 #endif
-        } else {
-          for (int64_t d = 0; d < D; ++d) {
-            const float h = to_float(x[d * stride_d]);
-            m[d] = k == 0 ? c[k] * h : route::mix_fma(m[d], c[k], h);
+      {
+        for (int64_t k = 0; k < K; ++k) {
+          if (stride_d == 1) {
+            axpy_row(m, c[k], xs[k], D, k == 0);
+          } else {
+            for (int64_t d = 0; d < D; ++d) {
+              const float h = to_float(xs[k][d * stride_d]);
+              m[d] = k == 0 ? c[k] * h : route::mix_fma(m[d], c[k], h);
+            }
           }
         }
+        for (int64_t d = 0; d < D; ++d) msum += m[d];
       }
       // LayerNorm: mean, then the centered sum of squares (two passes over the L1-resident m)
-      const float mean = route::ln_mean(row_sum(m, D), D);
+      const float mean = route::ln_mean(msum, D);
       const float sq = row_centered_sq(m, D, mean);
       const float rstd = route::ln_rstd(sq, D, eps);
       int64_t d0 = 0;
-#ifdef SPAR_ROUTE_AVX2
+#ifdef SPAR_CPU_AVX2
       {
         if (w && b) {
           // vector affine for float/f16 outputs; the same expression as route::ln_apply
@@ -213,16 +218,11 @@ void route_layers_cpu(uintptr_t hidden, int dtype, int64_t L, int64_t N, int64_t
   if (K < 1 || K > route::kMaxK) throw std::invalid_argument("route_layers: K must be in [1, 16], got " + std::to_string(K));
   if (param_dtype != dtype && static_cast<DType>(param_dtype) != DType::F32)
     throw std::invalid_argument("route_layers: param_dtype must be hidden's dtype or float32");
-#define SPAR_ROUTE_ARGS                                                                                     \
-  hidden, L, N, D, stride_l, stride_n, stride_d, layer_ids, ids_int64, K, logits, logits_dtype, logits_stride_n, \
-      logits_stride_k, alpha, alpha_dtype, ln_weight, ln_bias, param_dtype, tau, eps, rows, rows_int64, M, out
-  switch (static_cast<DType>(dtype)) {
-    case DType::F32: return dispatch_param<float>(SPAR_ROUTE_ARGS);
-    case DType::F16: return dispatch_param<f16_t>(SPAR_ROUTE_ARGS);
-    case DType::BF16: return dispatch_param<bf16_t>(SPAR_ROUTE_ARGS);
-    default: throw std::invalid_argument("route_layers: unsupported dtype code " + std::to_string(dtype));
-  }
-#undef SPAR_ROUTE_ARGS
+  cpu::dispatch(dtype, "route_layers", [&](auto t) {
+    dispatch_param<decltype(t)>(hidden, L, N, D, stride_l, stride_n, stride_d, layer_ids, ids_int64, K, logits,
+                                logits_dtype, logits_stride_n, logits_stride_k, alpha, alpha_dtype, ln_weight,
+                                ln_bias, param_dtype, tau, eps, rows, rows_int64, M, out);
+  });
 }
 
 }  // namespace spar

@@ -6,36 +6,12 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/cpu_rows.h"
 #include "split_by_expert/api.h"
-#include "route_layers/cpu_simd.h"
 #include "route_layers/route_layers.h"
 
 namespace spar {
 namespace {
-
-template <typename T>
-float sum_sq(const T* x, int64_t D, int64_t sd) {
-  int64_t d = 0;
-  float s = 0.f;
-#ifdef SPAR_ROUTE_AVX2
-  if (sd == 1) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    for (; d + 16 <= D; d += 16) {
-      const __m256 v0 = simd::load8(x + d), v1 = simd::load8(x + d + 8);
-      a0 = _mm256_fmadd_ps(v0, v0, a0);
-      a1 = _mm256_fmadd_ps(v1, v1, a1);
-    }
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, _mm256_add_ps(a0, a1));
-    for (float v : lanes) s += v;
-  }
-#endif
-  for (; d < D; ++d) {
-    const float h = to_float(x[d * sd]);
-    s += h * h;
-  }
-  return s;
-}
 
 template <typename T, typename P>
 void run(const T* x, int64_t N, int64_t D, int64_t sn, int64_t sd, const int64_t* perm, const void* ids, bool ids64,
@@ -52,16 +28,8 @@ void run(const T* x, int64_t N, int64_t D, int64_t sn, int64_t sd, const int64_t
     e = e < 0 ? 0 : (e >= E ? E - 1 : e);  // never read outside the weight table (as the kernel)
     const T* xr = x + src * sn;
     const P* wr = w + e * ws;
-    const float rstd = 1.0f / sqrtf(sum_sq(xr, D, sd) / float(D) + eps);
-    int64_t d = 0;
-#ifdef SPAR_ROUTE_AVX2
-    if (sd == 1) {
-      const __m256 vr = _mm256_set1_ps(rstd);
-      for (; d + 8 <= D; d += 8)
-        simd::store8(o + d, _mm256_mul_ps(_mm256_mul_ps(simd::load8(xr + d), vr), simd::load8(wr + d)));
-    }
-#endif
-    for (; d < D; ++d) o[d] = from_float<T>(to_float(xr[d * sd]) * rstd * to_float(wr[d]));
+    const float rstd = 1.0f / sqrtf(cpu::sum_sq(xr, D, sd) / float(D) + eps);
+    cpu::scale_row(xr, sd, wr, rstd, o, D);
   }
 }
 
@@ -86,18 +54,10 @@ void split_by_expert_cpu(uintptr_t x, int dtype, int64_t N, int64_t D, int64_t s
   if (E < 1) throw std::invalid_argument("split_by_expert: E must be >= 1");
   if (weight_dtype != dtype && static_cast<DType>(weight_dtype) != DType::F32)
     throw std::invalid_argument("split_by_expert: weight_dtype must be x's dtype or float32");
-  switch (static_cast<DType>(dtype)) {
-    case DType::F32:
-      return dispatch_w<float>(x, N, D, stride_n, stride_d, perm, expert_ids, ids_int64, weights, weight_dtype, E,
-                               weight_stride, eps, out);
-    case DType::F16:
-      return dispatch_w<f16_t>(x, N, D, stride_n, stride_d, perm, expert_ids, ids_int64, weights, weight_dtype, E,
-                               weight_stride, eps, out);
-    case DType::BF16:
-      return dispatch_w<bf16_t>(x, N, D, stride_n, stride_d, perm, expert_ids, ids_int64, weights, weight_dtype, E,
-                                weight_stride, eps, out);
-    default: throw std::invalid_argument("split_by_expert: unsupported dtype code " + std::to_string(dtype));
-  }
+  cpu::dispatch(dtype, "split_by_expert", [&](auto t) {
+    dispatch_w<decltype(t)>(x, N, D, stride_n, stride_d, perm, expert_ids, ids_int64, weights, weight_dtype, E,
+                            weight_stride, eps, out);
+  });
 }
 
 }  // namespace spar

@@ -1,0 +1,185 @@
+// The row loops of the quantize_fp8 CPU twin. No include guard on purpose: quantize_fp8_cpu.cpp
+// includes this file once per instruction-set variant (common/isa_variants.inc); SPAR_ISA_AVX2 is
+// 1 where the variant may use AVX2/FMA/F16C intrinsics (the AVX-512 variant runs the same
+// 256-bit code), 0 in a baseline build without them (the scalar loops of quantize_fp8.h only).
+//
+// Vector loops (bit-identical to quant::quantize, which handles the tails):
+// - amax: an integer max over the bits of |x| (for non-negative floats the bit order is the
+//   value order, and a NaN's bits are above +inf's, so a NaN wins as in quant::amax_combine);
+//   fp16/bf16 rows take it 16 lanes at a time on the 16-bit codes.
+// - x / scale: RN(x / s), the IEEE division (the AVX-512 variant: the reciprocal and two
+//   Markstein corrections in FMAs, see Div).
+// - e4m3 encode of a = |x / s|, branch-free: adding M = max(2^(E+20), 2^14) (E = a's exponent)
+//   rounds a to the e4m3 grid (steps of 2^(E-3), 2^-9 below 2^-6), nearest even, in the FPU; the
+//   code is then the grid index plus 8 per binade. Only for a finite scale: then |x| <= amax
+//   gives a <= 448 (1 + 3 ulp) < 464, so no lane saturates or is NaN; a row with a NaN or infinite
+//   scale takes the scalar loop.
+
+#if SPAR_ISA_AVX2
+// 8 lanes of a = |x / s| >= 0 (a < 464) -> 16 * (e4m3 code + 1128) as int32 (see the header
+// comment): r = a + M holds k (the grid index, <= 16) in its low 16 bits and M's exponent in its
+// high 16, so one multiply-add of the 16-bit halves gives 16 k + 128 (E' + 147) =
+// 16 (k + 8 (E' + 6) + 1128), the code with an offset taken off after packing to 16 bits.
+inline __m256i e4m3_code16_abs(__m256 a) {
+  const __m256i u = _mm256_castps_si256(a);
+  // A = the binade's exponent bits, at least 2^-6's (below it the step stays 2^-9)
+  const __m256i A = _mm256_max_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7f800000)),
+                                     _mm256_set1_epi32(121 << 23));
+  const __m256 M = _mm256_castsi256_ps(_mm256_add_epi32(A, _mm256_set1_epi32(20 << 23)));
+  const __m256i r = _mm256_castps_si256(_mm256_add_ps(a, M));  // M + k steps, k rounded to even
+  return _mm256_madd_epi16(r, _mm256_set1_epi32(0x00010010));   // lo * 16 + hi * 1
+}
+constexpr int16_t kCodeOffset16 = 16 * 1128;
+
+// 16-bit lanes of 16 * (code + 1128) -> codes
+inline __m256i codes_from16(__m256i v) {
+  return _mm256_srli_epi16(_mm256_sub_epi16(v, _mm256_set1_epi16(kCodeOffset16)), 4);
+}
+
+#if SPAR_ISA_AVX512
+// RN(x / s) for a finite s > 0 without a division (the divider of the CPUs with AVX-512 takes
+// 5-16 cycles a vector): q0 = RN(x r), r = RN(1 / s); two Markstein corrections
+// q <- RN(q + RN(x - q s) r) (x - q s is exact in the FMA) give RN(x / s): after the first q is
+// faithful, and with r within half an ulp of 1 / s the second rounds correctly. Quotients whose
+// remainder underflows (|x| < 2^-100) are below 2^-50 and encode to a zero code either way.
+struct Div {
+  __m256 s, r;
+  explicit Div(float scale) : s(_mm256_set1_ps(scale)), r(_mm256_set1_ps(1.0f / scale)) {}
+  __m256 operator()(__m256 x) const {
+    __m256 q = _mm256_mul_ps(x, r);
+    q = _mm256_fmadd_ps(_mm256_fnmadd_ps(q, s, x), r, q);
+    return _mm256_fmadd_ps(_mm256_fnmadd_ps(q, s, x), r, q);
+  }
+};
+#else
+struct Div {  // RN(x / s): the IEEE division (3.5 cycles a vector on Zen 3, cheaper than the FMAs)
+  __m256 s;
+  explicit Div(float scale) : s(_mm256_set1_ps(scale)) {}
+  __m256 operator()(__m256 x) const { return _mm256_div_ps(x, s); }
+};
+#endif
+
+// |x| of 16 fp16/bf16 lanes as two fp32 vectors in "unpack order" (elements 0-3, 8-11 and
+// 4-7, 12-15); _mm256_packus_epi32 of their codes restores the element order. fp16 widens
+// through F16C (exact), in element order, then is split the same way.
+inline void load16_abs(const bf16_t* p, __m256i& bits16, __m256& lo, __m256& hi) {
+  bits16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i a = _mm256_and_si256(bits16, _mm256_set1_epi16(0x7fff));
+  lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), a));
+  hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), a));
+}
+inline void load16_abs(const f16_t* p, __m256i& bits16, __m256& lo, __m256& hi) {
+  bits16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i a = _mm256_and_si256(bits16, _mm256_set1_epi16(0x7fff));
+  const __m256 f0 = _mm256_cvtph_ps(_mm256_castsi256_si128(a));       // elements 0-7
+  const __m256 f1 = _mm256_cvtph_ps(_mm256_extracti128_si256(a, 1));  // elements 8-15
+  lo = _mm256_permute2f128_ps(f0, f1, 0x20);
+  hi = _mm256_permute2f128_ps(f0, f1, 0x31);
+}
+
+// 16 fp16/bf16 elements -> 16-bit lanes of 16 * (code + 1128), in element order
+template <typename T>
+inline __m256i quantize16(const T* p, const Div& div, __m256i& bits) {
+  __m256 lo, hi;
+  load16_abs(p, bits, lo, hi);
+  return _mm256_packus_epi32(e4m3_code16_abs(div(lo)), e4m3_code16_abs(div(hi)));
+}
+
+// 32 fp16/bf16 elements -> 32 bytes (sign bits from the inputs' sign-saturated high bytes)
+template <typename T>
+inline void quantize32(const T* p, const Div& div, uint8_t* q) {
+  __m256i b0, b1;
+  const __m256i c0 = codes_from16(quantize16(p, div, b0)), c1 = codes_from16(quantize16(p + 16, div, b1));
+  const __m256i sign = _mm256_and_si256(_mm256_packs_epi16(b0, b1), _mm256_set1_epi8(char(0x80)));
+  const __m256i bytes = _mm256_or_si256(_mm256_packus_epi16(c0, c1), sign);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permute4x64_epi64(bytes, 0xd8));
+}
+
+// fp32: 16 elements -> 16-bit lanes of 16 * (code + 1128) in the order 0-3, 8-11, 4-7, 12-15, and
+// the elements' signs in bit 15 of `sign` (in the same order)
+inline __m256i quantize16_f32(const float* p, const Div& div, __m256i& sign) {
+  const __m256i x0 = _mm256_castps_si256(_mm256_loadu_ps(p));
+  const __m256i x1 = _mm256_castps_si256(_mm256_loadu_ps(p + 8));
+  const __m256i abs = _mm256_set1_epi32(0x7fffffff);
+  sign = _mm256_packs_epi32(x0, x1);  // negative lanes saturate to 0x8000
+  return _mm256_packus_epi32(e4m3_code16_abs(div(_mm256_castsi256_ps(_mm256_and_si256(x0, abs)))),
+                             e4m3_code16_abs(div(_mm256_castsi256_ps(_mm256_and_si256(x1, abs)))));
+}
+
+inline void quantize32(const float* p, const Div& div, uint8_t* q) {
+  __m256i s0, s1;
+  const __m256i c0 = codes_from16(quantize16_f32(p, div, s0)), c1 = codes_from16(quantize16_f32(p + 16, div, s1));
+  const __m256i sign = _mm256_and_si256(_mm256_packs_epi16(s0, s1), _mm256_set1_epi8(char(0x80)));
+  const __m256i bytes = _mm256_or_si256(_mm256_packus_epi16(c0, c1), sign);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(bytes, order));
+}
+
+// amax bits of 16-bit rows: 16 lanes of max(bits & 0x7fff)
+template <typename T>
+inline float amax16(const T* x, int64_t n, int64_t& c) {
+  const __m256i mask = _mm256_set1_epi16(0x7fff);
+  __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+  for (; c + 32 <= n; c += 32) {
+    a0 = _mm256_max_epu16(a0, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + c)), mask));
+    a1 = _mm256_max_epu16(a1, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + c + 16)), mask));
+  }
+  alignas(32) uint16_t lanes[16];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_max_epu16(a0, a1));
+  uint16_t m = 0;
+  for (uint16_t v : lanes) m = v > m ? v : m;
+  return to_float(T{m});
+}
+
+inline float amax_f32(const float* x, int64_t n, int64_t& c) {
+  const __m256i mask = _mm256_set1_epi32(0x7fffffff);
+  __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+  for (; c + 16 <= n; c += 16) {
+    a0 = _mm256_max_epi32(a0, _mm256_and_si256(_mm256_castps_si256(_mm256_loadu_ps(x + c)), mask));
+    a1 = _mm256_max_epi32(a1, _mm256_and_si256(_mm256_castps_si256(_mm256_loadu_ps(x + c + 8)), mask));
+  }
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_max_epi32(a0, a1));
+  int32_t m = 0;
+  for (int32_t v : lanes) m = v > m ? v : m;
+  return bits_to_float(uint32_t(m));
+}
+inline float amax_vec(const float* x, int64_t n, int64_t& c) { return amax_f32(x, n, c); }
+inline float amax_vec(const bf16_t* x, int64_t n, int64_t& c) { return amax16(x, n, c); }
+inline float amax_vec(const f16_t* x, int64_t n, int64_t& c) { return amax16(x, n, c); }
+#endif  // SPAR_ISA_AVX2
+
+// max |x| over a contiguous row, NaN-propagating (quant::amax_combine)
+template <typename T>
+float row_amax(const T* x, int64_t n) {
+  float m = 0.f;
+  int64_t c = 0;
+#if SPAR_ISA_AVX2
+  m = amax_vec(x, n, c);
+#endif
+  for (; c < n; ++c) m = quant::amax_combine(m, quant::abs_value(x[c]));
+  return m;
+}
+
+// q[c] = e4m3(x[c] / scale) over a contiguous row. `next` (may be null): the row whose amax comes
+// next, fetched into L1 while this row computes (its n elements from next[0]), so its loads overlap
+// this row's arithmetic instead of following it.
+template <typename T>
+void quantize_row(const T* x, float scale, uint8_t* q, int64_t n, const T* next) {
+  int64_t c = 0;
+#if SPAR_ISA_AVX2
+  if (scale > 0.f && scale < INFINITY) {  // a NaN or infinite scale takes the scalar loop
+    const Div div(scale);
+    if (next) {
+      for (; c + 32 <= n; c += 32) {
+        for (int64_t b = 0; b < int64_t(32 * sizeof(T)); b += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(next + c) + b, _MM_HINT_T0);
+        quantize32(x + c, div, q + c);
+      }
+    }
+    for (; c + 32 <= n; c += 32) quantize32(x + c, div, q + c);
+  }
+#endif
+  (void)next;
+  for (; c < n; ++c) q[c] = quant::quantize(x[c], scale);
+}
