@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import _aot, _ext
+from . import _fp8_out as _fp8
 from ._op import device_guard, spar_op
 from ._triton import ROW_LAUNCH_WIDTHS, ROW_MIN_BLOCK, row_launch_config, tl, triton
 from ._validate import FLOAT_DTYPES, check_out, check_tensor
@@ -29,19 +30,30 @@ _GR_BLOCK = 1024          # columns per gated_residual program
 
 
 @triton.jit
-def _adaln_kernel(X, SHIFT, SCALE, Y, N, C, stride_xb, stride_xn, stride_xc, stride_yb, stride_yn, stride_yc,
+def _adaln_chunk(x_row, sh_row, sc_row, c64, mask, stride_xc, stride_shc, stride_scc, mean, rstd, OUT_TY: tl.constexpr):
+    """One chunk of a streamed row: ``((x - mean) * rstd * (1 + scale) + shift)`` rounded to OUT_TY."""
+    h = tl.load(x_row + c64 * stride_xc, mask=mask, other=0.0).to(tl.float32)
+    sc = tl.load(sc_row + c64 * stride_scc, mask=mask, other=0.0).to(tl.float32)
+    sh = tl.load(sh_row + c64 * stride_shc, mask=mask, other=0.0).to(tl.float32)
+    return ((h - mean) * rstd * (1.0 + sc) + sh).to(OUT_TY)
+
+
+@triton.jit
+def _adaln_kernel(X, SHIFT, SCALE, Y, Q, S, N, C, stride_xb, stride_xn, stride_xc, stride_yb, stride_yn, stride_yc,
                   stride_shb, stride_shc, stride_scb, stride_scc, eps,
-                  BLOCK_C: tl.constexpr, SINGLE_PASS: tl.constexpr):
+                  BLOCK_C: tl.constexpr, SINGLE_PASS: tl.constexpr, FP8_OUT: tl.constexpr):
     # Channel offsets are int64 (a transposed x has channel stride N: C * N can pass 2^31). A
     # channel stride of 1 (the usual case) is specialized by triton into a contiguous access.
+    # FP8_OUT: instead of y, write its per-token FP8 codes into Q ([B*N, C] contiguous, as bytes)
+    # and the row's scale into S[row] (the _fp8_out contract: y rounded to x's dtype first).
     row = tl.program_id(0).to(tl.int64)
     b = row // N
     n = row % N
     x_row = X + b * stride_xb + n * stride_xn
-    y_row = Y + b * stride_yb + n * stride_yn
     sh_row = SHIFT + b * stride_shb
     sc_row = SCALE + b * stride_scb
     cols = tl.arange(0, BLOCK_C)
+    OUT_TY = X.dtype.element_ty
     if SINGLE_PASS:
         mask = cols < C
         c64 = cols.to(tl.int64)
@@ -51,7 +63,14 @@ def _adaln_kernel(X, SHIFT, SCALE, Y, N, C, stride_xb, stride_xn, stride_xc, str
         rstd = tl.rsqrt(tl.sum(d * d, axis=0) / C + eps)
         sc = tl.load(sc_row + c64 * stride_scc, mask=mask, other=0.0).to(tl.float32)
         sh = tl.load(sh_row + c64 * stride_shc, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_row + c64 * stride_yc, (d * rstd * (1.0 + sc) + sh).to(Y.dtype.element_ty), mask=mask)
+        y = (d * rstd * (1.0 + sc) + sh).to(OUT_TY)
+        if FP8_OUT:
+            yf = tl.where(mask, y.to(tl.float32), 0.0)
+            scale = _fp8.fp8_scale(_fp8.row_amax(yf, 0))
+            tl.store(Q + row * C + c64, _fp8.quantize_codes(yf, scale), mask=mask)
+            tl.store(S + row, scale)
+        else:
+            tl.store(Y + b * stride_yb + n * stride_yn + c64 * stride_yc, y, mask=mask)
     else:
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
         for start in range(0, C, BLOCK_C):
@@ -66,14 +85,33 @@ def _adaln_kernel(X, SHIFT, SCALE, Y, N, C, stride_xb, stride_xn, stride_xc, str
                          0.0)
             acc += d * d
         rstd = tl.rsqrt(tl.sum(acc, axis=0) / C + eps)
-        for start in range(0, C, BLOCK_C):
-            c = start + cols
-            mask = c < C
-            c64 = c.to(tl.int64)
-            h = tl.load(x_row + c64 * stride_xc, mask=mask, other=0.0).to(tl.float32)
-            sc = tl.load(sc_row + c64 * stride_scc, mask=mask, other=0.0).to(tl.float32)
-            sh = tl.load(sh_row + c64 * stride_shc, mask=mask, other=0.0).to(tl.float32)
-            tl.store(y_row + c64 * stride_yc, ((h - mean) * rstd * (1.0 + sc) + sh).to(Y.dtype.element_ty), mask=mask)
+        if FP8_OUT:  # one more pass for the row's amax, then the codes (y recomputed: no scratch), in
+            # half chunks (elementwise, so the values are the same): full ones spill on sm_90a
+            half = tl.arange(0, BLOCK_C // 2)
+            amax = tl.full([], 0.0, tl.float32)
+            for start in range(0, C, BLOCK_C // 2):
+                c = start + half
+                mask = c < C
+                y = _adaln_chunk(x_row, sh_row, sc_row, c.to(tl.int64), mask, stride_xc, stride_shc, stride_scc,
+                                 mean, rstd, OUT_TY)
+                amax = _fp8.running_amax(amax, tl.where(mask, y.to(tl.float32), 0.0), 0)
+            scale = _fp8.fp8_scale(amax)
+            for start in range(0, C, BLOCK_C // 2):
+                c = start + half
+                mask = c < C
+                y = _adaln_chunk(x_row, sh_row, sc_row, c.to(tl.int64), mask, stride_xc, stride_shc, stride_scc,
+                                 mean, rstd, OUT_TY)
+                tl.store(Q + row * C + c, _fp8.quantize_codes(y.to(tl.float32), scale), mask=mask)
+            tl.store(S + row, scale)
+        else:
+            y_row = Y + b * stride_yb + n * stride_yn
+            for start in range(0, C, BLOCK_C):
+                c = start + cols
+                mask = c < C
+                c64 = c.to(tl.int64)
+                y = _adaln_chunk(x_row, sh_row, sc_row, c64, mask, stride_xc, stride_shc, stride_scc, mean, rstd,
+                                 OUT_TY)
+                tl.store(y_row + c64 * stride_yc, y, mask=mask)
 
 
 @triton.jit
@@ -91,6 +129,59 @@ def _gated_residual_kernel(X, Yin, G, OUT, N, C, stride_xb, stride_xn, stride_xc
     tl.store(OUT + b * stride_ob + n * stride_on + c64 * stride_oc, (x + g * y).to(OUT.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _gated_residual_fp8_kernel(X, Yin, G, OUT, Q, S, N, C, stride_xb, stride_xn, stride_xc, stride_yb, stride_yn,
+                               stride_yc, stride_ob, stride_on, stride_oc, stride_gb, stride_gc,
+                               BLOCK_C: tl.constexpr, SINGLE_PASS: tl.constexpr):
+    # gated_residual with an FP8 copy of its output: one program per token row (the row's amax
+    # needs the whole row); out = x + gate * y as the 2-D kernel computes it, plus its per-token
+    # codes in Q ([B*N, C] contiguous bytes) and scale in S[row]. Streamed rows: a read-only pass
+    # for the amax, then out and the codes (x is read before it is overwritten: out may be x).
+    row = tl.program_id(0).to(tl.int64)
+    b = row // N
+    n = row % N
+    x_row = X + b * stride_xb + n * stride_xn
+    y_row = Yin + b * stride_yb + n * stride_yn
+    o_row = OUT + b * stride_ob + n * stride_on
+    g_row = G + b * stride_gb
+    cols = tl.arange(0, BLOCK_C)
+    if SINGLE_PASS:
+        mask = cols < C
+        c64 = cols.to(tl.int64)
+        o = _gr_chunk(x_row, y_row, g_row, c64, mask, stride_xc, stride_yc, stride_gc, OUT.dtype.element_ty)
+        tl.store(o_row + c64 * stride_oc, o, mask=mask)
+        of = tl.where(mask, o.to(tl.float32), 0.0)
+        scale = _fp8.fp8_scale(_fp8.row_amax(of, 0))
+        tl.store(Q + row * C + c64, _fp8.quantize_codes(of, scale), mask=mask)
+        tl.store(S + row, scale)
+    else:
+        amax = tl.full([], 0.0, tl.float32)
+        for start in range(0, C, BLOCK_C):
+            c = start + cols
+            mask = c < C
+            o = _gr_chunk(x_row, y_row, g_row, c.to(tl.int64), mask, stride_xc, stride_yc, stride_gc,
+                          OUT.dtype.element_ty)
+            amax = _fp8.running_amax(amax, tl.where(mask, o.to(tl.float32), 0.0), 0)
+        scale = _fp8.fp8_scale(amax)
+        for start in range(0, C, BLOCK_C):
+            c = start + cols
+            mask = c < C
+            c64 = c.to(tl.int64)
+            o = _gr_chunk(x_row, y_row, g_row, c64, mask, stride_xc, stride_yc, stride_gc, OUT.dtype.element_ty)
+            tl.store(o_row + c64 * stride_oc, o, mask=mask)
+            tl.store(Q + row * C + c64, _fp8.quantize_codes(o.to(tl.float32), scale), mask=mask)
+        tl.store(S + row, scale)
+
+
+@triton.jit
+def _gr_chunk(x_row, y_row, g_row, c64, mask, stride_xc, stride_yc, stride_gc, OUT_TY: tl.constexpr):
+    """``x + gate * y`` on one chunk of a row, rounded to OUT_TY (as _gated_residual_kernel)."""
+    x = tl.load(x_row + c64 * stride_xc, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_row + c64 * stride_yc, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_row + c64 * stride_gc, mask=mask, other=0.0).to(tl.float32)
+    return (x + g * y).to(OUT_TY)
+
+
 def _gr_config(C: int) -> tuple[int, int]:
     block = min(_GR_BLOCK, max(ROW_MIN_BLOCK, triton.next_power_of_2(C)))
     return block, max(1, block // 256)
@@ -98,16 +189,20 @@ def _gr_config(C: int) -> tuple[int, int]:
 
 
 
-def _adaln_launch(x, shift, scale, eps, out):
+def _adaln_launch(x, shift, scale, eps, out, fp8_out=None):
     """(grid, args, constexprs, num_warps, num_stages) of one adaln_layernorm launch: what
-    :func:`_adaln_triton` runs and what the AOT specs compile."""
+    :func:`_adaln_triton` runs and what the AOT specs compile. ``fp8_out``: the ``(q, scales)``
+    buffers of the FP8 variant (then ``out`` is None: y itself is not written)."""
     B, N, C = x.shape
     block, warps, single = row_launch_config(C)
-    args = dict(X=x, SHIFT=shift, SCALE=scale, Y=out, N=N, C=C, stride_xb=x.stride(0), stride_xn=x.stride(1),
-                stride_xc=x.stride(2), stride_yb=out.stride(0), stride_yn=out.stride(1), stride_yc=out.stride(2),
+    fp8 = fp8_out is not None
+    ys = (0, 0, 0) if fp8 else out.stride()
+    args = dict(X=x, SHIFT=shift, SCALE=scale, Y=None if fp8 else out, Q=fp8_out[0].view(torch.uint8) if fp8 else None,
+                S=fp8_out[1] if fp8 else None, N=N, C=C, stride_xb=x.stride(0), stride_xn=x.stride(1),
+                stride_xc=x.stride(2), stride_yb=ys[0], stride_yn=ys[1], stride_yc=ys[2],
                 stride_shb=shift.stride(0), stride_shc=shift.stride(1), stride_scb=scale.stride(0),
                 stride_scc=scale.stride(1), eps=eps)
-    return (B * N,), args, dict(BLOCK_C=block, SINGLE_PASS=single), warps, 1
+    return (B * N,), args, dict(BLOCK_C=block, SINGLE_PASS=single, FP8_OUT=fp8), warps, 1
 
 
 def _gr_launch(x, y, gate, out):
@@ -119,6 +214,18 @@ def _gr_launch(x, y, gate, out):
                 stride_ob=out.stride(0), stride_on=out.stride(1), stride_oc=out.stride(2),
                 stride_gb=gate.stride(0), stride_gc=gate.stride(1))
     return (B * N, triton.cdiv(C, block)), args, dict(BLOCK_C=block), warps, 1
+
+
+def _gr_fp8_launch(x, y, gate, out, q, scales):
+    """(grid, args, constexprs, num_warps, num_stages) of one gated_residual launch with an FP8
+    copy of the output: one program per token row, the row kernels' launch configuration."""
+    B, N, C = x.shape
+    block, warps, single = row_launch_config(C)
+    args = dict(X=x, Yin=y, G=gate, OUT=out, Q=q.view(torch.uint8), S=scales, N=N, C=C, stride_xb=x.stride(0),
+                stride_xn=x.stride(1), stride_xc=x.stride(2), stride_yb=y.stride(0), stride_yn=y.stride(1),
+                stride_yc=y.stride(2), stride_ob=out.stride(0), stride_on=out.stride(1), stride_oc=out.stride(2),
+                stride_gb=gate.stride(0), stride_gc=gate.stride(1))
+    return (B * N,), args, dict(BLOCK_C=block, SINGLE_PASS=single), warps, 1
 
 
 def _aot_inputs():
@@ -173,7 +280,41 @@ def _aot_specs():
                 "gated_residual", _gated_residual_kernel,
                 f"x={t} gate={mt} {label} out={name} BLOCK_C={consts['BLOCK_C']} warps={warps}",
                 args, consts, num_warps=warps, num_stages=stages))
+    specs += _aot_fp8_specs()
     return _aot.unique(specs)
+
+
+def _aot_fp8_specs():
+    """The FP8-output variants (adaln_layernorm(fp8=True), gated_residual(fp8=True)): every row
+    width the launch config distinguishes in fp32 and bf16 (the FP8 runtime's dtypes), SANA's
+    layouts (fp32 modulation next to bf16 x; gated_residual in place on the hidden states)."""
+    meta = dict(device="meta")
+    B, N = 2, 1024
+    cases = [(torch.empty(B, N, C, dtype=dt, **meta), torch.empty(B, 6, C, dtype=dt, **meta)[:, 0], f"C={C}")
+             for dt in (torch.float32, torch.bfloat16) for C in ROW_LAUNCH_WIDTHS]
+    cases += [(torch.empty(B, N, C, dtype=torch.bfloat16, **meta), torch.empty(B, 6, C, **meta)[:, 0],
+               f"C={C} fp32 modulation") for C in (1152, 2240)]
+    cases.append((torch.empty(B, 300, 113, dtype=torch.bfloat16, **meta),
+                  torch.empty(B, 6, 113, dtype=torch.bfloat16, **meta)[:, 0], "C=113 N=300"))
+    specs = []
+    for x, m, label in cases:
+        t, mt = _aot.TRITON_DTYPE[x.dtype], _aot.TRITON_DTYPE[m.dtype]
+        q = torch.empty(x.shape, dtype=_fp8.FP8, **meta)
+        sc = torch.empty(x.shape[:-1] + (1,), dtype=torch.float32, **meta)
+        _, args, consts, warps, stages = _adaln_launch(x, m, m, 1e-6, None, (q, sc))
+        specs.append(_aot.launch_spec(
+            "adaln_layernorm_fp8", _adaln_kernel,
+            f"x={t} mod={mt} {label} BLOCK_C={consts['BLOCK_C']} "
+            f"{'single' if consts['SINGLE_PASS'] else 'streamed'} warps={warps}",
+            args, consts, num_warps=warps, num_stages=stages))
+        for name, o in (("in place", x), ("new", torch.empty(x.shape, dtype=x.dtype, **meta))):
+            _, args, consts, warps, stages = _gr_fp8_launch(x, x, m, o, q, sc)
+            specs.append(_aot.launch_spec(
+                "gated_residual_fp8", _gated_residual_fp8_kernel,
+                f"x={t} gate={mt} {label} out={name} BLOCK_C={consts['BLOCK_C']} "
+                f"{'single' if consts['SINGLE_PASS'] else 'streamed'} warps={warps}",
+                args, consts, num_warps=warps, num_stages=stages))
+    return specs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +380,63 @@ _GR_INPLACE_IMPLS = {name: (lambda x, y, gate, _f=f: _f(x, y, gate, x)) for name
 def _gr_inplace_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None: ...
 
 
+# FP8-output variants (spar_kernels/_fp8_out.py): the Triton kernels' FP8_OUT epilogues; on CPU the
+# C++ twin into a scratch row block, then quantize_fp8's twin, inside the one op.
+
+def _adaln_fp8_triton(x, shift, scale, eps, q, scales):
+    if x.shape[0] * x.shape[1] == 0:
+        return
+    grid, args, consts, warps, stages = _adaln_launch(x, shift, scale, eps, None, (q, scales))
+    with device_guard(x):
+        _adaln_kernel[grid](**args, **consts, num_warps=warps, num_stages=stages)
+
+
+def _adaln_fp8_unfused(impl, quantize):
+    def run(x, shift, scale, eps, q, scales):
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        impl(x, shift, scale, eps, y)
+        quantize(y, q, scales)
+    return run
+
+
+def _gr_fp8_triton(x, y, gate, out, q, scales):
+    if x.numel() == 0:
+        return
+    grid, args, consts, warps, stages = _gr_fp8_launch(x, y, gate, out, q, scales)
+    with device_guard(x):
+        _gated_residual_fp8_kernel[grid](**args, **consts, num_warps=warps, num_stages=stages)
+
+
+def _gr_fp8_unfused(impl, quantize):
+    def run(x, y, gate, out, q, scales):
+        impl(x, y, gate, out)
+        quantize(out if out.is_contiguous() else out.contiguous(), q, scales)
+    return run
+
+
+_ADALN_FP8_IMPLS = {"triton": _adaln_fp8_triton, "cpu": _adaln_fp8_unfused(_adaln_cpu, _fp8.quantize_rows_cpu),
+                    "reference": _adaln_fp8_unfused(_adaln_reference, _fp8.quantize_rows_reference)}
+_GR_FP8_IMPLS = {"triton": _gr_fp8_triton, "cpu": _gr_fp8_unfused(_gr_cpu, _fp8.quantize_rows_cpu),
+                 "reference": _gr_fp8_unfused(_gr_reference, _fp8.quantize_rows_reference)}
+_GR_FP8_INPLACE_IMPLS = {name: (lambda x, y, gate, q, scales, _f=f: _f(x, y, gate, x, q, scales))
+                         for name, f in _GR_FP8_IMPLS.items()}
+
+
+@spar_op("adaln_layernorm_fp8", mutates_args=("q", "scales"), impls=_ADALN_FP8_IMPLS)
+def _adaln_fp8_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, q: torch.Tensor,
+                  scales: torch.Tensor) -> None: ...
+
+
+@spar_op("gated_residual_fp8", mutates_args=("out", "q", "scales"), impls=_GR_FP8_IMPLS)
+def _gr_fp8_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, out: torch.Tensor, q: torch.Tensor,
+               scales: torch.Tensor) -> None: ...
+
+
+@spar_op("gated_residual_fp8_", mutates_args=("x", "q", "scales"), impls=_GR_FP8_INPLACE_IMPLS)
+def _gr_fp8_inplace_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, q: torch.Tensor,
+                       scales: torch.Tensor) -> None: ...
+
+
 # ---------------------------------------------------------------------------------------------
 # public API
 
@@ -259,7 +457,7 @@ def per_sample_view(name: str, t, B: int, C: int, device: torch.device) -> torch
 
 
 def adaln_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *, eps: float,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out=None, fp8: bool = False):
     """LayerNorm (no affine) over the last dimension, then ``* (1 + scale) + shift`` per sample.
 
     Args:
@@ -267,10 +465,15 @@ def adaln_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *
         shift, scale: per-sample vectors: ``[B, C]`` or ``[B, 1, C]`` (any strides), or broadcast
             ``[C]`` / ``[1, C]`` / ``[1, 1, C]``; any float dtype, on x's device.
         eps: added to the variance (diffusers' SANA blocks use 1e-6).
-        out: optional contiguous ``[B, N, C]`` output of x's dtype.
+        out: optional contiguous ``[B, N, C]`` output of x's dtype; with ``fp8=True`` an optional
+            ``(q, scales)`` pair of contiguous buffers (float8_e4m3fn ``[B, N, C]``, float32
+            ``[B, N, 1]``).
+        fp8: return the output quantized per token for ``torch._scaled_mm`` instead, in the same
+            launch: ``(q, scales)`` equal to ``quantize_fp8(adaln_layernorm(...))`` (the contract
+            in ``spar_kernels/_fp8_out.py``); the output itself is not written.
 
     Returns:
-        ``out``: fp32 math, rounded once to x's dtype.
+        ``out``: fp32 math, rounded once to x's dtype; with ``fp8=True`` the ``(q, scales)`` pair.
     """
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     B, N, C = x.shape
@@ -278,6 +481,11 @@ def adaln_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *
     scale = per_sample_view("scale", scale, B, C, x.device)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+    if _fp8.check_flag(fp8):
+        q, scales = _fp8.outputs(out, x.shape, x.device)
+        if q.numel():
+            _adaln_fp8_op(x, shift, scale, float(eps), q, scales)
+        return q, scales
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     else:
@@ -287,8 +495,8 @@ def adaln_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *
     return out
 
 
-def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, out: torch.Tensor | None = None, *,
+                   fp8: bool = False, fp8_out=None):
     """``x + gate * y`` with one gate vector per sample (the gated residual of DiT blocks).
 
     Args:
@@ -298,9 +506,14 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
             ``[1, C]`` / ``[1, 1, C]``; any float dtype, on x's device.
         out: ``None`` (a new tensor), ``x`` itself (in-place update, any strides of x; x must not
             overlap itself, e.g. an ``expand``-ed view), or a contiguous ``[B, N, C]`` tensor of x's dtype.
+        fp8: also return the output quantized per token for ``torch._scaled_mm`` (the input of the
+            GEMM that follows), computed in the same launch: ``(out, q, scales)`` with ``(q, scales)``
+            equal to ``quantize_fp8(out)`` (the contract in ``spar_kernels/_fp8_out.py``).
+        fp8_out: optional ``(q, scales)`` pair of contiguous buffers for ``fp8=True``
+            (float8_e4m3fn ``[B, N, C]``, float32 ``[B, N, 1]``).
 
     Returns:
-        ``out``: fp32 math, rounded once to x's dtype.
+        ``out``: fp32 math, rounded once to x's dtype; with ``fp8=True`` ``(out, q, scales)``.
     """
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     in_place = out is x
@@ -316,6 +529,16 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     elif not in_place:
         check_out("out", out, x.shape, x.dtype, x.device)
+    if _fp8.check_flag(fp8):
+        q, scales = _fp8.outputs(fp8_out, x.shape, x.device, "fp8_out")
+        if out.numel():
+            if in_place:
+                _gr_fp8_inplace_op(out, y, gate, q, scales)
+            else:
+                _gr_fp8_op(x, y, gate, out, q, scales)
+        return out, q, scales
+    if fp8_out is not None:
+        raise ValueError("fp8_out: given without fp8=True")
     if out.numel():
         if in_place:
             _gr_inplace_op(out, y, gate)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import _aot, _ext
+from . import _fp8_out as _fp8
 from ._op import device_guard, spar_op
 from ._triton import tl, triton
 from ._validate import FLOAT_DTYPES, check_out, check_tensor
@@ -29,20 +30,9 @@ _MAX_BLOCK_C = 128  # output channels per program (x2 for the gate half)
 
 
 @triton.jit
-def _dwconv_glu_kernel(X, Wt, Bias, O, Hh, Ww, C, n_ptiles, stride_xb, stride_xn, stride_ob, stride_on, stride_w,
-                       HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # axis x: (token tile, sample) folded, so the batch never meets the 65535 limit of axes y / z
-    pid = tl.program_id(0)
-    pid_p = pid % n_ptiles
-    b = (pid // n_ptiles).to(tl.int64)
-    pid_c = tl.program_id(1)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_mask = p < Hh * Ww
-    c_mask = c < C
-    row = p // Ww
-    col = p % Ww
-    x_b = X + b * stride_xb
+def _dwconv_glu_tile(x_b, Wt, Bias, row, col, p_mask, c, c_mask, Hh, Ww, C, stride_xn, stride_w,
+                     HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``a * silu(g)`` (fp32) of the tokens at grid (row, col) and output channels c."""
     acc_a = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for t in range(9):  # not unrolled: 9 hoisted tile loads would spill
@@ -61,9 +51,59 @@ def _dwconv_glu_kernel(X, Wt, Bias, O, Hh, Ww, C, n_ptiles, stride_xb, stride_xn
     if HAS_BIAS:
         acc_a += tl.load(Bias + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
         acc_g += tl.load(Bias + C + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    y = acc_a * (acc_g * tl.sigmoid(acc_g))
+    return acc_a * (acc_g * tl.sigmoid(acc_g))
+
+
+@triton.jit
+def _dwconv_glu_kernel(X, Wt, Bias, O, Hh, Ww, C, n_ptiles, stride_xb, stride_xn, stride_ob, stride_on, stride_w,
+                       HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # axis x: (token tile, sample) folded, so the batch never meets the 65535 limit of axes y / z
+    pid = tl.program_id(0)
+    pid_p = pid % n_ptiles
+    b = (pid // n_ptiles).to(tl.int64)
+    pid_c = tl.program_id(1)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_mask = p < Hh * Ww
+    c_mask = c < C
+    y = _dwconv_glu_tile(X + b * stride_xb, Wt, Bias, p // Ww, p % Ww, p_mask, c, c_mask, Hh, Ww, C, stride_xn,
+                         stride_w, HAS_BIAS, BLOCK_P, BLOCK_C)
     tl.store(O + b * stride_ob + p[:, None].to(tl.int64) * stride_on + c[None, :],
              y.to(O.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def _dwconv_glu_fp8_kernel(X, Wt, Bias, Q, S, Hh, Ww, C, n_ptiles, stride_xb, stride_xn, stride_w,
+                           HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # The FP8-output variant: a program owns whole token rows (their amax spans every channel), so
+    # it walks the channel tiles twice: the rows' amax of the outputs rounded to x's dtype, then
+    # the codes (Q: [B*H*W, C] contiguous bytes) and the scales (S[token]); the tiles are
+    # recomputed, not kept (bit-identical: the same instructions on the same inputs).
+    pid = tl.program_id(0)
+    pid_p = pid % n_ptiles
+    b = (pid // n_ptiles).to(tl.int64)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < Hh * Ww
+    row, col = p // Ww, p % Ww
+    x_b = X + b * stride_xb
+    OUT_TY = X.dtype.element_ty
+    amax = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        y = _dwconv_glu_tile(x_b, Wt, Bias, row, col, p_mask, c, c_mask, Hh, Ww, C, stride_xn, stride_w,
+                             HAS_BIAS, BLOCK_P, BLOCK_C).to(OUT_TY).to(tl.float32)
+        amax = _fp8.running_amax(amax, tl.where(c_mask[None, :], y, 0.0), 1)
+    scale = _fp8.fp8_scale(amax)                                           # [BLOCK_P]
+    tok = b * Hh * Ww + p.to(tl.int64)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        y = _dwconv_glu_tile(x_b, Wt, Bias, row, col, p_mask, c, c_mask, Hh, Ww, C, stride_xn, stride_w,
+                             HAS_BIAS, BLOCK_P, BLOCK_C).to(OUT_TY).to(tl.float32)
+        tl.store(Q + tok[:, None] * C + c[None, :], _fp8.quantize_codes(y, scale[:, None]),
+                 mask=p_mask[:, None] & c_mask[None, :])
+    tl.store(S + tok, scale, mask=p_mask)
 
 
 def _config(C: int) -> tuple[int, int, int]:
@@ -87,6 +127,21 @@ def _launch(x, weight, bias, H, W, out):
                 stride_w=weight.stride(0))
     return ((n_pt * B, triton.cdiv(C, bc)), args, dict(HAS_BIAS=bias is not None, BLOCK_P=bp, BLOCK_C=bc),
             warps, 1)
+
+
+def _fp8_launch(x, weight, bias, H, W, q, scales):
+    """(grid, args, constexprs, num_warps, num_stages) of one FP8-output launch: the token tiles
+    of :func:`_launch`, each program over every channel tile."""
+    B, HW, C2 = x.shape
+    C = C2 // 2
+    bp, bc, warps = _config(C)
+    # 2 warps at 64 channels: 4 spilled 8 bytes on sm_90a at C=37 and 8 at C=64 (the walk over
+    # channel tiles keeps more live than one tile); warps change no value (the amax is a max)
+    warps = 2 if bc == 64 else warps
+    n_pt = triton.cdiv(HW, bp)
+    args = dict(X=x, Wt=weight, Bias=bias if bias is not None else weight, Q=q.view(torch.uint8), S=scales, Hh=H,
+                Ww=W, C=C, n_ptiles=n_pt, stride_xb=x.stride(0), stride_xn=x.stride(1), stride_w=weight.stride(0))
+    return (n_pt * B,), args, dict(HAS_BIAS=bias is not None, BLOCK_P=bp, BLOCK_C=bc), warps, 1
 
 
 def _aot_inputs():
@@ -127,6 +182,14 @@ def _aot_specs():
             "dwconv_glu", _dwconv_glu_kernel,
             f"x={t} w={wt} {label} BLOCK_P={consts['BLOCK_P']} BLOCK_C={consts['BLOCK_C']} warps={warps}",
             args, consts, num_warps=warps, num_stages=stages))
+        if x.dtype in (torch.float32, torch.bfloat16):  # the FP8 runtime's dtypes
+            q = torch.empty(out.shape, dtype=_fp8.FP8, device="meta")
+            sc = torch.empty(out.shape[:-1] + (1,), dtype=torch.float32, device="meta")
+            _, args, consts, warps, stages = _fp8_launch(x, w, b, H, W, q, sc)
+            specs.append(_aot.launch_spec(
+                "dwconv_glu_fp8", _dwconv_glu_fp8_kernel,
+                f"x={t} w={wt} {label} BLOCK_P={consts['BLOCK_P']} BLOCK_C={consts['BLOCK_C']} warps={warps}",
+                args, consts, num_warps=warps, num_stages=stages))
     return _aot.unique(specs)
 
 
@@ -163,8 +226,34 @@ def _dwconv_glu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                    out: torch.Tensor) -> None: ...
 
 
+# FP8 output (spar_kernels/_fp8_out.py): the Triton FP8 kernel; on CPU the twin into a scratch
+# output, then quantize_fp8's twin, inside the one op.
+
+def _fp8_triton(x, weight, bias, H, W, q, scales):
+    grid, args, consts, warps, stages = _fp8_launch(x, weight, bias, H, W, q, scales)
+    with device_guard(x):
+        _dwconv_glu_fp8_kernel[grid](**args, **consts, num_warps=warps, num_stages=stages)
+
+
+def _fp8_unfused(impl, quantize):
+    def run(x, weight, bias, H, W, q, scales):
+        y = torch.empty(q.shape, dtype=x.dtype, device=x.device)
+        impl(x, weight, bias, H, W, y)
+        quantize(y, q, scales)
+    return run
+
+
+_FP8_IMPLS = {"triton": _fp8_triton, "cpu": _fp8_unfused(_impl_cpu, _fp8.quantize_rows_cpu),
+              "reference": _fp8_unfused(_impl_reference, _fp8.quantize_rows_reference)}
+
+
+@spar_op("dwconv_glu_fp8", mutates_args=("q", "scales"), impls=_FP8_IMPLS)
+def _dwconv_glu_fp8_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, H: int, W: int,
+                       q: torch.Tensor, scales: torch.Tensor) -> None: ...
+
+
 def dwconv_glu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, H: int, W: int,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out=None, *, fp8: bool = False):
     """Depthwise 3x3 conv (padding 1) over the channels-last token grid, then ``a * silu(g)``.
 
     Args:
@@ -174,11 +263,17 @@ def dwconv_glu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             ``[2C, 3, 3]``; any float dtype.
         bias: ``[2C]`` or ``None``; any float dtype.
         H, W: the token grid (``H * W`` must equal x's token count).
-        out: optional contiguous ``[B, H*W, C]`` output of x's dtype.
+        out: optional contiguous ``[B, H*W, C]`` output of x's dtype; with ``fp8=True`` an optional
+            ``(q, scales)`` pair of contiguous buffers (float8_e4m3fn ``[B, H*W, C]``, float32
+            ``[B, H*W, 1]``).
+        fp8: return the output quantized per token for ``torch._scaled_mm`` (the point-wise conv's
+            GEMM) instead, in the same launch: ``(q, scales)`` equal to
+            ``quantize_fp8(dwconv_glu(...))`` (the contract in ``spar_kernels/_fp8_out.py``).
 
     Returns:
         ``out``, with ``a`` the first C channels of the conv result and ``g`` (the gate) the last C,
-        as ``torch.chunk(h, 2, dim=channels)`` in ``GLUMBConv``. fp32 math, one rounding.
+        as ``torch.chunk(h, 2, dim=channels)`` in ``GLUMBConv``. fp32 math, one rounding. With
+        ``fp8=True`` the ``(q, scales)`` pair.
     """
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     B, HW, C2 = x.shape
@@ -206,6 +301,11 @@ def dwconv_glu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if x.stride(-1) != 1:
         x = x.contiguous()
     shape = (B, HW, C)
+    if _fp8.check_flag(fp8):
+        q, scales = _fp8.outputs(out, shape, x.device)
+        if q.numel():
+            _dwconv_glu_fp8_op(x, weight, bias, H, W, q, scales)
+        return q, scales
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
     else:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from . import _aot, _ext
+from . import _fp8_out as _fp8
 from ._backend import current_backend
 from ._op import device_guard, spar_op
 from ._triton import DOT_UPCAST, tl, triton
@@ -40,6 +41,10 @@ _MIN_TILES_PER_SPLIT = 4    # each split of the key tokens gets at least this ma
 _MAX_SPLIT = 16
 # 3xTF32: fp32 accuracy on tensor cores for fp32 operands (bf16/fp16 operands are exact anyway).
 _PRECISION = "tf32x3"
+# The FP8-output launch: a program owns whole token rows across all heads, so the query tile is
+# the smallest a dot takes, for as many programs as the token count allows.
+_FP8_BLOCK_N = 16
+_FP8_WARPS = {16: 2, 32: 4, 64: 4, 128: 4}   # per BLOCK_D; 4 at 16 spilled 8 bytes on sm_80 (bf16, d=12)
 
 
 @triton.jit
@@ -83,6 +88,26 @@ def _la_state_kernel(K, V, S, Z, Nk, H, D, E, E_PAD, n_per_split,
         tl.store(Z + slot * BLOCK_D + offs_d, z)
 
 
+@triton.jit
+def _la_out_tile(Q, S, Z, b, h, bh, offs_n, offs_d, offs_e, n_mask, Nq, D, E_PAD, nsplit, eps,
+                 stride_qb, stride_qn, stride_qh, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """``relu(q) state / (relu(q) . z + eps)`` (fp32) of query rows offs_n, head h, value
+    columns offs_e: the SPLIT partial states summed, one dot, one division."""
+    state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
+    z = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in range(0, nsplit):
+        slot = bh.to(tl.int64) * nsplit + s
+        state += tl.load(S + slot * (BLOCK_D * E_PAD) + offs_d[:, None] * E_PAD + offs_e[None, :])
+        z += tl.load(Z + slot * BLOCK_D + offs_d)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_n[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
+                mask=n_mask[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+    q = tl.maximum(q, 0.0)
+    num = tl.dot(q, state, input_precision=PRECISION)                            # [BLOCK_N, BLOCK_E]
+    den = tl.sum(q * z[None, :], axis=1) + eps
+    return num / den[:, None]
+
+
 # nsplit is not specialized: at nsplit == 1 (every SANA shape up to ~1k tokens) the constant split
 # loop raised sm_80's registers past 255 and spilled (python -m spar_kernels.inspect).
 @triton.jit(do_not_specialize=["nsplit"])
@@ -102,21 +127,47 @@ def _la_out_kernel(Q, S, Z, O, Nq, H, D, E, E_PAD, nsplit, n_qtiles, n_etiles, e
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = et * BLOCK_E + tl.arange(0, BLOCK_E)
-    state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
-    z = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for s in range(0, nsplit):
-        slot = bh.to(tl.int64) * nsplit + s
-        state += tl.load(S + slot * (BLOCK_D * E_PAD) + offs_d[:, None] * E_PAD + offs_e[None, :])
-        z += tl.load(Z + slot * BLOCK_D + offs_d)
     n_mask = offs_n < Nq
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_n[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
-                mask=n_mask[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-    q = tl.maximum(q, 0.0)
-    num = tl.dot(q, state, input_precision=PRECISION)                            # [BLOCK_N, BLOCK_E]
-    den = tl.sum(q * z[None, :], axis=1) + eps
-    o = num / den[:, None]
+    o = _la_out_tile(Q, S, Z, b, h, bh, offs_n, offs_d, offs_e, n_mask, Nq, D, E_PAD, nsplit, eps,
+                     stride_qb, stride_qn, stride_qh, BLOCK_D, BLOCK_E, PRECISION)
     tl.store(O + b * stride_ob + h * stride_oh + offs_n[:, None].to(tl.int64) * stride_on + offs_e[None, :],
              o.to(O.dtype.element_ty), mask=n_mask[:, None] & (offs_e[None, :] < E))
+
+
+# H and n_etiles are not specialized either: at H == 1 the constant head loop spilled on sm_90a
+@triton.jit(do_not_specialize=["nsplit", "H", "n_etiles"])
+def _la_out_fp8_kernel(Q, S, Z, Q8, S8, Nq, H, D, E, E_PAD, nsplit, n_qtiles, n_etiles, eps,
+                       stride_qb, stride_qn, stride_qh,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    # The FP8-output variant of the output launch: a token's scale spans all H heads, so a program
+    # owns BLOCK_N whole token rows of one sample and walks (head, value tile) twice: the rows'
+    # amax of the outputs rounded to q's dtype (the output dtype), then the codes (Q8: [B*Nq, H*E] contiguous bytes) and the scales (S8[token]); the tiles are
+    # recomputed, not kept (bit-identical: the same instructions on the same inputs).
+    pid = tl.program_id(0)
+    pid_n = pid % n_qtiles
+    b = (pid // n_qtiles).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_mask = offs_n < Nq
+    OUT_TY = Q.dtype.element_ty
+    amax = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for i in range(0, H * n_etiles):
+        h = (i // n_etiles).to(tl.int64)
+        offs_e = (i % n_etiles) * BLOCK_E + tl.arange(0, BLOCK_E)
+        o = _la_out_tile(Q, S, Z, b, h, b * H + h, offs_n, offs_d, offs_e, n_mask, Nq, D, E_PAD, nsplit, eps,
+                         stride_qb, stride_qn, stride_qh, BLOCK_D, BLOCK_E, PRECISION).to(OUT_TY).to(tl.float32)
+        amax = _fp8.running_amax(amax, tl.where(offs_e[None, :] < E, o, 0.0), 1)
+    scale = _fp8.fp8_scale(amax)                                               # [BLOCK_N]
+    tok = b * Nq + offs_n.to(tl.int64)
+    for i in range(0, H * n_etiles):
+        h = (i // n_etiles).to(tl.int64)
+        offs_e = (i % n_etiles) * BLOCK_E + tl.arange(0, BLOCK_E)
+        o = _la_out_tile(Q, S, Z, b, h, b * H + h, offs_n, offs_d, offs_e, n_mask, Nq, D, E_PAD, nsplit, eps,
+                         stride_qb, stride_qn, stride_qh, BLOCK_D, BLOCK_E, PRECISION).to(OUT_TY).to(tl.float32)
+        tl.store(Q8 + tok[:, None] * (H * E) + h * E + offs_e[None, :], _fp8.quantize_codes(o, scale[:, None]),
+                 mask=n_mask[:, None] & (offs_e[None, :] < E))
+    tl.store(S8 + tok, scale, mask=n_mask)
 
 
 def _block_d(D: int) -> int:
@@ -169,9 +220,10 @@ class _Plan:
         self.s_numel = slots * self.bd * self.e_pad      # partial states [B*H, SPLIT, BLOCK_D, E_PAD]
         self.numel = self.s_numel + slots * self.bd      # + partial normalisers [B*H, SPLIT, BLOCK_D]
 
-    def launches(self, q, k, v, out, workspace, eps: float):
+    def launches(self, q, k, v, out, workspace, eps: float, fp8_out=None):
         """[(kernel, grid, args, constexprs, num_warps, num_stages)]: what :func:`_impl_triton`
-        launches and what the AOT specs compile (one description, so they cannot drift)."""
+        launches and what the AOT specs compile (one description, so they cannot drift).
+        ``fp8_out``: the ``(q8, scales)`` buffers of the FP8-output variant (``out`` is unused)."""
         B, Nq, H, D = q.shape
         Nk, E = k.shape[1], v.shape[-1]
         ws_s = workspace.narrow(0, 0, self.s_numel)
@@ -182,7 +234,15 @@ class _Plan:
         run = [(_la_state_kernel, (B * H, self.split, self.n_et), state,
                 dict(BLOCK_N=self.bn1, BLOCK_D=self.bd, BLOCK_E=self.be, DOT_UPCAST=DOT_UPCAST, PRECISION=_PRECISION),
                 self.w1, 2)]
-        if Nq:
+        if Nq and fp8_out is not None:
+            n_qt = triton.cdiv(Nq, _FP8_BLOCK_N)
+            o = dict(Q=q, S=ws_s, Z=ws_z, Q8=fp8_out[0].view(torch.uint8), S8=fp8_out[1], Nq=Nq, H=H, D=D, E=E,
+                     E_PAD=self.e_pad, nsplit=self.split, n_qtiles=n_qt, n_etiles=self.n_et, eps=eps,
+                     stride_qb=q.stride(0), stride_qn=q.stride(1), stride_qh=q.stride(2))
+            run.append((_la_out_fp8_kernel, (n_qt * B,), o,
+                        dict(BLOCK_N=_FP8_BLOCK_N, BLOCK_D=self.bd, BLOCK_E=self.be, PRECISION=_PRECISION),
+                        _FP8_WARPS[self.bd], 1))
+        elif Nq:
             o = dict(Q=q, S=ws_s, Z=ws_z, O=out, Nq=Nq, H=H, D=D, E=E, E_PAD=self.e_pad, nsplit=self.split,
                      n_qtiles=self.n_qt, n_etiles=self.n_et, eps=eps, stride_qb=q.stride(0), stride_qn=q.stride(1),
                      stride_qh=q.stride(2), stride_ob=out.stride(0), stride_on=out.stride(1),
@@ -217,6 +277,10 @@ def _aot_launches():
             plan = _Plan(B, N, N, H, D, D, dtype)
             ws = torch.empty(plan.numel, dtype=torch.float32, **meta)
             yield dtype, plan, plan.launches(q, k, v, out, ws, DEFAULT_EPS)
+            if dtype != torch.float16:  # the FP8 runtime's dtypes: the FP8-output launch too
+                fp8_out = (torch.empty(B, N, H, D, dtype=_fp8.FP8, **meta),
+                           torch.empty(B, N, 1, dtype=torch.float32, **meta))
+                yield dtype, plan, plan.launches(q, k, v, None, ws, DEFAULT_EPS, fp8_out)[1:]
 
 
 @_aot.register
@@ -228,13 +292,16 @@ def _aot_specs():
             consts = dict(consts, DOT_UPCAST=False) if "DOT_UPCAST" in consts else consts
             state = fn is _la_state_kernel
             bn = consts["BLOCK_N"]
+            name = {_la_state_kernel: "linear_attention_state", _la_out_kernel: "linear_attention_out",
+                    _la_out_fp8_kernel: "linear_attention_out_fp8"}[fn]
             specs.append(_aot.launch_spec(
-                "linear_attention_state" if state else "linear_attention_out", fn,
+                name, fn,
                 f"{t} BLOCK_D={plan.bd} BLOCK_E={plan.be} BLOCK_N={bn} warps={warps} "
                 f"D={args['D']} H={args['H']} split={plan.split}", args, consts, num_warps=warps,
                 num_stages=stages,
-                # the state launch's M is BLOCK_D: wgmma needs 64 rows; below, mma.sync is fine
-                expect_mma=plan.bd >= 64 if state else True))
+                # the state launch's M is BLOCK_D and the FP8 output launch's 16 query rows: wgmma
+                # needs 64 rows; below, mma.sync is fine
+                expect_mma=plan.bd >= 64 if state else fn is _la_out_kernel))
     return _aot.unique(specs)
 
 
@@ -258,6 +325,29 @@ def _impl_triton(q, k, v, eps, out, workspace):
 
 def _impl_reference(q, k, v, eps, out, workspace):
     out.copy_(_ref.linear_attention(q, k, v, eps))
+
+
+def _fp8_triton(q, k, v, eps, q8, scales, workspace):
+    B, Nq, H, D = q.shape
+    plan = _Plan(B, Nq, k.shape[1], H, D, v.shape[-1], q.dtype)
+    if workspace.numel() < plan.numel:
+        if workspace.numel():
+            raise ValueError(f"workspace: expected a contiguous fp32 tensor of at least {plan.numel} elements "
+                             f"(linear_attention_workspace(q, k, v)), got shape {tuple(workspace.shape)}")
+        workspace = torch.empty(plan.numel, dtype=torch.float32, device=q.device)
+    with device_guard(q):
+        for kernel, grid, args, consts, warps, stages in plan.launches(q, k, v, None, workspace, eps, (q8, scales)):
+            kernel[grid](**args, **consts, num_warps=warps, num_stages=stages)
+
+
+def _fp8_unfused(impl, quantize):
+    """The CPU / reference FP8 output: the op into a scratch output, then quantize_fp8's per-token
+    rows ([B*Nq, H*e]), inside the one op."""
+    def run(q, k, v, eps, q8, scales, workspace):
+        y = torch.empty(q8.shape, dtype=q.dtype, device=q.device)
+        impl(q, k, v, eps, y, workspace)
+        quantize(y.view(y.shape[0], y.shape[1], -1), q8, scales)
+    return run
 
 
 _CPU_TWIN_DIMS = (16, 32, 64)  # head dims (d == e) compiled into the C++ twin (csrc/linear_attention/)
@@ -297,6 +387,15 @@ _IMPLS = {"triton": _impl_triton, "cpu": _impl_cpu, "reference": _impl_reference
 @spar_op("linear_attention", mutates_args=("out", "workspace"), impls=_IMPLS)
 def _linear_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, out: torch.Tensor,
                          workspace: torch.Tensor) -> None: ...
+
+
+_FP8_IMPLS = {"triton": _fp8_triton, "cpu": _fp8_unfused(_impl_cpu, _fp8.quantize_rows_cpu),
+              "reference": _fp8_unfused(_impl_reference, _fp8.quantize_rows_reference)}
+
+
+@spar_op("linear_attention_fp8", mutates_args=("q8", "scales", "workspace"), impls=_FP8_IMPLS)
+def _linear_attention_fp8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, q8: torch.Tensor,
+                             scales: torch.Tensor, workspace: torch.Tensor) -> None: ...
 
 
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -344,7 +443,7 @@ def _check_inputs(q, k, v) -> None:
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float = DEFAULT_EPS,
-                     out: torch.Tensor | None = None, workspace: torch.Tensor | None = None) -> torch.Tensor:
+                     out=None, workspace: torch.Tensor | None = None, fp8: bool = False):
     """ReLU linear attention (SANA), fp32 accumulation.
 
     Args:
@@ -359,16 +458,26 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: 
             (contiguous, on q's device, at least that many elements); the GPU path keeps the
             per-split partial states in it. Without it the call allocates one (with it and ``out``
             the call allocates nothing).
+        fp8: return the output quantized per token for ``torch._scaled_mm`` (the output
+            projection's GEMM) instead, in the same launches: ``(q8, scales)``, float8_e4m3fn
+            ``[B, Nq, H, e]`` and float32 ``[B, Nq, 1]`` (one scale per token across all heads),
+            equal to ``quantize_fp8(linear_attention(...).view(B, Nq, H * e))`` (the contract in
+            ``spar_kernels/_fp8_out.py``); ``out`` is then an optional pair of such contiguous
+            buffers. On the GPU a program of the output launch owns 16 whole token rows and walks
+            the heads (a token's scale spans them all).
 
     Returns:
-        ``out``; d up to 128 (e is free: value columns are tiled).
+        ``out``; d up to 128 (e is free: value columns are tiled). With ``fp8=True`` ``(q8, scales)``.
     """
     _check_inputs(q, k, v)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
     B, Nq, H, _ = q.shape
     shape = (B, Nq, H, v.shape[3])
-    if out is None:
+    fp8 = _fp8.check_flag(fp8)
+    if fp8:
+        q8, scales = _fp8.outputs(out, shape, q.device, scale_shape=(B, Nq, 1))
+    elif out is None:
         out = torch.empty(shape, dtype=q.dtype, device=q.device)
     else:
         check_out("out", out, shape, q.dtype, q.device)
@@ -382,6 +491,11 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: 
             raise ValueError(f"workspace: expected a contiguous fp32 tensor of at least {need} elements "
                              f"(linear_attention_workspace(q, k, v)), got shape {tuple(workspace.shape)}, "
                              f"strides {workspace.stride()}")
+    if fp8:
+        if q8.numel():
+            _linear_attention_fp8_op(_last_contiguous(q), _last_contiguous(k), _last_contiguous(v), float(eps), q8,
+                                     scales, workspace)
+        return q8, scales
     if out.numel():
         _linear_attention_op(_last_contiguous(q), _last_contiguous(k), _last_contiguous(v), float(eps), out,
                              workspace)

@@ -82,10 +82,10 @@ class _Cost(TorchDispatchMode):
             q, k, max_k = args[0], args[1], args[8]
             f = 4 * q.shape[0] * q.shape[1] * q.shape[2] * max_k       # every row sees <= max_seqlen_k keys
             moved = _bytes(q) + 2 * _bytes(k) + _bytes(q)
-        elif p == "spar.linear_attention":
+        elif p in ("spar.linear_attention", "spar.linear_attention_fp8"):
             q = args[0]                                                 # [B, N, H, d]: k^T v, then q (k^T v)
             f = 4 * q.numel() * q.shape[-1]
-            moved = 4 * _bytes(q)
+            moved = 3 * _bytes(q) + _bytes(args[4])                    # q, k, v in; out (or its FP8 codes)
         else:
             moved = sum(_bytes(t) for t in pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor))
         (self.fp8_flops if p == "aten._scaled_mm" else self.flops)[self.region] += f

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from spar_kernels import (AttentionLayout, adaln_layernorm, dwconv_glu, gated_residual, hybrid_attention,
                           linear_attention, rms_norm)
 from spar_kernels.attention import HEAD_DIMS as _ATTN_HEAD_DIMS
-from .fp8 import linear
-from .loading import CheckpointError, check_state_dict, default_dtype, load_safetensors_dir, read_json
+from .fp8 import linear, wants_fp8
+from .loading import check_state_dict, load_component
 
 __all__ = ["SanaConfig", "SanaContext", "SanaBlock", "SanaDiT", "sana_param_shapes", "random_weights"]
 
@@ -292,27 +292,34 @@ class SanaBlock:
         :attr:`SanaContext.kv`; ``layout``: the cross-attention layout (N rows per sample);
         ``h x w = N``: the token grid. 15 kernel launches without qk-norm (two norms with their
         modulation, five GEMMs and a bias-free one, the two attentions, the depthwise conv + GLU,
-        two gated residuals, SiLU and the cross-attention residual add)."""
+        two gated residuals, SiLU and the cross-attention residual add). With FP8 weights
+        (:func:`~spar_runtime.fp8.wants_fp8`) the ops feeding the qkv, out-projection, cross query,
+        conv_inverted and conv_point GEMMs write FP8 (``fp8=True``): one ``quantize_fp8`` launch is
+        left (the cross-attention output's), so 16."""
         c = self.config
         B, N, D = hs.shape
+        dt = hs.dtype
         Hs, ds = c.num_attention_heads, c.attention_head_dim
         Hc, dc = c.num_cross_attention_heads, c.cross_attention_head_dim
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(1)
         # 1. self-attention: ReLU linear attention
-        y = adaln_layernorm(hs, shift_msa, scale_msa, eps=c.norm_eps)
-        qkv = linear(y, self.w_qkv, self.b_qkv).view(B, N, 3, D)
+        y = adaln_layernorm(hs, shift_msa, scale_msa, eps=c.norm_eps, fp8=wants_fp8(self.w_qkv))
+        qkv = linear(y, self.w_qkv, self.b_qkv, dtype=dt).view(B, N, 3, D)
         q, k, v = qkv.unbind(2)
         if self.qk_norm is not None:
             q = rms_norm(q, self.qk_norm["attn1"][0], _QK_NORM_EPS)
             k = rms_norm(k, self.qk_norm["attn1"][1], _QK_NORM_EPS)
         a = linear_attention(q.unflatten(-1, (Hs, ds)), k.unflatten(-1, (Hs, ds)), v.unflatten(-1, (Hs, ds)),
-                             eps=_LINEAR_ATTN_EPS)
-        y = linear(a.view(B, N, D), self.w_o1, self.b_o1)
+                             eps=_LINEAR_ATTN_EPS, fp8=wants_fp8(self.w_o1))
+        y = linear(_rows(a, (B, N, D)), self.w_o1, self.b_o1, dtype=dt)
         if hs.dtype == torch.float16:  # as SanaLinearAttnProcessor2_0
             y.clamp_(-65504, 65504)
-        hs = gated_residual(hs, y, gate_msa, out=hs)
+        if wants_fp8(self.w_q2):  # the cross query's input, FP8, from the residual update
+            hs, *hq = gated_residual(hs, y, gate_msa, out=hs, fp8=True)
+        else:
+            hq = hs = gated_residual(hs, y, gate_msa, out=hs)
         # 2. cross-attention to the packed context (K/V from SanaDiT.prepare_context)
-        q2 = linear(hs.view(B * N, D), self.w_q2, self.b_q2)
+        q2 = linear(_rows(hq, (B * N, D)), self.w_q2, self.b_q2, dtype=dt)
         if self.qk_norm is not None:
             q2 = rms_norm(q2, self.qk_norm["attn2"][0], _QK_NORM_EPS)
         q2 = q2.view(B * N, Hc, dc)
@@ -325,11 +332,20 @@ class SanaBlock:
             one_s = 1 + scale_mlp.float()
             sc = self.norm2[0].float() * one_s - 1
             sh = self.norm2[1].float() * one_s + shift_mlp.float()
-        y = adaln_layernorm(hs, sh, sc, eps=c.norm_eps)
-        y = F.silu(linear(y, self.w_inv, self.b_inv), inplace=True)
-        y = dwconv_glu(y, self.w_dw, self.b_dw, h, w)
-        y = linear(y, self.w_pt)
+        y = adaln_layernorm(hs, sh, sc, eps=c.norm_eps, fp8=wants_fp8(self.w_inv))
+        y = F.silu(linear(y, self.w_inv, self.b_inv, dtype=dt), inplace=True)
+        y = dwconv_glu(y, self.w_dw, self.b_dw, h, w, fp8=wants_fp8(self.w_pt))
+        y = linear(y, self.w_pt, dtype=dt)
         return gated_residual(hs, y, gate_mlp, out=hs)
+
+
+def _rows(x, shape: tuple) -> torch.Tensor | tuple:
+    """``x`` viewed as ``shape`` (tokens x features), or an FP8 ``(q, scales)`` pair likewise (the
+    per-token scales as ``shape[:-1] + (1,)``)."""
+    if isinstance(x, (tuple, list)):
+        q, s = x
+        return q.view(shape), s.view(*shape[:-1], 1)
+    return x.view(shape)
 
 
 class SanaDiT:
@@ -378,16 +394,8 @@ class SanaDiT:
         """Load a diffusers ``SanaTransformer2DModel`` folder (``config.json`` +
         ``diffusion_pytorch_model.safetensors`` or a sharded index). ``dtype`` defaults to
         float32 on CPU and bfloat16 elsewhere."""
-        folder = os.fspath(folder)
-        device = torch.device(device if device is not None else "cpu")
-        dtype = dtype if dtype is not None else default_dtype(device)
-        config = read_json(os.path.join(folder, "config.json"))
-        try:
-            SanaConfig.from_dict(config)
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{folder}/config.json: {e}") from e
-        weights = load_safetensors_dir(folder, device=device, dtype=dtype)
-        check_state_dict(weights, sana_param_shapes(config), folder)
+        config, weights = load_component(folder, "SanaTransformer2DModel", SanaConfig.from_dict, sana_param_shapes,
+                                         device=device, dtype=dtype)
         return cls(config, weights)
 
     # -----------------------------------------------------------------------------------------
@@ -538,7 +546,7 @@ class SanaDiT:
             hs = blk(hs, mods[i], ctx.kv[i], layout, h, w)
         # final layer: modulated LayerNorm + projection + unpatchify
         shift, scale = (self.out_table[None] + emb[:, None]).unbind(1)
-        y = adaln_layernorm(hs, shift, scale, eps=_OUT_NORM_EPS)
-        y = linear(y, self.w_out, self.b_out)                                   # [B, N, p*p*C_out]
+        y = adaln_layernorm(hs, shift, scale, eps=_OUT_NORM_EPS, fp8=wants_fp8(self.w_out))
+        y = linear(y, self.w_out, self.b_out, dtype=self.dtype)                 # [B, N, p*p*C_out]
         y = y.view(B, h, w, p, p, c.out_channels).permute(0, 5, 1, 3, 2, 4)
         return y.reshape(B, c.out_channels, H, W)
