@@ -52,22 +52,26 @@ def cuda_extension_error() -> str:
     return _load("_C_cuda")[1] or "built"
 
 
-def cpu_ext() -> ModuleType:
-    mod, err = _load("_C_cpu")
+_WHY_MISSING = {  # what a missing extension means, {err}: the import error
+    "_C_cpu": "spar was installed without its compiled CPU extension ({err}). Reinstall with "
+              "`pip install -e .` from the repository root.",
+    "_C_cuda": "spar was built without nvcc or with SPAR_BUILD_CUDA=0 ({err}).",
+}
+
+
+def _ext(name: str) -> ModuleType:
+    mod, err = _load(name)
     if mod is None:
-        raise RuntimeError(
-            "spar_kernels._C_cpu is missing: spar was installed without its compiled CPU "
-            f"extension ({err}). Reinstall with `pip install -e .` from the repository root.")
+        raise RuntimeError(f"spar_kernels.{name} is missing: " + _WHY_MISSING[name].format(err=err))
     return mod
+
+
+def cpu_ext() -> ModuleType:
+    return _ext("_C_cpu")
 
 
 def cuda_ext() -> ModuleType:
-    mod, err = _load("_C_cuda")
-    if mod is None:
-        raise RuntimeError(
-            "spar_kernels._C_cuda is missing: spar was built without nvcc or with "
-            f"SPAR_BUILD_CUDA=0 ({err}).")
-    return mod
+    return _ext("_C_cuda")
 
 
 # Every symbol each extension must export: a build missing one is broken, never silently slower

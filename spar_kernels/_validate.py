@@ -51,6 +51,13 @@ def check_out(name: str, out, shape: Sequence[int], dtype: torch.dtype, device: 
     return out
 
 
+def out_or_empty(name: str, out, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``out`` validated by :func:`check_out`, or a new ``torch.empty`` when ``out`` is None."""
+    if out is None:
+        return torch.empty(tuple(shape), dtype=dtype, device=device)
+    return check_out(name, out, shape, dtype, device)
+
+
 def as_index(name: str, idx, device: torch.device, *, ndim: int = 1) -> torch.Tensor:
     """An int32/int64 index tensor on ``device`` from a tensor or a sequence of ints."""
     if isinstance(idx, torch.Tensor):

@@ -29,7 +29,7 @@ import torch
 from . import _aot
 from ._op import device_guard, spar_op
 from ._triton import ROW_NUM_STAGES, tl, triton
-from ._validate import as_index, check_index_range, check_out, check_tensor
+from ._validate import as_index, check_index_range, check_tensor, out_or_empty
 from .reference import row_moves as _ref
 
 _BLOCK_SMALL = 128    # column block for rows of <= 128 elements
@@ -224,11 +224,7 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor | Sequence[int], out: torch
     _check_rows_input("x", x)
     index = as_index("index", index, x.device)
     check_index_range("index", index, x.shape[0], f"x has {x.shape[0]} rows")
-    shape = (index.shape[0],) + tuple(x.shape[1:])
-    if out is None:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    else:
-        check_out("out", out, shape, x.dtype, x.device)
+    out = out_or_empty("out", out, (index.shape[0],) + tuple(x.shape[1:]), x.dtype, x.device)
     if out.numel() == 0:
         return out
     _gather_rows_op(x, index, out)
@@ -325,10 +321,7 @@ def _pack_op(padded: torch.Tensor, cu_seqlens: torch.Tensor, out: torch.Tensor) 
 def cu_seqlens_from_lengths(lengths: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``[B+1]`` int64 cumulative offsets ``[0, l0, l0+l1, ...]`` (device op, no host sync),
     written into ``out`` when given (a contiguous ``[B+1]`` int64 tensor on lengths' device)."""
-    if out is None:
-        out = torch.empty(lengths.shape[0] + 1, dtype=torch.int64, device=lengths.device)
-    else:
-        check_out("workspace", out, (lengths.shape[0] + 1,), torch.int64, lengths.device)
+    out = out_or_empty("workspace", out, (lengths.shape[0] + 1,), torch.int64, lengths.device)
     out[:1].zero_()
     torch.cumsum(lengths, 0, out=out[1:])
     return out
@@ -372,11 +365,7 @@ def pack_sequences(padded: torch.Tensor, lengths: torch.Tensor | Sequence[int], 
         total = int(lengths.sum())  # the one host sync (CUDA lengths without total= / out=)
     if not isinstance(total, int) or total < 0:
         raise ValueError(f"total: expected a non-negative int, got {total!r}")
-    shape = (total,) + tuple(padded.shape[2:])
-    if out is None:
-        out = torch.empty(shape, dtype=padded.dtype, device=padded.device)
-    else:
-        check_out("out", out, shape, padded.dtype, padded.device)
+    out = out_or_empty("out", out, (total,) + tuple(padded.shape[2:]), padded.dtype, padded.device)
     if out.numel() == 0:
         return out
     _pack_op(padded, cu_seqlens_from_lengths(lengths, out=workspace), out)
@@ -471,11 +460,7 @@ def unpack_sequences(packed: torch.Tensor, cu_seqlens: torch.Tensor | Sequence[i
                              f"{packed.shape[0]} (rows of packed), got {cl}")
         if lens and max(lens) > max_len:
             raise ValueError(f"max_len: a sequence has {max(lens)} rows, more than max_len = {max_len}")
-    shape = (cu.shape[0] - 1, max_len) + tuple(packed.shape[1:])
-    if out is None:
-        out = torch.empty(shape, dtype=packed.dtype, device=packed.device)
-    else:
-        check_out("out", out, shape, packed.dtype, packed.device)
+    out = out_or_empty("out", out, (cu.shape[0] - 1, max_len) + tuple(packed.shape[1:]), packed.dtype, packed.device)
     if out.numel() == 0:
         return out
     _unpack_op(packed, cu.to(torch.int64), max_len, float(pad_value), out)

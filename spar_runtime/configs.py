@@ -370,26 +370,24 @@ class SparConfig:
             raise CheckpointError(f"{path}: invalid configuration: {e}") from e
 
 
-def _spar_1b() -> SparConfig:
-    text = _qwen2(896, 24, 14, 2, 4864, tie=True)  # Qwen2.5-0.5B
+def _spar_full(name: str, text: dict, dit: dict) -> SparConfig:
+    """A released SPAR size: its Qwen2.5 LLM config ``text`` and SANA DiT config ``dit``; the rest
+    (InternViT-300M, DC-AE f32c32 at 512 px, 256 queries, DTR over 4 evenly spaced layers) is shared."""
     return SparConfig(
-        name="SPAR-1B", num_queries=256, dtr_layers=_evenly_spaced(24), dtr_tau=1.0, dtr_norm_eps=1e-5,
-        connector_layers=6, latent_channels=32, latent_size=16, vae_scale_factor=0.41407, flow_shift=3.0,
-        num_steps=20, guidance=4.5,
-        mllm_config=_internvl(_internvit(), text),
-        dit_config=_sana(36, 32, 28, 16, 72),     # SANA-0.6B (512 px)
+        name=name, num_queries=256, dtr_layers=_evenly_spaced(text["num_hidden_layers"]), dtr_tau=1.0,
+        dtr_norm_eps=1e-5, connector_layers=6, latent_channels=32, latent_size=16, vae_scale_factor=0.41407,
+        flow_shift=3.0, num_steps=20, guidance=4.5, mllm_config=_internvl(_internvit(), text), dit_config=dit,
         vae_config=_dcae_f32c32(), tokenizer=dict(DEFAULT_TOKENIZER))
+
+
+def _spar_1b() -> SparConfig:
+    return _spar_full("SPAR-1B", _qwen2(896, 24, 14, 2, 4864, tie=True),  # Qwen2.5-0.5B
+                      _sana(36, 32, 28, 16, 72))                          # SANA-0.6B (512 px)
 
 
 def _spar_3b() -> SparConfig:
-    text = _qwen2(1536, 28, 12, 2, 8960, tie=True)  # Qwen2.5-1.5B
-    return SparConfig(
-        name="SPAR-3B", num_queries=256, dtr_layers=_evenly_spaced(28), dtr_tau=1.0, dtr_norm_eps=1e-5,
-        connector_layers=6, latent_channels=32, latent_size=16, vae_scale_factor=0.41407, flow_shift=3.0,
-        num_steps=20, guidance=4.5,
-        mllm_config=_internvl(_internvit(), text),
-        dit_config=_sana(70, 32, 20, 20, 112),    # SANA-1.6B (512 px)
-        vae_config=_dcae_f32c32(), tokenizer=dict(DEFAULT_TOKENIZER))
+    return _spar_full("SPAR-3B", _qwen2(1536, 28, 12, 2, 8960, tie=True),  # Qwen2.5-1.5B
+                      _sana(70, 32, 20, 20, 112))                          # SANA-1.6B (512 px)
 
 
 def _tiny() -> SparConfig:

@@ -17,7 +17,8 @@ Block structure, as diffusers defines it (``autoencoder_dc.py``)::
 
     h = conv_in(z) + repeat_interleave(z, C_last / C_latent, channel)       (in_shortcut)
     for stage in deepest .. 0:
-        [DCUpBlock2d: conv3x3 -> pixel_shuffle (or nearest x2 -> conv3x3) + shuffled channel repeat]
+        [DCUpBlock2d: conv3x3 -> pixel_shuffle (or nearest x2 -> conv3x3, run as four 2x2 convs at the
+         input resolution: _upsampled_conv) + shuffled channel repeat]
         ResBlock:          h + norm(conv3x3(act(conv3x3(h) + b)))
         EfficientViTBlock: h + norm(to_out(multiscale ReLU linear attention(h)))
                            h + rmsnorm(conv1x1(dwconv3x3_glu(silu(conv1x1(h)))))
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from spar_kernels import dwconv_glu, linear_attention, rms_norm, same_device
-from .loading import CheckpointError, check_state_dict, default_dtype, load_safetensors_dir, read_json
+from .loading import check_state_dict, load_component
 
 __all__ = ["DCAEConfig", "DCAEDecoder", "dcae_param_shapes", "random_weights"]
 
@@ -252,9 +253,32 @@ def _pixel_shuffle(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(B, H * _UP, W * _UP, C)
 
 
-def _nearest_up(x: torch.Tensor) -> torch.Tensor:
-    B, H, W, C = x.shape
-    return x[:, :, None, :, None, :].expand(B, H, _UP, W, _UP, C).reshape(B, H * _UP, W * _UP, C)
+# nearest x2 then a 3x3 conv (padding 1) = four 2x2 convs on the low-resolution input, one per
+# output phase (a, b) = (row, column) parity: output row 2i + a reads input rows i - 1 + a and
+# i + a, with the 3x3 kernel's rows summed as {0}, {1, 2} (a = 0) or {0, 1}, {2} (a = 1); columns
+# alike. 16 taps per input pixel instead of 36, and the upsampled input is never built.
+_PHASE_TAPS = torch.tensor([[[1., 0., 0.], [0., 1., 1.]], [[1., 1., 0.], [0., 0., 1.]]])   # [a, tap, k]
+
+
+def _phase_weights(w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A 3x3 conv's weight [C_out, C_in, 3, 3] (and bias) as the 2x2 convs of the four phases:
+    ``[4 * C_out, C_in, 2, 2]``, phase 2a + b's output channels together (sums in fp32 or wider)."""
+    acc = torch.promote_types(w.dtype, torch.float32)
+    taps = _PHASE_TAPS.to(w.device, acc)
+    k = torch.einsum("atk,bul,oikl->aboitu", taps, taps, w.to(acc))
+    return k.reshape(4 * w.shape[0], w.shape[1], 2, 2).to(w.dtype), (None if b is None else b.repeat(4))
+
+
+def _upsampled_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """The 3x3 conv (``w3``, ``b3``) of ``x`` upsampled x2 (nearest), from :func:`_phase_weights`'
+    ``(w, b)``: one 2x2 conv (padding 1) at the input resolution, each phase's output read into place."""
+    B, H, W, _ = x.shape
+    C = w.shape[0] // 4
+    y = _conv(x, w, b)                                                      # [B, H+1, W+1, 4C]
+    sB, sH, sW, _ = y.stride()
+    # output (2i + a, 2j + c) = phase 2a + c's channels at (i + a, j + c)
+    phases = y.as_strided((B, H, _UP, W, _UP, C), (sB, sH, sH + 2 * C, sW, sW + C, 1), y.storage_offset())
+    return phases.reshape(B, H * _UP, W * _UP, C)
 
 
 def _repeat_channels(x: torch.Tensor, repeats: int) -> torch.Tensor:
@@ -262,6 +286,22 @@ def _repeat_channels(x: torch.Tensor, repeats: int) -> torch.Tensor:
     if repeats == 1:
         return x
     return x[..., :, None].expand(*x.shape, repeats).reshape(*x.shape[:-1], x.shape[-1] * repeats)
+
+
+def _add_shuffled_repeat(y: torch.Tensor, x: torch.Tensor, repeats: int) -> torch.Tensor:
+    """``y += _pixel_shuffle(_repeat_channels(x, repeats))`` (the up block's shortcut), read from
+    ``x`` through a strided view when ``repeats`` is 1, 2 or 4 (output channel c of pixel
+    (2i + a, 2j + b) reads input channel (4c + 2a + b) // repeats: linear in a, b, c), without
+    building the repeated and shuffled copies."""
+    B, H, W, C = x.shape
+    Cout = y.shape[-1]
+    strides = {1: (2, 1, 4), 2: (1, 0, 2), 4: (0, 0, 1)}.get(repeats)
+    if strides is None or not (x.is_contiguous() and y.is_contiguous()):
+        return y.add_(_pixel_shuffle(_repeat_channels(x, repeats)))
+    sa, sb, sc = strides
+    src = x.as_strided((B, H, _UP, W, _UP, Cout), (H * W * C, W * C, sa, C, sb, sc), x.storage_offset())
+    y.view(B, H, _UP, W, _UP, Cout).add_(src)
+    return y
 
 
 class _Norm:
@@ -291,14 +331,15 @@ class _UpBlock:
         self.weight, self.bias = w[f"{prefix}.conv.weight"], w[f"{prefix}.conv.bias"]
         self.interpolate, self.shortcut = interpolate, shortcut
         self.repeats = cout * _UP * _UP // cin
+        self.phase = _phase_weights(self.weight, self.bias) if interpolate else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.interpolate:
-            y = _conv(_nearest_up(x), self.weight, self.bias)
+            y = _upsampled_conv(x, *self.phase)
         else:
             y = _pixel_shuffle(_conv(x, self.weight, self.bias))
         if self.shortcut:
-            y = y.add_(_pixel_shuffle(_repeat_channels(x, self.repeats)))
+            y = _add_shuffled_repeat(y, x, self.repeats)
         return y
 
 
@@ -439,18 +480,8 @@ class DCAEDecoder:
         """Load from a diffusers ``AutoencoderDC`` folder (``config.json`` + safetensors weights,
         sharded index too). Only ``decoder.*`` tensors are read; ``dtype`` defaults to float32 on
         CPU and bfloat16 elsewhere."""
-        folder = os.fspath(folder)
-        device = torch.device(device if device is not None else "cpu")
-        dtype = dtype if dtype is not None else default_dtype(device)
-        config = read_json(os.path.join(folder, "config.json"))
-        try:
-            DCAEConfig.from_dict(config)
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{folder}/config.json: {e}") from e
-        weights = load_safetensors_dir(folder, prefix="decoder.", device=device, dtype=dtype)
-        if not weights:
-            raise CheckpointError(f"{folder}: no 'decoder.*' tensors found (expected an AutoencoderDC checkpoint)")
-        check_state_dict(weights, dcae_param_shapes(config), folder)
+        config, weights = load_component(folder, "AutoencoderDC", DCAEConfig.from_dict, dcae_param_shapes,
+                                         prefix="decoder.", device=device, dtype=dtype)
         return cls(config, weights)
 
     @property

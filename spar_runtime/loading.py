@@ -21,7 +21,7 @@ from typing import Iterable, Mapping
 import torch
 
 __all__ = ["CheckpointError", "PICKLE_SUFFIXES", "read_json", "load_safetensors_file",
-           "load_safetensors_dir", "check_state_dict"]
+           "load_safetensors_dir", "check_state_dict", "load_component"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _SINGLE_FILE_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")  # transformers, diffusers
@@ -211,3 +211,30 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tupl
         shown = [f"{k}: got {tuple(sd[k].shape)}, expected {tuple(expected[k])}" for k in misshaped]
         parts.append(f"mis-shaped keys ({len(misshaped)}): {_listing(shown)}")
     raise CheckpointError(f"{where}: " + "; ".join(parts))
+
+
+def load_component(folder: str | os.PathLike, kind: str, validate, param_shapes, *, prefix: str | None = None,
+                   device=None, dtype: torch.dtype | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read a diffusers component folder (``kind``: the class that wrote it, for error messages):
+    its ``config.json``, checked by ``validate(config)``
+    (a ``from_dict`` that raises ValueError/TypeError), and its weights (those under ``prefix``,
+    the prefix stripped), in ``dtype`` (default: :func:`default_dtype` of ``device``, the CPU when
+    None), checked against ``param_shapes(config)``. Returns ``(config, weights)``.
+
+    Raises:
+        CheckpointError: an invalid config, no tensors under ``prefix``, or weights that do not
+            match ``param_shapes`` (see :func:`check_state_dict`).
+    """
+    folder = os.fspath(folder)
+    device = torch.device(device if device is not None else "cpu")
+    dtype = dtype if dtype is not None else default_dtype(device)
+    config = read_json(os.path.join(folder, "config.json"))
+    try:
+        validate(config)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{folder}/config.json: {e}") from e
+    weights = load_safetensors_dir(folder, prefix=prefix, device=device, dtype=dtype)
+    if prefix is not None and not weights:
+        raise CheckpointError(f"{folder}: no '{prefix}*' tensors found (expected a {kind} checkpoint)")
+    check_state_dict(weights, param_shapes(config), folder)
+    return config, weights

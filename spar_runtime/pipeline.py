@@ -18,7 +18,7 @@ One generation call (:meth:`SparPipeline.generate_latents`):
 the last calls are kept in :attr:`SparPipeline.timings` (seconds).
 
 With ``graphs`` on (the default on CUDA) text-to-image runs the same stages from a static plan of
-:mod:`spar_runtime.engine` (padded context slots, persistent buffers, no host sync, the step
+:mod:`spar_runtime.engine` (the DiT context in fixed slots, persistent buffers, no host sync, the step
 captured in a CUDA graph); ``quantization="fp8"`` swaps the linears for :mod:`spar_runtime.fp8`'s
 W8A8 weights at load. This module validates arguments and delegates.
 """
@@ -436,7 +436,7 @@ class SparPipeline:
             raise ValueError(f"start_step: expected an int in [0, num_steps = {num_steps}), got {start_step!r}")
         t_start = time.perf_counter()
         if self.graphs and img is None and not start_step:
-            # text to image from a static plan (engine.py): padded context slots, no host sync
+            # text to image from a static plan (engine.py): the DiT context in fixed slots, no host sync
             x = self.engine.generate_latents(prompts + unconds, noise, num_steps, guidance, sampler, shift, callback)
             self.timings["total"] = time.perf_counter() - t_start
             return x

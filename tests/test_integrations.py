@@ -15,6 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 
+from _util import perturb as _perturb, rel as _rel  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 
 from spar_kernels.testing import assert_close_fa  # noqa: E402
@@ -34,22 +35,8 @@ def no_fallback(monkeypatch):
     monkeypatch.setattr(_hf_attention, "_sdpa", fail)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def _clean(d: dict) -> dict:
     return {k: v for k, v in d.items() if not k.startswith("_")}
-
-
-def _perturb(model: torch.nn.Module) -> None:
-    """Random norm weights and biases (the libraries initialise them to 1/0)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
-            elif p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
 
 
 QWEN = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -168,6 +155,69 @@ def test_unpatch_is_bit_identical():
     unpatch(twin)
     assert integ.is_patched(model) and not integ.is_patched(twin)
     assert model.config._attn_implementation == "spar" != twin.config._attn_implementation
+
+
+def test_qwen2_unpadded_inputs_embeds_and_position_ids(no_fallback):
+    """The unpadded forward with inputs_embeds and explicit position_ids (gathered per kept token)."""
+    stock = _qwen(cls=transformers.Qwen2Model)
+    patched = patch(copy.deepcopy(stock))
+    ids, mask = _padded_batch(left=True)
+    emb = stock.embed_tokens(ids).detach()
+    pos = (mask.cumsum(1) - 1).clamp(min=0)          # left padding: each prompt starts at position 0
+    keep = mask.bool()
+    with torch.no_grad():
+        a = stock(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+        b = patched(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+    assert torch.all(b[~keep] == 0)
+    assert _rel(b[keep], a[keep]) < REL
+
+
+def test_qwen2_fused_qkv_follows_weight_updates(no_fallback):
+    """The unpadded forward's q/k/v GEMM (concatenated weights) sees in-place weight updates."""
+    stock = _qwen(cls=transformers.Qwen2Model)
+    patched = patch(copy.deepcopy(stock))
+    ids, mask = _padded_batch(left=False)
+    keep = mask.bool()
+    for step in range(2):
+        with torch.no_grad():
+            a = stock(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            b = patched(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        assert _rel(b[keep], a[keep]) < REL, step
+        with torch.no_grad():
+            for m in (stock, patched):
+                m.layers[0].self_attn.k_proj.weight.mul_(1.5)
+                m.layers[1].self_attn.q_proj.bias.add_(0.25)
+
+
+def test_qwen2_patched_forward_host_syncs_on_fake_cuda(monkeypatch):
+    """On a (simulated) GPU an unpadded forward reads device values once: the 2-D padding mask,
+    whose kept-token count sizes the packed batch (none when the mask is on the host, as a
+    tokenizer returns it). A padded forward with a cache maps its 4-D mask once (layer 0; the
+    other layers reuse the layout): one sync from spar, besides transformers' own."""
+    from spar_kernels.testing import fake_cuda
+    from spar_runtime.integrations import _transformers
+
+    model = patch(_qwen(cls=transformers.Qwen2Model))
+    ids, mask = _padded_batch(left=False)
+    host_mask = _transformers._host_mask
+    # the simulated GPU reads back zeros: the read (and its sync) happens, with a GPU's values
+    monkeypatch.setattr(_transformers, "_host_mask", lambda m: (host_mask(m), mask.numpy() != 0)[1])
+    with fake_cuda() as rec, torch.no_grad():
+        model.to("cuda")
+        gids, gmask = ids.cuda(), mask.cuda()
+        with rec.region("device mask"):
+            out = model(input_ids=gids, attention_mask=gmask, use_cache=False).last_hidden_state
+        with rec.region("host mask"):
+            model(input_ids=gids, attention_mask=mask, use_cache=False)
+        with rec.region("cache"):
+            model(input_ids=gids, attention_mask=gmask, use_cache=True)
+    assert out.shape == (*ids.shape, QWEN["hidden_size"]) and out.device.type == "cuda"
+    syncs = rec.stats("device mask").syncs
+    assert [(s.kind, s.stack[-1].name) for s in syncs] == [("d2h copy", "_host_mask")], syncs
+    rec.assert_no_syncs("host mask")
+    assert rec.stats("host mask").backends["hybrid_attention"]["triton"] == QWEN["num_hidden_layers"]
+    ours = [s for s in rec.stats("cache").syncs if "spar_" in s.stack[-1].filename]
+    assert [s.stack[-1].name for s in ours] == ["mask_intervals"], rec.stats("cache").syncs
 
 
 # ---------------------------------------------------------------------------------------------

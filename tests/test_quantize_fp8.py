@@ -126,6 +126,25 @@ def test_quantize_fp8_nan_gives_nan_scales(backend, dtype, granularity):
     assert torch.equal(_bits(q), _bits(want_q))  # NaN codes where the reference has them, same finite codes
 
 
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_fp8_every_cpu_variant_is_bit_exact(monkeypatch, isa, dtype):
+    # SPAR_CPU_ISA picks the twin's variant (a CPU without the set runs its widest one): the
+    # 32-wide vector loop, its scalar tail (200 = 6 * 32 + 8), e4m3 subnormal and zero codes,
+    # an all-zero row and values at rounding midpoints, per token and per tensor
+    monkeypatch.setenv("SPAR_CPU_ISA", isa)
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(6, 200, generator=g) * torch.logspace(-6, 0, 200)
+    x[2] = 0.0
+    x[4, :64] = torch.tensor([0.0, 2.0**-10, 3 * 2.0**-10, 2.0**-6, 1.0625, 1.1875, 448.0, -448.0] * 8)
+    x = x.to(dtype)
+    for granularity in ("token", "tensor"):
+        q, s = sk.quantize_fp8(x, granularity)
+        want_q, want_s = ref.quantize_fp8(x, granularity)
+        assert torch.equal(_bits(q), _bits(want_q)), (isa, granularity)
+        assert torch.equal(s, want_s.reshape(s.shape))
+
+
 @pytest.mark.skipif(not __import__("spar_kernels")._ext.has_cuda_extension(), reason="no CUDA extension built")
 def test_quantize_fp8_out_and_workspace_allocate_nothing_on_a_gpu():
     from spar_kernels.testing import fake_cuda

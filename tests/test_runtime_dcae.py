@@ -10,6 +10,7 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
+from _util import perturb, rel as _rel  # noqa: E402
 from conftest import requires_triton  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
@@ -41,32 +42,13 @@ CONFIGS = {
 REL_TOL = 1e-4
 
 
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def _perturb(model):
-    """Random norm weights/biases and BatchNorm statistics (diffusers initialises them to 1/0)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
-            elif p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(0.3 * torch.randn_like(b))
-            elif name.endswith("running_var"):
-                b.copy_(0.5 + torch.rand_like(b))
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     out = {}
     for i, (name, cfg) in enumerate(CONFIGS.items()):
         torch.manual_seed(200 + i)
         model = diffusers.AutoencoderDC(**cfg).eval()
-        _perturb(model)
+        perturb(model, batch_norm_stats=True)
         folder = tmp_path_factory.mktemp(f"dcae_{name}")
         model.save_pretrained(folder)
         out[name] = (model, str(folder))
@@ -216,3 +198,29 @@ def test_bad_decode_calls(saved):
         dec.decode(torch.ones(1, 32, 4, 4, dtype=torch.int64))
     with pytest.raises(TypeError, match="z: expected a torch.Tensor"):
         dec.decode([[1.0]])
+
+
+@pytest.mark.parametrize("cin, cout, h, w", [(8, 4, 5, 7), (6, 6, 1, 3), (4, 8, 3, 2)])
+def test_upsampled_conv_is_nearest_up_then_conv(cin, cout, h, w):
+    """The up block's nearest x2 + 3x3 conv, run as four 2x2 convs at the input resolution."""
+    from spar_runtime.dcae import _phase_weights, _upsampled_conv
+
+    g = torch.Generator().manual_seed(cin * h + w)
+    x = torch.randn(2, h, w, cin, generator=g, dtype=torch.float64)
+    wt, b = torch.randn(cout, cin, 3, 3, generator=g, dtype=torch.float64), torch.randn(cout, generator=g,
+                                                                                         dtype=torch.float64)
+    up = torch.nn.functional.interpolate(x.permute(0, 3, 1, 2), scale_factor=2, mode="nearest")
+    want = torch.nn.functional.conv2d(up, wt, b, padding=1).permute(0, 2, 3, 1)
+    got = _upsampled_conv(x, *_phase_weights(wt, b))
+    assert got.shape == want.shape and got.is_contiguous()
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cin, cout", [(8, 2), (8, 4), (4, 4), (2, 4), (1, 4)])
+def test_up_shortcut_strided_add_equals_repeat_and_shuffle(cin, cout):
+    from spar_runtime.dcae import _add_shuffled_repeat, _pixel_shuffle, _repeat_channels
+
+    r = cout * 4 // cin                         # 1, 2 and 4 read x through a view; 8 and 16 fall back
+    x, y = torch.randn(2, 3, 5, cin), torch.randn(2, 6, 10, cout)
+    want = y + _pixel_shuffle(_repeat_channels(x, r))
+    assert torch.equal(_add_shuffled_repeat(y, x, r), want)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
+from _util import perturb as _perturb, rel as _rel  # noqa: E402
 from conftest import requires_triton  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
@@ -37,20 +38,6 @@ VARIANTS = {
                     num_cross_attention_heads=3, cross_attention_head_dim=12),
 }
 REL_TOL = 1e-4
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def _perturb(model: torch.nn.Module) -> None:
-    """diffusers initialises norms to 1/0 and biases to 0; random values exercise them."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
-            elif p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,14 @@
 // CPU twin of dwconv_glu: the loops in dwconv_glu_kernels.h, compiled for AVX-512, AVX2 and the
-// build's baseline, the widest this CPU runs chosen at run time. fp32 accumulators, one rounding
-// to the storage dtype.
+// build's baseline, the widest this CPU runs chosen at run time, each with its register width.
+// fp32 accumulators, one rounding to the storage dtype.
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "common/cpu_rows.h"
 #include "common/fast_math.h"
@@ -14,17 +20,34 @@ namespace {
 #define SPAR_ISA_KERNELS "dwconv_glu/dwconv_glu_kernels.h"
 #include "common/isa_variants.inc"
 
+// fp32 lanes of the build's own registers (the base variant)
+#if defined(__AVX512F__)
+constexpr int kBaseLanes = 16;
+#elif defined(__AVX__)
+constexpr int kBaseLanes = 8;
+#else
+constexpr int kBaseLanes = 4;
+#endif
+
 }  // namespace
 
 void dwconv_glu_cpu(uintptr_t x, int dtype, int64_t B, int64_t H, int64_t W, int64_t C, int64_t sxb,
                     int64_t sxn, uintptr_t w9, uintptr_t bias, uintptr_t out, int64_t sob, int64_t son) {
   const cpu::Isa isa = cpu::cpu_isa();
+  // the kernels read the bias unconditionally: zeros when the conv has none
+  std::vector<float> zeros(bias ? 0 : 2 * C, 0.0f);
+  const float* bias2 = bias ? reinterpret_cast<const float*>(bias) : zeros.data();
+#ifdef _OPENMP
+  const int64_t threads = omp_get_max_threads();
+#else
+  const int64_t threads = 1;
+#endif
   cpu::dispatch(dtype, "dwconv_glu", [&](auto tag) {
     using T = decltype(tag);
-    auto* run = isa == cpu::Isa::Avx512 ? &avx512::dwconv_glu_run<T>
-                : isa == cpu::Isa::Avx2 ? &avx2::dwconv_glu_run<T> : &base::dwconv_glu_run<T>;
-    run(reinterpret_cast<const T*>(x), B, H, W, C, sxb, sxn, reinterpret_cast<const float*>(w9),
-        reinterpret_cast<const float*>(bias), reinterpret_cast<T*>(out), sob, son);
+    auto* run = isa == cpu::Isa::Avx512 ? &avx512::dwconv_glu_run<16, T>
+                : isa == cpu::Isa::Avx2 ? &avx2::dwconv_glu_run<8, T> : &base::dwconv_glu_run<kBaseLanes, T>;
+    run(reinterpret_cast<const T*>(x), B, H, W, C, sxb, sxn, reinterpret_cast<const float*>(w9), bias2,
+        reinterpret_cast<T*>(out), sob, son, threads);
   });
 }
 

@@ -14,20 +14,18 @@
 #pragma once
 #include <cstdint>
 
+// The parameters both entry points take (the CUDA one adds the cudaStream_t), written once: the
+// declarations below and the definitions in flow_sampler_cpu.cpp / flow_sampler.cu use this list.
+#define SPAR_FLOW_SAMPLER_STEP_PARAMS                                                      \
+  int x_dtype, int v_dtype, int64_t B, int64_t P, int64_t Q,                               \
+  uintptr_t x, int64_t sxb, int64_t sxp, int64_t sxq,                                      \
+  uintptr_t vc, int64_t scb, int64_t scp, int64_t scq,                                     \
+  uintptr_t vu, int64_t sub, int64_t sup, int64_t suq,                                     \
+  uintptr_t vi, int64_t sib, int64_t sip, int64_t siq,                                     \
+  uintptr_t out, uintptr_t h1, uintptr_t h2, uintptr_t table, int64_t rows,                \
+  uintptr_t counter, uintptr_t stats, int renorm_mode, float renorm_min
+
 namespace spar {
-void flow_sampler_step_cpu(int x_dtype, int v_dtype, int64_t B, int64_t P, int64_t Q,
-                           uintptr_t x, int64_t sxb, int64_t sxp, int64_t sxq,
-                           uintptr_t vc, int64_t scb, int64_t scp, int64_t scq,
-                           uintptr_t vu, int64_t sub, int64_t sup, int64_t suq,
-                           uintptr_t vi, int64_t sib, int64_t sip, int64_t siq,
-                           uintptr_t out, uintptr_t h1, uintptr_t h2, uintptr_t table, int64_t rows,
-                           uintptr_t counter, uintptr_t stats, int renorm_mode, float renorm_min);
-void flow_sampler_step_cuda(int x_dtype, int v_dtype, int64_t B, int64_t P, int64_t Q,
-                            uintptr_t x, int64_t sxb, int64_t sxp, int64_t sxq,
-                            uintptr_t vc, int64_t scb, int64_t scp, int64_t scq,
-                            uintptr_t vu, int64_t sub, int64_t sup, int64_t suq,
-                            uintptr_t vi, int64_t sib, int64_t sip, int64_t siq,
-                            uintptr_t out, uintptr_t h1, uintptr_t h2, uintptr_t table, int64_t rows,
-                            uintptr_t counter, uintptr_t stats, int renorm_mode, float renorm_min,
-                            uintptr_t stream);
+void flow_sampler_step_cpu(SPAR_FLOW_SAMPLER_STEP_PARAMS);
+void flow_sampler_step_cuda(SPAR_FLOW_SAMPLER_STEP_PARAMS, uintptr_t stream);
 }  // namespace spar

@@ -294,14 +294,8 @@ void dispatch_v(int v_dtype, int64_t B, int64_t P, int64_t Q, uintptr_t x, int64
 
 }  // namespace
 
-void flow_sampler_step_cuda(int x_dtype, int v_dtype, int64_t B, int64_t P, int64_t Q,
-                            uintptr_t x, int64_t sxb, int64_t sxp, int64_t sxq,
-                            uintptr_t vc, int64_t scb, int64_t scp, int64_t scq,
-                            uintptr_t vu, int64_t sub, int64_t sup, int64_t suq,
-                            uintptr_t vi, int64_t sib, int64_t sip, int64_t siq,
-                            uintptr_t out, uintptr_t h1, uintptr_t h2, uintptr_t table, int64_t rows,
-                            uintptr_t counter, uintptr_t stats, int renorm_mode, float renorm_min,
-                            uintptr_t stream) {
+// the parameters: flow_sampler/api.h
+void flow_sampler_step_cuda(SPAR_FLOW_SAMPLER_STEP_PARAMS, uintptr_t stream) {
   if (renorm_mode < flow::kRenormNone || renorm_mode > flow::kRenormCol)
     throw std::invalid_argument("flow_sampler_step: unknown renorm mode " + std::to_string(renorm_mode));
   // v_uncond / v_img_uncond are needed only at steps where guidance is on: the row is on the

@@ -18,6 +18,15 @@ namespace {
 #define SPAR_ISA_KERNELS "linear_attention/linear_attention_kernels.h"
 #include "common/isa_variants.inc"
 
+// the accumulators the build's own registers hold (the base variant): 32 zmm, 16 ymm or 16 xmm
+#if defined(__AVX512F__)
+constexpr int kBaseAccFloats = 256;
+#elif defined(__AVX__)
+constexpr int kBaseAccFloats = 64;
+#else
+constexpr int kBaseAccFloats = 32;
+#endif
+
 }  // namespace
 
 bool linear_attention_cpu(uintptr_t q, uintptr_t k, uintptr_t v, int dtype, int64_t B, int64_t Nq, int64_t Nk,
@@ -30,8 +39,9 @@ bool linear_attention_cpu(uintptr_t q, uintptr_t k, uintptr_t v, int dtype, int6
     using T = decltype(tag);
     auto run = [&](auto hd) {
       constexpr int HD = decltype(hd)::value;
-      auto* fn = isa == cpu::Isa::Avx512 ? &avx512::linear_attention_run<T, HD>
-                 : isa == cpu::Isa::Avx2 ? &avx2::linear_attention_run<T, HD> : &base::linear_attention_run<T, HD>;
+      auto* fn = isa == cpu::Isa::Avx512 ? &avx512::linear_attention_run<T, HD, 256>
+                 : isa == cpu::Isa::Avx2 ? &avx2::linear_attention_run<T, HD, 64>
+                                         : &base::linear_attention_run<T, HD, kBaseAccFloats>;
       fn(reinterpret_cast<const T*>(q), reinterpret_cast<const T*>(k), reinterpret_cast<const T*>(v), B, Nq, Nk,
           H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, reinterpret_cast<T*>(out), sob, son, soh, float(eps));
       done = true;

@@ -4,13 +4,16 @@
 // ReLU linear attention for head dims d = e = HD (SANA: 32). Phase 1, per (b, h): the state
 // [HD, HD] and normaliser in register-sized blocks of kLaRows rows of the state, accumulated over
 // all keys; phase 2, per query row: relu(q) @ state / (relu(q) . z + eps). fp32 throughout.
-constexpr int kLaRows = 8;
-
-template <typename T, int HD>
+// kAccFloats: the fp32 accumulators the variant keeps in registers (linear_attention_cpu.cpp
+// passes 256 for AVX-512's 32 zmm, 64 for AVX2's 16 ymm): a block wider than the register file
+// spills and runs at a fraction of the speed.
+template <typename T, int HD, int kAccFloats>
 void linear_attention_run(const T* q, const T* k, const T* v, int64_t B, int64_t Nq, int64_t Nk, int64_t H,
                           int64_t sqb, int64_t sqn, int64_t sqh, int64_t skb, int64_t skn, int64_t skh,
                           int64_t svb, int64_t svn, int64_t svh, T* out, int64_t sob, int64_t son, int64_t soh,
                           float eps) {
+  constexpr int kLaRows = kAccFloats / HD < 1 ? 1 : (kAccFloats / HD > HD ? HD : kAccFloats / HD);
+  static_assert(HD % kLaRows == 0, "linear_attention: the state's row blocks must tile HD");
   constexpr int64_t SE = HD * HD + HD;
   std::vector<float> ws(B * H * SE);
 #pragma omp parallel

@@ -42,6 +42,20 @@ struct Params {
   void* out;
 };
 
+// VEC LayerNorm parameters at q + col as floats, or `fill` everywhere when q is null (no weight:
+// 1, no bias: 0).
+template <typename P, int VEC>
+__device__ __forceinline__ void load_param(const P* q, int64_t col, float fill, float (&out)[VEC]) {
+  if (q) {
+    const Vec<P, VEC> v = load_vec<P, VEC>(q + col);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out[j] = to_float(v.v[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out[j] = fill;
+  }
+}
+
 template <typename T, typename P, int VEC, int CHUNKS, bool WARP>
 __global__ void __launch_bounds__(WARP ? 32 * kWarpRows : kBlockThreads, WARP ? 4 : 2)
 route_layers_kernel(const Params p) {
@@ -144,22 +158,8 @@ route_layers_kernel(const Params p) {
     if (col < D) {
       Vec<T, VEC> ov;
       float wf[VEC], bf[VEC];
-      if (w) {
-        const Vec<P, VEC> wv = load_vec<P, VEC>(w + col);
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) wf[j] = to_float(wv.v[j]);
-      } else {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) wf[j] = 1.f;
-      }
-      if (b) {
-        const Vec<P, VEC> bv = load_vec<P, VEC>(b + col);
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) bf[j] = to_float(bv.v[j]);
-      } else {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) bf[j] = 0.f;
-      }
+      load_param<P, VEC>(w, col, 1.f, wf);
+      load_param<P, VEC>(b, col, 0.f, bf);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) ov.v[j] = from_float<T>(route::ln_apply(acc[ch][j], mean, rstd, wf[j], bf[j]));
       store_vec<T, VEC>(o + col, ov);

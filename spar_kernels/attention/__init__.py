@@ -17,15 +17,21 @@ Implementations (``spar_kernels.backend`` forces one):
 - ``"cpu"``: fp32 attention per sequence, in query chunks whose mask stays under
   ``_CPU_CHUNK_BYTES`` and whose keys are only the chunk's ``[min kv_start, max kv_end)``: ATen's
   fused CPU attention with an additive mask built from the intervals (explicit matmul-softmax where
-  that op is missing); never a mask over the whole packed batch. A sequence whose rows all see the
-  same keys (cross-attention, a bidirectional connector) runs as one fused call without a mask,
-  and so does any chunk that turns out fully visible;
+  that op is missing). A sequence whose rows all see the same keys (cross-attention, a
+  bidirectional connector) runs as one fused call without a mask, and so does a plain causal
+  sequence and any chunk that turns out fully visible. Two batched shortcuts come first: equal-length
+  plain causal or bidirectional sequences as one batched call, and a small packed batch (where the
+  masked pairs cost less than the per-sequence calls they save) as one call with a mask over its
+  ``[total_q, total_k]`` pairs. Which path runs is decided on the host from the layout's CPU
+  tensors (numpy views, a few vectorized passes); grouped K/V heads are passed to the fused op as
+  they are where it groups query heads itself;
 - ``"reference"``: :mod:`spar_kernels.reference.attention` (one dense mask per sequence).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -50,6 +56,12 @@ INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3f
 _CPU_CHUNK_BYTES = 16 << 20
 # ... and hold at most this many query rows, so causal rows skip the keys after their chunk.
 _CPU_CHUNK_ROWS = 128
+# A fused call's fixed cost, in multiply-adds of q.k products (rows x keys x heads x head dim)
+# taking about as long on a Zen 3 core (~25 us): a packed batch runs as one masked call when the
+# masked pairs add less than this per call saved.
+_CPU_CALL_ELEMS = 1 << 17
+# ... and its mask stays under this many bytes.
+_CPU_MASK_BYTES = 1 << 20
 # ATen's fused CPU attention (blocked online softmax, returns the log-sum-exp); takes an additive
 # float mask of the query's dtype. None where this torch lacks it: the explicit path runs instead.
 _CPU_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -86,40 +98,167 @@ def _cpu_chunk_explicit(qc, kc, vc, visible, scale, g):
     return o.permute(2, 0, 1, 3).reshape(C, Hq, D), (m + torch.log(l)).view(Hq, C)
 
 
-def _cpu_uniform(q, k, v, cq, ck, kv_start, kv_end, scale, out, lse, q_descale, k_descale, v_descale) -> bool:
+# what _cpu_sequences finds a sequence to be
+_NO_ROWS, _SAME, _CAUSAL, _OTHER = 0, 1, 2, 3
+# whether _CPU_FUSED takes fewer key/value heads than query heads as they are (probed on first use)
+_CPU_FUSED_GQA = None
+# CPU plans of recent layouts by content (every layer of a forward, the next forward of the same
+# batch shape): most recent last; layouts of up to _CPU_PLAN_ROWS query rows are kept.
+_CPU_PLANS: dict = {}
+_CPU_PLANS_MAX = 16
+_CPU_PLAN_ROWS = 4096
+
+
+def _fused_takes_gqa() -> bool:
+    """Whether ATen's fused CPU attention takes fewer key/value heads than query heads itself
+    (grouped-query attention without copying K/V per query head); probed once, on fixed values."""
+    global _CPU_FUSED_GQA
+    if _CPU_FUSED_GQA is None:
+        q = torch.linspace(-1.0, 1.0, 2 * 3 * 8).view(1, 2, 3, 8)
+        kv = torch.linspace(1.0, -1.0, 3 * 8).view(1, 1, 3, 8)
+        try:
+            o = _CPU_FUSED(q, kv, kv, 0.0, True)[0]
+            r = _CPU_FUSED(q, kv.expand(1, 2, 3, 8).contiguous(), kv.expand(1, 2, 3, 8).contiguous(), 0.0, True)[0]
+            _CPU_FUSED_GQA = bool(torch.allclose(o, r, rtol=1e-6, atol=1e-7))
+        except RuntimeError:
+            _CPU_FUSED_GQA = False
+    return _CPU_FUSED_GQA
+
+
+def _fused_kv(k, v, g):
+    """``k, v [B, Hkv, n, D]`` for the fused op with ``g * Hkv`` query heads: as they are, or
+    repeated per query head where the op does not group query heads itself."""
+    if g > 1 and not _fused_takes_gqa():
+        return k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    return k, v
+
+
+def _cpu_sequences(cq: np.ndarray, ck: np.ndarray, st: np.ndarray, en: np.ndarray):
+    """What each sequence of a layout (host int arrays) is, from a few vectorized passes over its
+    rows (no per-sequence tensor op): ``(kind, lo, hi)`` ``[B]`` arrays, kind ``_NO_ROWS``,
+    ``_SAME`` (every row sees the same non-empty interval ``[lo, hi)``), ``_CAUSAL`` (as many
+    queries as keys, row ``p`` sees ``[0, p + 1)``) or ``_OTHER``."""
+    B = cq.size - 1
+    lq, lk = np.diff(cq), np.diff(ck)
+    total = int(cq[-1])
+    if total == 0:
+        z = np.zeros(B, np.int64)
+        return np.full(B, _NO_ROWS, np.int8), z, z
+    seq = np.repeat(np.arange(B), lq)
+    has_rows = lq > 0
+    first = np.minimum(cq[:-1], total - 1)     # each sequence's first row (any row when it has none)
+    lo, hi = st[first].astype(np.int64), en[first].astype(np.int64)
+    same = np.bincount(seq, weights=(st == lo[seq]) & (en == hi[seq]), minlength=B) == lq
+    causal = np.bincount(seq, weights=(st == 0) & (en == np.arange(1, total + 1) - cq[:-1][seq]), minlength=B) == lq
+    kind = np.where(~has_rows, _NO_ROWS, np.where(same & (hi > lo), _SAME,
+                                                  np.where(causal & (lq == lk), _CAUSAL, _OTHER))).astype(np.int8)
+    return kind, lo, hi
+
+
+def _uniform_kind(cq, ck, st, en) -> int:
+    """0, or 1 (bidirectional) / 2 (causal) when every sequence has the same length S for queries
+    and keys and is plain bidirectional / plain causal (rows see ``[0, S)`` / ``[0, p + 1)``)."""
+    B = cq.size - 1
+    if B == 0:
+        return 0
+    S = int(cq[1])
+    if S == 0 or not np.array_equal(cq, ck) or (np.diff(cq) != S).any() or st.any():
+        return 0
+    end = en.reshape(B, S)
+    if (end == S).all():
+        return 1
+    return 2 if (end == np.arange(1, S + 1)).all() else 0
+
+
+def _packed_bias(Hq, D, cq, ck, st, en):
+    """The additive ``[1, 1, total_q, total_k]`` mask of a packed batch small enough to run as one
+    fused call over all its rows and keys (each row's interval in its own sequence's keys): when
+    the masked pairs it computes for nothing cost less than the ``B - 1`` calls it saves
+    (:data:`_CPU_CALL_ELEMS`), the mask is at most ``_CPU_MASK_BYTES`` and every row sees a key;
+    else None."""
+    B = cq.size - 1
+    tq, tk = int(cq[-1]), int(ck[-1])
+    if B < 2 or 4 * tq * tk > _CPU_MASK_BYTES:
+        return None
+    lq, lk = np.diff(cq).astype(np.int64), np.diff(ck).astype(np.int64)
+    if (tq * tk - int((lq * lk).sum())) * Hq * D > (B - 1) * _CPU_CALL_ELEMS or not (en > st).all():
+        return None
+    first_key = np.repeat(ck[:-1], lq)                         # each row's sequence's first key
+    j = np.arange(tk)
+    visible = (j >= (first_key + st)[:, None]) & (j < (first_key + en)[:, None])
+    with torch.inference_mode(False):   # kept across calls: an ordinary tensor even when built in inference mode
+        return torch.from_numpy(np.where(visible, np.float32(0.0), np.float32(-np.inf))).view(1, 1, tq, tk)
+
+
+class _CpuPlan(NamedTuple):
+    """How the CPU path runs a layout: ``uniform`` (:func:`_uniform_kind`), ``bias``
+    (:func:`_packed_bias`), and per sequence the offsets and :func:`_cpu_sequences`' kinds."""
+    uniform: int
+    bias: torch.Tensor | None
+    cq: list
+    ck: list
+    kind: list
+    lo: list
+    hi: list
+
+
+def _cpu_plan(Hq: int, D: int, cq: np.ndarray, ck: np.ndarray, st: np.ndarray, en: np.ndarray) -> _CpuPlan:
+    """The plan of a layout given by its host arrays, kept by content for small layouts (a key of
+    the arrays' bytes: a layout changed in place, as a decode step's, gets its own plan)."""
+    key = None
+    if st.size <= _CPU_PLAN_ROWS:
+        key = (Hq, D, cq.size, st.size, b"".join((cq.tobytes(), ck.tobytes(), st.tobytes(), en.tobytes())))
+        plan = _CPU_PLANS.pop(key, None)
+        if plan is not None:
+            _CPU_PLANS[key] = plan
+            return plan
+    uniform = _uniform_kind(cq, ck, st, en) if _CPU_FUSED is not None else 0
+    bias = _packed_bias(Hq, D, cq, ck, st, en) if _CPU_FUSED is not None and not uniform else None
+    kind, lo, hi = _cpu_sequences(cq, ck, st, en)
+    plan = _CpuPlan(uniform, bias, cq.tolist(), ck.tolist(), kind.tolist(), lo.tolist(), hi.tolist())
+    if key is not None:
+        _CPU_PLANS[key] = plan
+        while len(_CPU_PLANS) > _CPU_PLANS_MAX:
+            _CPU_PLANS.pop(next(iter(_CPU_PLANS)))
+    return plan
+
+
+def _cpu_uniform(q, k, v, plan, scale, out, lse, q_descale, k_descale, v_descale) -> bool:
     """One batched fused call when every sequence has the same length S for queries and keys and the
     layout is plain causal or plain bidirectional within each sequence (LLM prefill of equal-length
-    prompts, padding-free encoders). Returns False (doing nothing) for any other layout; the check
-    is a few vectorized compares on the CPU interval tensors."""
-    B = len(cq) - 1
-    if _CPU_FUSED is None or B == 0 or cq != ck:
+    prompts, padding-free encoders). Returns False (doing nothing) for any other layout."""
+    if not plan.uniform or not out.is_contiguous() or (lse is not None and not lse.is_contiguous()):
         return False
-    S = cq[1] - cq[0]
-    if S == 0 or cq[-1] != B * S or any(cq[b + 1] - cq[b] != S for b in range(B)):
-        return False
-    # intervals are sequence-local key indices: every row starts at 0 and ends at S (bidirectional)
-    # or at its own position + 1 (causal)
-    if bool(kv_start.any()):
-        return False
-    end = kv_end.view(B, S)
-    if bool((end == S).all()):
-        causal = False
-    elif torch.equal(end, torch.arange(1, S + 1, dtype=end.dtype).expand(B, S)):
-        causal = True
-    else:
-        return False
+    B = len(plan.cq) - 1
+    S = plan.cq[1]
     Hq, D = q.shape[1], q.shape[2]
     Hkv = k.shape[1]
     f32 = torch.float32
     qb = _ref.dequantize(q, q_descale, f32).view(B, S, Hq, D).transpose(1, 2)
     kb = _ref.dequantize(k, k_descale, f32).view(B, S, Hkv, D).transpose(1, 2)
     vb = _ref.dequantize(v, v_descale, f32).view(B, S, Hkv, D).transpose(1, 2)
-    if Hq != Hkv:
-        kb, vb = kb.repeat_interleave(Hq // Hkv, dim=1), vb.repeat_interleave(Hq // Hkv, dim=1)
-    o, l = _CPU_FUSED(qb, kb, vb, 0.0, causal, scale=scale)                          # [B, Hq, S, D], [B, Hq, S]
+    kb, vb = _fused_kv(kb, vb, Hq // Hkv)
+    o, l = _CPU_FUSED(qb, kb, vb, 0.0, plan.uniform == 2, scale=scale)               # [B, Hq, S, D], [B, Hq, S]
     out.view(B, S, Hq, D).copy_(o.transpose(1, 2))
     if lse is not None:
         lse.view(Hq, B, S).copy_(l.transpose(0, 1))
+    return True
+
+
+def _cpu_packed_masked(q, k, v, plan, scale, out, lse, q_descale, k_descale, v_descale) -> bool:
+    """A small packed batch (a prefill of a few short prompts, any intervals) as one fused call
+    over all its rows and keys with the plan's additive mask (:func:`_packed_bias`). Returns False
+    (doing nothing) when the plan has none."""
+    if plan.bias is None:
+        return False
+    f32 = torch.float32
+    qh = _ref.dequantize(q, q_descale, f32).transpose(0, 1).unsqueeze(0)
+    kh, vh = _fused_kv(_ref.dequantize(k, k_descale, f32).transpose(0, 1).unsqueeze(0),
+                       _ref.dequantize(v, v_descale, f32).transpose(0, 1).unsqueeze(0), q.shape[1] // k.shape[1])
+    o, l = _CPU_FUSED(qh, kh, vh, 0.0, False, attn_mask=plan.bias, scale=scale)      # [1, Hq, tq, D], [1, Hq, tq]
+    out.copy_(o[0].transpose(0, 1))
+    if lse is not None:
+        lse.copy_(l[0])
     return True
 
 
@@ -129,37 +268,35 @@ def _impl_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_
     g = Hq // k.shape[1]
     chunk_fn = _cpu_chunk_fused if _CPU_FUSED is not None else _cpu_chunk_explicit
     per_key = 4 * (g if _CPU_FUSED is not None else Hq)  # bytes per (query row, key) of a chunk
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()  # CPU tensors: no device sync
-    if out.is_contiguous() and (lse is None or lse.is_contiguous()) and _cpu_uniform(
-            q, k, v, cq, ck, kv_start, kv_end, softmax_scale, out, lse, q_descale, k_descale, v_descale):
+    # CPU tensors: numpy views (no copy, no device sync); the path is planned on the host
+    plan = _cpu_plan(Hq, q.shape[2], cu_seqlens_q.numpy(), cu_seqlens_k.numpy(), kv_start.numpy(), kv_end.numpy())
+    if _cpu_uniform(q, k, v, plan, softmax_scale, out, lse, q_descale, k_descale, v_descale):
+        return
+    if _cpu_packed_masked(q, k, v, plan, softmax_scale, out, lse, q_descale, k_descale, v_descale):
         return
     f32 = torch.float32
+    cq, ck, kind, lo_b, hi_b = plan.cq, plan.ck, plan.kind, plan.lo, plan.hi
     for b in range(len(cq) - 1):
         q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
-        if q1 == q0:
+        if kind[b] == _NO_ROWS:
             continue
         # fp32 (and per-head dequantized) keys and values of this sequence (a view when already fp32)
         kb = _ref.dequantize(k[k0:k1], k_descale, f32)
         vb = _ref.dequantize(v[k0:k1], v_descale, f32)
-        st_b, en_b = kv_start[q0:q1], kv_end[q0:q1]
-        if (_CPU_FUSED is not None and bool((st_b == st_b[0]).all()) and bool((en_b == en_b[0]).all())
-                and int(en_b[0]) > int(st_b[0])):
+        if _CPU_FUSED is not None and kind[b] == _SAME:
             # every row sees the same keys (cross-attention, a fully bidirectional sequence):
             # one fused call without a mask; it never forms the [rows, keys] scores
-            lo, hi = int(st_b[0]), int(en_b[0])
+            lo, hi = lo_b[b], hi_b[b]
             o, l = _cpu_chunk_fused(_ref.dequantize(q[q0:q1], q_descale, f32), kb[lo:hi], vb[lo:hi], None,
                                     softmax_scale, g)
             out[q0:q1] = o
             if lse is not None:
                 lse[:, q0:q1] = l
             continue
-        if (_CPU_FUSED is not None and q1 - q0 == k1 - k0 and not bool(st_b.any())
-                and torch.equal(en_b, torch.arange(1, q1 - q0 + 1, dtype=en_b.dtype))):
+        if _CPU_FUSED is not None and kind[b] == _CAUSAL:
             # a plain causal sequence: one fused causal call, no mask
             qh = _ref.dequantize(q[q0:q1], q_descale, f32).transpose(0, 1).unsqueeze(0)
-            kh, vh = kb.transpose(0, 1).unsqueeze(0), vb.transpose(0, 1).unsqueeze(0)
-            if g > 1:
-                kh, vh = kh.repeat_interleave(g, dim=1), vh.repeat_interleave(g, dim=1)
+            kh, vh = _fused_kv(kb.transpose(0, 1).unsqueeze(0), vb.transpose(0, 1).unsqueeze(0), g)
             o, l = _CPU_FUSED(qh, kh, vh, 0.0, True, scale=softmax_scale)
             out[q0:q1] = o[0].transpose(0, 1)
             if lse is not None:

@@ -156,6 +156,25 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, st, en, lo, 
     return acc, m_i, l_i, visited, (f1 - f0) // BLOCK_N
 
 
+@triton.jit
+def _qkv_units(head_dim, stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, ALIGN: tl.constexpr):
+    """The head dim and the q/k/v strides, passed in units of ALIGN (NO_SPECIALIZE), in elements."""
+    return (head_dim * ALIGN, stride_qm * ALIGN, stride_qh * ALIGN, stride_km * ALIGN, stride_kh * ALIGN,
+            stride_vm * ALIGN, stride_vh * ALIGN)
+
+
+@triton.jit
+def _program(n_inner, batch, CU_Q, CU_K):
+    """The one grid axis as (inner, sequence b, head), inner fastest; and sequence b's query and key
+    rows: (inner, b, head, q_start, seqlen_q, k_start, seqlen_k)."""
+    pid = tl.program_id(0)
+    b = (pid // n_inner) % batch
+    q_start = tl.load(CU_Q + b)
+    k_start = tl.load(CU_K + b)
+    return (pid % n_inner, b, pid // n_inner // batch, q_start, tl.load(CU_Q + b + 1) - q_start, k_start,
+            tl.load(CU_K + b + 1) - k_start)
+
+
 @triton.jit(do_not_specialize=NO_SPECIALIZE["fwd"])
 def _hybrid_attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KV_START, KV_END, Q_DESCALE, K_DESCALE, V_DESCALE, TILES,
                      sm_scale_log2, head_dim, batch, num_m_tiles,
@@ -164,23 +183,14 @@ def _hybrid_attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KV_START, KV_END, Q_DESCALE, K
                      IS_FP8: tl.constexpr, COUNT_TILES: tl.constexpr, ALIGN: tl.constexpr,
                      DOT_UPCAST: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
-    head_dim = head_dim * ALIGN  # passed in units of ALIGN (NO_SPECIALIZE)
-    stride_qm, stride_qh = stride_qm * ALIGN, stride_qh * ALIGN
-    stride_km, stride_kh = stride_km * ALIGN, stride_kh * ALIGN
-    stride_vm, stride_vh = stride_vm * ALIGN, stride_vh * ALIGN
+    head_dim, stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh = _qkv_units(
+        head_dim, stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, ALIGN)
     stride_om, stride_oh = stride_om * ALIGN, stride_oh * ALIGN
     # one grid axis: (query tile, sequence, head), query tile fastest
-    pid = tl.program_id(0)
-    pid_m = pid % num_m_tiles
-    b = (pid // num_m_tiles) % batch
-    h = pid // num_m_tiles // batch
-    q_start = tl.load(CU_Q + b)
-    seqlen_q = tl.load(CU_Q + b + 1) - q_start
+    pid_m, b, h, q_start, seqlen_q, k_start, seqlen_k = _program(num_m_tiles, batch, CU_Q, CU_K)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:  # grid sized by max_seqlen_q: shorter sequences end early
         return
-    k_start = tl.load(CU_K + b)
-    seqlen_k = tl.load(CU_K + b + 1) - k_start
     hk = h // group
     h64 = h.to(tl.int64)  # 64-bit offsets: head-major tensors may hold more than 2^31 elements
     hk64 = hk.to(tl.int64)
@@ -238,20 +248,11 @@ def _hybrid_attn_decode(Q, K, V, O_PART, LSE_PART, CU_Q, CU_K, KV_START, KV_END,
                         group, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         IS_FP8: tl.constexpr, ALIGN: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """Split s of the keys for every query row x group head of (sequence b, KV head hk)."""
-    head_dim = head_dim * ALIGN  # passed in units of ALIGN (NO_SPECIALIZE)
-    stride_qm, stride_qh = stride_qm * ALIGN, stride_qh * ALIGN
-    stride_km, stride_kh = stride_km * ALIGN, stride_kh * ALIGN
-    stride_vm, stride_vh = stride_vm * ALIGN, stride_vh * ALIGN
+    head_dim, stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh = _qkv_units(
+        head_dim, stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, ALIGN)
     stride_ps, stride_pm, stride_ph = stride_ps * ALIGN, stride_pm * ALIGN, stride_ph * ALIGN
     # one grid axis: (split, sequence, KV head), split fastest
-    pid = tl.program_id(0)
-    split = pid % num_splits
-    b = (pid // num_splits) % batch
-    hk = pid // num_splits // batch
-    q_start = tl.load(CU_Q + b)
-    seqlen_q = tl.load(CU_Q + b + 1) - q_start
-    k_start = tl.load(CU_K + b)
-    seqlen_k = tl.load(CU_K + b + 1) - k_start
+    split, b, hk, q_start, seqlen_q, k_start, seqlen_k = _program(num_splits, batch, CU_Q, CU_K)
     IS_FP32: tl.constexpr = Q.dtype.element_ty == tl.float32
 
     r = tl.arange(0, BLOCK_M)          # tile row -> (query row r // group, head hk * group + r % group)

@@ -19,7 +19,10 @@ context work (caption projection, caption norm, every block's cross-attention K/
 ``encoder_hidden_states`` and ``encoder_attention_mask`` tensors, unmodified (version counters;
 for inference-mode tensors, which have none, a kept copy compared by value), as a denoising loop
 passes them at every step (the stock model recomputes it at every step); the last context stays
-referenced until the next call with other tensors, or ``unpatch``. Calls the
+referenced until the next call with other tensors, or ``unpatch``; the cross-attention layout
+depends only on the context lengths and the latent size and is kept by those (a new context of
+the same shape builds none). Reading the encoder mask's values (one host sync on a GPU) happens
+once per new context. Calls the
 runtime does not cover run the original forward: gradients enabled on trainable weights,
 ``attention_mask`` / ``guidance`` / ``controlnet_block_samples`` / ``attention_kwargs`` given, a
 pre-built 3-D ``encoder_attention_mask``, a sample with no unmasked context token, mixed dtypes.
@@ -30,6 +33,7 @@ from __future__ import annotations
 import functools
 import types
 
+import numpy as np
 import torch
 
 SUPPORTED = ("SanaTransformer2DModel", "AutoencoderDC")
@@ -140,15 +144,32 @@ def _sana_forward(self, hidden_states, encoder_hidden_states, timestep, guidance
             context = encoder_hidden_states.reshape(B * L, -1)
             lens = [L] * B
         else:
-            keep = mask.to(torch.bool)
+            # the mask's values on the host, read once (one sync for a mask on a GPU): the packed
+            # context length depends on them
+            host = mask.detach().cpu().numpy()
+            keep = host != 0
             lens = keep.sum(1).tolist()
             # a sample with no token: the stock model averages over every token there (no packed
             # layout); values other than 0/1: the stock model's bias is not a mask
-            if min(lens) == 0 or not bool(((mask == 0) | (mask == 1)).all()):
+            if min(lens) == 0 or not (keep | (host == 0)).all() or not (host[keep] == 1).all():
                 return stock(self, hidden_states, encoder_hidden_states, timestep, **args)
-            context = encoder_hidden_states[keep]
+            context = encoder_hidden_states.reshape(B * L, -1)
+            if not keep.all():
+                idx = torch.from_numpy(np.flatnonzero(keep))
+                if context.device.type != "cpu":
+                    idx = idx.pin_memory().to(context.device, non_blocking=True)
+                context = context.index_select(0, idx)
+        # the cross-attention layout depends only on the lengths: kept by value across contexts
+        n_img = (hidden_states.shape[-2] // dit.config.patch_size) * (hidden_states.shape[-1] // dit.config.patch_size)
+        layouts = cached.__dict__.setdefault("layouts", {})
+        key = (tuple(lens), n_img, dit.device)
+        if key not in layouts:
+            from spar_kernels import AttentionLayout
+            if len(layouts) >= 8:
+                layouts.pop(next(iter(layouts)))
+            layouts[key] = AttentionLayout.cross([n_img] * len(lens), list(lens), device=dit.device)
         with torch.no_grad():
-            ctx = dit.prepare_context(context.to(dit.dtype), lens)
+            ctx = dit.prepare_context(context.to(dit.dtype), lens, layouts={n_img: layouts[key]})
         # kept (with the tensors it came from, so their ids stay theirs) for the next call
         cached.context = (dit, encoder_hidden_states, _stamp(encoder_hidden_states), mask, _stamp(mask), ctx)
     with torch.no_grad():

@@ -17,6 +17,14 @@ interval of row ``b``'s keys), built once per mask and reused by every layer:
 Anything else (other masks, additive biases, sinks, softcapping, sliding windows, dropout in
 training, attention weights requested, gradients, head dims above the kernels') runs transformers'
 own SDPA function, with one warning per reason.
+
+Host work per call: a layout is kept for the mask (or ``cu_seq_lens``) object of the last call,
+which every layer of one forward shares, and layouts without a 4-D mask (no mask, packed
+segments) are also kept by value (shapes and segment lengths), so a batch shape seen again maps
+nothing. Device reads (host syncs on a GPU): a 4-D mask is reduced to per-row counts and bounds
+where it lives and read once, in the first layer (once per forward; a decode step of a padded
+batch gets a new mask from transformers each step); ``cu_seq_lens`` given as device tensors
+are read once per forward likewise; nothing else reads device values.
 """
 
 from __future__ import annotations
@@ -35,8 +43,14 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MASKED_BELOW = -1e4        # additive masks: a value <= this is a masked key (exp underflows to 0)
 
 _warned: set[str] = set()
-# the last mask mapped: (key, mask kept alive so its id is not reused, layout or None for fallback)
+# The layout of the last mask seen: (its key, the mask and cu_seq_lens objects, kept alive so
+# that their ids stay theirs, layout or None for a fallback). Every layer of one forward gets the
+# same mask object: only the first layer maps it.
 _last: list = [None, None, None]
+# Layouts by value (shapes, cu_seq_lens values), the most recent last: the same padding-free or
+# packed batch shape seen again (the next forward, a decode step) maps nothing.
+_by_value: dict = {}
+_BY_VALUE_MAX = 16
 
 
 def _warn_once(reason: str) -> None:
@@ -55,8 +69,8 @@ def _rows_layout(start: np.ndarray, end: np.ndarray, B: int, Q: int, K: int, dev
     """One sequence per batch row: Q queries, K keys, row intervals ``[start, end)`` ([B*Q])."""
     cu_q = np.arange(B + 1, dtype=np.int64) * Q
     cu_k = np.arange(B + 1, dtype=np.int64) * K
-    return sk.AttentionLayout.from_intervals(torch.from_numpy(cu_q).to(device), torch.from_numpy(cu_k).to(device),
-                                             torch.from_numpy(start).to(device), torch.from_numpy(end).to(device))
+    layout = sk.AttentionLayout.from_intervals(cu_q, cu_k, start, end)
+    return layout if device.type == "cpu" else layout.to(device)
 
 
 def mask_intervals(mask: torch.Tensor, B: int, Q: int, K: int):
@@ -64,48 +78,81 @@ def mask_intervals(mask: torch.Tensor, B: int, Q: int, K: int):
     contiguous interval of keys (empty rows get ``[0, 0)``), or None when some row does not.
 
     ``mask``: ``[B or 1, 1, Q, >= K]``, boolean (True = attend) or additive float (0 = attend,
-    <= -1e4 = masked); other float values give None."""
+    <= -1e4 = masked); other float values give None. Each row's first and last visible key and
+    visible count are reduced where the mask lives and read to the host at once (one sync for a
+    mask on a GPU)."""
     m = mask[:, 0, :, :K]
+    bad = None
     if m.dtype != torch.bool:
-        if not (((m == 0) | (m <= _MASKED_BELOW)).all()):
-            return None
+        bad = ~((m == 0) | (m <= _MASKED_BELOW)).all(-1)          # a row with a value that is not a mask
         m = m == 0
-    m = m.expand(B, Q, K).reshape(B * Q, K)
+    bm = m.shape[0]
+    m = m.reshape(bm * Q, K)
     count = m.sum(-1)
     first = m.to(torch.uint8).argmax(-1)                      # first True (0 when none)
     last = K - 1 - m.flip(-1).to(torch.uint8).argmax(-1)      # last True
-    nonempty = count > 0
-    if not bool((~nonempty | (last - first + 1 == count)).all()):
+    rows = [count, first, last] + ([bad.reshape(bm * Q).long()] if bad is not None else [])
+    host = torch.stack(rows).cpu().numpy()
+    count, first, last = host[0], host[1], host[2]
+    if bad is not None and host[3].any():
         return None
-    start = torch.where(nonempty, first, 0).numpy().astype(np.int64)
-    end = torch.where(nonempty, last + 1, 0).numpy().astype(np.int64)
+    nonempty = count > 0
+    if not (~nonempty | (last - first + 1 == count)).all():
+        return None
+    start = np.where(nonempty, first, 0).astype(np.int64)
+    end = np.where(nonempty, last + 1, 0).astype(np.int64)
+    if bm != B:
+        start, end = np.tile(start, B), np.tile(end, B)
     return start, end
+
+
+def _remember(key, layout):
+    _by_value.pop(key, None)
+    _by_value[key] = layout
+    while len(_by_value) > _BY_VALUE_MAX:
+        _by_value.pop(next(iter(_by_value)))
+    return layout
 
 
 def _build_layout(attention_mask, B, Q, K, causal, kwargs, device):
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is not None and cu_k is not None and B == 1:
+        # a device tensor is read once here (the layout is kept for every other layer)
         cq = cu_q.tolist() if isinstance(cu_q, torch.Tensor) else list(cu_q)
         ck = cu_k.tolist() if isinstance(cu_k, torch.Tensor) else list(cu_k)
-        if cq[-1] != Q or ck[-1] != K or len(cq) != len(ck):
+        key = ("packed", tuple(cq), tuple(ck), Q, K, causal, device)
+        if key in _by_value:
+            return _remember(key, _by_value[key])
+        if not cq or cq[-1] != Q or ck[-1] != K or len(cq) != len(ck):
             return None
         lq, lk = np.diff(cq), np.diff(ck)
         if causal:
             if (lq != lk).any():
                 return None
-            return sk.AttentionLayout.from_segments([[("causal", int(n))] for n in lq], device=device)
-        return sk.AttentionLayout.cross([int(n) for n in lq], [int(n) for n in lk], device=device)
+            return _remember(key, sk.AttentionLayout.from_segments([[("causal", int(n))] for n in lq],
+                                                                   device=device))
+        return _remember(key, sk.AttentionLayout.cross([int(n) for n in lq], [int(n) for n in lk], device=device))
     if attention_mask is None:
+        key = ("rows", B, Q, K, causal, device)
+        if key in _by_value:
+            return _remember(key, _by_value[key])
         if causal and Q > 1:   # SDPA's is_causal: top-left aligned
             end = np.minimum(np.arange(1, Q + 1, dtype=np.int64), K)
         else:
             end = np.full(Q, K, dtype=np.int64)
         end = np.tile(end, B)
-        return _rows_layout(np.zeros_like(end), end, B, Q, K, device)
+        return _remember(key, _rows_layout(np.zeros_like(end), end, B, Q, K, device))
     iv = mask_intervals(attention_mask, B, Q, K)
     if iv is None:
         return None
     return _rows_layout(iv[0], iv[1], B, Q, K, device)
+
+
+def packed_layout(T: int, causal: bool, kwargs, device):
+    """The layout of a packed row of ``T`` tokens whose sequences ``cu_seq_lens_q`` /
+    ``cu_seq_lens_k`` (kwargs) give, causal or bidirectional within each, or None when they do
+    not describe one (as the attention function maps them, from the same caches)."""
+    return _layout_for(None, 1, T, T, causal, kwargs, device)
 
 
 def _layout_for(attention_mask, B, Q, K, causal, kwargs, device):
