@@ -1,5 +1,7 @@
-// Element math of the DiT block kernels, written so that g++ -O3 vectorizes the loops that call it
-// (no branches, no libm calls): a polynomial exp for SiLU, accurate to ~2 ulp in fp32.
+// Scalar element math of the CPU twins (no libm calls): a polynomial exp for SiLU, accurate to
+// ~2 ulp in fp32, and ReLU. g++ 12 at its default -ftrapping-math does NOT vectorize a loop calling
+// fast_exp / silu (the clamp's ternaries count as control flow), so a hot vector loop spells the
+// same math in vector types instead, as csrc/dwconv_glu/dwconv_glu_kernels.h does.
 #pragma once
 #include "common/spar_common.h"
 
@@ -9,8 +11,8 @@ namespace fast {
 // exp(x) for x in fp32 range: 2^n * p(r), n = round(x / ln2), r = x - n ln2 (Cody-Waite split),
 // p the degree-6 Taylor/minimax polynomial (Cephes expf). Saturates to 0 / inf outside +-88.
 SPAR_HD float fast_exp(float x) {
-  x = x < -87.3f ? -87.3f : (x > 88.0f ? 88.0f : x);  // ternaries vectorize (fminf does not)
-  // round to nearest via the 1.5 * 2^23 trick (vectorizes, unlike nearbyint)
+  x = x < -87.3f ? -87.3f : (x > 88.0f ? 88.0f : x);
+  // round to nearest via the 1.5 * 2^23 trick (no libm call, unlike nearbyint)
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = fmaf(n, -0.693359375f, x);
   r = fmaf(n, 2.12194440e-4f, r);
