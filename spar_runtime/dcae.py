@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from spar_kernels import dwconv_glu, linear_attention, rms_norm, same_device
-from .loading import check_state_dict, load_component
+from .loading import check_config_class, check_state_dict, load_component
 
 __all__ = ["DCAEConfig", "DCAEDecoder", "dcae_param_shapes", "random_weights"]
 
@@ -77,11 +77,7 @@ class DCAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DCAEConfig":
-        if not isinstance(d, dict):
-            raise TypeError(f"config: expected a dict (an AutoencoderDC config.json), got {type(d).__name__}")
-        cls_name = d.get("_class_name", "AutoencoderDC")
-        if cls_name != "AutoencoderDC":
-            raise ValueError(f"config: _class_name is {cls_name!r}, expected 'AutoencoderDC'")
+        check_config_class(d, "AutoencoderDC")
         channels = tuple(int(c) for c in d.get("decoder_block_out_channels", (128, 256, 512, 512, 1024, 1024)))
         n = len(channels)
         if n < 1:

@@ -21,7 +21,7 @@ from typing import Iterable, Mapping
 import torch
 
 __all__ = ["CheckpointError", "PICKLE_SUFFIXES", "read_json", "load_safetensors_file",
-           "load_safetensors_dir", "check_state_dict", "load_component"]
+           "load_safetensors_dir", "check_state_dict", "load_component", "check_config_class"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _SINGLE_FILE_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")  # transformers, diffusers
@@ -238,3 +238,12 @@ def load_component(folder: str | os.PathLike, kind: str, validate, param_shapes,
         raise CheckpointError(f"{folder}: no '{prefix}*' tensors found (expected a {kind} checkpoint)")
     check_state_dict(weights, param_shapes(config), folder)
     return config, weights
+
+
+def check_config_class(d, class_name: str) -> None:
+    """Raise unless ``d`` is a dict whose ``_class_name`` (when it has one) is ``class_name``."""
+    if not isinstance(d, dict):
+        raise TypeError(f"config: expected a dict (the config.json of a {class_name}), got {type(d).__name__}")
+    name = d.get("_class_name", class_name)
+    if name != class_name:
+        raise ValueError(f"config: _class_name is {name!r}, expected {class_name!r}")

@@ -38,7 +38,7 @@ from spar_kernels import (AttentionLayout, adaln_layernorm, dwconv_glu, gated_re
                           linear_attention, rms_norm)
 from spar_kernels.attention import HEAD_DIMS as _ATTN_HEAD_DIMS
 from .fp8 import linear, wants_fp8
-from .loading import check_state_dict, load_component
+from .loading import check_config_class, check_state_dict, load_component
 
 __all__ = ["SanaConfig", "SanaContext", "SanaBlock", "SanaDiT", "sana_param_shapes", "random_weights"]
 
@@ -75,11 +75,7 @@ class SanaConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SanaConfig":
-        if not isinstance(d, dict):
-            raise TypeError(f"config: expected a dict (a SanaTransformer2DModel config.json), got {type(d).__name__}")
-        name = d.get("_class_name", "SanaTransformer2DModel")
-        if name != "SanaTransformer2DModel":
-            raise ValueError(f"config: _class_name is {name!r}, expected 'SanaTransformer2DModel'")
+        check_config_class(d, "SanaTransformer2DModel")
         if d.get("guidance_embeds", False):
             raise ValueError("guidance_embeds: True (SANA-Sprint guidance embedding) is not supported")
         qk_norm = d.get("qk_norm")

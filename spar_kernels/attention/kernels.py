@@ -134,11 +134,15 @@ def _step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, seqle
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, st, en, lo, hi, full_lo, full_hi, seqlen_k,
-            qk_scale, head_dim, offs_n, offs_d, BLOCK_N: tl.constexpr, IS_FP8: tl.constexpr,
-            IS_FP32: tl.constexpr, DOT_UPCAST: tl.constexpr):
+def _attend(q, k_base, v_base, stride_kn, stride_vn, st, en, lo, hi, full_lo, full_hi, seqlen_k,
+            qk_scale, head_dim, offs_n, offs_d, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            IS_FP8: tl.constexpr, IS_FP32: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """Visit the key tiles meeting [lo, hi): masked ones below full_lo, unmasked ones inside
-    [full_lo, full_hi), masked ones above. Returns the state and (visited, unmasked) tile counts."""
+    [full_lo, full_hi), masked ones above, from an empty online-softmax state. Returns the state
+    (acc, m_i, l_i) and the (visited, unmasked) tile counts."""
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     lo_t = (lo // BLOCK_N) * BLOCK_N
     hi_t = tl.cdiv(hi, BLOCK_N) * BLOCK_N
     f0 = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_N) * BLOCK_N, lo_t), hi_t)
@@ -220,12 +224,9 @@ def _hybrid_attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KV_START, KV_END, Q_DESCALE, K
     k_base = K + k_start.to(tl.int64) * stride_km + hk64 * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vm + hk64 * stride_vh
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i, visited, unmasked = _attend(acc, m_i, l_i, q, k_base, v_base, stride_km, stride_vm, st, en, lo,
-                                               hi, full_lo, full_hi, seqlen_k, qk_scale, head_dim, offs_n, offs_d,
-                                               BLOCK_N, IS_FP8, IS_FP32, DOT_UPCAST)
+    acc, m_i, l_i, visited, unmasked = _attend(q, k_base, v_base, stride_km, stride_vm, st, en, lo, hi, full_lo,
+                                               full_hi, seqlen_k, qk_scale, head_dim, offs_n, offs_d, BLOCK_M,
+                                               BLOCK_N, BLOCK_D, IS_FP8, IS_FP32, DOT_UPCAST)
     if COUNT_TILES:
         tl.atomic_add(TILES, visited)
         tl.atomic_add(TILES + 1, visited - unmasked)
@@ -283,12 +284,9 @@ def _hybrid_attn_decode(Q, K, V, O_PART, LSE_PART, CU_Q, CU_K, KV_START, KV_END,
     k_base = K + k_start.to(tl.int64) * stride_km + hk.to(tl.int64) * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vm + hk.to(tl.int64) * stride_vh
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i, visited, unmasked = _attend(acc, m_i, l_i, q, k_base, v_base, stride_km, stride_vm, st, en, lo,
-                                               hi, full_lo, full_hi, seqlen_k, qk_scale, head_dim, offs_n, offs_d,
-                                               BLOCK_N, IS_FP8, IS_FP32, DOT_UPCAST)
+    acc, m_i, l_i, visited, unmasked = _attend(q, k_base, v_base, stride_km, stride_vm, st, en, lo, hi, full_lo,
+                                               full_hi, seqlen_k, qk_scale, head_dim, offs_n, offs_d, BLOCK_M,
+                                               BLOCK_N, BLOCK_D, IS_FP8, IS_FP32, DOT_UPCAST)
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     if IS_FP8:

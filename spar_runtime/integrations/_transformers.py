@@ -94,8 +94,12 @@ class _FusedQKV:
     def __init__(self):
         self.sig = self.w = self.b = None
 
-    def get(self, attn) -> tuple[torch.Tensor, torch.Tensor | None]:
-        lins = [attn._modules[n] for n in ("q_proj", "k_proj", "v_proj")]
+    def get(self, attn) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight, bias), or None when a projection is not a plain ``nn.Linear`` without hooks
+        (an adapter-wrapped or quantized layer, whose own forward must run)."""
+        lins = [attn._modules.get(n) for n in ("q_proj", "k_proj", "v_proj")]
+        if any(type(m) is not torch.nn.Linear or m._forward_hooks or m._forward_pre_hooks for m in lins):
+            return None
         ws = [m._parameters["weight"] for m in lins]
         bs = [m._parameters.get("bias") for m in lins]
         sig = tuple((t.data_ptr(), _version(t), t.dtype, t.device) if t is not None else None for t in ws + bs)
@@ -126,15 +130,16 @@ def _attention_forward(self, hidden_states: torch.Tensor, position_embeddings=No
             or self.config._attn_implementation != _hf_attention.ATTN_NAME):
         return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
                                   attention_mask=attention_mask, cache=cache, **kwargs)
+    fused = self._spar_qkv.get(self)
     T, hd = hidden_states.shape[1], self.head_dim
-    Hq, Hkv = self.q_proj.out_features // hd, self.k_proj.out_features // hd
     causal = kwargs.get("is_causal")
     causal = getattr(self, "is_causal", True) if causal is None else bool(causal)
-    layout = _hf_attention.packed_layout(T, causal, kwargs, hidden_states.device)
+    layout = None if fused is None else _hf_attention.packed_layout(T, causal, kwargs, hidden_states.device)
     if layout is None or not sk.attention.MIN_HEAD_DIM <= hd <= sk.attention.MAX_HEAD_DIM or hd % 2:
         return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
                                   attention_mask=attention_mask, cache=cache, **kwargs)
-    wqkv, bqkv = self._spar_qkv.get(self)
+    wqkv, bqkv = fused
+    Hq, Hkv = self.q_proj.out_features // hd, self.k_proj.out_features // hd
     qkv = torch.nn.functional.linear(hidden_states[0], wqkv, bqkv)            # [T, (Hq + 2 Hkv) hd]
     qk = qkv[:, :(Hq + Hkv) * hd].view(T, Hq + Hkv, hd)
     cos, sin = position_embeddings                                            # [1, T, hd]
