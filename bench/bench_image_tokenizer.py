@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from bench.bench_pipeline import _ref_module
+from bench.bench_pipeline import _ref_module, pipeline_from_reference
 from bench.harness import Case, Unavailable, device_name, time_interleaved
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -83,18 +83,7 @@ def _reference(name: str, dtype_name: str):
 
 @functools.lru_cache(maxsize=None)
 def _pipeline(name: str, dtype_name: str):
-    """A SparPipeline holding the reference's weights (from the modules' state dicts, no files)."""
-    from spar_runtime.dcae import DCAEDecoder
-    from spar_runtime.internvl import MLLM
-    from spar_runtime.pipeline import SparPipeline
-    from spar_runtime.sana import SanaDiT
-
-    ref, dt = _reference_fp32(name), DTYPES[dtype_name]
-    cfg = ref.config
-    sd = lambda m: {k: v.detach().to(dt) for k, v in m.state_dict().items()}  # noqa: E731
-    vae = {k[len("decoder."):]: v for k, v in sd(ref.vae).items() if k.startswith("decoder.")}
-    return SparPipeline(cfg, MLLM(cfg.mllm_config, sd(ref.mllm)), ref.spar, SanaDiT(cfg.dit_config, sd(ref.dit)),
-                        DCAEDecoder(cfg.vae_config, vae), device="cpu", dtype=dt)
+    return pipeline_from_reference(_reference_fp32(name), DTYPES[dtype_name])
 
 
 @functools.lru_cache(maxsize=None)

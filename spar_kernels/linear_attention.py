@@ -309,7 +309,8 @@ def _aot_specs():
 # implementations (write into the preallocated out)
 
 
-def _impl_triton(q, k, v, eps, out, workspace):
+def _launch(q, k, v, eps, out, workspace, fp8_out=None):
+    """Run the Triton plan of q/k/v into ``out`` (or, with ``fp8_out`` = (q8, scales), FP8)."""
     B, Nq, H, D = q.shape
     plan = _Plan(B, Nq, k.shape[1], H, D, v.shape[-1], q.dtype)
     if workspace.numel() < plan.numel:
@@ -319,8 +320,12 @@ def _impl_triton(q, k, v, eps, out, workspace):
         # CPU tensors under the interpreter, called without a workspace
         workspace = torch.empty(plan.numel, dtype=torch.float32, device=q.device)
     with device_guard(q):
-        for kernel, grid, args, consts, warps, stages in plan.launches(q, k, v, out, workspace, eps):
+        for kernel, grid, args, consts, warps, stages in plan.launches(q, k, v, out, workspace, eps, fp8_out):
             kernel[grid](**args, **consts, num_warps=warps, num_stages=stages)
+
+
+def _impl_triton(q, k, v, eps, out, workspace):
+    _launch(q, k, v, eps, out, workspace)
 
 
 def _impl_reference(q, k, v, eps, out, workspace):
@@ -328,16 +333,7 @@ def _impl_reference(q, k, v, eps, out, workspace):
 
 
 def _fp8_triton(q, k, v, eps, q8, scales, workspace):
-    B, Nq, H, D = q.shape
-    plan = _Plan(B, Nq, k.shape[1], H, D, v.shape[-1], q.dtype)
-    if workspace.numel() < plan.numel:
-        if workspace.numel():
-            raise ValueError(f"workspace: expected a contiguous fp32 tensor of at least {plan.numel} elements "
-                             f"(linear_attention_workspace(q, k, v)), got shape {tuple(workspace.shape)}")
-        workspace = torch.empty(plan.numel, dtype=torch.float32, device=q.device)
-    with device_guard(q):
-        for kernel, grid, args, consts, warps, stages in plan.launches(q, k, v, None, workspace, eps, (q8, scales)):
-            kernel[grid](**args, **consts, num_warps=warps, num_stages=stages)
+    _launch(q, k, v, eps, None, workspace, (q8, scales))
 
 
 def _fp8_unfused(impl, quantize):

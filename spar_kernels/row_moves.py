@@ -9,8 +9,10 @@
 A row is everything after the first dimension (``C`` elements). The kernels move rows as raw
 bits (the rows are viewed as int8/16/32/64 of the element size), so every dtype moves bit-exactly.
 One program per (row, column block); int64 row offsets. CUDA tensors run the Triton kernels (CPU
-tensors too under ``TRITON_INTERPRET=1``, with ``backend("triton")``); CPU tensors run ATen's
-index ops (``"cpu"``), and ``"reference"`` the plain-PyTorch references.
+tensors too under ``TRITON_INTERPRET=1``, with ``backend("triton")``); CPU tensors (``"cpu"``) run
+ATen's index ops, except ``scatter_rows``, which runs the C++ twin ``_C_cpu.scatter_rows`` (a memcpy
+per row, csrc/row_moves/) when x's rows view as ``[N, C]`` with unit inner stride and src does not
+share x's memory (``index_put_`` otherwise); ``"reference"`` runs the plain-PyTorch references.
 
 Host syncs: index values are range-checked on CPU tensors only (that check would sync a CUDA
 device); on CUDA an out-of-range gather index reads zeros and an out-of-range scatter index is
@@ -26,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from . import _aot
+from . import _aot, _ext
 from ._op import device_guard, spar_op
 from ._triton import ROW_NUM_STAGES, tl, triton
 from ._validate import as_index, check_index_range, check_tensor, out_or_empty
@@ -239,6 +241,23 @@ def _scatter_triton(x, index, src):
 
 
 def _scatter_cpu(x, index, src):
+    # the C++ twin (a memcpy per row) when x's rows are [N, C] with unit inner stride and src does
+    # not share x's memory; ATen's index_put_ otherwise
+    if x[0].numel() and src.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+        try:
+            xv = _rows_view(x, "x", writable=True)
+        except ValueError:
+            xv = None
+        if xv is not None:
+            sv, idx, es = _rows_view(src, "src"), index.contiguous(), x.element_size()
+            _ext.cpu_twin("scatter_rows")(xv.data_ptr(), xv.shape[0], xv.stride(0) * es, idx.data_ptr(),
+                                          idx.dtype == torch.int64, idx.shape[0], sv.data_ptr(),
+                                          sv.stride(0) * es, xv.shape[1] * es)
+            return
+    _scatter_index_put(x, index, src)
+
+
+def _scatter_index_put(x, index, src):
     # exactly what eager `x[index] = src` runs: index_put_ in x's own dtype (an int view of the
     # bits only for dtypes ATen cannot index_put_ on CPU, e.g. float8)
     idx = (index.long() if index.dtype != torch.int64 else index,)

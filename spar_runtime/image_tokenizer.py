@@ -18,10 +18,12 @@ shuffle, MLP projector; T = 256 at 448 px, D = the LLM width); C = ``latent_chan
 Every LayerNorm has eps 1e-6 and GELU is the exact (erf) one. The latent lives in the space the
 DiT generates in: ``pipe.decode(pipe.encode_image(x))`` reconstructs the image.
 
-The images of a call run as one packed batch ``[B * T, D]``: GEMMs over all rows, the pixel
-stream's attention through ``spar_kernels.hybrid_attention`` on a layout of one full
-(bidirectional) segment per image. Weights live in ``spar.safetensors`` under ``tokenizer.*``
-(:func:`param_shapes`; the pixel layers keep ``nn.TransformerEncoderLayer``'s own names).
+The images of a call run as one packed batch ``[B * T, D]``: GEMMs over all rows (on the CPU into
+reused buffers: :class:`spar_runtime.buffers.Workspace`), the pixel stream's attention through
+``spar_kernels.hybrid_attention`` on a layout of one full (bidirectional) segment per image
+(head-major q/k/v on the CPU: :func:`spar_runtime.internvl.split_heads`). Weights live in
+``spar.safetensors`` under ``tokenizer.*`` (:func:`param_shapes`; the pixel layers keep
+``nn.TransformerEncoderLayer``'s own names).
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ import torch.nn.functional as F
 import spar_kernels as sk
 
 from .configs import TokenizerConfig
+from .buffers import Workspace, linear
+from .internvl import split_heads
 from .loading import check_state_dict
-from .qwen2 import _fmt, attention
+from .qwen2 import _fmt
 
 __all__ = ["TokenizerConfig", "ImageTokenizer", "param_shapes", "random_weights", "strength_start_step",
            "noised_start", "LN_EPS", "PREFIX"]
@@ -94,11 +98,16 @@ def random_weights(tcfg: TokenizerConfig, hidden_size: int, latent_channels: int
 # ---------------------------------------------------------------------------------------------
 # the model
 
-def _mlp(x: torch.Tensor, w: tuple) -> torch.Tensor:
-    """``fc2(gelu(fc1(LN(x))))``; ``w`` = (norm w, norm b, fc1 w, fc1 b, fc2 w, fc2 b)."""
+def _gelu(x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    return torch.ops.aten.gelu_(x) if inplace else F.gelu(x)
+
+
+def _mlp(x: torch.Tensor, w: tuple, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """``fc2(gelu(fc1(LN(x))))``; ``w`` = (norm w, norm b, fc1 w, fc1 b, fc2 w, fc2 b); ``hidden``:
+    an optional reused buffer for ``fc1``'s output (GELU then runs in place on it)."""
     nw, nb, w1, b1, w2, b2 = w
     h = F.layer_norm(x, (x.shape[-1],), nw, nb, LN_EPS)
-    return F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
+    return linear(_gelu(linear(h, w1, b1, out=hidden), hidden is not None), w2, b2)
 
 
 @dataclasses.dataclass
@@ -154,6 +163,13 @@ class ImageTokenizer:
                        for i in range(tcfg.pixel_layers)]
         self.fusion = mlp("fusion.")
         self._layouts: dict[tuple[int, int], sk.AttentionLayout] = {}
+        self.workspace = Workspace()   # the CPU forward's largest intermediates, reused (see Workspace)
+
+    def _buf(self, name: str, *shape: int) -> torch.Tensor | None:
+        """A reused buffer on the CPU without autograd, else None (the op allocates)."""
+        if self.device.type != "cpu" or torch.is_grad_enabled():
+            return None
+        return self.workspace.get(name, shape, self.dtype, self.device)
 
     def _layout(self, B: int, T: int) -> sk.AttentionLayout:
         """One full (bidirectional) segment of T tokens per image; built once per (B, T)."""
@@ -163,7 +179,7 @@ class ImageTokenizer:
 
     def _blocks(self, x: torch.Tensor, stream: str) -> torch.Tensor:
         for w in self.blocks[stream]:
-            x = x + _mlp(x, w)
+            x = x + _mlp(x, w, self._buf("hidden", *x.shape[:-1], w[2].shape[0]))
         return x
 
     def _encoder_layer(self, x: torch.Tensor, ly: _EncoderLayer, layout) -> torch.Tensor:
@@ -171,11 +187,13 @@ class ImageTokenizer:
         N, D = x.shape
         H, d = self.cfg.pixel_heads, self.head_dim
         a = F.layer_norm(x, (D,), *ly.norm1, LN_EPS)
-        qkv = F.linear(a, *ly.in_proj).view(N, 3, H, d)
-        o = attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], layout, d ** -0.5)         # [N, H, d]
-        x = x + F.linear(o.reshape(N, D), *ly.out_proj)
+        qkv = linear(a, *ly.in_proj, out=self._buf("qkv", N, 3 * D))
+        q, k, v = split_heads(qkv, H, d, out=self._buf("heads", 3, H, N, d))
+        o = sk.hybrid_attention(q, k, v, layout, softmax_scale=d ** -0.5, out=self._buf("attn", N, H, d))
+        x = x + linear(o.view(N, D), *ly.out_proj)
         a = F.layer_norm(x, (D,), *ly.norm2, LN_EPS)
-        return x + F.linear(F.gelu(F.linear(a, *ly.linear1)), *ly.linear2)
+        ffn = self._buf("ffn", N, ly.linear1[0].shape[0])
+        return x + linear(_gelu(linear(a, *ly.linear1, out=ffn), ffn is not None), *ly.linear2)
 
     def pixel_features(self, x: torch.Tensor, B: int, T: int) -> torch.Tensor:
         """The pixel stream's transformer layers on packed ``[B * T, D]`` rows."""

@@ -109,6 +109,27 @@ def test_reconstruct_matches_autoencoder_dc(ckpt, pipe):
     assert rel_err(img, want) <= 1e-4
 
 
+def test_reused_cpu_buffers_never_reach_results(pipe):
+    """Without autograd the CPU forward keeps its intermediates in buffers reused from call to call
+    (spar_runtime.buffers.Workspace): earlier results stay intact, batch sizes can change, and the
+    buffered path equals the allocating one (autograd on), also outside inference mode."""
+    pv1, pv2 = _pixels(2, 7), _pixels(1, 8)
+    z1 = pipe.encode_image(pv1)
+    keep = z1.clone()
+    pipe.encode_image(pv2)
+    pipe.encode_image(pv1 * 0.5)
+    assert torch.equal(z1, keep)
+    vision, tok = pipe.mllm.vision, pipe.image_tokenizer
+    with torch.enable_grad():                                   # no reused buffers
+        want_v = vision(pv1)
+        feats = torch.randn(2, 64, pipe.config.hidden_size)
+        want_t = tok(feats)
+    with torch.no_grad():                                       # buffers, made outside inference mode
+        got_v, got_t = vision(pv1), tok(feats)
+    torch.testing.assert_close(got_v, want_v.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_t, want_t.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_encode_image_takes_pil_images(pipe):
     from PIL import Image
 

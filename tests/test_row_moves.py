@@ -132,6 +132,45 @@ def test_scatter_rows_layouts(backend, case):
     _same(x, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool, torch.float8_e4m3fn,
+                                   torch.complex128])
+@pytest.mark.parametrize("case", ["rows", "wide_threads", "one_column", "strided_x_rows", "strided_src",
+                                  "x_not_viewable", "int32_index", "src_view_of_x"])
+def test_scatter_rows_cpu_twin_matches_reference(dtype, case):
+    """The CPU path (C++ memcpy twin, or index_put_ where x's rows cannot be viewed) vs the reference."""
+    shape = {"wide_threads": (40, 4100), "one_column": (23, 1)}.get(case, (23, 3, 17))
+    x = _rand(shape, dtype) if dtype != torch.complex128 else torch.randn(shape, dtype=dtype)
+    M = 9 if case != "wide_threads" else 30
+    idx = torch.randperm(shape[0])[:M]
+    src = x[-M:].flip(0) if case == "src_view_of_x" else _rand((M,) + shape[1:], dtype) \
+        if dtype != torch.complex128 else torch.randn((M,) + shape[1:], dtype=dtype)
+    if case == "strided_x_rows":
+        x = non_contiguous(x, 0)
+    elif case == "strided_src":
+        src = non_contiguous(src, 1)
+    elif case == "x_not_viewable":
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    elif case == "int32_index":
+        idx = idx.int()
+    want = ref.scatter_rows(x.clone(), idx, src.clone())
+    with sk.backend("cpu"):
+        y = sk.scatter_rows(x, idx, src)
+    assert y is x
+    _same(x, want)
+
+
+def test_scatter_rows_cpu_twin_duplicates_last_wins():
+    from spar_kernels import _ext
+
+    x = torch.zeros(5, 600, dtype=torch.float32)  # 2400-byte rows: two column chunks with 2 threads
+    src = torch.arange(4 * 600, dtype=torch.float32).view(4, 600)
+    idx = torch.tensor([3, 1, 3, 9], dtype=torch.int64)  # 9 is out of range: skipped
+    _ext.cpu_twin("scatter_rows")(x.data_ptr(), 5, 2400, idx.data_ptr(), True, 4, src.data_ptr(), 2400, 2400)
+    want = torch.zeros(5, 600)
+    want[1], want[3] = src[1], src[2]
+    assert torch.equal(x, want)
+
+
 # ---- pack / unpack ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -10,6 +10,7 @@
 #include "adaln/api.h"
 #include "dwconv_glu/api.h"
 #include "linear_attention/api.h"
+#include "row_moves/api.h"
 
 namespace py = pybind11;
 
@@ -51,6 +52,9 @@ PYBIND11_MODULE(_C_cpu, m) {
         py::arg("sqh"), py::arg("skb"), py::arg("skn"), py::arg("skh"), py::arg("svb"), py::arg("svn"), py::arg("svh"),
         py::arg("out"), py::arg("sob"), py::arg("son"), py::arg("soh"), py::arg("eps"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("scatter_rows", &spar::scatter_rows_cpu, py::arg("x"), py::arg("n_x"), py::arg("x_row_stride"),
+        py::arg("index"), py::arg("index_int64"), py::arg("M"), py::arg("src"), py::arg("src_row_stride"),
+        py::arg("row_bytes"), py::call_guard<py::gil_scoped_release>());
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

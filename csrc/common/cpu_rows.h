@@ -161,6 +161,16 @@ namespace cpu {
 
 enum class Isa { Base = 0, Avx2 = 1, Avx512 = 2 };
 
+// fp32 lanes of the build's own vector registers: what the base variant (compiled with the build's
+// -march) may use; the avx2 and avx512 variants use 8 and 16
+#if defined(__AVX512F__)
+constexpr int kBaseLanes = 16;
+#elif defined(__AVX__)
+constexpr int kBaseLanes = 8;
+#else
+constexpr int kBaseLanes = 4;
+#endif
+
 inline Isa cpu_isa_supported() {
 #if SPAR_ISA_MULTI
   static const Isa best = [] {

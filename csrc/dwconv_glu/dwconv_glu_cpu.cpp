@@ -20,15 +20,6 @@ namespace {
 #define SPAR_ISA_KERNELS "dwconv_glu/dwconv_glu_kernels.h"
 #include "common/isa_variants.inc"
 
-// fp32 lanes of the build's own registers (the base variant)
-#if defined(__AVX512F__)
-constexpr int kBaseLanes = 16;
-#elif defined(__AVX__)
-constexpr int kBaseLanes = 8;
-#else
-constexpr int kBaseLanes = 4;
-#endif
-
 }  // namespace
 
 void dwconv_glu_cpu(uintptr_t x, int dtype, int64_t B, int64_t H, int64_t W, int64_t C, int64_t sxb,
@@ -45,7 +36,7 @@ void dwconv_glu_cpu(uintptr_t x, int dtype, int64_t B, int64_t H, int64_t W, int
   cpu::dispatch(dtype, "dwconv_glu", [&](auto tag) {
     using T = decltype(tag);
     auto* run = isa == cpu::Isa::Avx512 ? &avx512::dwconv_glu_run<16, T>
-                : isa == cpu::Isa::Avx2 ? &avx2::dwconv_glu_run<8, T> : &base::dwconv_glu_run<kBaseLanes, T>;
+                : isa == cpu::Isa::Avx2 ? &avx2::dwconv_glu_run<8, T> : &base::dwconv_glu_run<cpu::kBaseLanes, T>;
     run(reinterpret_cast<const T*>(x), B, H, W, C, sxb, sxn, reinterpret_cast<const float*>(w9), bias2,
         reinterpret_cast<T*>(out), sob, son, threads);
   });

@@ -18,14 +18,9 @@ namespace {
 #define SPAR_ISA_KERNELS "linear_attention/linear_attention_kernels.h"
 #include "common/isa_variants.inc"
 
-// the accumulators the build's own registers hold (the base variant): 32 zmm, 16 ymm or 16 xmm
-#if defined(__AVX512F__)
-constexpr int kBaseAccFloats = 256;
-#elif defined(__AVX__)
-constexpr int kBaseAccFloats = 64;
-#else
-constexpr int kBaseAccFloats = 32;
-#endif
+// the accumulators the build's own registers hold (the base variant): 16 of 32 zmm, 8 of 16 ymm
+// or 8 of 16 xmm
+constexpr int kBaseAccFloats = cpu::kBaseLanes == 16 ? 256 : 8 * cpu::kBaseLanes;
 
 }  // namespace
 
