@@ -210,6 +210,8 @@ class SparConfig:
             if not isinstance(getattr(self, f), dict):
                 bad(f, type(getattr(self, f)).__name__, "a config dict")
         L = self.num_llm_layers
+        # one explicit check per field, in field order (so the first error names the first bad
+        # field, with its own expectation): the checks look alike by design
         if self.num_queries < 1:
             bad("num_queries", self.num_queries, ">= 1")
         if not self.dtr_layers or any(not 0 <= i <= L for i in self.dtr_layers):
