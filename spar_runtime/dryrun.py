@@ -156,6 +156,10 @@ def dry_run(config="SPAR-1B", *, device="cuda", dtype=torch.bfloat16, quantizati
         dit = pipe.dit                               # eager path: one region per DiT forward
         pipe.dit = _Counted(dit, rec, "dit_forward", mark)
         dit.blocks = [_Counted(b, rec, "sana_block") for b in dit.blocks]
+        # the measured call: new ids of the same lengths in every row, so that no context slot
+        # of the warm-up is reused (the whole LLM -> DTR -> connector path runs, as on a plan's
+        # first call; later calls with the same negative prompt skip its rows)
+        prompt, uncond = [(prompt[0] + 1) % 200 + 1], (uncond + 1) % 200 + 1
         with cost, rec.region("generation"):
             lat = pipe.generate_latents(prompt, uncond_ids=uncond, noise=noise, num_steps=steps)
             pipe.decode(lat)

@@ -179,76 +179,127 @@ class GenerationPlan:
         self.graphs = bool(graphs) and dev.type == "cuda" and not simulated_device()
         self.graph: StepGraph | None = None
         self.replays = 0
+        # the ids whose context K/V sit in each slot (None: nothing valid there): a row asking for
+        # ids its slot already holds (the unconditional prompt, call after call) is not recomputed
+        self.slot_ids: list[np.ndarray | None] = [None] * R
+        self.rows_encoded = 0          # CFG rows run through LLM -> DTR -> connector, all calls
 
-    def _layouts(self, lens: Sequence[int]):
-        """Host layouts (validated) for CFG rows of ``lens[r]`` real tokens: the LLM's causal and
-        the connector's bidirectional one over the R rows packed without padding, and the DiT's
-        cross-attention over R samples of the slots' first ``lens[r]`` keys."""
+    def _layouts(self, lens: Sequence[int], row_lens: Sequence[int]):
+        """Host layouts (validated): the LLM's causal and the connector's bidirectional one over
+        the rows of ``lens[i]`` real tokens packed without padding, and the DiT's cross-attention
+        over R samples of the slots' first ``row_lens[r]`` keys."""
         R, S, N = self.R, self.S, self.n_img
-        cu = np.concatenate([[0], np.cumsum(lens)])
-        c_en = np.concatenate([np.arange(1, m + 1) for m in lens])
+        cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        c_en = np.concatenate([np.arange(1, m + 1) for m in lens] or [np.zeros(0, np.int64)])
         b_en = np.repeat(np.asarray(lens, np.int64), lens)
         zeros = np.zeros(int(cu[-1]), np.int64)
-        causal = sk.AttentionLayout.from_intervals(cu, cu, zeros, c_en)
-        bidir = sk.AttentionLayout.from_intervals(cu, cu, zeros, b_en)
-        x_en = np.repeat(np.asarray(lens, np.int64), N)
+        causal = sk.AttentionLayout.from_intervals(cu, cu, zeros, c_en) if len(lens) else None
+        bidir = sk.AttentionLayout.from_intervals(cu, cu, zeros, b_en) if len(lens) else None
+        x_en = np.repeat(np.asarray(row_lens, np.int64), N)
         cross = sk.AttentionLayout.from_intervals([r * N for r in range(R + 1)], [r * S for r in range(R + 1)],
                                                   np.zeros_like(x_en), x_en)
         return causal, bidir, cross
 
+    def _reuse(self, ids: Sequence[np.ndarray]) -> tuple[list[int], list[tuple[int, int]]]:
+        """Which rows this call computes, and which it fills by copying another slot.
+
+        Returns ``(todo, copies)``: ``todo`` the rows whose ids no slot holds yet (the first row of
+        each such id sequence), ``copies`` ``(dst, src)`` pairs for rows whose ids another row
+        holds (a kept slot, or a row of ``todo``). Rows whose own slot already holds their ids
+        are in neither: their K/V stay as the previous call left them."""
+        same = np.array_equal
+        kept = [r for r, a in enumerate(ids) if self.slot_ids[r] is not None and same(self.slot_ids[r], a)]
+        todo, copies = [], []
+        for r, a in enumerate(ids):
+            if r in kept:
+                continue
+            src = next((j for j in todo + kept if same(ids[j], a)), None)
+            if src is None:
+                todo.append(r)
+            else:
+                copies.append((r, src))
+        return todo, copies
+
     # ---- per call ---------------------------------------------------------------------------
-    def load(self, sequences: Sequence[torch.Tensor]) -> None:
-        """Pack ``sequences`` (R 1-D CPU int64 id tensors) + the queries into the plan: one staged
-        copy; sets the call's packed views (``self.ids``, ``self.positions``, ``self.query_rows``,
-        ``self.causal``, ``self.bidirectional``)."""
-        R, Q = self.R, self.Q
+    def load(self, sequences: Sequence[torch.Tensor], row_lens: Sequence[int] | None = None) -> None:
+        """Pack ``sequences`` (the 1-D CPU int64 id tensors of the rows computed this call) + the
+        queries into the plan: one staged copy; sets the call's packed views (``self.ids``,
+        ``self.positions``, ``self.query_rows``, ``self.causal``, ``self.bidirectional``) and the
+        cross layout's lengths ``row_lens`` (every CFG row's prompt + queries; default: the
+        sequences', which must then be all R rows)."""
+        Q = self.Q
         lens = [int(s.numel()) + Q for s in sequences]
-        N = sum(lens)
+        row_lens = lens if row_lens is None else list(row_lens)
+        if len(row_lens) != self.R:
+            raise ValueError(f"row_lens: expected {self.R} CFG row lengths, got {len(row_lens)}")
+        n_rows, N = len(lens), sum(lens)
         ids = np.zeros(N, np.int64)
-        qrows = np.empty(R * Q, np.int64)
+        qrows = np.empty(n_rows * Q, np.int64)
         start = 0
         for r, s in enumerate(sequences):
             n = int(s.numel())
             ids[start:start + n] = s.numpy()
             qrows[r * Q:(r + 1) * Q] = np.arange(start + n, start + n + Q)
             start += n + Q
-        positions = np.concatenate([np.arange(m, dtype=np.int64) for m in lens])
-        causal, bidir, cross = self._layouts(lens)
-        cu, _, zeros, c_en = causal.host_intervals()
-        words = _int32_words(np.concatenate([cu, zeros, c_en, bidir.host_intervals()[3]]))
+        positions = np.concatenate([np.arange(m, dtype=np.int64) for m in lens] or [np.zeros(0, np.int64)])
+        causal, bidir, cross = self._layouts(lens, row_lens)
+        if n_rows:
+            cu, _, zeros, c_en = causal.host_intervals()
+            words = _int32_words(np.concatenate([cu, zeros, c_en, bidir.host_intervals()[3]]))
+        else:
+            words = np.zeros(0, np.int64)
         host = np.concatenate([ids, qrows, positions, cross.host_intervals()[3], words])
         staged = self.stage[:len(host)]
         staged_copy(staged, torch.from_numpy(host))
         self.ids, self.query_rows, self.positions, x_en, w = staged.split(
-            (N, R * Q, N, R * self.n_img, len(words)))
-        cu_d, zeros_d, c_en_d, b_en_d = w.view(torch.int32)[:R + 1 + 3 * N].split((R + 1, N, N, N))
-        self.causal = _layout_on(causal, (cu_d, cu_d, zeros_d, c_en_d))
-        self.bidirectional = _layout_on(bidir, (cu_d, cu_d, zeros_d, b_en_d))
+            (N, n_rows * Q, N, self.R * self.n_img, len(words)))
+        self.causal = self.bidirectional = None
+        if n_rows:
+            cu_d, zeros_d, c_en_d, b_en_d = w.view(torch.int32)[:n_rows + 1 + 3 * N].split((n_rows + 1, N, N, N))
+            self.causal = _layout_on(causal, (cu_d, cu_d, zeros_d, c_en_d))
+            self.bidirectional = _layout_on(bidir, (cu_d, cu_d, zeros_d, b_en_d))
         _layout_like(self.cross, cross, {"kv_end": x_en})
         self.lengths = lens
+        self.row_lengths = row_lens
 
     def encode(self, sequences, stage: Callable[[str], contextlib.AbstractContextManager]) -> None:
-        """:meth:`load` the sequences, then LLM prefill -> DTR -> connector -> projector on the N
-        packed true tokens -> the DiT's context K/V, each row's into its slot of ``kv``."""
+        """The DiT's context K/V of the R CFG rows ``sequences``, each row's into its slot of
+        ``kv``: rows whose slot already holds their ids keep it (:meth:`_reuse`), rows repeating
+        another row's ids copy its slot, and the rest run LLM prefill -> DTR -> connector ->
+        projector on their true tokens, packed (:meth:`load`)."""
         p = self.pipe
+        ids = [s.numpy() for s in sequences]
+        todo, copies = self._reuse(ids)
+        for r in todo + [dst for dst, _ in copies]:   # invalid until written (an error leaves them so)
+            self.slot_ids[r] = None
+        row_lens = [a.size + self.Q for a in ids]
         with stage("prefill"):
-            self.load(sequences)
+            self.load([sequences[r] for r in todo], row_lens)
             N = self.ids.shape[0]
-            hidden = self.hidden[:(self.L + 1) * N * self.D].view(self.L + 1, N, self.D)
-            h0 = hidden[0]
-            torch.index_select(p.mllm.lm.embed_weight, 0, self.ids, out=h0)
-            h0.index_copy_(0, self.query_rows, self.queries)
-            p.mllm.lm.forward(h0, self.causal, self.positions, hidden_out=hidden)
-        with stage("dtr"):
-            routed = p.dtr(hidden)
-        with stage("connector"):
-            c = p.connector(routed, self.bidirectional, self.positions)
-            context = linear(c, p.projector_weight, p.projector_bias)
-            kv = p.dit.prepare_context(context, self.lengths).kv       # [layers, 2, N, heads, dim]
-            start = 0
-            for r, n in enumerate(self.lengths):                       # row r's keys into slot r
-                self.kv[:, :, r * self.S:r * self.S + n].copy_(kv[:, :, start:start + n])
-                start += n
+            if todo:
+                hidden = self.hidden[:(self.L + 1) * N * self.D].view(self.L + 1, N, self.D)
+                h0 = hidden[0]
+                torch.index_select(p.mllm.lm.embed_weight, 0, self.ids, out=h0)
+                h0.index_copy_(0, self.query_rows, self.queries[:len(todo) * self.Q])
+                p.mllm.lm.forward(h0, self.causal, self.positions, hidden_out=hidden)
+        if todo:
+            with stage("dtr"):
+                routed = p.dtr(hidden)
+            with stage("connector"):
+                c = p.connector(routed, self.bidirectional, self.positions)
+                context = linear(c, p.projector_weight, p.projector_bias)
+                kv = p.dit.prepare_context(context, self.lengths).kv       # [layers, 2, N, heads, dim]
+                start = 0
+                for r, n in zip(todo, self.lengths):                        # row r's keys into slot r
+                    self.kv[:, :, r * self.S:r * self.S + n].copy_(kv[:, :, start:start + n])
+                    start += n
+        S = self.S
+        for dst, src in copies:
+            n = row_lens[dst]
+            self.kv[:, :, dst * S:dst * S + n].copy_(self.kv[:, :, src * S:src * S + n])
+        for r in todo + [dst for dst, _ in copies]:
+            self.slot_ids[r] = ids[r].copy()
+        self.rows_encoded += len(todo)
 
     def step(self) -> None:
         """One denoising step on the plan's buffers: CFG batch, DiT, guidance + solver (in place)."""

@@ -358,3 +358,39 @@ def test_cpu_uniform_batch_fast_path(kind, dtype, heads, monkeypatch):
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(o.float(), ro.float(), atol=tol, rtol=tol)
         torch.testing.assert_close(lse, rlse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_keys, heads, dtype", [((5, 5, 5), (4, 4), torch.float32), ((3, 17, 1, 9), (6, 2), torch.float32),
+                                                  ((30, 2), (8, 8), torch.bfloat16), ((64, 64), (8, 4), torch.float16)])
+def test_cpu_padded_slots_fast_path(n_keys, heads, dtype, monkeypatch):
+    """Equal query blocks over key slots of one stride, each row seeing its slot's first n_r keys
+    (the engine's cross-attention over padded context slots), take one batched call with a
+    key-padding mask; the padding keys (poisoned here with huge finite values: they get weight 0)
+    change nothing. Unequal
+    query blocks or unequal slot strides take another path. Both agree with the fp64 reference."""
+    import spar_kernels.attention as att
+
+    taken = []
+    real = att._cpu_slots
+    monkeypatch.setattr(att, "_cpu_slots", lambda *a: taken.append(real(*a)) or taken[-1])
+    Hq, Hkv = heads
+    Lq, S, R = 13, 64, len(n_keys)
+    for cu_q, cu_k, expect in (([r * Lq for r in range(R + 1)], [r * S for r in range(R + 1)], True),
+                               ([0] + [Lq * (r + 1) + r for r in range(R)], [r * S for r in range(R + 1)], False),
+                               ([r * Lq for r in range(R + 1)], [0] + [S * (r + 1) + r for r in range(R)], False)):
+        st = np.zeros(cu_q[-1], np.int64)
+        en = np.repeat(np.asarray(n_keys, np.int64), np.diff(cu_q))
+        lay = sk.AttentionLayout.from_intervals(cu_q, cu_k, st, en)
+        q = torch.randn(cu_q[-1], Hq, 32).to(dtype)
+        k, v = torch.randn(cu_k[-1], Hkv, 32).to(dtype), torch.randn(cu_k[-1], Hkv, 32).to(dtype)
+        for r, n in enumerate(n_keys):       # keys past each slot's n_r: weight 0
+            k[cu_k[r] + n:cu_k[r + 1]] = 1e4
+            v[cu_k[r] + n:cu_k[r + 1]] = 6e4
+        taken.clear()
+        o, lse = sk.hybrid_attention(q, k, v, lay, return_lse=True)
+        assert taken == [expect], (cu_q, cu_k, taken)
+        masks = [torch.arange(cu_k[r + 1] - cu_k[r]).expand(cu_q[r + 1] - cu_q[r], -1) < n for r, n in enumerate(n_keys)]
+        want, want_lse = expected(q.double(), k.double(), v.double(), masks, cu_q, cu_k, 32 ** -0.5, torch.float64)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(o.double(), want, atol=tol, rtol=tol)
+        torch.testing.assert_close(lse.double(), want_lse, atol=1e-4, rtol=1e-5)

@@ -108,9 +108,10 @@ def test_plan_runs_the_llm_and_connector_on_the_true_tokens(monkeypatch):
     monkeypatch.setattr(DecoderStack, "__call__", spy)
     Q = pipe.config.num_queries
     noise = torch.randn(2, 32, 4, 4)
-    for lens in ((3, 20), (30, 1)):
+    for call, lens in enumerate(((3, 20), (30, 1))):
         pipe.generate_latents([[5] * n for n in lens], uncond_ids=[[6] * 2, []], noise=noise, num_steps=1)
-        want = sum(lens) + 2 + 2 * Q + 2 * Q
+        # the unconditional rows' K/V stay in their slots after the first call
+        want = sum(lens) + 2 * Q + (2 + 2 * Q if call == 0 else 0)
         assert rows["llm"][-1] == want and rows["connector"][-1] == want, rows
         plan, = pipe.engine.plans.values()   # the call's layouts: device tensors = their host intervals
         for lay in (plan.causal, plan.bidirectional, plan.cross):
@@ -118,6 +119,32 @@ def test_plan_runs_the_llm_and_connector_on_the_true_tokens(monkeypatch):
             dev = (lay.cu_seqlens_q, lay.cu_seqlens_k, lay.kv_start, lay.kv_end)
             assert [t.tolist() for t in dev] == [h.tolist() for h in host]
     assert pipe.graph_cache_info()["plans"] == 1
+
+
+def test_plan_reuses_context_slots_and_matches_eager(eager):
+    """A row whose slot holds its ids from the last call (the unconditional prompt, call after
+    call) or whose ids another row of the call has is not run through the LLM again: results
+    equal eager's in every such case, and a changed row is recomputed."""
+    planned = SparPipeline.random("tiny", seed=1, graphs=True)
+    gen = torch.Generator().manual_seed(5)
+    noise = torch.randn(2, 32, 8, 8, generator=gen)
+    ids = lambda n: torch.randint(0, 256, (n,), generator=gen)   # noqa: E731
+    a, b, c, u, v = ids(7), ids(12), ids(3), ids(5), ids(9)
+    calls = [  # (prompts, uncond_ids, rows computed by the plan)
+        ([a, b], u, 3),            # u twice: computed once, copied into the second slot
+        ([c, b], u, 1),            # b and both u kept in their slots: only c
+        ([b, c], u, 2),            # b and c swap slots: recomputed (a slot holds its own row's ids)
+        ([b, c], v, 1),            # a new negative prompt: computed once for two slots
+        ([u, v], [v, u], 1),       # slots b c v v -> u v v u: v kept / copied, u computed once, copied
+        ([u, u], [u, u], 0),       # every row's ids held somewhere: no LLM run at all
+    ]
+    for prompts, uncond, computed in calls:
+        before = planned.engine.plans and next(iter(planned.engine.plans.values())).rows_encoded or 0
+        want = eager.generate_latents(prompts, uncond_ids=uncond, noise=noise, num_steps=2)
+        got = planned.generate_latents(prompts, uncond_ids=uncond, noise=noise, num_steps=2)
+        plan, = planned.engine.plans.values()
+        assert plan.rows_encoded - before == computed, (prompts, uncond)
+        assert rel(got, want) <= 1e-5
 
 
 def test_staged_int32_words_round_trip():

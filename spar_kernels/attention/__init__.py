@@ -19,10 +19,12 @@ Implementations (``spar_kernels.backend`` forces one):
   fused CPU attention with an additive mask built from the intervals (explicit matmul-softmax where
   that op is missing). A sequence whose rows all see the same keys (cross-attention, a
   bidirectional connector) runs as one fused call without a mask, and so does a plain causal
-  sequence and any chunk that turns out fully visible. Two batched shortcuts come first: equal-length
-  plain causal or bidirectional sequences as one batched call, and a small packed batch (where the
+  sequence and any chunk that turns out fully visible. Three batched shortcuts come first: equal-length
+  plain causal or bidirectional sequences as one batched call, a small packed batch (where the
   masked pairs cost less than the per-sequence calls they save) as one call with a mask over its
-  ``[total_q, total_k]`` pairs. Which path runs is decided on the host from the layout's CPU
+  ``[total_q, total_k]`` pairs, and equal query blocks over key slots of equal stride that see
+  their slot's first keys (a cross-attention over padded context slots) as one batched call with
+  a key-padding mask. Which path runs is decided on the host from the layout's CPU
   tensors (numpy views, a few vectorized passes); grouped K/V heads are passed to the fused op as
   they are where it groups query heads itself;
 - ``"reference"``: :mod:`spar_kernels.reference.attention` (one dense mask per sequence).
@@ -190,11 +192,37 @@ def _packed_bias(Hq, D, cq, ck, st, en):
         return torch.from_numpy(np.where(visible, np.float32(0.0), np.float32(-np.inf))).view(1, 1, tq, tk)
 
 
+def _slot_keys(Hq, D, cq, ck, st, en):
+    """``(n_max, mask)`` when the layout is R equal query blocks over R key slots of equal stride
+    whose rows all see the first ``n_r`` keys of their slot (a cross-attention over padded context
+    slots): one batched fused call over the slots' first ``n_max`` keys, ``mask`` the additive
+    ``[R, 1, 1, n_max]`` key-padding mask (None when every ``n_r`` is ``n_max``). None when the
+    layout is not that, or when the padding keys cost more than the ``R - 1`` calls saved."""
+    B = cq.size - 1
+    if B < 2 or int(cq[-1]) == 0:
+        return None
+    Lq, Sk = int(cq[1]), int(ck[1])
+    if Lq == 0 or Sk == 0 or (np.diff(cq) != Lq).any() or (np.diff(ck) != Sk).any() or st.any():
+        return None
+    n = en[::Lq].astype(np.int64)
+    if (n < 1).any() or not np.array_equal(en.reshape(B, Lq), np.repeat(n[:, None], Lq, 1)):
+        return None
+    n_max = int(n.max())
+    if int(B * n_max - n.sum()) * Lq * Hq * D > (B - 1) * _CPU_CALL_ELEMS:
+        return None
+    if (n == n_max).all():
+        return n_max, None
+    with torch.inference_mode(False):   # kept across calls (see _packed_bias)
+        keep = np.arange(n_max)[None, :] < n[:, None]
+        return n_max, torch.from_numpy(np.where(keep, np.float32(0.0), np.float32(-np.inf))).view(B, 1, 1, n_max)
+
+
 class _CpuPlan(NamedTuple):
     """How the CPU path runs a layout: ``uniform`` (:func:`_uniform_kind`), ``bias``
-    (:func:`_packed_bias`), and per sequence the offsets and :func:`_cpu_sequences`' kinds."""
+    (:func:`_packed_bias`), ``slots`` (:func:`_slot_keys`), and per sequence the offsets and :func:`_cpu_sequences`' kinds."""
     uniform: int
     bias: torch.Tensor | None
+    slots: tuple | None
     cq: list
     ck: list
     kind: list
@@ -214,8 +242,9 @@ def _cpu_plan(Hq: int, D: int, cq: np.ndarray, ck: np.ndarray, st: np.ndarray, e
             return plan
     uniform = _uniform_kind(cq, ck, st, en) if _CPU_FUSED is not None else 0
     bias = _packed_bias(Hq, D, cq, ck, st, en) if _CPU_FUSED is not None and not uniform else None
+    slots = _slot_keys(Hq, D, cq, ck, st, en) if _CPU_FUSED is not None and not uniform and bias is None else None
     kind, lo, hi = _cpu_sequences(cq, ck, st, en)
-    plan = _CpuPlan(uniform, bias, cq.tolist(), ck.tolist(), kind.tolist(), lo.tolist(), hi.tolist())
+    plan = _CpuPlan(uniform, bias, slots, cq.tolist(), ck.tolist(), kind.tolist(), lo.tolist(), hi.tolist())
     if key is not None:
         _CPU_PLANS[key] = plan
         while len(_CPU_PLANS) > _CPU_PLANS_MAX:
@@ -262,6 +291,27 @@ def _cpu_packed_masked(q, k, v, plan, scale, out, lse, q_descale, k_descale, v_d
     return True
 
 
+def _cpu_slots(q, k, v, plan, scale, out, lse, q_descale, k_descale, v_descale) -> bool:
+    """Equal query blocks over padded key slots (:func:`_slot_keys`) as one batched fused call
+    with a key-padding mask. Returns False (doing nothing) for any other layout."""
+    if plan.slots is None or not out.is_contiguous() or (lse is not None and not lse.is_contiguous()):
+        return False
+    n_max, mask = plan.slots
+    B = len(plan.cq) - 1
+    Lq, Sk = plan.cq[1], plan.ck[1]
+    Hq, D, Hkv = q.shape[1], q.shape[2], k.shape[1]
+    f32 = torch.float32
+    qb = _ref.dequantize(q, q_descale, f32).view(B, Lq, Hq, D).transpose(1, 2)
+    kb = _ref.dequantize(k, k_descale, f32).view(B, Sk, Hkv, D)[:, :n_max].transpose(1, 2)
+    vb = _ref.dequantize(v, v_descale, f32).view(B, Sk, Hkv, D)[:, :n_max].transpose(1, 2)
+    kb, vb = _fused_kv(kb, vb, Hq // Hkv)
+    o, l = _CPU_FUSED(qb, kb, vb, 0.0, False, attn_mask=mask, scale=scale)          # [B, Hq, Lq, D], [B, Hq, Lq]
+    out.view(B, Lq, Hq, D).copy_(o.transpose(1, 2))
+    if lse is not None:
+        lse.view(Hq, B, Lq).copy_(l.transpose(0, 1))
+    return True
+
+
 def _impl_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_q, max_seqlen_k, softmax_scale,
               out, lse, q_descale, k_descale, v_descale, workspace):
     Hq = q.shape[1]
@@ -273,6 +323,8 @@ def _impl_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_
     if _cpu_uniform(q, k, v, plan, softmax_scale, out, lse, q_descale, k_descale, v_descale):
         return
     if _cpu_packed_masked(q, k, v, plan, softmax_scale, out, lse, q_descale, k_descale, v_descale):
+        return
+    if _cpu_slots(q, k, v, plan, softmax_scale, out, lse, q_descale, k_descale, v_descale):
         return
     f32 = torch.float32
     cq, ck, kind, lo_b, hi_b = plan.cq, plan.ck, plan.kind, plan.lo, plan.hi
