@@ -180,13 +180,16 @@ def test_no_host_sync_on_an_existing_plan(planned):
     noise = torch.randn(1, 32, 8, 8)
     planned.generate_latents([[1, 2, 3]], uncond_ids=[4, 5], noise=noise, num_steps=2)
     plans = planned.graph_cache_info()["plans"]
-    with OpTrace() as trace:
-        planned.generate_latents([[7, 8, 9, 10, 11]], uncond_ids=[6], noise=noise, num_steps=2)
-    assert planned.graph_cache_info()["plans"] == plans
-    left = _only_cpu_range_checks(trace.syncs)
-    assert not left, "host syncs:\n" + "\n".join(f"{op} at\n{''.join(st.format()[-4:])}" for op, st in left)
-    # the trace saw the loop (the same call ran through the dispatcher)
-    assert trace.ops["spar.flow_sampler_step"] == 2
+    # new ids in every row, then a new prompt with the same negative prompt (its slot is kept),
+    # then the negative prompt as the prompt too (a slot copied, nothing encoded)
+    for prompt, uncond in (([7, 8, 9, 10, 11], [6]), ([12, 13], [6]), ([6], [6])):
+        with OpTrace() as trace:
+            planned.generate_latents([prompt], uncond_ids=uncond, noise=noise, num_steps=2)
+        assert planned.graph_cache_info()["plans"] == plans
+        left = _only_cpu_range_checks(trace.syncs)
+        assert not left, "host syncs:\n" + "\n".join(f"{op} at\n{''.join(st.format()[-4:])}" for op, st in left)
+        # the trace saw the loop (the same call ran through the dispatcher)
+        assert trace.ops["spar.flow_sampler_step"] == 2
 
 
 def test_describe_static_decode_same_tokens(eager, planned):
