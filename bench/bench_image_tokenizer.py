@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from bench.bench_pipeline import _ref_module, pipeline_from_reference
+from bench.bench_pipeline import _ref_module, pipeline_from_reference, shrunk_config
 from bench.harness import Case, Unavailable, device_name, time_interleaved
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -48,20 +48,16 @@ NOTES = {
 }
 
 
-def _config(name: str):
-    from spar_runtime.configs import get_config
-
-    if name == "tiny":
-        return get_config("tiny")
-    c = get_config("SPAR-1B")
-    vae = copy.deepcopy(c.vae_config)
-    vae["decoder_layers_per_block"] = [1] * 6
-    vae["encoder_layers_per_block"] = [1] * 6
+def _mllm_config(c) -> dict:
     mllm = copy.deepcopy(c.mllm_config)
     mllm["text_config"]["vocab_size"] = 32000      # the LLM is not on this path: keep its embedding small
     mllm["image_token_id"] = 31999
-    c = c.replace(mllm_config=mllm, vae_config=vae)
-    return c.with_layers(llm_layers=1, connector_layers=1, dit_layers=1, vision_layers=1, pixel_layers=2)
+    return mllm
+
+
+def _config(name: str):
+    return shrunk_config(name, _mllm_config, dict(llm_layers=1, connector_layers=1, dit_layers=1, vision_layers=1,
+                                                  pixel_layers=2))
 
 
 @functools.lru_cache(maxsize=None)

@@ -90,7 +90,10 @@ MODELS = {
 }
 
 
-def _config(name: str):
+def shrunk_config(name: str, mllm_config, layers: dict, **replace):
+    """``tiny``, or SPAR-1B's widths with the DC-AE at one layer per stage, ``mllm_config(c)`` as
+    the MLLM config, other fields ``replace``d, and the component layer counts ``layers``
+    (:meth:`SparConfig.with_layers`)."""
     from spar_runtime.configs import get_config
 
     if name == "tiny":
@@ -99,9 +102,13 @@ def _config(name: str):
     vae = copy.deepcopy(c.vae_config)
     vae["decoder_layers_per_block"] = [1] * 6
     vae["encoder_layers_per_block"] = [1] * 6
-    c = c.replace(mllm_config={**c.text_config, "vocab_size": 32000}, vae_config=vae,
-                  tokenizer=None)   # text-only MLLM: no image tokenizer
-    return c.with_layers(llm_layers=4, connector_layers=2, dit_layers=4)
+    return c.replace(mllm_config=mllm_config(c), vae_config=vae, **replace).with_layers(**layers)
+
+
+def _config(name: str):
+    # text-only MLLM (no image tokenizer), vocabulary 32000
+    return shrunk_config(name, lambda c: {**c.text_config, "vocab_size": 32000},
+                         dict(llm_layers=4, connector_layers=2, dit_layers=4), tokenizer=None)
 
 
 @functools.lru_cache(maxsize=None)
