@@ -27,16 +27,22 @@ template <typename T>
 struct RowFns {
   float (*amax)(const T*, int64_t);
   void (*quantize)(const T*, float, uint8_t*, int64_t, const T*);
+  float (*quantize_amax_next)(const T*, float, uint8_t*, int64_t, const T*);
 };
 
 template <typename T>
 RowFns<T> row_fns() {
   switch (cpu::cpu_isa()) {
-    case cpu::Isa::Avx512: return {avx512::row_amax<T>, avx512::quantize_row<T>};
-    case cpu::Isa::Avx2: return {avx2::row_amax<T>, avx2::quantize_row<T>};
-    default: return {base::row_amax<T>, base::quantize_row<T>};
+    case cpu::Isa::Avx512:
+      return {avx512::row_amax<T>, avx512::quantize_row<T>, avx512::quantize_row_amax_next<T>};
+    case cpu::Isa::Avx2: return {avx2::row_amax<T>, avx2::quantize_row<T>, avx2::quantize_row_amax_next<T>};
+    default: return {base::row_amax<T>, base::quantize_row<T>, base::quantize_row_amax_next<T>};
   }
 }
+
+// rows a per-token task takes in turn: each row's encode pass also takes the next row's amax, so
+// only a task's first row has an amax pass of its own
+constexpr int64_t kTokenRows = 16;
 
 template <typename T>
 void run(const T* x, int64_t rows, int64_t cols, int64_t row_stride, uint8_t* q, float* scales,
@@ -57,18 +63,26 @@ void run(const T* x, int64_t rows, int64_t cols, int64_t row_stride, uint8_t* q,
     tensor_scale = quant::scale_from_amax(amax);
     scales[0] = tensor_scale;
   }
+  if (!per_token) {
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* xr = x + r * row_stride;
-    float scale = tensor_scale;
-    if (per_token) {
-      scale = quant::scale_from_amax(fn.amax(xr, cols));
+    for (int64_t r = 0; r < rows; ++r) fn.quantize(x + r * row_stride, tensor_scale, q + r * cols, cols, nullptr);
+    return;
+  }
+  const int64_t tasks = (rows + kTokenRows - 1) / kTokenRows;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t lo = t * kTokenRows, hi = std::min(rows, lo + kTokenRows);
+    float amax = fn.amax(x + lo * row_stride, cols);
+    for (int64_t r = lo; r < hi; ++r) {
+      const T* xr = x + r * row_stride;
+      const float scale = quant::scale_from_amax(amax);
       scales[r] = scale;
+      if (r + 1 < hi) {
+        amax = fn.quantize_amax_next(xr, scale, q + r * cols, cols, xr + row_stride);
+      } else {
+        fn.quantize(xr, scale, q + r * cols, cols, nullptr);
+      }
     }
-    // per token, the next row's amax follows: fetch that row meanwhile (at the end of a thread's
-    // share it is another thread's row: a fetch that does not help, and does no harm)
-    const T* next = per_token && r + 1 < rows ? xr + row_stride : nullptr;
-    fn.quantize(xr, scale, q + r * cols, cols, next);
   }
 }
 
