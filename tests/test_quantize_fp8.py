@@ -145,6 +145,28 @@ def test_quantize_fp8_every_cpu_variant_is_bit_exact(monkeypatch, isa, dtype):
         assert torch.equal(s, want_s.reshape(s.shape))
 
 
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_fp8_per_token_row_tasks(monkeypatch, isa, dtype):
+    # per token the twin takes rows in tasks of 16, each row's encode also taking the next row's
+    # amax: 37 rows (tasks of 16, 16, 5), a scalar tail, rows of 31 (no vector step), and NaN / inf
+    # rows at a task's first row, in its middle and at its end (NaN scale: the scalar encode)
+    monkeypatch.setenv("SPAR_CPU_ISA", isa)
+    g = torch.Generator().manual_seed(21)
+    for cols in (200, 31):
+        x = torch.randn(37, cols, generator=g) * torch.logspace(-4, 2, 37)[:, None]
+        x[16, 3] = float("nan")
+        x[20, -1] = float("nan")
+        x[31, 0] = float("inf")
+        x[33] = 0.0
+        x = x.to(dtype)
+        q, s = sk.quantize_fp8(x, "token")
+        want_q, want_s = ref.quantize_fp8(x, "token")
+        assert torch.equal(s.isnan(), want_s.isnan()), (isa, cols)
+        assert torch.equal(s[~s.isnan()], want_s[~want_s.isnan()]), (isa, cols)
+        assert torch.equal(_bits(q), _bits(want_q)), (isa, cols)
+
+
 @pytest.mark.skipif(not __import__("spar_kernels")._ext.has_cuda_extension(), reason="no CUDA extension built")
 def test_quantize_fp8_out_and_workspace_allocate_nothing_on_a_gpu():
     from spar_kernels.testing import fake_cuda
