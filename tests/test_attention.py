@@ -161,7 +161,7 @@ def test_cpu_path_is_chunked(monkeypatch):
     q, k, v = make_qkv(layout.total_q, layout.total_k, 4, 4, 64, torch.float32)
     with sk.backend("cpu"):
         whole = sk.hybrid_attention(q, k, v, layout)
-        monkeypatch.setattr(sk.attention, "_CPU_CHUNK_BYTES", 4 * 4 * 400 * 7)
+        monkeypatch.setattr(sk.attention.cpu, "_CPU_CHUNK_BYTES", 4 * 4 * 400 * 7)
         chunked = sk.hybrid_attention(q, k, v, layout)
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
 
@@ -338,7 +338,7 @@ def test_bad_inputs(call, exc, match):
 def test_cpu_uniform_batch_fast_path(kind, dtype, heads, monkeypatch):
     """Equal-length causal / bidirectional sequences take one batched fused call; any other layout
     (unequal lengths, windows) takes the per-sequence path. Both agree with the fp64 reference."""
-    import spar_kernels.attention as att
+    import spar_kernels.attention.cpu as att
 
     taken = []
     real = att._cpu_uniform
@@ -368,7 +368,7 @@ def test_cpu_padded_slots_fast_path(n_keys, heads, dtype, monkeypatch):
     key-padding mask; the padding keys (poisoned here with huge finite values: they get weight 0)
     change nothing. Unequal
     query blocks or unequal slot strides take another path. Both agree with the fp64 reference."""
-    import spar_kernels.attention as att
+    import spar_kernels.attention.cpu as att
 
     taken = []
     real = att._cpu_slots

@@ -109,6 +109,27 @@ def test_tiny_generate_decode_edit(device):
         _assert_no_loop_syncs(loop)
 
 
+def test_tiny_plan_keeps_and_copies_context_slots():
+    """A second call on the plan with new prompts and the same negative prompt: the negative
+    prompt's slots are kept (one copied within the first call), only the prompts are encoded,
+    and the whole call syncs nothing."""
+    with fake_cuda() as rec:
+        pipe = _random_pipeline("tiny", "cuda")
+        c = pipe.config
+        noise = torch.randn(2, c.latent_channels, c.latent_size, c.latent_size)
+        uncond = torch.tensor([3, 4])
+        pipe.generate_latents([torch.tensor([5, 6, 7]), torch.tensor([8])], uncond_ids=uncond, noise=noise,
+                              num_steps=STEPS)
+        plan, = pipe.engine.plans.values()
+        assert plan.rows_encoded == 3                      # two prompts, the negative prompt once
+        with rec.region("second call"):
+            lat = pipe.generate_latents([torch.tensor([9, 10]), torch.tensor([11, 12, 13])], uncond_ids=uncond,
+                                        noise=noise, num_steps=STEPS)
+        assert plan.rows_encoded == 5 and pipe.graph_cache_info()["plans"] == 1
+        _on_cuda0(lat, noise.shape, torch.float32)
+        assert rec.stats("second call").syncs == []
+
+
 def test_spar_1b_generate_decode():
     with fake_cuda() as rec:
         pipe = _random_pipeline("SPAR-1B", "cuda")

@@ -115,37 +115,7 @@ inline void quantize32(const float* p, const Div& div, uint8_t* q) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(bytes, order));
 }
 
-// amax bits of 16-bit rows: 16 lanes of max(bits & 0x7fff)
-template <typename T>
-inline float amax16(const T* x, int64_t n, int64_t& c) {
-  const __m256i mask = _mm256_set1_epi16(0x7fff);
-  __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
-  for (; c + 32 <= n; c += 32) {
-    a0 = _mm256_max_epu16(a0, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + c)), mask));
-    a1 = _mm256_max_epu16(a1, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + c + 16)), mask));
-  }
-  alignas(32) uint16_t lanes[16];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_max_epu16(a0, a1));
-  uint16_t m = 0;
-  for (uint16_t v : lanes) m = v > m ? v : m;
-  return to_float(T{m});
-}
-
-inline float amax_f32(const float* x, int64_t n, int64_t& c) {
-  const __m256i mask = _mm256_set1_epi32(0x7fffffff);
-  __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
-  for (; c + 16 <= n; c += 16) {
-    a0 = _mm256_max_epi32(a0, _mm256_and_si256(_mm256_castps_si256(_mm256_loadu_ps(x + c)), mask));
-    a1 = _mm256_max_epi32(a1, _mm256_and_si256(_mm256_castps_si256(_mm256_loadu_ps(x + c + 8)), mask));
-  }
-  alignas(32) int32_t lanes[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_max_epi32(a0, a1));
-  int32_t m = 0;
-  for (int32_t v : lanes) m = v > m ? v : m;
-  return bits_to_float(uint32_t(m));
-}
-inline float amax_vec(const float* x, int64_t n, int64_t& c) { return amax_f32(x, n, c); }
-// 32 elements of |x| into a running max of their bits (as amax16 / amax_f32 do), and its value
+// 32 elements of |x| into a running max of their bits (the amax of the header comment)
 inline void amax32(const bf16_t* p, __m256i& acc) {
   const __m256i mask = _mm256_set1_epi16(0x7fff);
   acc = _mm256_max_epu16(acc, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), mask));
@@ -157,6 +127,11 @@ inline void amax32(const float* p, __m256i& acc) {
   for (int i = 0; i < 32; i += 8)
     acc = _mm256_max_epi32(acc, _mm256_and_si256(_mm256_castps_si256(_mm256_loadu_ps(p + i)), mask));
 }
+// two running maxima as one
+inline __m256i amax_merge(const bf16_t*, __m256i a, __m256i b) { return _mm256_max_epu16(a, b); }
+inline __m256i amax_merge(const f16_t*, __m256i a, __m256i b) { return _mm256_max_epu16(a, b); }
+inline __m256i amax_merge(const float*, __m256i a, __m256i b) { return _mm256_max_epi32(a, b); }
+// the value of amax32's running max
 template <typename T>
 inline float amax_value(__m256i acc) {  // 16-bit lanes of fp16 / bf16 bits
   alignas(32) uint16_t lanes[16];
@@ -174,8 +149,18 @@ inline float amax_value<float>(__m256i acc) {
   return bits_to_float(uint32_t(m));
 }
 
-inline float amax_vec(const bf16_t* x, int64_t n, int64_t& c) { return amax16(x, n, c); }
-inline float amax_vec(const f16_t* x, int64_t n, int64_t& c) { return amax16(x, n, c); }
+// max |x| over the first multiple of 32 elements of a row (c advances past them); two running
+// maxima keep two loads in flight
+template <typename T>
+inline float amax_vec(const T* x, int64_t n, int64_t& c) {
+  __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+  for (; c + 64 <= n; c += 64) {
+    amax32(x + c, a0);
+    amax32(x + c + 32, a1);
+  }
+  for (; c + 32 <= n; c += 32) amax32(x + c, a0);
+  return amax_value<T>(amax_merge(x, a0, a1));
+}
 #endif  // SPAR_ISA_AVX2
 
 // max |x| over a contiguous row, NaN-propagating (quant::amax_combine)
