@@ -27,7 +27,7 @@ template <typename T>
 struct RowFns {
   float (*amax)(const T*, int64_t);
   void (*quantize)(const T*, float, uint8_t*, int64_t, const T*);
-  float (*quantize_amax_next)(const T*, float, uint8_t*, int64_t, const T*);
+  float (*quantize_amax_next)(const T*, float, uint8_t*, int64_t, const T*, const T*);
 };
 
 template <typename T>
@@ -65,7 +65,8 @@ void run(const T* x, int64_t rows, int64_t cols, int64_t row_stride, uint8_t* q,
   }
   if (!per_token) {
 #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) fn.quantize(x + r * row_stride, tensor_scale, q + r * cols, cols, nullptr);
+    for (int64_t r = 0; r < rows; ++r)
+      fn.quantize(x + r * row_stride, tensor_scale, q + r * cols, cols, r + 1 < rows ? x + (r + 1) * row_stride : nullptr);
     return;
   }
   const int64_t tasks = (rows + kTokenRows - 1) / kTokenRows;
@@ -77,10 +78,13 @@ void run(const T* x, int64_t rows, int64_t cols, int64_t row_stride, uint8_t* q,
       const T* xr = x + r * row_stride;
       const float scale = quant::scale_from_amax(amax);
       scales[r] = scale;
+      // prefetch one row beyond the rows this step reads (the next task's first row, which the
+      // same thread takes next under a static schedule, when this is the task's last row)
+      const T* ahead = r + 2 < rows ? xr + 2 * row_stride : nullptr;
       if (r + 1 < hi) {
-        amax = fn.quantize_amax_next(xr, scale, q + r * cols, cols, xr + row_stride);
+        amax = fn.quantize_amax_next(xr, scale, q + r * cols, cols, xr + row_stride, ahead);
       } else {
-        fn.quantize(xr, scale, q + r * cols, cols, nullptr);
+        fn.quantize(xr, scale, q + r * cols, cols, r + 1 < rows ? xr + row_stride : nullptr);
       }
     }
   }

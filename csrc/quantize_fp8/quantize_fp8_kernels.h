@@ -198,16 +198,27 @@ void quantize_row(const T* x, float scale, uint8_t* q, int64_t n, const T* next)
   for (; c < n; ++c) q[c] = quant::quantize(x[c], scale);
 }
 
-// quantize_row of x (no prefetch), returning the amax of the row `next` (n elements) taken in the
-// same pass: per token, the next row's amax loads and maxes run beside this row's divisions (which
-// bound a 32-element step on Zen 3) instead of in a pass of their own.
+// quantize_row of x, returning the amax of the row `next` (n elements) taken in the same pass: per
+// token, the next row's amax loads and maxes run beside this row's divisions (which bound a
+// 32-element step on Zen 3) instead of in a pass of their own. `ahead` (may be null): the row after
+// `next`, fetched into L1 meanwhile (its first n elements), so the amax loads of the following
+// pass hit L1 and the page walks and L3/DRAM misses of a cold x overlap this row's arithmetic.
 template <typename T>
-float quantize_row_amax_next(const T* x, float scale, uint8_t* q, int64_t n, const T* next) {
+float quantize_row_amax_next(const T* x, float scale, uint8_t* q, int64_t n, const T* next,
+                             const T* ahead) {
   int64_t c = 0;
 #if SPAR_ISA_AVX2
   if (scale > 0.f && scale < INFINITY && n >= 32) {
     const Div div(scale);
     __m256i acc = _mm256_setzero_si256();
+    if (ahead) {
+      for (; c + 32 <= n; c += 32) {
+        for (int64_t b = 0; b < int64_t(32 * sizeof(T)); b += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(ahead + c) + b, _MM_HINT_T0);
+        amax32(next + c, acc);
+        quantize32(x + c, div, q + c);
+      }
+    }
     for (; c + 32 <= n; c += 32) {
       amax32(next + c, acc);
       quantize32(x + c, div, q + c);
@@ -218,6 +229,7 @@ float quantize_row_amax_next(const T* x, float scale, uint8_t* q, int64_t n, con
     return m;
   }
 #endif
+  (void)ahead;
   quantize_row(x, scale, q, n, next);
   return row_amax(next, n);
 }
