@@ -167,6 +167,38 @@ def test_quantize_fp8_per_token_row_tasks(monkeypatch, isa, dtype):
         assert torch.equal(_bits(q), _bits(want_q)), (isa, cols)
 
 
+def _cpu_has_avx2() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def test_quantize_fp8_avx512_division_runs_bit_exact(tmp_path):
+    # The AVX-512 variant replaces the IEEE division by a reciprocal and two Markstein corrections;
+    # no AVX-512 CPU runs the suite, but that variant's loops use only 256-bit AVX2/FMA/F16C
+    # intrinsics, so tests/cpp/quantize_fp8_avx512_div.cpp compiles them for AVX2 and checks every
+    # bf16 value (and those values as fp32) over ~2.6k scales against the scalar encode.
+    import os
+    import re
+    import shutil
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not _cpu_has_avx2():
+        pytest.skip("this CPU has no AVX2: the AVX-512 variant's 256-bit loops cannot run here")
+    if cxx is None:
+        if os.environ.get("CI"):
+            pytest.fail("no C++ compiler (CXX, c++, g++) under CI: the package's own build needs one")
+        pytest.skip("no C++ compiler")
+    exe = tmp_path / "avx512_div"
+    subprocess.run([cxx, "-O2", "-std=c++17", "-mavx2", "-mfma", "-mf16c", f"-I{root}/csrc",
+                    f"{root}/tests/cpp/quantize_fp8_avx512_div.cpp", "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=120).stdout
+    checked, bad, baseline = map(int, re.fullmatch(r"checked (\d+) mismatches (\d+) baseline (\d+)\s*", out).groups())
+    assert checked > 100_000_000, out
+    assert baseline > 0, f"the inputs do not separate x * (1/s) from x / s: {out}"
+    assert bad == 0, out
+
+
 @pytest.mark.skipif(not __import__("spar_kernels")._ext.has_cuda_extension(), reason="no CUDA extension built")
 def test_quantize_fp8_out_and_workspace_allocate_nothing_on_a_gpu():
     from spar_kernels.testing import fake_cuda
