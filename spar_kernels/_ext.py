@@ -76,7 +76,8 @@ def cuda_ext() -> ModuleType:
 
 # Every symbol each extension must export: a build missing one is broken, never silently slower
 # (tests/test_foundation.py checks the installed build against these lists).
-CPU_TWINS = ("quantize_fp8", "rms_norm", "route_layers", "flow_sampler_step", "split_by_expert", "adaln_layernorm",
+CPU_TWINS = ("quantize_fp8", "rms_norm", "route_layers", "flow_sampler_step", "flow_sampler_step_packed",
+             "split_by_expert", "adaln_layernorm",
              "gated_residual", "dwconv_glu", "linear_attention", "scatter_rows")
 CUDA_KERNELS = ("quantize_fp8", "route_layers", "flow_sampler_step")
 

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 import spar_kernels as sk
 from spar_kernels.reference import adaln as ref
-from spar_kernels.testing import assert_close_fa, non_contiguous, poisoned_empty
+from spar_kernels.testing import assert_close_fa, non_contiguous, poisoned_empty, tolerance
 
 from conftest import requires_triton
 
@@ -72,6 +72,26 @@ def test_adaln_layernorm_non_contiguous_x_and_eps(backend, dtype):
     with sk.backend(backend):
         got = sk.adaln_layernorm(x, shift[:1], scale[:1], eps=1e-6)
     torch.testing.assert_close(got, shift[:1].expand(1, 3, C).to(dtype), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mean", [1e3, -1e4])
+def test_adaln_layernorm_cpu_large_mean(mean):
+    """Rows far from zero (x = mean + randn, fp32): the CPU twin (its corrected two-pass
+    variance) stays within the fp32 tolerance table of an fp64 reference, which torch's LayerNorm
+    misses there (its error grows with the mean: ~1e-4 at 1e3, ~2e-3 at 1e4) and a one-pass
+    E[x^2] - E[x]^2 misses by far. C = 5 takes the scalar loop only, 1163 the 32- and 8-lane steps
+    and a scalar tail; the transposed x is staged through the twin's row buffer."""
+    B, N = 2, 5
+    for C in (5, 1163, 2240):
+        shift, scale, *_ = _mods(B, C, torch.float32)
+        x = torch.randn(B, N, C) + mean
+        for xv in (x, x.transpose(1, 2).contiguous().transpose(1, 2)):
+            _check_adaln("cpu", xv, shift, scale)
+            with sk.backend("cpu"):
+                got = sk.adaln_layernorm(xv, shift, scale, eps=1e-6)
+            want64 = ref.adaln_layernorm(xv.double(), shift.double(), scale.double(), 1e-6,
+                                         compute_dtype=torch.float64)
+            torch.testing.assert_close(got.double(), want64, **tolerance(torch.float32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -562,7 +562,8 @@ def test_cuda_sampler_reductions_have_a_fixed_order():
 
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
 @pytest.mark.parametrize("method,renorm,shape", [
-    ("heun", None, (1, 3, 20, 30)),               # rows of 600: three chunks, the last partial
+    ("heun", None, (1, 3, 40, 30)),               # rows of 1,200 (a strided branch, so not merged): two
+                                                  # update chunks, the last partial
     ("dpmsolver++2m", "global", (2, 300, 9)),     # many short rows, one factor per sample
     ("euler", "channel", (2, 5, 70, 9)),          # per-(b, q) factors over chunks
     ("euler", "token", (2, 3, 520)),              # per-row factors over chunks
@@ -572,7 +573,7 @@ def test_cuda_sampler_reductions_have_a_fixed_order():
 ])
 def test_cpu_twin_chunks_and_instruction_sets(monkeypatch, isa, method, renorm, shape):
     # every instruction-set variant the CPU runs (SPAR_CPU_ISA picks one, never one it lacks),
-    # rows longer than the twin's fp32 staging chunk, strided branches
+    # rows longer than the twin's 256-element sums chunk, strided branches
     monkeypatch.setenv("SPAR_CPU_ISA", isa)
     kw = dict(num_steps=3, shift=3.0, guidance=4.0, image_guidance=1.5, renorm=renorm, renorm_min=0.1)
     a, b = sk.FlowSampler(method, **kw), sk.FlowSampler(method, **kw)

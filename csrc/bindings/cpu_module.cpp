@@ -28,6 +28,9 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("flow_sampler_step", &spar::flow_sampler_step_cpu,
         "fused flow-sampler step (arguments: see csrc/flow_sampler/api.h)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("flow_sampler_step_packed", &spar::flow_sampler_step_cpu_packed, py::arg("args"),
+        "flow_sampler_step with its arguments packed in an int64 array (see csrc/flow_sampler/api.h)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("rms_norm", &spar::rms_norm_cpu, py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("D"),
         py::arg("x_row_stride"), py::arg("x_d_stride"), py::arg("residual"), py::arg("r_row_stride"),
         py::arg("r_d_stride"), py::arg("weight"), py::arg("weight_dtype"), py::arg("eps"), py::arg("out"),
@@ -37,8 +40,8 @@ PYBIND11_MODULE(_C_cpu, m) {
         py::arg("weights"), py::arg("weight_dtype"), py::arg("E"), py::arg("weight_stride"), py::arg("eps"),
         py::arg("out"), py::call_guard<py::gil_scoped_release>());
   m.def("adaln_layernorm", &spar::adaln_layernorm_cpu, py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("N"),
-        py::arg("C"), py::arg("sxb"), py::arg("sxn"), py::arg("sxc"), py::arg("shift"), py::arg("scale1"),
-        py::arg("y"), py::arg("syb"), py::arg("syn"), py::arg("syc"), py::arg("eps"),
+        py::arg("C"), py::arg("sxb"), py::arg("sxn"), py::arg("sxc"), py::arg("shift"), py::arg("shb"),
+        py::arg("scale"), py::arg("scb"), py::arg("y"), py::arg("syb"), py::arg("syn"), py::arg("syc"), py::arg("eps"),
         py::call_guard<py::gil_scoped_release>());
   m.def("gated_residual", &spar::gated_residual_cpu, py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("N"),
         py::arg("C"), py::arg("sxb"), py::arg("sxn"), py::arg("sxc"), py::arg("y"), py::arg("syb"), py::arg("syn"),

@@ -27,5 +27,9 @@
 
 namespace spar {
 void flow_sampler_step_cpu(SPAR_FLOW_SAMPLER_STEP_PARAMS);
+// The same call with its 30 arguments packed, in the order above, in an int64 array at `args`
+// (renorm_min as the bits of a double in the last slot): one argument to convert per call, for
+// the eager fast path that replays a step's arguments.
+void flow_sampler_step_cpu_packed(uintptr_t args);
 void flow_sampler_step_cuda(SPAR_FLOW_SAMPLER_STEP_PARAMS, uintptr_t stream);
 }  // namespace spar

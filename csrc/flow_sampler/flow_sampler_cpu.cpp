@@ -4,8 +4,11 @@
 // OpenMP threads only above kParallelMin elements. Sums of squares: fp32 vectorized partials
 // within a chunk of a row, fp64 across chunks and rows, in a fixed order (the CUDA kernel uses
 // fixed-order fp32 trees); both round the factor to fp32.
+#include <omp.h>
+
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -21,14 +24,15 @@ namespace {
 #define SPAR_ISA_KERNELS "flow_sampler/flow_sampler_kernels.h"
 #include "common/isa_variants.inc"
 
-// Below this many elements a step runs on one thread: waking the OpenMP team costs more.
+// Below this many elements (or with one OpenMP thread) a step runs inline, outside any parallel
+// region: waking the OpenMP team costs more.
 constexpr int64_t kParallelMin = int64_t(1) << 16;
 
 template <typename TX, typename TV>
 void launch(cpu::Isa isa, int64_t B, int64_t P, int64_t Q, uintptr_t x, const int64_t* sx, uintptr_t vc,
             const int64_t* sc, uintptr_t vu, const int64_t* su, uintptr_t vi, const int64_t* si, uintptr_t out,
             uintptr_t h1, uintptr_t h2, const flow::Row& r, int mode, float lo) {
-  const bool par = B * P * Q >= kParallelMin;
+  const bool par = B * P * Q >= kParallelMin && omp_get_max_threads() > 1;
   auto args = [&](auto tag) {
     using R = decltype(tag);
     return R{reinterpret_cast<const TX*>(x), sx[0], sx[1], sx[2], reinterpret_cast<const TV*>(vc),
@@ -64,6 +68,16 @@ void flow_sampler_step_cpu(SPAR_FLOW_SAMPLER_STEP_PARAMS) {  // the parameters: 
     });
   }
   cnt[0] += 1;
+}
+
+void flow_sampler_step_cpu_packed(uintptr_t args) {
+  const int64_t* a = reinterpret_cast<const int64_t*>(args);
+  double lo;
+  std::memcpy(&lo, a + 29, sizeof lo);
+  const auto u = [&](int i) { return static_cast<uintptr_t>(a[i]); };
+  flow_sampler_step_cpu(int(a[0]), int(a[1]), a[2], a[3], a[4], u(5), a[6], a[7], a[8], u(9), a[10], a[11], a[12],
+                        u(13), a[14], a[15], a[16], u(17), a[18], a[19], a[20], u(21), u(22), u(23), u(24), a[25],
+                        u(26), u(27), int(a[28]), float(lo));
 }
 
 }  // namespace spar

@@ -2,13 +2,17 @@
 // includes this file once per instruction-set variant (AVX-512, AVX2, the build's baseline;
 // common/cpu_rows.h), and runs the widest this CPU supports.
 //
-// A row of the [B, P, Q] view is processed in chunks of kChunk elements staged in fp32 (inputs
+// A row of the [B, P, Q] view is updated in chunks of kApply elements staged in fp32 (inputs
 // that are fp32 with q-stride 1 are read in place): every loop below is branch-free with its
-// flags fixed at compile time, so it vectorizes; the per-element math is flow_sampler.h's.
+// flags fixed at compile time, so it vectorizes; the per-element math is flow_sampler.h's. When
+// every input is dense, rows that share one renorm factor (all of them without renorm, a
+// sample's under the global renorm) are updated as one long row. Sums of squares run in chunks
+// of kChunk (fp32 within, fp64 across), which fixes their rounding.
 
 using namespace spar::flow;
 
-constexpr int64_t kChunk = 256;
+constexpr int64_t kChunk = 256;   // the renorm sums' fp32 partials
+constexpr int64_t kApply = 1024;  // the update's chunk (no reduction: any length gives the same result)
 
 // ---- conversions to and from fp32, branch-free (same results as spar_common.h's) ----
 inline float f16_to_f32(uint16_t h) {
@@ -159,22 +163,28 @@ struct Rows {
 };
 
 struct Stage {  // per-thread fp32 staging buffers
-  float c[kChunk], u[kChunk], i[kChunk], x[kChunk], v[kChunk], o[kChunk];
+  float c[kApply], u[kApply], i[kApply], x[kApply], v[kApply], o[kApply];
 };
 
-// sums of squares of v_cond and of the guided velocity over row (b, p), fp64 across chunks
+// fp32 sums of squares of v_cond and of the guided velocity over elements [q0, q0 + n) of row (b, p)
+template <typename TX, typename TV>
+void chunk_sums(const Rows<TX, TV>& a, int64_t b, int64_t p, int64_t q0, int64_t n, const flow::Row& r, Stage& st,
+                float* f0, float* f1) {
+  const bool img = flow::img_in_norm(r);
+  const float* c = stage(a.vc + b * a.scb + p * a.scp + q0 * a.scq, a.scq, st.c, n);
+  const float* u = stage(a.vu + b * a.sub + p * a.sup + q0 * a.suq, a.suq, st.u, n);
+  const float* i = img ? stage(a.vi + b * a.sib + p * a.sip + q0 * a.siq, a.siq, st.i, n) : nullptr;
+  if (img) sums_chunk<true>(c, u, i, n, r.g, r.gi, f0, f1);
+  else sums_chunk<false>(c, u, i, n, r.g, r.gi, f0, f1);
+}
+
+// sums of squares over row (b, p): fp32 within chunks of kChunk, fp64 across
 template <typename TX, typename TV>
 void row_sums(const Rows<TX, TV>& a, int64_t b, int64_t p, const flow::Row& r, Stage& st, double* sc, double* sg) {
-  const bool img = flow::img_in_norm(r);
   double s0 = 0, s1 = 0;
   for (int64_t q0 = 0; q0 < a.Q; q0 += kChunk) {
-    const int64_t n = std::min(kChunk, a.Q - q0);
-    const float* c = stage(a.vc + b * a.scb + p * a.scp + q0 * a.scq, a.scq, st.c, n);
-    const float* u = stage(a.vu + b * a.sub + p * a.sup + q0 * a.suq, a.suq, st.u, n);
-    const float* i = img ? stage(a.vi + b * a.sib + p * a.sip + q0 * a.siq, a.siq, st.i, n) : nullptr;
     float f0, f1;
-    if (img) sums_chunk<true>(c, u, i, n, r.g, r.gi, &f0, &f1);
-    else sums_chunk<false>(c, u, i, n, r.g, r.gi, &f0, &f1);
+    chunk_sums(a, b, p, q0, std::min(kChunk, a.Q - q0), r, st, &f0, &f1);
     s0 += f0;
     s1 += f1;
   }
@@ -204,8 +214,8 @@ void apply_row(const Rows<TX, TV>& a, int64_t b, int64_t p, const flow::Row& r, 
   const bool cfg = r.flags & flow::kCfg, img = cfg && (r.flags & flow::kImg);
   const bool text = r.flags & flow::kRenormText;
   const int64_t base = (b * a.P + p) * a.Q;
-  for (int64_t q0 = 0; q0 < a.Q; q0 += kChunk) {
-    const int64_t n = std::min(kChunk, a.Q - q0);
+  for (int64_t q0 = 0; q0 < a.Q; q0 += kApply) {
+    const int64_t n = std::min(kApply, a.Q - q0);
     const float* c = stage(a.vc + b * a.scb + p * a.scp + q0 * a.scq, a.scq, st.c, n);
     const float* v = c;
     if (cfg) {
@@ -221,62 +231,112 @@ void apply_row(const Rows<TX, TV>& a, int64_t b, int64_t p, const flow::Row& r, 
   }
 }
 
+// body(st, i) for i in [0, n): on OpenMP threads when par, else inline (no parallel region)
+template <typename F>
+void for_each(bool par, int64_t n, F&& body) {
+  if (!par) {
+    Stage st;
+    for (int64_t i = 0; i < n; ++i) body(st, i);
+    return;
+  }
+#pragma omp parallel
+  {
+    Stage st;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) body(st, i);
+  }
+}
+
+// The [B, P, Q] view with the rows of each sample merged into one row of P * Q elements (per_b)
+// or everything into one row, when every input the row reads is dense as [B, P, Q].
+template <typename TX, typename TV>
+bool merge_rows(Rows<TX, TV>& a, const flow::Row& r, bool per_b) {
+  const bool cfg = r.flags & flow::kCfg, img = cfg && (r.flags & flow::kImg);
+  const int64_t P = a.P, Q = a.Q, PQ = P * Q;
+  auto dense = [&](int64_t sb, int64_t sp, int64_t sq) {
+    return (sq == 1 || Q == 1) && (sp == Q || P == 1) && (sb == PQ || a.B == 1);
+  };
+  if (!dense(a.sxb, a.sxp, a.sxq) || !dense(a.scb, a.scp, a.scq) || (cfg && !dense(a.sub, a.sup, a.suq)) ||
+      (img && !dense(a.sib, a.sip, a.siq)))
+    return false;
+  const int64_t b = per_b ? a.B : 1, q = per_b ? PQ : a.B * PQ;
+  a.sxb = a.scb = a.sub = a.sib = q;
+  a.sxp = a.scp = a.sup = a.sip = q;
+  a.sxq = a.scq = a.suq = a.siq = 1;
+  a.B = b;
+  a.P = 1;
+  a.Q = q;
+  return true;
+}
+
 template <typename TX, typename TV>
 void run(const Rows<TX, TV>& a, const flow::Row& r, int mode, float lo, bool par) {
   const int64_t nrows = a.B * a.P;
   const bool ren = flow::renorm_on(r, mode);
-  if (!ren || mode == flow::kRenormRow) {  // one pass per row: its own sums (if any), then the update
-#pragma omp parallel if (par)
-    {
+  if (!ren) {
+    Rows<TX, TV> m = a;
+    if (!par && merge_rows(m, r, false)) {
       Stage st;
-#pragma omp for schedule(static)
-      for (int64_t rr = 0; rr < nrows; ++rr) {
-        const int64_t b = rr / a.P, p = rr % a.P;
-        float s = 1.f;
-        if (ren) {
-          double sc, sg;
-          row_sums(a, b, p, r, st, &sc, &sg);
-          s = flow::renorm_scale(float(sc), float(sg), lo);
-        }
-        apply_row(a, b, p, r, &s, false, st);
-      }
+      const float one = 1.f;
+      return apply_row(m, 0, 0, r, &one, false, st);
     }
+  }
+  if (!ren || mode == flow::kRenormRow) {  // one pass per row: its own sums (if any), then the update
+    for_each(par, nrows, [&](Stage& st, int64_t rr) {
+      const int64_t b = rr / a.P, p = rr % a.P;
+      float s = 1.f;
+      if (ren) {
+        double sc, sg;
+        row_sums(a, b, p, r, st, &sc, &sg);
+        s = flow::renorm_scale(float(sc), float(sg), lo);
+      }
+      apply_row(a, b, p, r, &s, false, st);
+    });
     return;
   }
   std::vector<float> scale;
-  if (mode == flow::kRenormGlobal) {  // one factor per sample: row sums, then a fixed-order total
-    std::vector<double> sc(nrows), sg(nrows);
+  if (mode == flow::kRenormGlobal) {  // one factor per sample
     scale.resize(a.B);
-#pragma omp parallel if (par)
-    {
-      Stage st;
-#pragma omp for schedule(static)
-      for (int64_t rr = 0; rr < nrows; ++rr) row_sums(a, rr / a.P, rr % a.P, r, st, &sc[rr], &sg[rr]);
-#pragma omp single
-      for (int64_t b = 0; b < a.B; ++b) {
+    Rows<TX, TV> m = a;
+    if (merge_rows(m, r, true)) {  // dense: fp32 sums over kChunk pieces of the sample, fp64 across in order
+      const int64_t nc = (m.Q + kChunk - 1) / kChunk;
+      std::vector<float> fc(m.B * nc), fg(m.B * nc);
+      for_each(par, m.B * nc, [&](Stage& st, int64_t j) {
+        const int64_t b = j / nc, q0 = (j % nc) * kChunk;
+        chunk_sums(m, b, 0, q0, std::min(kChunk, m.Q - q0), r, st, &fc[j], &fg[j]);
+      });
+      for (int64_t b = 0; b < m.B; ++b) {
         double c = 0, g = 0;
-        for (int64_t p = 0; p < a.P; ++p) c += sc[b * a.P + p], g += sg[b * a.P + p];
+        for (int64_t j = b * nc; j < (b + 1) * nc; ++j) c += fc[j], g += fg[j];
         scale[b] = flow::renorm_scale(float(c), float(g), lo);
       }
-#pragma omp for schedule(static)
-      for (int64_t rr = 0; rr < nrows; ++rr) apply_row(a, rr / a.P, rr % a.P, r, &scale[rr / a.P], false, st);
+      if (!par) {  // a sample's rows share its factor: one long row
+        Stage st;
+        for (int64_t b = 0; b < m.B; ++b) apply_row(m, b, 0, r, &scale[b], false, st);
+      } else {
+        for_each(par, nrows, [&](Stage& st, int64_t rr) { apply_row(a, rr / a.P, rr % a.P, r, &scale[rr / a.P], false, st); });
+      }
+      return;
     }
+    // row sums, then a fixed-order total
+    std::vector<double> sc(nrows), sg(nrows);
+    for_each(par, nrows, [&](Stage& st, int64_t rr) { row_sums(a, rr / a.P, rr % a.P, r, st, &sc[rr], &sg[rr]); });
+    for (int64_t b = 0; b < a.B; ++b) {
+      double c = 0, g = 0;
+      for (int64_t p = 0; p < a.P; ++p) c += sc[b * a.P + p], g += sg[b * a.P + p];
+      scale[b] = flow::renorm_scale(float(c), float(g), lo);
+    }
+    for_each(par, nrows, [&](Stage& st, int64_t rr) { apply_row(a, rr / a.P, rr % a.P, r, &scale[rr / a.P], false, st); });
     return;
   }
   // kRenormCol: one factor per (b, q), the norm running over p
   scale.resize(a.B * a.Q);
   const int64_t nq = (a.Q + kChunk - 1) / kChunk;
-#pragma omp parallel if (par)
-  {
-    Stage st;
+  for_each(par, a.B * nq, [&](Stage& st, int64_t j) {
     double sc[kChunk], sg[kChunk];
-#pragma omp for schedule(static)
-    for (int64_t j = 0; j < a.B * nq; ++j) {
-      const int64_t b = j / nq, q0 = (j % nq) * kChunk, n = std::min(kChunk, a.Q - q0);
-      col_sums(a, b, q0, n, r, st, sc, sg);
-      for (int64_t q = 0; q < n; ++q) scale[b * a.Q + q0 + q] = flow::renorm_scale(float(sc[q]), float(sg[q]), lo);
-    }
-#pragma omp for schedule(static)
-    for (int64_t rr = 0; rr < nrows; ++rr) apply_row(a, rr / a.P, rr % a.P, r, &scale[(rr / a.P) * a.Q], true, st);
-  }
+    const int64_t b = j / nq, q0 = (j % nq) * kChunk, n = std::min(kChunk, a.Q - q0);
+    col_sums(a, b, q0, n, r, st, sc, sg);
+    for (int64_t q = 0; q < n; ++q) scale[b * a.Q + q0 + q] = flow::renorm_scale(float(sc[q]), float(sg[q]), lo);
+  });
+  for_each(par, nrows, [&](Stage& st, int64_t rr) { apply_row(a, rr / a.P, rr % a.P, r, &scale[(rr / a.P) * a.Q], true, st); });
 }

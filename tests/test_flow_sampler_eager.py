@@ -1,0 +1,160 @@
+"""FlowSampler.step's eager fast path (a call with the tensors of the previous eager C++-twin call
+replays its arguments after a cheap layout check) and the twin's merged dense rows: every change
+that the full validation would catch is still caught, and results equal the reference."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import spar_kernels as sk
+from spar_kernels import flow_sampler as sp_mod
+
+pytest.importorskip("spar_kernels._C_cpu")
+
+
+def _pair(method="euler", **kw):
+    kw = dict(num_steps=6, shift=3.0, guidance=4.0, **kw)
+    return sk.FlowSampler(method, **kw), sk.FlowSampler(method, **kw)
+
+
+def _ref_step(s, x, *vs, out=None):
+    with sk.backend("reference"):
+        return s.step(x, *vs, out=out)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "dpmsolver++2m"])
+def test_same_tensors_new_values_match_reference(method):
+    # the fast path replays pointers: values written in place between calls are read
+    a, b = _pair(method)
+    shape = (1, 4, 6, 10)
+    x, vc, vu, out = (torch.randn(shape) for _ in range(4))
+    xb = x.clone()
+    for _ in range(a.num_evals):
+        vc.copy_(torch.randn(shape))
+        vu.copy_(torch.randn(shape))
+        got = a.step(x, vc, vu, out=out)
+        assert got is out and a._fast is not None
+        want = _ref_step(b, xb, vc, vu)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        x.copy_(out)
+        xb = want
+    assert int(a.counter) == a.num_evals == a._host_step
+    with pytest.raises(ValueError, match="stepping past the last step"):
+        a.step(x, vc, vu, out=out)
+
+
+def test_resized_restrided_or_replaced_tensors_are_validated_again():
+    s = sk.FlowSampler("euler", num_steps=20, guidance=4.0)
+    shape = (1, 4, 6, 10)
+    x, vc, vu, out = (torch.randn(shape) for _ in range(4))
+    s.step(x, vc, vu, out=out)
+    vc.resize_(1, 4, 6, 11)  # same object, new shape
+    with pytest.raises(ValueError, match="v_cond: expected x's shape"):
+        s.step(x, vc, vu, out=out)
+    vc.resize_(shape)
+    out.as_strided_(shape, (240, 1, 40, 4))  # same object and shape, not contiguous any more
+    with pytest.raises(ValueError, match="out: expected a contiguous tensor"):
+        s.step(x, vc, vu, out=out)
+    out = torch.empty(shape)
+    s.step(x, vc, vu, out=out)
+    vu.data = torch.randn(shape, dtype=torch.float64)  # same object, another dtype
+    with pytest.raises(ValueError, match="v_uncond: expected dtype"):
+        s.step(x, vc, vu, out=out)
+    vu.data = torch.randn(shape)
+    x.data = torch.randn(1, 24, 10)  # same object, another layout (and a different [B, P, Q])
+    with pytest.raises(ValueError, match="x: this sampler's state"):
+        s.step(x, vc.view(1, 24, 10), vu.view(1, 24, 10), out=out.view(1, 24, 10))
+    assert s._host_step == 2  # the failed calls took no step
+
+
+def test_new_out_and_moved_storage_give_the_reference_result():
+    a, b = _pair("dpmsolver++2m")
+    shape = (2, 3, 50)
+    x, vc, vu = (torch.randn(shape) for _ in range(3))
+    out1, out2 = torch.empty(shape), torch.empty(shape)
+    for k, out in enumerate([out1, out1, out2, out1]):
+        if k == 3:
+            vc.set_(torch.randn(shape))  # same object, new storage
+        got = a.step(x, vc, vu, out=out)
+        assert got is out
+        torch.testing.assert_close(got, _ref_step(b, x, vc, vu), atol=1e-6, rtol=1e-6)
+
+
+def test_a_branch_needed_from_the_next_evaluation_on_is_checked():
+    # guidance turns on at the third evaluation: the replayed call (no v_uncond) must stop there
+    s = sk.FlowSampler("euler", sigmas=[1.0, 0.9, 0.6, 0.3, 0.0], guidance=3.0, guidance_interval=(0.0, 0.7))
+    x, vc, out = torch.randn(1, 8, 16), torch.randn(1, 8, 16), torch.empty(1, 8, 16)
+    s.step(x, vc, out=out)
+    s.step(x, vc, out=out)
+    with pytest.raises(ValueError, match="v_uncond: guidance=3.0 > 1 is on at evaluation 2"):
+        s.step(x, vc, out=out)
+
+
+def test_backend_and_dispatch_modes_are_honoured_after_a_fast_call(monkeypatch):
+    s = sk.FlowSampler("heun", num_steps=5, guidance=2.0)
+    x, vc, vu, out = (torch.randn(1, 8, 16) for _ in range(4))
+    s.step(x, vc, vu, out=out)
+    s.step(x, vc, vu, out=out)  # replayed
+    calls = []
+    ref = sp_mod._IMPLS["reference"]
+    monkeypatch.setitem(sp_mod._IMPLS, "reference", lambda *a: (calls.append(1), ref(*a)))
+    with sk.backend("reference"):
+        s.step(x, vc, vu, out=out)
+    assert calls == [1]
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as rec:
+        s.step(x, vc, vu, out=out)
+    assert any("flow_sampler_step" in o for o in rec.ops), rec.ops
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+@pytest.mark.parametrize("method,renorm,shape", [
+    ("heun", None, (1, 3, 40, 30)),              # one merged row of 3,600: update chunks and a tail
+    ("dpmsolver++2m", None, (2, 1300)),           # [T, C]: rows longer than an update chunk
+    ("euler", "global", (2, 5, 7, 61)),           # per-sample sums over merged rows, partial chunks
+    ("euler", "global", (300, 64)),               # BAGEL's packed [T, C]
+    ("euler", "global", (300, 256)),              # from 65,536 elements: threads when there are several
+])
+def test_dense_inputs_merged_rows_match_reference(monkeypatch, isa, method, renorm, shape):
+    monkeypatch.setenv("SPAR_CPU_ISA", isa)
+    kw = dict(image_guidance=1.5, renorm=renorm, renorm_min=0.1)
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = _pair(method, **kw)
+        x = torch.randn(shape).to(dtype)
+        for _ in range(3):
+            vs = [torch.randn(shape).to(dtype) for _ in range(3)]
+            xa = a.step(x, *vs)
+            xb = _ref_step(b, x, *vs)
+            tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}[dtype]
+            torch.testing.assert_close(xa.float(), xb.float(), atol=tol, rtol=tol)
+            x = xa
+
+
+def test_no_replay_without_out_or_after_a_branch_dies():
+    a, b = _pair()
+    shape = (1, 8, 16)
+    x, vc = torch.randn(shape), torch.randn(shape)
+    first = a.step(x, vc, torch.randn(shape))  # a fresh out each call: nothing kept to replay
+    assert a._fast is None
+    second = a.step(x, vc, torch.randn(shape))
+    assert second is not first and second.data_ptr() != 0
+    out, vu = torch.empty(shape), torch.randn(shape)
+    a.step(x, vc, vu, out=out)
+    assert a._fast is not None
+    del vu  # the branch dies: the entry goes, so a later call without it is validated in full
+    assert a._fast is None
+    with pytest.raises(ValueError, match="v_uncond: guidance=4.0 > 1 is on"):
+        a.step(x, vc, out=out)
+    vu = torch.randn(shape)
+    for _ in range(3):
+        _ref_step(b, x, vc, torch.randn(shape))
+    torch.testing.assert_close(a.step(x, vc, vu, out=out), _ref_step(b, x, vc, vu), atol=1e-6, rtol=1e-6)
