@@ -333,12 +333,19 @@ def _adaln_reference(x, shift, scale, eps, out):
     out.copy_(_ref.adaln_layernorm(x, shift, scale, eps))
 
 
+def _cpu_rows(t):
+    """A [B, C] modulation view as fp32 rows with channel stride 1 (read in place when it is)."""
+    if t.dtype != torch.float32 or t.stride(1) != 1:
+        t = t.float().contiguous()
+    return t
+
+
 def _adaln_cpu(x, shift, scale, eps, out):
     B, N, C = x.shape
-    sc1 = (scale.float() + 1.0).contiguous()   # [B, C]: the same fp32 (1 + scale) the kernels compute
-    shf = shift.float().contiguous()
+    shf, scf = _cpu_rows(shift), _cpu_rows(scale)   # the twin adds 1 to scale in fp32, as the kernels do
     _ext.cpu_twin("adaln_layernorm")(x.data_ptr(), _ext.dtype_code(x), B, N, C, *x.stride(), shf.data_ptr(),
-                                     sc1.data_ptr(), out.data_ptr(), *out.stride(), eps)
+                                     shf.stride(0), scf.data_ptr(), scf.stride(0), out.data_ptr(), *out.stride(),
+                                     eps)
 
 
 def _gr_triton(x, y, gate, out):
