@@ -178,6 +178,7 @@ def test_quantize_fp8_avx512_division_runs_bit_exact(tmp_path):
     # bf16 value (and those values as fp32) over ~2.6k scales against the scalar encode.
     import os
     import re
+    import shlex
     import shutil
     import subprocess
 
@@ -190,7 +191,7 @@ def test_quantize_fp8_avx512_division_runs_bit_exact(tmp_path):
             pytest.fail("no C++ compiler (CXX, c++, g++) under CI: the package's own build needs one")
         pytest.skip("no C++ compiler")
     exe = tmp_path / "avx512_div"
-    subprocess.run([cxx, "-O2", "-std=c++17", "-mavx2", "-mfma", "-mf16c", f"-I{root}/csrc",
+    subprocess.run([*shlex.split(cxx), "-O2", "-std=c++17", "-mavx2", "-mfma", "-mf16c", f"-I{root}/csrc",
                     f"{root}/tests/cpp/quantize_fp8_avx512_div.cpp", "-o", str(exe)], check=True)
     out = subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=120).stdout
     checked, bad, baseline = map(int, re.fullmatch(r"checked (\d+) mismatches (\d+) baseline (\d+)\s*", out).groups())
