@@ -166,14 +166,22 @@ struct Stage {  // per-thread fp32 staging buffers
   float c[kApply], u[kApply], i[kApply], x[kApply], v[kApply], o[kApply];
 };
 
+// elements [q0, q0 + n) of row (b, p) of the three branches as fp32 (v_img_uncond only when img)
+template <typename TX, typename TV>
+void stage_branches(const Rows<TX, TV>& a, int64_t b, int64_t p, int64_t q0, int64_t n, bool img, Stage& st,
+                    const float*& c, const float*& u, const float*& i) {
+  c = stage(a.vc + b * a.scb + p * a.scp + q0 * a.scq, a.scq, st.c, n);
+  u = stage(a.vu + b * a.sub + p * a.sup + q0 * a.suq, a.suq, st.u, n);
+  i = img ? stage(a.vi + b * a.sib + p * a.sip + q0 * a.siq, a.siq, st.i, n) : nullptr;
+}
+
 // fp32 sums of squares of v_cond and of the guided velocity over elements [q0, q0 + n) of row (b, p)
 template <typename TX, typename TV>
 void chunk_sums(const Rows<TX, TV>& a, int64_t b, int64_t p, int64_t q0, int64_t n, const flow::Row& r, Stage& st,
                 float* f0, float* f1) {
   const bool img = flow::img_in_norm(r);
-  const float* c = stage(a.vc + b * a.scb + p * a.scp + q0 * a.scq, a.scq, st.c, n);
-  const float* u = stage(a.vu + b * a.sub + p * a.sup + q0 * a.suq, a.suq, st.u, n);
-  const float* i = img ? stage(a.vi + b * a.sib + p * a.sip + q0 * a.siq, a.siq, st.i, n) : nullptr;
+  const float *c, *u, *i;
+  stage_branches(a, b, p, q0, n, img, st, c, u, i);
   if (img) sums_chunk<true>(c, u, i, n, r.g, r.gi, f0, f1);
   else sums_chunk<false>(c, u, i, n, r.g, r.gi, f0, f1);
 }
@@ -199,9 +207,8 @@ void col_sums(const Rows<TX, TV>& a, int64_t b, int64_t q0, int64_t n, const flo
   const bool img = flow::img_in_norm(r);
   for (int64_t q = 0; q < n; ++q) sc[q] = sg[q] = 0.0;
   for (int64_t p = 0; p < a.P; ++p) {
-    const float* c = stage(a.vc + b * a.scb + p * a.scp + q0 * a.scq, a.scq, st.c, n);
-    const float* u = stage(a.vu + b * a.sub + p * a.sup + q0 * a.suq, a.suq, st.u, n);
-    const float* i = img ? stage(a.vi + b * a.sib + p * a.sip + q0 * a.siq, a.siq, st.i, n) : nullptr;
+    const float *c, *u, *i;
+    stage_branches(a, b, p, q0, n, img, st, c, u, i);
     if (img) col_sums_chunk<true>(c, u, i, n, r.g, r.gi, sc, sg);
     else col_sums_chunk<false>(c, u, i, n, r.g, r.gi, sc, sg);
   }
