@@ -103,6 +103,45 @@ def test_linear_attention_empty(backend):
     assert torch.equal(got, torch.zeros(2, 6, 2, 32))
 
 
+# The C++ twin (csrc/linear_attention/) stages keys in chunks of 2048 / d tokens (d = 16: 128,
+# 32: 64, 64: 32) and query rows in chunks of 2 R (R = 6 row blocks with AVX2 and the baseline,
+# 8 with AVX-512); its micro-kernels take 1..R rows, the state rows in blocks of R then two halves.
+# Key counts on both sides of one and two chunks, query counts leaving every remainder of a block.
+@pytest.mark.parametrize("d", [16, 32, 64])
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])  # one this CPU lacks runs its widest
+def test_linear_attention_cpu_twin_chunk_boundaries(d, isa, monkeypatch):
+    monkeypatch.setenv("SPAR_CPU_ISA", isa)
+    chunk = 2048 // d
+    for Nk, Nq in [(1, 1), (chunk - 1, 5), (chunk, 12), (chunk + 1, 13), (2 * chunk + 5, 31), (3, 2 * chunk + 7)]:
+        q, k, v = _inputs(2, Nq, Nk, 3, d, d, torch.float32)
+        _check("cpu", q, k, v, out=poisoned_empty(2, Nq, 3, d, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [16, 32, 64])
+def test_linear_attention_cpu_twin_low_precision_chunks(dtype, d):
+    # fp16 / bf16 rows converted to fp32 while staged; the output rows through one rounding
+    chunk = 2048 // d
+    q, k, v = _inputs(1, 17, chunk + 3, 5, d, d, dtype)
+    _check("cpu", q, k, v, out=poisoned_empty(1, 17, 5, d, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_attention_cpu_twin_independent_strides(dtype):
+    # q, k, v and the head slices at unrelated batch / token / head strides (Nq != Nk), several
+    # key chunks and a sample boundary inside the threads' ranges of (batch, head)
+    B, Nq, Nk, H, d = 3, 29, 150, 5, 32
+    q = torch.randn(B, H, Nq, d).to(dtype).transpose(1, 2)                 # token stride d
+    k = torch.randn(Nk, B, 2 * H, d).to(dtype).permute(1, 0, 2, 3)[:, :, 1::2]  # batch stride 2Hd, head 2d
+    v = non_contiguous(torch.randn(B, Nk, H, d).to(dtype), 1)               # token stride 2Hd
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    _check("cpu", q, k, v, out=poisoned_empty(B, Nq, H, d, dtype=dtype))
+    with sk.backend("cpu"):
+        got = sk.linear_attention(q, k, v)
+    torch.testing.assert_close(got, sk.linear_attention(q.contiguous(), k.contiguous(), v.contiguous()),
+                               atol=0, rtol=0)  # the same loops in the same order: bit-identical
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, None), (torch.bfloat16, "fa")])
 @pytest.mark.parametrize("B, N, heads", [(1, 1, 1), (2, 45, 3), (2, 64, 2)])
 def test_linear_attention_matches_diffusers_processor(dtype, tol, B, N, heads):

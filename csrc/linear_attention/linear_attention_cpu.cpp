@@ -1,12 +1,16 @@
 // CPU twin of linear_attention for head dims 16 / 32 / 64 (other head dims run as batched BLAS
-// matmuls from PyTorch): the loops in linear_attention_kernels.h, compiled for AVX-512, AVX2 and
-// the build's baseline, the widest this CPU runs chosen at run time; fp32 throughout.
+// matmuls from PyTorch): the loops in linear_attention_kernels.h (staged chunks, register-blocked
+// micro-kernels), compiled for AVX-512, AVX2 and the build's baseline, the widest this CPU runs
+// chosen at run time; fp32 throughout.
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "common/cpu_rows.h"
 #include "common/fast_math.h"
@@ -17,10 +21,6 @@ namespace {
 
 #define SPAR_ISA_KERNELS "linear_attention/linear_attention_kernels.h"
 #include "common/isa_variants.inc"
-
-// the accumulators the build's own registers hold (the base variant): 16 of 32 zmm, 8 of 16 ymm
-// or 8 of 16 xmm
-constexpr int kBaseAccFloats = cpu::kBaseLanes == 16 ? 256 : 8 * cpu::kBaseLanes;
 
 }  // namespace
 
@@ -34,9 +34,10 @@ bool linear_attention_cpu(uintptr_t q, uintptr_t k, uintptr_t v, int dtype, int6
     using T = decltype(tag);
     auto run = [&](auto hd) {
       constexpr int HD = decltype(hd)::value;
-      auto* fn = isa == cpu::Isa::Avx512 ? &avx512::linear_attention_run<T, HD, 256>
-                 : isa == cpu::Isa::Avx2 ? &avx2::linear_attention_run<T, HD, 64>
-                                         : &base::linear_attention_run<T, HD, kBaseAccFloats>;
+      // the fp32 lanes of each variant's vectors (the base variant: the build's own)
+      auto* fn = isa == cpu::Isa::Avx512 ? &avx512::linear_attention_run<T, HD, 16>
+                 : isa == cpu::Isa::Avx2 ? &avx2::linear_attention_run<T, HD, 8>
+                                         : &base::linear_attention_run<T, HD, cpu::kBaseLanes>;
       fn(reinterpret_cast<const T*>(q), reinterpret_cast<const T*>(k), reinterpret_cast<const T*>(v), B, Nq, Nk,
           H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, reinterpret_cast<T*>(out), sob, son, soh, float(eps));
       done = true;
