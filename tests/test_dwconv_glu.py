@@ -146,3 +146,72 @@ def test_cpu_twins_agree_in_every_instruction_set_variant(isa, monkeypatch):
             q, k, v = (torch.randn(2, 11, 3, d) for _ in range(3))
             torch.testing.assert_close(sk.linear_attention(q, k, v), ref_la.linear_attention(q, k, v),
                                        atol=1e-5, rtol=1e-4)
+
+
+# The twin's loop structure (csrc/dwconv_glu/dwconv_glu_kernels.h): steps of 4 pixels between
+# one-pixel border columns, channel blocks sized by W (W = 70 gives blocks of 112 channels at 8 and
+# 16 lanes), partial last vectors. (B, H, W, C): W = 2 and 5 (border and single pixels only),
+# W = 6 (one step), W = 7 / 11 (steps and single pixels), H = 1 / 2 (a missing row on one or both
+# sides), C = 12 / 20 (a partial vector after 1 full at 8 lanes, alone at 16 lanes), C = 300 at
+# W = 70 (3 blocks, the last 76 channels).
+EDGE_GRIDS = [(1, 2, 2, 12), (2, 1, 5, 20), (1, 2, 6, 8), (1, 3, 7, 37), (2, 4, 11, 16), (1, 3, 70, 300)]
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dwconv_glu_cpu_steps_borders_and_blocks(isa, dtype, monkeypatch):
+    monkeypatch.setenv("SPAR_CPU_ISA", isa)
+    g = torch.Generator().manual_seed(5)
+    for B, H, W, C in EDGE_GRIDS:
+        x = torch.randn(B, H * W, 2 * C, generator=g).to(dtype)
+        w = torch.randn(2 * C, 1, 3, 3, generator=g) / 3
+        b = torch.randn(2 * C, generator=g)
+        _check("cpu", x, w, b, H, W)
+
+
+def _cxx():
+    import os
+    import shlex
+    import shutil
+
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    return shlex.split(cxx) if cxx else None
+
+
+def test_dwconv_glu_16_lane_loops_match_reference(tmp_path):
+    # The AVX-512 variant runs the kernels header at 16 fp32 lanes; no AVX-512 CPU runs the suite,
+    # but GCC's 64-byte vector types compile for AVX2, so tests/cpp/dwconv_glu_l16.cpp builds the
+    # 16-lane loops for AVX2 and this test compares them with the reference (fp32 and bf16).
+    import os
+    import subprocess
+
+    import numpy as np
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2: the 16-lane loops compiled for AVX2 cannot run here")
+    cxx = _cxx()
+    if cxx is None:
+        if os.environ.get("CI"):
+            pytest.fail("no C++ compiler (CXX, c++, g++) under CI: the package's own build needs one")
+        pytest.skip("no C++ compiler")
+    exe = tmp_path / "dwconv_glu_l16"
+    subprocess.run([*cxx, "-O2", "-std=gnu++17", "-mavx2", "-mfma", "-mf16c", "-Wno-psabi", f"-I{root}/csrc",
+                    f"{root}/tests/cpp/dwconv_glu_l16.cpp", "-o", str(exe)], check=True)
+    g = torch.Generator().manual_seed(16)
+    grids = [(1, 1, 1, 5), (2, 5, 7, 20), (1, 2, 6, 16), (1, 3, 11, 37), (1, 3, 70, 300)]
+    for dtype, code in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+        for B, H, W, C in grids:
+            x = torch.randn(B, H * W, 2 * C, generator=g).to(dtype)
+            w = torch.randn(2 * C, 1, 3, 3, generator=g) / 3
+            b = torch.randn(2 * C, generator=g)
+            paths = [tmp_path / n for n in ("x.bin", "w9.bin", "bias.bin", "out.bin")]
+            bits = x.view(torch.int16) if dtype == torch.bfloat16 else x
+            bits.contiguous().numpy().tofile(paths[0])
+            w.reshape(2 * C, 9).t().contiguous().numpy().tofile(paths[1])     # [9, 2C], tap-major
+            b.numpy().tofile(paths[2])
+            subprocess.run([str(exe), *map(str, (B, H, W, C)), code, *map(str, paths)], check=True, timeout=60)
+            raw = torch.from_numpy(np.fromfile(paths[3], dtype=np.float32 if code == "f32" else np.int16))
+            got = (raw if code == "f32" else raw.view(torch.bfloat16)).reshape(B, H * W, C)
+            want64 = ref.dwconv_glu(x.double(), w.double(), b.double(), H, W, compute_dtype=torch.float64)
+            assert_close_fa(got, _torch_same_dtype(x, w, b, H, W), want64, name=f"16 lanes {code} {(B, H, W, C)}")

@@ -6,6 +6,9 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  // the kernels' AVX2 / AVX-512 variants use a few intrinsics (conv_clamp)
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif

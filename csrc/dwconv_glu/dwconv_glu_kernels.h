@@ -2,13 +2,20 @@
 // includes this file once per instruction-set variant (common/isa_variants.inc) and runs each
 // with its register width L in fp32 lanes (16 for AVX-512, 8 for AVX2, 4 for SSE).
 //
-// Work items are (sample, block of channels, band of rows). An item sweeps its rows pixel by
-// pixel; at each pixel it walks its channel block 4 registers at a time: 9 taps x (a, gate)
-// multiply-adds from the neighbours' contiguous channel runs into 8 independent accumulators, then
-// a * silu(gate) and one rounding. The channel block is sized so that the 3 input rows it reads
-// stay in L2 while the rows advance, so each input element comes from memory once and the taps
-// re-read it from cache; the input pixel a few pixels ahead is prefetched step by step. Border
-// pixels take only their in-range taps.
+// Work items are (sample, block of channels, band of rows); the block is sized so that the 3 input
+// rows it reads stay in L2 while the rows advance. An item walks each output row kConvPixels
+// pixels at a time (border columns one at a time) and, for each such step, all L-channel vectors
+// of its block (conv_glu_pixels -> conv_glu_step): per input row of the window it takes the 6
+// weight vectors (3 taps x a / gate) into registers, loads each of the kConvPixels + 2 input
+// columns once as a and gate and multiplies it into every output pixel whose window holds it, into
+// 2 x kConvPixels independent accumulators (bias first, taps in tap order, fp32), then writes
+// a * silu(gate) rounded once. A step loads 3 (kConvPixels + 2) input vectors per stream for
+// 9 kConvPixels multiply-adds, and the block's weights are repacked contiguous per vector
+// ([3 rows][a, gate][3 taps][L], the 2 biases) and read from cache. Each tap reads contiguous
+// channel runs of one pixel (few pages at a time for the TLB). The input pixels of the row below,
+// one step ahead, are prefetched a cache line per vector, since pixels lie 2C elements apart and
+// the hardware prefetcher does not follow that stride. Rows outside the image are skipped; border
+// columns skip their outside tap column; a partial last vector goes through zero-padded buffers.
 //
 // The math is written with GCC vector types of the variant's width, not as scalar loops left to
 // the auto-vectorizer: under the default -ftrapping-math g++ does not if-convert the clamp of a
@@ -18,12 +25,25 @@ template <int L>
 struct ConvVec {
   typedef float f __attribute__((vector_size(L * 4)));
   typedef int32_t i __attribute__((vector_size(L * 4)));
+  typedef uint32_t u __attribute__((vector_size(L * 4)));
+  typedef uint16_t h __attribute__((vector_size(L * 2)));
 };
 
 template <int L>
 inline typename ConvVec<L>::f conv_load(const float* p) {
   typename ConvVec<L>::f v;
   std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// bf16 -> fp32 is exact: the 16 bits become the high half
+template <int L>
+inline typename ConvVec<L>::f conv_load(const bf16_t* p) {
+  typename ConvVec<L>::h b;
+  std::memcpy(&b, p, sizeof b);
+  const typename ConvVec<L>::u w = __builtin_convertvector(b, typename ConvVec<L>::u) << 16;
+  typename ConvVec<L>::f v;
+  std::memcpy(&v, &w, sizeof v);
   return v;
 }
 
@@ -34,145 +54,222 @@ inline typename ConvVec<L>::f conv_load(const T* p) {
   return conv_load<L>(static_cast<const float*>(t));
 }
 
+// fp32 as is; bf16 rounded to nearest even on the bits, NaN kept quiet (bf16_from_float lane-wise)
 template <int L, typename T>
 inline void conv_store(T* p, typename ConvVec<L>::f v) {
-  float t[L];
-  std::memcpy(t, &v, sizeof v);
-  for (int c = 0; c < L; ++c) p[c] = from_float<T>(t[c]);
+  using vu = typename ConvVec<L>::u;
+  if constexpr (std::is_same<T, float>::value) {
+    std::memcpy(p, &v, sizeof v);
+  } else if constexpr (std::is_same<T, bf16_t>::value) {
+    vu u;
+    std::memcpy(&u, &v, sizeof u);
+    const vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const vu q = (u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : r;
+    const typename ConvVec<L>::h b = __builtin_convertvector(q, typename ConvVec<L>::h);
+    std::memcpy(p, &b, sizeof b);
+  } else {
+    float t[L];
+    std::memcpy(t, &v, sizeof v);
+    for (int c = 0; c < L; ++c) p[c] = from_float<T>(t[c]);
+  }
+}
+
+// min(hi, max(lo, x)) lane-wise, a NaN x kept: one instruction each where the variant has them
+// (the operand order of max/min returns x when it is NaN), else compare and select
+template <int L>
+inline typename ConvVec<L>::f conv_clamp(typename ConvVec<L>::f x, float lo, float hi) {
+  using vf = typename ConvVec<L>::f;
+#if SPAR_ISA_AVX512
+  if constexpr (L == 16) return (vf)_mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), (__m512)x));
+#endif
+#if SPAR_ISA_AVX2
+  if constexpr (L == 8) return (vf)_mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), (__m256)x));
+#endif
+  x = x < lo ? vf{} + lo : x;
+  return x > hi ? vf{} + hi : x;
 }
 
 // a * silu(g) lane-wise, silu(g) = g / (1 + exp(-g)) with fast::fast_exp's clamp, Cody-Waite
-// reduction and polynomial
+// reduction and polynomial, written on -x = g clamped (m = -n) to spare the negation: the same
+// values as fast_exp(x)
 template <int L>
 inline typename ConvVec<L>::f conv_glu_act(typename ConvVec<L>::f a, typename ConvVec<L>::f g) {
   using vf = typename ConvVec<L>::f;
   using vi = typename ConvVec<L>::i;
-  vf x = -g;
-  x = x < -87.3f ? vf{} - 87.3f : x;
-  x = x > 88.0f ? vf{} + 88.0f : x;
-  const vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  vf r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
+  const vf gc = conv_clamp<L>(g, -88.0f, 87.3f);
+  const vf m = (gc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  vf r = m * 0.693359375f - gc;
+  r = r - m * 2.12194440e-4f;
   vf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = (p * r) * r + r + 1.0f;
-  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  const vi e = (127 - __builtin_convertvector(m, vi)) << 23;
   vf scale;
   std::memcpy(&scale, &e, sizeof scale);
   return a * g / (1.0f + p * scale);
 }
 
-// one pixel, channels [c, c + kU * L); src[k] / wt[k]: the k-th in-range tap's a channels and
-// weights (the gate ones C further); kN == 0: `taps` taps, known at run time
-template <int L, int kU, int kN, typename T>
-inline void conv_glu_pixel(const T* const* src, const float* const* wt, int taps, int64_t c, int64_t C,
-                           const float* bias2, T* o) {
+constexpr int kConvPixels = 4;                   // output pixels per step (accumulators a, gate: 2 each)
+static_assert(kConvPixels == 4, "conv_glu_block's row loop takes last steps of 3, 2 and 1 pixels");
+constexpr int64_t kConvRowsBytes = 192 * 1024;   // the 3 input rows of a channel block, at most (L2)
+constexpr int64_t kConvAhead = 1;                // steps between a pixel's prefetch and its first use
+
+// One step: kP pixels of one output row from column col, channels [c, c + L) of a and gate.
+// rows[k]: input row row - 1 + k at channel c (k in [k0, k1), the rows inside the image); wv: the
+// block's repacked weights of this vector, [3 rows][a, gate][3 columns][L] then the 2 biases.
+// Input column j (image column col - 1 + j) is loaded once, as a and gate, and multiplied into
+// every pixel whose 3x3 window holds it, so a step loads 3 (kP + 2) input vectors per stream for
+// 9 kP multiply-adds. kLeft / kRight: the column left of / right of the pixels is padding.
+template <int L, int kP, bool kLeft, bool kRight, typename T>
+inline void conv_glu_step(const T* const* rows, int k0, int k1, int64_t sxn, int64_t C, int64_t col,
+                          const float* wv, T* o, int64_t son) {
   using vf = typename ConvVec<L>::f;
-  const int nt = kN > 0 ? kN : taps;
-  vf aa[kU], ag[kU];
+  vf aa[kP], ag[kP];
 #pragma GCC unroll 4
-  for (int u = 0; u < kU; ++u) {
-    aa[u] = conv_load<L>(bias2 + c + u * L);
-    ag[u] = conv_load<L>(bias2 + C + c + u * L);
-  }
-#pragma GCC unroll 9
-  for (int k = 0; k < nt; ++k) {
-    const T* s = src[k] + c;
-    const float* w = wt[k] + c;
-#pragma GCC unroll 4
-    for (int u = 0; u < kU; ++u) {
-      aa[u] += conv_load<L>(s + u * L) * conv_load<L>(w + u * L);
-      ag[u] += conv_load<L>(s + C + u * L) * conv_load<L>(w + C + u * L);
+  for (int p = 0; p < kP; ++p) aa[p] = conv_load<L>(wv + 18 * L), ag[p] = conv_load<L>(wv + 19 * L);
+#pragma GCC unroll 3
+  for (int k = k0; k < k1; ++k) {
+    const float* w = wv + k * 6 * L;
+    const vf wa0 = conv_load<L>(w), wa1 = conv_load<L>(w + L), wa2 = conv_load<L>(w + 2 * L);
+    const vf wg0 = conv_load<L>(w + 3 * L), wg1 = conv_load<L>(w + 4 * L), wg2 = conv_load<L>(w + 5 * L);
+#pragma GCC unroll 6
+    for (int j = kLeft ? 1 : 0; j < (kRight ? kP + 1 : kP + 2); ++j) {
+      const T* s = rows[k] + (col - 1 + j) * sxn;
+      const vf xa = conv_load<L>(s), xg = conv_load<L>(s + C);
+      // pixel p takes input column j through its tap column j - p
+      if (j < kP) aa[j] += wa0 * xa, ag[j] += wg0 * xg;
+      if (j >= 1 && j - 1 < kP) aa[j - 1] += wa1 * xa, ag[j - 1] += wg1 * xg;
+      if (j >= 2 && j - 2 < kP) aa[j - 2] += wa2 * xa, ag[j - 2] += wg2 * xg;
     }
   }
 #pragma GCC unroll 4
-  for (int u = 0; u < kU; ++u) conv_store<L>(o + c + u * L, conv_glu_act<L>(aa[u], ag[u]));
+  for (int p = 0; p < kP; ++p) conv_store<L>(o + (col + p) * son, conv_glu_act<L>(aa[p], ag[p]));
 }
 
-// channels [c, c1) of one pixel, c1 - c < L: zero-padded lanes
-template <int L, typename T>
-inline void conv_glu_tail(const T* const* src, const float* const* wt, int taps, int64_t c, int64_t c1, int64_t C,
-                          const float* bias2, T* o) {
-  using vf = typename ConvVec<L>::f;
-  const int64_t n = c1 - c;
-  float aa[L] = {}, ag[L] = {}, y[L];
-  for (int64_t j = 0; j < n; ++j) {
-    aa[j] = bias2[c + j];
-    ag[j] = bias2[C + c + j];
+// Pixels [col, col + kP) of one output row, all vectors of the block: channels [0, nv * L) of
+// rows[] / o, the weights of vector v at wts + v * 20 * L; a partial last vector (n < L lanes)
+// goes through zero-padded copies. Along the way, the block's channels (both streams) of the np
+// input pixels from pf on are prefetched, a line per pixel and stream every 64 bytes of channels.
+template <int L, int kP, bool kLeft, bool kRight, typename T>
+inline void conv_glu_pixels(const T* const* rows, int k0, int k1, int64_t sxn, int64_t C, int64_t col, int64_t nv,
+                            int64_t n, const float* wts, T* o, int64_t son, const T* pf, int64_t np) {
+  constexpr int64_t kLine = 64 / int64_t(sizeof(T));
+  const int64_t full = n == L ? nv : nv - 1;
+  for (int64_t v = 0; v < full; ++v) {
+    if ((v * L) % kLine < L)
+      for (int64_t p = 0; p < np; ++p) {
+        __builtin_prefetch(pf + p * sxn + v * L, 0, 3);
+        __builtin_prefetch(pf + p * sxn + C + v * L, 0, 3);
+      }
+    const T* rv[3] = {rows[0] + v * L, rows[1] + v * L, rows[2] + v * L};
+    conv_glu_step<L, kP, kLeft, kRight>(rv, k0, k1, sxn, C, col, wts + v * 20 * L, o + v * L, son);
   }
-  for (int k = 0; k < taps; ++k)
-    for (int64_t j = 0; j < n; ++j) {
-      aa[j] += to_float(src[k][c + j]) * wt[k][c + j];
-      ag[j] += to_float(src[k][C + c + j]) * wt[k][C + c + j];
-    }
-  const vf vy = conv_glu_act<L>(conv_load<L>(static_cast<const float*>(aa)), conv_load<L>(static_cast<const float*>(ag)));
-  std::memcpy(y, &vy, sizeof y);
-  for (int64_t j = 0; j < n; ++j) o[c + j] = from_float<T>(y[j]);
+  for (int64_t p = 0; p < np; ++p) {  // the run's last line (a block may end mid-line)
+    __builtin_prefetch(pf + p * sxn + (nv - 1) * L + n - 1, 0, 3);
+    __builtin_prefetch(pf + p * sxn + C + (nv - 1) * L + n - 1, 0, 3);
+  }
+  if (full == nv) return;
+  // the partial vector: its input (kP + 2 columns x 3 rows x 2 streams) and output via buffers,
+  // laid out as pixels 0 .. kP + 1 of rows of pixel stride 2L, the step taken from column 1
+  float in[3][kP + 2][2][L] = {}, out[kP + 1][L];
+  const int64_t c = full * L;
+  for (int k = k0; k < k1; ++k)
+    for (int j = kLeft ? 1 : 0; j < (kRight ? kP + 1 : kP + 2); ++j)
+      for (int st = 0; st < 2; ++st)
+        for (int64_t l = 0; l < n; ++l) in[k][j][st][l] = to_float(rows[k][(col - 1 + j) * sxn + st * C + c + l]);
+  const float* rb[3] = {in[0][0][0], in[1][0][0], in[2][0][0]};
+  conv_glu_step<L, kP, kLeft, kRight>(rb, k0, k1, 2 * L, L, 1, wts + full * 20 * L, out[0], L);
+  for (int p = 0; p < kP; ++p)
+    for (int64_t l = 0; l < n; ++l) o[(col + p) * son + c + l] = from_float<T>(out[p + 1][l]);
 }
 
-constexpr int64_t kConvPrefetchPixels = 4;  // how far ahead the input pixel is prefetched
+// conv_glu_pixels with the padding columns chosen at run time: left, the step starts at column 0;
+// right, it ends at column W - 1
+template <int L, int kP, typename T>
+inline void conv_glu_pixels_at(bool left, bool right, const T* const* rows, int k0, int k1, int64_t sxn, int64_t C,
+                               int64_t col, int64_t nv, int64_t n, const float* wts, T* o, int64_t son, const T* pf,
+                               int64_t np) {
+  if (left && right)
+    conv_glu_pixels<L, kP, true, true>(rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np);
+  else if (left)
+    conv_glu_pixels<L, kP, true, false>(rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np);
+  else if (right)
+    conv_glu_pixels<L, kP, false, true>(rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np);
+  else
+    conv_glu_pixels<L, kP, false, false>(rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np);
+}
 
-// channels [c0, c1) of rows [r0, r1) of one sample
+// Channels [c0, c0 + ch) of rows [r0, r1) of one sample. Pixels go kConvPixels at a time along a
+// row from column 0 (the last step takes what is left; the first and last skip the padding
+// column), each step over the block's channels (the 3 input rows of the block stay in L2; each tap
+// reads contiguous channel runs); the input pixels of the row below, one step ahead, are
+// prefetched, since pixels lie 2C elements apart and the hardware prefetcher does not follow.
+// wts: this thread's buffer for the block's repacked weights (nv * 20 * L floats).
 template <int L, typename T>
-void conv_glu_block(const T* xb, int64_t H, int64_t W, int64_t C, int64_t sxn, int64_t c0, int64_t c1, int64_t r0,
-                    int64_t r1, const float* w9, const float* bias2, T* ob, int64_t son) {
-  constexpr int64_t kStep = 4 * L, kLine = 64 / int64_t(sizeof(T));
-  const T* src[9];
-  const float* wt[9];
+void conv_glu_block(const T* xb, int64_t H, int64_t W, int64_t C, int64_t sxn, int64_t c0, int64_t ch, int64_t r0,
+                    int64_t r1, const float* w9, const float* bias2, T* ob, int64_t son, float* wts) {
+  constexpr int kP = kConvPixels;
+  const int64_t nv = (ch + L - 1) / L, n = ch - (nv - 1) * L;
+  for (int64_t v = 0; v < nv; ++v) {
+    const int64_t m = v + 1 < nv ? L : n;  // lanes past ch stay zero
+    float* wv = wts + v * 20 * L;
+    std::fill(wv, wv + 20 * L, 0.0f);
+    for (int st = 0; st < 2; ++st) {
+      for (int k = 0; k < 3; ++k)
+        for (int dc = 0; dc < 3; ++dc)
+          std::copy_n(w9 + (k * 3 + dc) * 2 * C + st * C + c0 + v * L, m, wv + (k * 6 + st * 3 + dc) * L);
+      std::copy_n(bias2 + st * C + c0 + v * L, m, wv + (18 + st) * L);
+    }
+  }
   for (int64_t row = r0; row < r1; ++row) {
-    for (int64_t col = 0; col < W; ++col) {
-      int taps = 0;
-      for (int t = 0; t < 9; ++t) {
-        const int64_t rr = row + t / 3 - 1, cc = col + t % 3 - 1;
-        if (rr < 0 || rr >= H || cc < 0 || cc >= W) continue;
-        src[taps] = xb + (rr * W + cc) * sxn;
-        wt[taps] = w9 + t * 2 * C;
-        ++taps;
-      }
-      // the input pixel first read by the pixel kConvPrefetchPixels on (its lower right tap)
-      int64_t pr = row + 1, pc = col + 1 + kConvPrefetchPixels;
-      if (pc >= W) pr += 1, pc -= W;
-      const T* pf = pr < H && pc < W ? xb + (pr * W + pc) * sxn : nullptr;
-      T* o = ob + (row * W + col) * son;
-      int64_t c = c0;
-      for (; c + kStep <= c1; c += kStep) {
-        if (pf)
-          for (int64_t j = 0; j < kStep; j += kLine) {
-            __builtin_prefetch(pf + c + j, 0, 3);
-            __builtin_prefetch(pf + C + c + j, 0, 3);
-          }
-        if (taps == 9)
-          conv_glu_pixel<L, 4, 9>(src, wt, 9, c, C, bias2, o);
-        else
-          conv_glu_pixel<L, 4, 0>(src, wt, taps, c, C, bias2, o);
-      }
-      for (; c + L <= c1; c += L) conv_glu_pixel<L, 1, 0>(src, wt, taps, c, C, bias2, o);
-      if (c < c1) conv_glu_tail<L>(src, wt, taps, c, c1, C, bias2, o);
+    const T* rows[3];
+    for (int k = 0; k < 3; ++k) rows[k] = xb + std::min(H - 1, std::max<int64_t>(0, row - 1 + k)) * W * sxn + c0;
+    const int k0 = row == 0 ? 1 : 0, k1 = row + 1 == H ? 2 : 3;
+    T* o = ob + row * W * son + c0;
+    for (int64_t col = 0; col < W; col += kP) {
+      // the kP input pixels of the row below one step ahead (the next row's first ones at the end)
+      const int64_t q = (row + 1) * W + col + 1 + kConvAhead * kP, np = std::max<int64_t>(0, std::min(H * W - q, int64_t(kP)));
+      const T* pf = xb + std::min(q, H * W - 1) * sxn + c0;
+      const int64_t m = std::min<int64_t>(kP, W - col);  // the last step of a row may be shorter
+      const bool left = col == 0, right = col + m == W;
+      if (m == kP)
+        conv_glu_pixels_at<L, kP>(left, right, rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np);
+      else if (m == 3)
+        conv_glu_pixels_at<L, 3>(left, right, rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np);
+      else if (m == 2)
+        conv_glu_pixels_at<L, 2>(left, right, rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np);
+      else
+        conv_glu_pixels_at<L, 1>(left, right, rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np);
     }
   }
 }
 
-// bias2: [2C] fp32 (zeros when the conv has no bias); threads: the OpenMP team size
+// bias2: [2C] fp32 (zeros when the conv has no bias); threads: the OpenMP team size. Work items
+// are (sample, block of channels, band of rows).
 template <int L, typename T>
 void dwconv_glu_run(const T* x, int64_t B, int64_t H, int64_t W, int64_t C, int64_t sxb, int64_t sxn,
                     const float* w9, const float* bias2, T* out, int64_t sob, int64_t son, int64_t threads) {
-  constexpr int64_t kStep = 4 * L;
-  // channel block: the 3 input rows it reads (a + gate channels, fp32-sized) within ~192 KiB of L2
-  const int64_t budget = (192 * 1024) / (3 * W * 2 * int64_t(sizeof(float)));
-  const int64_t cb = std::min(C, std::max(kStep, budget / kStep * kStep));
+  // channel block: the 3 input rows it reads (a + gate channels, fp32-sized) within kConvRowsBytes
+  const int64_t budget = kConvRowsBytes / (3 * W * 2 * int64_t(sizeof(float)));
+  const int64_t cb = std::min((C + L - 1) / L * L, std::max<int64_t>(L, budget / L * L));
   const int64_t n_blk = (C + cb - 1) / cb;
   // bands of rows only when samples x blocks leave threads idle
   const int64_t want = 4 * threads, have = B * n_blk;
   const int64_t n_band = have >= want ? 1 : std::min(H, (want + have - 1) / have);
   const int64_t band = (H + n_band - 1) / n_band;
-#pragma omp parallel for schedule(static)
-  for (int64_t item = 0; item < B * n_blk * n_band; ++item) {
-    const int64_t b = item / (n_blk * n_band), blk = (item / n_band) % n_blk, bnd = item % n_band;
-    const int64_t c0 = blk * cb, c1 = std::min(C, c0 + cb);
-    const int64_t r0 = bnd * band, r1 = std::min(H, r0 + band);
-    if (r0 < r1) conv_glu_block<L>(x + b * sxb, H, W, C, sxn, c0, c1, r0, r1, w9, bias2, out + b * sob, son);
+#pragma omp parallel
+  {
+    std::vector<float> wts(size_t(cb / L * 20 * L));
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < B * n_blk * n_band; ++item) {
+      const int64_t b = item / (n_blk * n_band), blk = (item / n_band) % n_blk, bnd = item % n_band;
+      const int64_t c0 = blk * cb, ch = std::min(C, c0 + cb) - c0;
+      const int64_t r0 = bnd * band, r1 = std::min(H, r0 + band);
+      if (r0 < r1)
+        conv_glu_block<L>(x + b * sxb, H, W, C, sxn, c0, ch, r0, r1, w9, bias2, out + b * sob, son, wts.data());
+    }
   }
 }

@@ -181,6 +181,35 @@ inline void la_state_chunk(const T* kh, int64_t skn, const T* vh, int64_t svn, i
   }
 }
 
+#if SPAR_ISA_AVX2
+// rden[t] = 1 / (qb[t] . z + eps) for the nt <= 8 staged relu(q) rows of a phase-2 chunk: each
+// row's products summed in one 8-lane vector, the 8 rows' lanes added across in one hadd tree,
+// one division for all (instead of a horizontal sum and a scalar division per row: phase 2 alone,
+// its data in L1, measured 30-36 -> 50-64 GFLOP/s; within the whole op no slower, ~5% faster at
+// 1024 tokens from memory)
+template <int HD>
+inline void la_recip_den8(const float* qb, const float* z, float eps, int nt, float* rden) {
+  __m256 p[8];
+#pragma GCC unroll 8
+  for (int t = 0; t < 8; ++t) {
+    __m256 a = _mm256_setzero_ps();
+    if (t < nt) {
+#pragma GCC unroll 8
+      for (int d = 0; d < HD; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qb + t * HD + d), _mm256_loadu_ps(z + d), a);
+    }
+    p[t] = a;
+  }
+  // hadd(a, b) = [a0+a1 a2+a3 b0+b1 b2+b3 | a4+a5 a6+a7 b4+b5 b6+b7]: after two levels, lane i of
+  // the low halves holds rows 0-3 / 4-7's sums of lanes 0-3, of the high halves of lanes 4-7
+  const __m256 b03 = _mm256_hadd_ps(_mm256_hadd_ps(p[0], p[1]), _mm256_hadd_ps(p[2], p[3]));
+  const __m256 b47 = _mm256_hadd_ps(_mm256_hadd_ps(p[4], p[5]), _mm256_hadd_ps(p[6], p[7]));
+  const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(b03, b47, 0x20), _mm256_permute2f128_ps(b03, b47, 0x31));
+  alignas(32) float r[8];
+  _mm256_store_ps(r, _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_add_ps(sum, _mm256_set1_ps(eps))));
+  for (int t = 0; t < nt; ++t) rden[t] = r[t];
+}
+#endif
+
 // Phase 2 for query rows [n0, n0 + nt) of one (b, h): out rows = relu(q) S / (relu(q) . z + eps).
 // fp32 output rows are written in place (row stride son), others through ob and one rounding.
 // pq / po: pnt query and output rows of a later head, prefetched during the staging.
@@ -195,6 +224,12 @@ inline void la_out_chunk(const T* qh, int64_t sqn, const float* S, const float* 
       la_prefetch_row<T, HD>(po + t * son, 1);
     }
     float* qt = qb + t * HD;
+#if SPAR_ISA_AVX2
+#pragma omp simd
+    for (int d = 0; d < HD; ++d) qt[d] = fast::relu(to_float(qr[d]));
+  }
+  la_recip_den8<HD>(qb, z, eps, nt, den);
+#else
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
     for (int d = 0; d < HD; ++d) {
@@ -204,6 +239,7 @@ inline void la_out_chunk(const T* qh, int64_t sqn, const float* S, const float* 
     }
     den[t] = 1.f / (s + eps);
   }
+#endif
   constexpr bool kInPlace = std::is_same<T, float>::value;
   float* c = kInPlace ? reinterpret_cast<float*>(oh + n0 * son) : ob;
   const int64_t ldc = kInPlace ? son : HD;
@@ -240,7 +276,8 @@ void linear_attention_run(const T* q, const T* k, const T* v, int64_t B, int64_t
   // of 6 rows measured 15% faster than 12 and 30% faster than 48 (the state, reloaded from L2 for
   // each chunk, costs less than the streams the prefetchers lose).
   constexpr int kLaQueries = Bk::R;
-  static_assert(kLaQueries <= kLaKeys, "linear_attention: phase 2 reuses the phase-1 buffers");
+  static_assert(kLaQueries <= kLaKeys && kLaQueries <= 8,
+                "linear_attention: phase 2 reuses the phase-1 buffers; la_recip_den8 takes 8 rows");
   constexpr int64_t SE = HD * HD + HD;  // a state and its normaliser
   const int64_t BH = B * H;
   // the states of all heads (phase 2 reads them on every thread), kept by the calling thread from

@@ -1,0 +1,73 @@
+// The dwconv_glu twin's loops at the AVX-512 variant's width, L = 16 fp32 lanes, compiled for AVX2:
+// GCC lowers its 64-byte vector types to pairs of 256-bit registers, so the 16-lane code
+// (csrc/dwconv_glu/dwconv_glu_kernels.h: steps, border columns, partial vectors, channel blocks)
+// runs on any AVX2 CPU (tests/test_dwconv_glu.py builds it and compares its output with the
+// PyTorch reference). The clamp inside SiLU takes its portable compare-and-select form here (the
+// AVX-512 variant uses vmaxps / vminps, the same values).
+//
+// usage: dwconv_glu_l16 B H W C f32|bf16 x.bin w9.bin bias.bin out.bin
+//   x: [B, H*W, 2C] of the dtype, w9: [9, 2C] fp32 (tap-major), bias: [2C] fp32, out: [B, H*W, C]
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common/spar_common.h"
+
+namespace spar {
+#define SPAR_ISA_AVX2 1
+#define SPAR_ISA_AVX512 0
+#include "dwconv_glu/dwconv_glu_kernels.h"
+}  // namespace spar
+
+namespace {
+
+std::vector<char> read_file(const char* path, size_t bytes) {
+  std::vector<char> buf(bytes);
+  FILE* f = std::fopen(path, "rb");
+  if (!f || std::fread(buf.data(), 1, bytes, f) != bytes) {
+    std::fprintf(stderr, "cannot read %zu bytes from %s\n", bytes, path);
+    std::exit(2);
+  }
+  std::fclose(f);
+  return buf;
+}
+
+template <typename T>
+int run(int64_t B, int64_t H, int64_t W, int64_t C, char** paths) {
+  const int64_t N = H * W;
+  const std::vector<char> x = read_file(paths[0], size_t(B * N * 2 * C) * sizeof(T));
+  const std::vector<char> w9 = read_file(paths[1], size_t(9 * 2 * C) * sizeof(float));
+  const std::vector<char> bias = read_file(paths[2], size_t(2 * C) * sizeof(float));
+  std::vector<T> out(size_t(B * N * C));
+  spar::dwconv_glu_run<16, T>(reinterpret_cast<const T*>(x.data()), B, H, W, C, N * 2 * C, 2 * C,
+                              reinterpret_cast<const float*>(w9.data()), reinterpret_cast<const float*>(bias.data()),
+                              out.data(), N * C, C, 1);
+  FILE* f = std::fopen(paths[3], "wb");
+  if (!f || std::fwrite(out.data(), sizeof(T), out.size(), f) != out.size()) {
+    std::fprintf(stderr, "cannot write %s\n", paths[3]);
+    return 2;
+  }
+  std::fclose(f);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 10) {
+    std::fprintf(stderr, "usage: %s B H W C f32|bf16 x.bin w9.bin bias.bin out.bin\n", argv[0]);
+    return 2;
+  }
+  const int64_t B = std::atoll(argv[1]), H = std::atoll(argv[2]), W = std::atoll(argv[3]), C = std::atoll(argv[4]);
+  const std::string dtype = argv[5];
+  if (dtype == "f32") return run<float>(B, H, W, C, argv + 6);
+  if (dtype == "bf16") return run<spar::bf16_t>(B, H, W, C, argv + 6);
+  std::fprintf(stderr, "dtype: expected f32 or bf16, got %s\n", argv[5]);
+  return 2;
+}
