@@ -104,9 +104,9 @@ def test_linear_attention_empty(backend):
 
 
 # The C++ twin (csrc/linear_attention/) stages keys in chunks of 2048 / d tokens (d = 16: 128,
-# 32: 64, 64: 32) and query rows in chunks of 2 R (R = 6 row blocks with AVX2 and the baseline,
-# 8 with AVX-512); its micro-kernels take 1..R rows, the state rows in blocks of R then two halves.
-# Key counts on both sides of one and two chunks, query counts leaving every remainder of a block.
+# 32: 64, 64: 32) and query rows in chunks of R (6 with AVX2 and the baseline, 8 with AVX-512);
+# its micro-kernels take 1..R rows, the state rows in blocks of R then two halves. Key counts on
+# both sides of one and two chunks, query counts leaving partial chunks of several sizes.
 @pytest.mark.parametrize("d", [16, 32, 64])
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])  # one this CPU lacks runs its widest
 def test_linear_attention_cpu_twin_chunk_boundaries(d, isa, monkeypatch):
@@ -140,6 +140,15 @@ def test_linear_attention_cpu_twin_independent_strides(dtype):
         got = sk.linear_attention(q, k, v)
     torch.testing.assert_close(got, sk.linear_attention(q.contiguous(), k.contiguous(), v.contiguous()),
                                atol=0, rtol=0)  # the same loops in the same order: bit-identical
+
+
+def test_linear_attention_cpu_twin_states_past_the_kept_buffer():
+    # B * H states of (d + 1) * d floats above 2^22 (16 MB): allocated for the call, not kept; then
+    # a small call again (the kept buffer)
+    q, k, v = _inputs(64, 3, 2, 70, 32, 32, torch.float32)
+    _check("cpu", q, k, v)
+    q, k, v = _inputs(1, 3, 5, 2, 32, 32, torch.float32)
+    _check("cpu", q, k, v)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, None), (torch.bfloat16, "fa")])

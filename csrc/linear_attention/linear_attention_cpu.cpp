@@ -11,6 +11,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__x86_64__)
+#include <immintrin.h>  // the AVX2 / AVX-512 variants' intrinsics, whatever the build's -march
+#endif
 
 #include "common/cpu_rows.h"
 #include "common/fast_math.h"

@@ -13,8 +13,9 @@
 //   stay in L2), the rows of the head kAhead1 further on prefetched meanwhile; keys of one head
 //   are C * 4 bytes apart (a page per key), a chunk's rows are read along the token row.
 // - Phase 2, per chunk of R query rows of one (b, h), again token-major over the heads with the
-//   rows kAhead2 heads on prefetched: relu(q) staged and 1 / (relu(q) . z + eps) per row; then
-//   out[rows, c0:c0+W] = (relu(q) S[:, c0:c0+W]) * that reciprocal, fp32 rows stored in place.
+//   rows kAhead2 heads on prefetched: relu(q) staged, 1 / (relu(q) . z + eps) for the R rows
+//   together (la_recip_den8); then out[rows, c0:c0+W] = (relu(q) S[:, c0:c0+W]) * that
+//   reciprocal, fp32 rows stored in place.
 // kLanes: the fp32 lanes of the variant's vectors (linear_attention_cpu.cpp passes 16 for
 // AVX-512, 8 for AVX2, the build's own width for the baseline); the block sizes follow from it
 // (16 vector registers below 16 lanes, 32 with AVX-512).
@@ -110,10 +111,10 @@ struct LaBlocks {
 
 // la_tile with a run-time row count 1..8 (the compile-time kernels)
 template <int NV, int kLanes, int HD, int kArs, int kAks, bool kAccumulate, bool kDivide>
-inline void la_tile_rows(int rows, const float* a, const float* b, int K, float* c, int64_t ldc, const float* den) {
+inline void la_tile_rows(int rows, const float* a, const float* b, int K, float* c, int64_t ldc, const float* rden) {
   switch (rows) {
 #define SPAR_LA_ROWS(r) \
-  case r: return la_tile<r, NV, kLanes, HD, kArs, kAks, kAccumulate, kDivide>(a, b, K, c, ldc, den);
+  case r: return la_tile<r, NV, kLanes, HD, kArs, kAks, kAccumulate, kDivide>(a, b, K, c, ldc, rden);
     SPAR_LA_ROWS(1) SPAR_LA_ROWS(2) SPAR_LA_ROWS(3) SPAR_LA_ROWS(4)
     SPAR_LA_ROWS(5) SPAR_LA_ROWS(6) SPAR_LA_ROWS(7) SPAR_LA_ROWS(8)
 #undef SPAR_LA_ROWS
@@ -184,8 +185,8 @@ inline void la_state_chunk(const T* kh, int64_t skn, const T* vh, int64_t svn, i
 #if SPAR_ISA_AVX2
 // rden[t] = 1 / (qb[t] . z + eps) for the nt <= 8 staged relu(q) rows of a phase-2 chunk: each
 // row's products summed in one 8-lane vector, the 8 rows' lanes added across in one hadd tree,
-// one division for all (instead of a horizontal sum and a scalar division per row: phase 2 alone,
-// its data in L1, measured 30-36 -> 50-64 GFLOP/s; within the whole op no slower, ~5% faster at
+// one division for all (instead of a horizontal sum and a scalar division per row: phase 2 alone
+// on cached data measured 30-36 -> 50-64 GFLOP/s; within the whole op no slower, ~5% faster at
 // 1024 tokens from memory)
 template <int HD>
 inline void la_recip_den8(const float* qb, const float* z, float eps, int nt, float* rden) {
@@ -215,7 +216,7 @@ inline void la_recip_den8(const float* qb, const float* z, float eps, int nt, fl
 // pq / po: pnt query and output rows of a later head, prefetched during the staging.
 template <typename T, int HD, int kLanes>
 inline void la_out_chunk(const T* qh, int64_t sqn, const float* S, const float* z, float eps, T* oh, int64_t son,
-                         int64_t n0, int nt, float* qb, float* ob, float* den, const T* pq, T* po, int pnt) {
+                         int64_t n0, int nt, float* qb, float* ob, float* rden, const T* pq, T* po, int pnt) {
   using Bk = LaBlocks<HD, kLanes>;
   for (int t = 0; t < nt; ++t) {
     const T* qr = qh + (n0 + t) * sqn;
@@ -228,7 +229,7 @@ inline void la_out_chunk(const T* qh, int64_t sqn, const float* S, const float* 
 #pragma omp simd
     for (int d = 0; d < HD; ++d) qt[d] = fast::relu(to_float(qr[d]));
   }
-  la_recip_den8<HD>(qb, z, eps, nt, den);
+  la_recip_den8<HD>(qb, z, eps, nt, rden);
 #else
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -237,7 +238,7 @@ inline void la_out_chunk(const T* qh, int64_t sqn, const float* S, const float* 
       qt[d] = qd;
       s += qd * z[d];
     }
-    den[t] = 1.f / (s + eps);
+    rden[t] = 1.f / (s + eps);
   }
 #endif
   constexpr bool kInPlace = std::is_same<T, float>::value;
@@ -247,7 +248,7 @@ inline void la_out_chunk(const T* qh, int64_t sqn, const float* S, const float* 
     const int rows = nt - r0 >= Bk::R ? Bk::R : nt - r0;
     for (int c0 = 0; c0 < HD; c0 += Bk::W)  // A(i, d) = qb[r0 + i][d]: rows HD apart, d 1 apart
       la_tile_rows<Bk::NV, kLanes, HD, HD, 1, false, true>(rows, qb + r0 * HD, S + c0, HD, c + r0 * ldc + c0, ldc,
-                                                     den + r0);
+                                                     rden + r0);
     r0 += rows;
   }
   if constexpr (!kInPlace) {
@@ -273,18 +274,26 @@ void linear_attention_run(const T* q, const T* k, const T* v, int64_t B, int64_t
   constexpr int kAhead1 = 2, kAhead2 = 2;
   // query rows per phase-2 chunk: one row block of the micro-kernel. The rows of a chunk are read
   // and written head slice by head slice, one memory stream per row: at SANA's 1024 tokens a chunk
-  // of 6 rows measured 15% faster than 12 and 30% faster than 48 (the state, reloaded from L2 for
-  // each chunk, costs less than the streams the prefetchers lose).
+  // of 6 rows measured ~15% faster than 12 and ~30% faster than 48 (fewer streams at a time; the
+  // state, reloaded from L2 for each chunk, costs less).
   constexpr int kLaQueries = Bk::R;
   static_assert(kLaQueries <= kLaKeys && kLaQueries <= 8,
                 "linear_attention: phase 2 reuses the phase-1 buffers; la_recip_den8 takes 8 rows");
   constexpr int64_t SE = HD * HD + HD;  // a state and its normaliser
   const int64_t BH = B * H;
   // the states of all heads (phase 2 reads them on every thread), kept by the calling thread from
-  // call to call: every call writes what it reads (no zeroing), no page faults after the first
+  // call to call up to 16 MB (every call writes what it reads: no zeroing, and no page faults
+  // after the first call); larger ones are allocated per call
   static thread_local std::vector<float> ws_keep;
-  if (ws_keep.size() < size_t(BH * SE)) ws_keep.resize(size_t(BH * SE));
-  float* ws = ws_keep.data();
+  std::vector<float> ws_once;
+  float* ws;
+  if (BH * SE <= (int64_t(1) << 22)) {
+    if (ws_keep.size() < size_t(BH * SE)) ws_keep.resize(size_t(BH * SE));
+    ws = ws_keep.data();
+  } else {
+    ws_once.resize(size_t(BH * SE));
+    ws = ws_once.data();
+  }
   const int64_t q_chunks = (Nq + kLaQueries - 1) / kLaQueries;
 #pragma omp parallel
   {
