@@ -4,18 +4,19 @@
 //
 // Work items are (sample, block of channels, band of rows); the block is sized so that the 3 input
 // rows it reads stay in L2 while the rows advance. An item walks each output row kConvPixels
-// pixels at a time (border columns one at a time) and, for each such step, all L-channel vectors
-// of its block (conv_glu_pixels -> conv_glu_step): per input row of the window it takes the 6
-// weight vectors (3 taps x a / gate) into registers, loads each of the kConvPixels + 2 input
-// columns once as a and gate and multiplies it into every output pixel whose window holds it, into
-// 2 x kConvPixels independent accumulators (bias first, taps in tap order, fp32), then writes
-// a * silu(gate) rounded once. A step loads 3 (kConvPixels + 2) input vectors per stream for
-// 9 kConvPixels multiply-adds, and the block's weights are repacked contiguous per vector
-// ([3 rows][a, gate][3 taps][L], the 2 biases) and read from cache. Each tap reads contiguous
+// pixels at a time from column 0 (the last step takes the 1-3 pixels left) and, for each step,
+// all L-channel vectors of its block (conv_glu_pixels -> conv_glu_step): per input row of the
+// window it takes the 6 weight vectors (3 taps x a / gate) into registers, loads each of the
+// kConvPixels + 2 input columns once as a and gate and multiplies it into every output pixel whose
+// window holds it, into 2 x kConvPixels independent accumulators (bias first, taps in tap order,
+// fp32), then writes a * silu(gate) rounded once. A step loads 3 (kConvPixels + 2) input vectors
+// per stream for 9 kConvPixels multiply-adds, and the block's weights are repacked contiguous
+// per vector ([3 rows][a, gate][3 taps][L], the 2 biases) and read from cache. Each tap reads contiguous
 // channel runs of one pixel (few pages at a time for the TLB). The input pixels of the row below,
 // one step ahead, are prefetched a cache line per vector, since pixels lie 2C elements apart and
-// the hardware prefetcher does not follow that stride. Rows outside the image are skipped; border
-// columns skip their outside tap column; a partial last vector goes through zero-padded buffers.
+// the hardware prefetcher does not follow that stride. Rows outside the image are skipped; the
+// first and last step of a row skip the padding column; a partial last vector goes through
+// zero-padded buffers.
 //
 // The math is written with GCC vector types of the variant's width, not as scalar loops left to
 // the auto-vectorizer: under the default -ftrapping-math g++ does not if-convert the clamp of a
@@ -231,7 +232,8 @@ void conv_glu_block(const T* xb, int64_t H, int64_t W, int64_t C, int64_t sxn, i
     T* o = ob + row * W * son + c0;
     for (int64_t col = 0; col < W; col += kP) {
       // the kP input pixels of the row below one step ahead (the next row's first ones at the end)
-      const int64_t q = (row + 1) * W + col + 1 + kConvAhead * kP, np = std::max<int64_t>(0, std::min(H * W - q, int64_t(kP)));
+      const int64_t q = (row + 1) * W + col + 1 + kConvAhead * kP;
+      const int64_t np = std::max<int64_t>(0, std::min(H * W - q, int64_t(kP)));
       const T* pf = xb + std::min(q, H * W - 1) * sxn + c0;
       const int64_t m = std::min<int64_t>(kP, W - col);  // the last step of a row may be shorter
       const bool left = col == 0, right = col + m == W;
