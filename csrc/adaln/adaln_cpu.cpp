@@ -23,11 +23,9 @@ namespace {
 void adaln_layernorm_cpu(uintptr_t x, int dtype, int64_t B, int64_t N, int64_t C, int64_t sxb, int64_t sxn,
                          int64_t sxc, uintptr_t shift, int64_t shb, uintptr_t scale, int64_t scb, uintptr_t y,
                          int64_t syb, int64_t syn, int64_t syc, double eps) {
-  const cpu::Isa isa = cpu::cpu_isa();
   cpu::dispatch(dtype, "adaln_layernorm", [&](auto tag) {
     using T = decltype(tag);
-    auto* run = isa == cpu::Isa::Avx512 ? &avx512::adaln_run<T> : isa == cpu::Isa::Avx2 ? &avx2::adaln_run<T>
-                                                                                         : &base::adaln_run<T>;
+    auto* run = cpu::by_isa(cpu::cpu_isa(), &avx512::adaln_run<T>, &avx2::adaln_run<T>, &base::adaln_run<T>);
     run(reinterpret_cast<const T*>(x), B, N, C, sxb, sxn, sxc, reinterpret_cast<const float*>(shift), shb,
         reinterpret_cast<const float*>(scale), scb, reinterpret_cast<T*>(y), syb, syn, syc, float(eps));
   });
@@ -36,11 +34,9 @@ void adaln_layernorm_cpu(uintptr_t x, int dtype, int64_t B, int64_t N, int64_t C
 void gated_residual_cpu(uintptr_t x, int dtype, int64_t B, int64_t N, int64_t C, int64_t sxb, int64_t sxn,
                         int64_t sxc, uintptr_t y, int64_t syb, int64_t syn, int64_t syc, uintptr_t gate,
                         uintptr_t out, int64_t sob, int64_t son, int64_t soc) {
-  const cpu::Isa isa = cpu::cpu_isa();
   cpu::dispatch(dtype, "gated_residual", [&](auto tag) {
     using T = decltype(tag);
-    auto* run = isa == cpu::Isa::Avx512 ? &avx512::gated_run<T> : isa == cpu::Isa::Avx2 ? &avx2::gated_run<T>
-                                                                                         : &base::gated_run<T>;
+    auto* run = cpu::by_isa(cpu::cpu_isa(), &avx512::gated_run<T>, &avx2::gated_run<T>, &base::gated_run<T>);
     run(reinterpret_cast<const T*>(x), B, N, C, sxb, sxn, sxc, reinterpret_cast<const T*>(y), syb, syn, syc,
         reinterpret_cast<const float*>(gate), reinterpret_cast<T*>(out), sob, son, soc);
   });

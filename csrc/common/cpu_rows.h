@@ -199,5 +199,12 @@ inline Isa cpu_isa() {
   return static_cast<int>(want) <= static_cast<int>(best) ? want : best;
 }
 
+// The entry of variant `isa` among a twin's three instantiations of one function (each twin's
+// dispatch names its own kernel and template arguments; this is the choice they share).
+template <typename F>
+inline F* by_isa(Isa isa, F* avx512, F* avx2, F* base) {
+  return isa == Isa::Avx512 ? avx512 : isa == Isa::Avx2 ? avx2 : base;
+}
+
 }  // namespace cpu
 }  // namespace spar

@@ -38,8 +38,8 @@ void dwconv_glu_cpu(uintptr_t x, int dtype, int64_t B, int64_t H, int64_t W, int
 #endif
   cpu::dispatch(dtype, "dwconv_glu", [&](auto tag) {
     using T = decltype(tag);
-    auto* run = isa == cpu::Isa::Avx512 ? &avx512::dwconv_glu_run<16, T>
-                : isa == cpu::Isa::Avx2 ? &avx2::dwconv_glu_run<8, T> : &base::dwconv_glu_run<cpu::kBaseLanes, T>;
+    auto* run = cpu::by_isa(isa, &avx512::dwconv_glu_run<16, T>, &avx2::dwconv_glu_run<8, T>,
+                            &base::dwconv_glu_run<cpu::kBaseLanes, T>);
     run(reinterpret_cast<const T*>(x), B, H, W, C, sxb, sxn, reinterpret_cast<const float*>(w9), bias2,
         reinterpret_cast<T*>(out), sob, son, threads);
   });

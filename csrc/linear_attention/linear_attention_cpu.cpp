@@ -38,9 +38,8 @@ bool linear_attention_cpu(uintptr_t q, uintptr_t k, uintptr_t v, int dtype, int6
     auto run = [&](auto hd) {
       constexpr int HD = decltype(hd)::value;
       // the fp32 lanes of each variant's vectors (the base variant: the build's own)
-      auto* fn = isa == cpu::Isa::Avx512 ? &avx512::linear_attention_run<T, HD, 16>
-                 : isa == cpu::Isa::Avx2 ? &avx2::linear_attention_run<T, HD, 8>
-                                         : &base::linear_attention_run<T, HD, cpu::kBaseLanes>;
+      auto* fn = cpu::by_isa(isa, &avx512::linear_attention_run<T, HD, 16>, &avx2::linear_attention_run<T, HD, 8>,
+                             &base::linear_attention_run<T, HD, cpu::kBaseLanes>);
       fn(reinterpret_cast<const T*>(q), reinterpret_cast<const T*>(k), reinterpret_cast<const T*>(v), B, Nq, Nk,
           H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, reinterpret_cast<T*>(out), sob, son, soh, float(eps));
       done = true;
