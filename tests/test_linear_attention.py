@@ -317,3 +317,45 @@ def test_linear_attention_aot_specs_cover_runtime_specializations(B, N, H, fused
         consts = dict(consts, DOT_UPCAST=False) if "DOT_UPCAST" in consts else consts
         spec = _aot.launch_spec("x", fn, "x", args, consts, num_warps=warps, num_stages=stages)
         assert _launch_key(spec) in have, (fn.__name__, spec.types, spec.constexprs, spec.aligned)
+
+
+def test_linear_attention_16_lane_loops_match_reference(tmp_path):
+    # The AVX-512 variant runs the kernels header at 16 fp32 lanes (tiles of up to 8 rows, query
+    # chunks of 8); no AVX-512 CPU runs the suite, but GCC's 64-byte vector types compile for AVX2,
+    # so tests/cpp/linear_attention_l16.cpp builds the 16-lane loops for AVX2 and this test compares
+    # them with the reference (fp32 and bf16, d = 16 / 32 / 64, chunk boundaries, Nq != Nk).
+    import os
+    import shlex
+    import shutil
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2: the 16-lane loops compiled for AVX2 cannot run here")
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        if os.environ.get("CI"):
+            pytest.fail("no C++ compiler (CXX, c++, g++) under CI: the package's own build needs one")
+        pytest.skip("no C++ compiler")
+    exe = tmp_path / "linear_attention_l16"
+    subprocess.run([*shlex.split(cxx), "-O1", "-std=gnu++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-Wno-psabi",
+                    f"-I{root}/csrc", f"{root}/tests/cpp/linear_attention_l16.cpp", "-o", str(exe)], check=True)
+    torch.manual_seed(1616)
+    # (B, Nq, Nk, H, d): keys on both sides of one and two chunks (2048 / d), query counts leaving
+    # partial chunks of 8, one key, one query
+    cases = [(1, 1, 1, 1, 32), (2, 9, 63, 3, 32), (1, 17, 65, 2, 32), (1, 8, 129, 2, 16), (2, 23, 31, 1, 64),
+             (1, 5, 70, 2, 64)]
+    for dtype, code in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+        for B, Nq, Nk, H, d in cases:
+            q, k, v = _inputs(B, Nq, Nk, H, d, d, dtype)
+            paths = [tmp_path / n for n in ("q.bin", "k.bin", "v.bin", "out.bin")]
+            for t, p in zip((q, k, v), paths):
+                (t.view(torch.int16) if dtype == torch.bfloat16 else t).contiguous().numpy().tofile(p)
+            eps = 1e-4
+            subprocess.run([str(exe), *map(str, (B, Nq, Nk, H, d)), code, repr(eps), *map(str, paths)], check=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "2"})
+            raw = torch.from_file(str(paths[3]), size=B * Nq * H * d,
+                                  dtype=torch.int16 if dtype == torch.bfloat16 else torch.float32)
+            got = (raw.view(torch.bfloat16) if dtype == torch.bfloat16 else raw).view(B, Nq, H, d)
+            want64 = ref.linear_attention(q.double(), k.double(), v.double(), eps, compute_dtype=torch.float64)
+            assert_close_fa(got, ref.linear_attention(q, k, v, eps), want64, name=f"16 lanes {code} {(B, Nq, Nk, H, d)}")

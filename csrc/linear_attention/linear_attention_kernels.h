@@ -20,6 +20,12 @@
 // AVX-512, 8 for AVX2, the build's own width for the baseline); the block sizes follow from it
 // (16 vector registers below 16 lanes, 32 with AVX-512).
 
+// la_tile pins B's row in registers with an empty asm (below); tests/cpp/linear_attention_l16.cpp
+// turns it off to build the 16-lane code for AVX2, whose registers cannot hold a 64-byte vector
+#ifndef SPAR_LA_PIN_LOADS
+#define SPAR_LA_PIN_LOADS 1
+#endif
+
 // kLanes fp32 as one GCC vector: each variant compiles the same micro-kernel to its own registers
 template <int kLanes>
 struct LaVec {
@@ -66,7 +72,7 @@ inline void la_tile(const float* __restrict a, const float* __restrict b, int K,
     // FMAs: without the empty asm g++ may fold the load into every FMA (R loads of one vector a
     // step: load-bound), and an array of them is kept in memory too (a store a step)
     V b0 = la_load<V>(b + int64_t(k) * HD), b1 = NV > 1 ? la_load<V>(b + int64_t(k) * HD + kLanes) : V{};
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#if SPAR_LA_PIN_LOADS && defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
     if constexpr (NV > 1) asm("" : "+v"(b0), "+v"(b1));
     else asm("" : "+v"(b0));
 #endif
