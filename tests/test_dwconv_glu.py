@@ -183,10 +183,15 @@ def _cxx():
     return shlex.split(cxx) if cxx else None
 
 
-def test_dwconv_glu_16_lane_loops_match_reference(tmp_path):
+# (lanes, flags): the AVX-512 variant's 16 lanes built for AVX2, and the 4 lanes of an SSE-only
+# build's baseline variant (built without AVX); neither runs in the extension on this CPU
+@pytest.mark.parametrize("lanes,flags", [(16, ["-mavx2", "-mfma", "-mf16c"]), (4, ["-mno-avx"])],
+                         ids=["16-lanes-avx2", "4-lanes-sse"])
+def test_dwconv_glu_other_lane_counts_match_reference(tmp_path, lanes, flags):
     # The AVX-512 variant runs the kernels header at 16 fp32 lanes; no AVX-512 CPU runs the suite,
     # but GCC's 64-byte vector types compile for AVX2, so tests/cpp/dwconv_glu_l16.cpp builds the
     # 16-lane loops for AVX2 and this test compares them with the reference (fp32 and bf16).
+    # The same harness built with 4 lanes and without AVX runs an SSE-only build's baseline variant.
     import os
     import subprocess
 
@@ -201,7 +206,7 @@ def test_dwconv_glu_16_lane_loops_match_reference(tmp_path):
             pytest.fail("no C++ compiler (CXX, c++, g++) under CI: the package's own build needs one")
         pytest.skip("no C++ compiler")
     exe = tmp_path / "dwconv_glu_l16"
-    subprocess.run([*cxx, "-O2", "-std=gnu++17", "-mavx2", "-mfma", "-mf16c", "-Wno-psabi", f"-I{root}/csrc",
+    subprocess.run([*cxx, "-O2", "-std=gnu++17", *flags, f"-DCONV_LANES={lanes}", "-Wno-psabi", f"-I{root}/csrc",
                     f"{root}/tests/cpp/dwconv_glu_l16.cpp", "-o", str(exe)], check=True)
     g = torch.Generator().manual_seed(16)
     grids = [(1, 1, 1, 5), (1, 2, 3, 12), (2, 5, 7, 20), (1, 2, 6, 16), (1, 3, 11, 37), (1, 1, 200, 90)]
@@ -219,4 +224,4 @@ def test_dwconv_glu_16_lane_loops_match_reference(tmp_path):
             raw = torch.from_numpy(np.fromfile(paths[3], dtype=np.float32 if code == "f32" else np.int16))
             got = (raw if code == "f32" else raw.view(torch.bfloat16)).reshape(B, H * W, C)
             want64 = ref.dwconv_glu(x.double(), w.double(), b.double(), H, W, compute_dtype=torch.float64)
-            assert_close_fa(got, _torch_same_dtype(x, w, b, H, W), want64, name=f"16 lanes {code} {(B, H, W, C)}")
+            assert_close_fa(got, _torch_same_dtype(x, w, b, H, W), want64, name=f"{lanes} lanes {code} {(B, H, W, C)}")

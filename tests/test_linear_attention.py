@@ -319,11 +319,16 @@ def test_linear_attention_aot_specs_cover_runtime_specializations(B, N, H, fused
         assert _launch_key(spec) in have, (fn.__name__, spec.types, spec.constexprs, spec.aligned)
 
 
-def test_linear_attention_16_lane_loops_match_reference(tmp_path):
+# (lanes, flags): the AVX-512 variant's 16 lanes built for AVX2, and the 4 lanes of an SSE-only
+# build's baseline variant (built without AVX); neither runs in the extension on this CPU
+@pytest.mark.parametrize("lanes,flags", [(16, ["-mavx2", "-mfma", "-mf16c"]), (4, ["-mno-avx"])],
+                         ids=["16-lanes-avx2", "4-lanes-sse"])
+def test_linear_attention_other_lane_counts_match_reference(tmp_path, lanes, flags):
     # The AVX-512 variant runs the kernels header at 16 fp32 lanes (tiles of up to 8 rows, query
     # chunks of 8); no AVX-512 CPU runs the suite, but GCC's 64-byte vector types compile for AVX2,
     # so tests/cpp/linear_attention_l16.cpp builds the 16-lane loops for AVX2 and this test compares
     # them with the reference (fp32 and bf16, d = 16 / 32 / 64, chunk boundaries, Nq != Nk).
+    # The same harness built with 4 lanes and without AVX runs an SSE-only build's baseline variant.
     import os
     import shlex
     import shutil
@@ -338,7 +343,7 @@ def test_linear_attention_16_lane_loops_match_reference(tmp_path):
             pytest.fail("no C++ compiler (CXX, c++, g++) under CI: the package's own build needs one")
         pytest.skip("no C++ compiler")
     exe = tmp_path / "linear_attention_l16"
-    subprocess.run([*shlex.split(cxx), "-O1", "-std=gnu++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-Wno-psabi",
+    subprocess.run([*shlex.split(cxx), "-O1", "-std=gnu++17", *flags, f"-DLA_LANES={lanes}", "-fopenmp", "-Wno-psabi",
                     f"-I{root}/csrc", f"{root}/tests/cpp/linear_attention_l16.cpp", "-o", str(exe)], check=True)
     torch.manual_seed(1616)
     # (B, Nq, Nk, H, d): keys on both sides of one and two chunks (2048 / d), query counts leaving
@@ -358,4 +363,4 @@ def test_linear_attention_16_lane_loops_match_reference(tmp_path):
                                   dtype=torch.int16 if dtype == torch.bfloat16 else torch.float32)
             got = (raw.view(torch.bfloat16) if dtype == torch.bfloat16 else raw).view(B, Nq, H, d)
             want64 = ref.linear_attention(q.double(), k.double(), v.double(), eps, compute_dtype=torch.float64)
-            assert_close_fa(got, ref.linear_attention(q, k, v, eps), want64, name=f"16 lanes {code} {(B, Nq, Nk, H, d)}")
+            assert_close_fa(got, ref.linear_attention(q, k, v, eps), want64, name=f"{lanes} lanes {code} {(B, Nq, Nk, H, d)}")

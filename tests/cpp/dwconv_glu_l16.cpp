@@ -1,4 +1,5 @@
-// The dwconv_glu twin's loops at the AVX-512 variant's width, L = 16 fp32 lanes, compiled for AVX2:
+// The dwconv_glu twin's loops at the AVX-512 variant's width, L = 16 fp32 lanes, compiled for AVX2
+// (or, with -DCONV_LANES=4, at the SSE baseline's 4 lanes):
 // GCC lowers its 64-byte vector types to pairs of 256-bit registers, so the 16-lane code
 // (csrc/dwconv_glu/dwconv_glu_kernels.h: steps, border columns, partial vectors, channel blocks)
 // runs on any AVX2 CPU (tests/test_dwconv_glu.py builds it and compares its output with the
@@ -19,8 +20,13 @@
 
 #include "common/spar_common.h"
 
+// CONV_LANES (default 16): the lanes to build; 4 is the baseline variant of an SSE-only build
+// (compile it without AVX: the clamp takes the compare-and-select form there too)
+#ifndef CONV_LANES
+#define CONV_LANES 16
+#endif
 namespace spar {
-#define SPAR_ISA_AVX2 1
+#define SPAR_ISA_AVX2 (CONV_LANES == 16)
 #define SPAR_ISA_AVX512 0
 #include "dwconv_glu/dwconv_glu_kernels.h"
 }  // namespace spar
@@ -45,7 +51,7 @@ int run(int64_t B, int64_t H, int64_t W, int64_t C, char** paths) {
   const std::vector<char> w9 = read_file(paths[1], size_t(9 * 2 * C) * sizeof(float));
   const std::vector<char> bias = read_file(paths[2], size_t(2 * C) * sizeof(float));
   std::vector<T> out(size_t(B * N * C));
-  spar::dwconv_glu_run<16, T>(reinterpret_cast<const T*>(x.data()), B, H, W, C, N * 2 * C, 2 * C,
+  spar::dwconv_glu_run<CONV_LANES, T>(reinterpret_cast<const T*>(x.data()), B, H, W, C, N * 2 * C, 2 * C,
                               reinterpret_cast<const float*>(w9.data()), reinterpret_cast<const float*>(bias.data()),
                               out.data(), N * C, C, 1);
   FILE* f = std::fopen(paths[3], "wb");

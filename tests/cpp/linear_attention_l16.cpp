@@ -1,5 +1,5 @@
 // The linear_attention twin's loops at the AVX-512 variant's width, 16 fp32 lanes, compiled for
-// AVX2: GCC lowers the 64-byte vector types of csrc/linear_attention/linear_attention_kernels.h to
+// AVX2 (or, with -DLA_LANES=4, at the SSE baseline's 4 lanes): GCC lowers the 64-byte vector types of csrc/linear_attention/linear_attention_kernels.h to
 // pairs of 256-bit registers, so the 16-lane blocking (tiles of up to 8 rows x 1 or 2 vectors,
 // query chunks of 8, the state's row blocks) runs on any AVX2 CPU. tests/test_linear_attention.py
 // builds it and compares its output with the PyTorch reference. The empty asm that pins B's row
@@ -24,10 +24,19 @@
 #include "common/fast_math.h"
 #include "common/spar_common.h"
 
+// LA_LANES (default 16): the lanes to build; 4 is the baseline variant of an SSE-only build
+// (compile it without AVX: the AVX2-only normaliser path is left out as in that variant)
+#ifndef LA_LANES
+#define LA_LANES 16
+#endif
 namespace spar {
+#if LA_LANES == 16
 #define SPAR_ISA_AVX2 1
-#define SPAR_ISA_AVX512 0
 #define SPAR_LA_PIN_LOADS 0  // a 64-byte vector does not fit one AVX2 register
+#else
+#define SPAR_ISA_AVX2 0
+#endif
+#define SPAR_ISA_AVX512 0
 #include "linear_attention/linear_attention_kernels.h"
 }  // namespace spar
 
@@ -51,7 +60,7 @@ int run(int64_t B, int64_t Nq, int64_t Nk, int64_t H, float eps, char** paths) {
   const std::vector<char> v = read_file(paths[2], size_t(B * Nk * H * HD) * sizeof(T));
   std::vector<T> out(size_t(B * Nq * H * HD));
   const int64_t sqb = Nq * H * HD, skb = Nk * H * HD, sn = H * HD;
-  spar::linear_attention_run<T, HD, 16>(reinterpret_cast<const T*>(q.data()), reinterpret_cast<const T*>(k.data()),
+  spar::linear_attention_run<T, HD, LA_LANES>(reinterpret_cast<const T*>(q.data()), reinterpret_cast<const T*>(k.data()),
                                         reinterpret_cast<const T*>(v.data()), B, Nq, Nk, H, sqb, sn, HD, skb, sn, HD,
                                         skb, sn, HD, out.data(), sqb, sn, HD, eps);
   FILE* f = std::fopen(paths[3], "wb");
