@@ -2,8 +2,9 @@
 // includes this file once per instruction-set variant (AVX-512, AVX2, the build's baseline;
 // common/cpu_rows.h), and runs the widest this CPU supports.
 //
-// A row of the [B, P, Q] view is updated in chunks of kApply elements staged in fp32 (inputs
-// that are fp32 with q-stride 1 are read in place): every loop below is branch-free with its
+// A row of the [B, P, Q] view whose inputs are all fp32 with q-stride 1 is updated in one pass
+// (fused_row: guidance and update per element, every input stream at once). Other rows are updated
+// in chunks of kApply elements staged in fp32 (fp32 inputs with q-stride 1 read in place): every loop below is branch-free with its
 // flags fixed at compile time, so it vectorizes; the per-element math is flow_sampler.h's. When
 // every input is dense, rows that share one renorm factor (all of them without renorm, a
 // sample's under the global renorm) are updated as one long row. Sums of squares run in chunks
@@ -150,6 +151,56 @@ inline void update_chunk(const float* x, const float* v, float* h1, float* h2, f
   }
 }
 
+// fp32 rows read in place: guidance and the update in one pass (three to four input streams at
+// once, no staged velocity), for the common rows; the chunked path below takes the rest
+template <bool kCfgOn, bool kImg, bool kText, int kF>
+inline void fused_loop(const float* x, const float* c, const float* u, const float* i, float s0, float* h1, float* h2,
+                       float* o, int64_t n, const flow::Row& row) {
+  const flow::Row r = row;  // a local copy: stores through o / h1 / h2 cannot alias it
+  constexpr bool kH1 = kF & (flow::kReadH1 | flow::kStoreH1X | flow::kStoreH1X0);
+  constexpr bool kH2 = kF & (flow::kReadH2 | flow::kStoreH2V);
+  // o may be x itself (out=x): each element is read before it is written
+#pragma omp simd
+  for (int64_t q = 0; q < n; ++q) {
+    const float v = kCfgOn ? flow::velocity_t<kImg, kText>(c[q], u[q], kImg ? i[q] : 0.f, r.g, r.gi, s0) : c[q];
+    float a = kH1 ? h1[q] : 0.f, b = kH2 ? h2[q] : 0.f;
+    o[q] = flow::update_t<kF>(x[q], v, a, b, r);
+    if (kF & (flow::kStoreH1X | flow::kStoreH1X0)) h1[q] = a;
+    if (kF & flow::kStoreH2V) h2[q] = b;
+  }
+}
+
+template <bool kCfgOn, bool kImg, bool kText>
+inline bool fused_flags(const float* x, const float* c, const float* u, const float* i, float s0, float* h1, float* h2,
+                        float* o, int64_t n, const flow::Row& r) {
+  using namespace flow;
+  switch (r.flags & kSolverFlags) {  // the rows the table builder writes (as update_chunk)
+    case 0: fused_loop<kCfgOn, kImg, kText, 0>(x, c, u, i, s0, h1, h2, o, n, r); return true;
+    case kStoreH1X | kStoreH2V:
+      fused_loop<kCfgOn, kImg, kText, kStoreH1X | kStoreH2V>(x, c, u, i, s0, h1, h2, o, n, r);
+      return true;
+    case kReadH1 | kReadH2:
+      fused_loop<kCfgOn, kImg, kText, kReadH1 | kReadH2>(x, c, u, i, s0, h1, h2, o, n, r);
+      return true;
+    case kStoreH1X0: fused_loop<kCfgOn, kImg, kText, kStoreH1X0>(x, c, u, i, s0, h1, h2, o, n, r); return true;
+    case kStoreH1X0 | kReadH1:
+      fused_loop<kCfgOn, kImg, kText, kStoreH1X0 | kReadH1>(x, c, u, i, s0, h1, h2, o, n, r);
+      return true;
+    default: return false;
+  }
+}
+
+// false: a row this path does not take (the caller runs the chunked one)
+inline bool fused_row(bool cfg, bool img, bool text, const float* x, const float* c, const float* u, const float* i,
+                      float s0, float* h1, float* h2, float* o, int64_t n, const flow::Row& r) {
+  if (!cfg) return fused_flags<false, false, false>(x, c, u, i, s0, h1, h2, o, n, r);
+  if (img)
+    return text ? fused_flags<true, true, true>(x, c, u, i, s0, h1, h2, o, n, r)
+                : fused_flags<true, true, false>(x, c, u, i, s0, h1, h2, o, n, r);
+  return text ? fused_flags<true, false, true>(x, c, u, i, s0, h1, h2, o, n, r)
+              : fused_flags<true, false, false>(x, c, u, i, s0, h1, h2, o, n, r);
+}
+
 // ---- rows ----
 template <typename TX, typename TV>
 struct Rows {
@@ -221,6 +272,13 @@ void apply_row(const Rows<TX, TV>& a, int64_t b, int64_t p, const flow::Row& r, 
   const bool cfg = r.flags & flow::kCfg, img = cfg && (r.flags & flow::kImg);
   const bool text = r.flags & flow::kRenormText;
   const int64_t base = (b * a.P + p) * a.Q;
+  if constexpr (std::is_same_v<TX, float> && std::is_same_v<TV, float>) {
+    if (!per_q && a.scq == 1 && a.sxq == 1 && (!cfg || a.suq == 1) && (!img || a.siq == 1) &&
+        fused_row(cfg, img, text, a.x + b * a.sxb + p * a.sxp, a.vc + b * a.scb + p * a.scp,
+                  cfg ? a.vu + b * a.sub + p * a.sup : nullptr, img ? a.vi + b * a.sib + p * a.sip : nullptr, scale[0],
+                  a.h1 ? a.h1 + base : nullptr, a.h2 ? a.h2 + base : nullptr, a.out + base, a.Q, r))
+      return;
+  }
   for (int64_t q0 = 0; q0 < a.Q; q0 += kApply) {
     const int64_t n = std::min(kApply, a.Q - q0);
     const float* c = stage(a.vc + b * a.scb + p * a.scp + q0 * a.scq, a.scq, st.c, n);
