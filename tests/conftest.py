@@ -36,3 +36,26 @@ if os.environ.get("CI") and not interpreter_ok():
                             "would be skipped; install triton (pip install -e '.[test]')")
 
 requires_triton = pytest.mark.skipif(not interpreter_ok(), reason="needs triton with TRITON_INTERPRET=1")
+
+
+def build_cpp_harness(tmp_path, source: str, flags) -> str:
+    """Compile ``tests/cpp/<source>`` (with ``-I csrc`` and ``flags``) into ``tmp_path`` and return
+    the executable's path. These harnesses run a twin's instruction-set variant that this CPU
+    would not pick (the AVX-512 width built for AVX2, an SSE-only baseline), so they need AVX2:
+    the test skips on a CPU without it or without a C++ compiler (CXX, c++, g++), except under
+    CI, where a missing compiler fails (the package's own build needs one)."""
+    import shlex
+    import shutil
+    import subprocess
+
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2: the harness's loops, built for AVX2, cannot run here")
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        if os.environ.get("CI"):
+            pytest.fail("no C++ compiler (CXX, c++, g++) under CI: the package's own build needs one")
+        pytest.skip("no C++ compiler")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    exe = os.path.join(str(tmp_path), os.path.splitext(source)[0])
+    subprocess.run([*shlex.split(cxx), *flags, f"-I{root}/csrc", f"{root}/tests/cpp/{source}", "-o", exe], check=True)
+    return exe

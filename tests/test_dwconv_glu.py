@@ -6,7 +6,7 @@ import spar_kernels as sk
 from spar_kernels.reference import dwconv_glu as ref
 from spar_kernels.testing import assert_close_fa, non_contiguous, poisoned_empty
 
-from conftest import requires_triton
+from conftest import build_cpp_harness, requires_triton
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = [pytest.param("triton", marks=requires_triton), "cpu", "reference"]
@@ -174,15 +174,6 @@ def test_dwconv_glu_cpu_steps_borders_and_blocks(dtype, monkeypatch):
             assert_close_fa(got, base, want64, name=f"dwconv_glu {isa} {(B, H, W, C)}")
 
 
-def _cxx():
-    import os
-    import shlex
-    import shutil
-
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    return shlex.split(cxx) if cxx else None
-
-
 # (lanes, flags): the AVX-512 variant's 16 lanes built for AVX2, and the 4 lanes of an SSE-only
 # build's baseline variant (built without AVX); neither runs in the extension on this CPU
 @pytest.mark.parametrize("lanes,flags", [(16, ["-mavx2", "-mfma", "-mf16c"]), (4, ["-mno-avx"])],
@@ -192,22 +183,12 @@ def test_dwconv_glu_other_lane_counts_match_reference(tmp_path, lanes, flags):
     # but GCC's 64-byte vector types compile for AVX2, so tests/cpp/dwconv_glu_l16.cpp builds the
     # 16-lane loops for AVX2 and this test compares them with the reference (fp32 and bf16).
     # The same harness built with 4 lanes and without AVX runs an SSE-only build's baseline variant.
-    import os
     import subprocess
 
     import numpy as np
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        pytest.skip("this CPU has no AVX2: the 16-lane loops compiled for AVX2 cannot run here")
-    cxx = _cxx()
-    if cxx is None:
-        if os.environ.get("CI"):
-            pytest.fail("no C++ compiler (CXX, c++, g++) under CI: the package's own build needs one")
-        pytest.skip("no C++ compiler")
-    exe = tmp_path / "dwconv_glu_l16"
-    subprocess.run([*cxx, "-O2", "-std=gnu++17", *flags, f"-DCONV_LANES={lanes}", "-Wno-psabi", f"-I{root}/csrc",
-                    f"{root}/tests/cpp/dwconv_glu_l16.cpp", "-o", str(exe)], check=True)
+    exe = build_cpp_harness(tmp_path, "dwconv_glu_l16.cpp",
+                            ["-O2", "-std=gnu++17", *flags, f"-DCONV_LANES={lanes}", "-Wno-psabi"])
     g = torch.Generator().manual_seed(16)
     grids = [(1, 1, 1, 5), (1, 2, 3, 12), (2, 5, 7, 20), (1, 2, 6, 16), (1, 3, 11, 37), (1, 1, 200, 90)]
     for dtype, code in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):

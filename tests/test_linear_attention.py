@@ -5,7 +5,7 @@ import spar_kernels as sk
 from spar_kernels.reference import linear_attention as ref
 from spar_kernels.testing import assert_close_fa, non_contiguous, poisoned_empty
 
-from conftest import requires_triton
+from conftest import build_cpp_harness, requires_triton
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = [pytest.param("triton", marks=requires_triton), "cpu", "reference"]
@@ -330,21 +330,10 @@ def test_linear_attention_other_lane_counts_match_reference(tmp_path, lanes, fla
     # them with the reference (fp32 and bf16, d = 16 / 32 / 64, chunk boundaries, Nq != Nk).
     # The same harness built with 4 lanes and without AVX runs an SSE-only build's baseline variant.
     import os
-    import shlex
-    import shutil
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        pytest.skip("this CPU has no AVX2: the 16-lane loops compiled for AVX2 cannot run here")
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not cxx:
-        if os.environ.get("CI"):
-            pytest.fail("no C++ compiler (CXX, c++, g++) under CI: the package's own build needs one")
-        pytest.skip("no C++ compiler")
-    exe = tmp_path / "linear_attention_l16"
-    subprocess.run([*shlex.split(cxx), "-O1", "-std=gnu++17", *flags, f"-DLA_LANES={lanes}", "-fopenmp", "-Wno-psabi",
-                    f"-I{root}/csrc", f"{root}/tests/cpp/linear_attention_l16.cpp", "-o", str(exe)], check=True)
+    exe = build_cpp_harness(tmp_path, "linear_attention_l16.cpp",
+                            ["-O1", "-std=gnu++17", *flags, f"-DLA_LANES={lanes}", "-fopenmp", "-Wno-psabi"])
     torch.manual_seed(1616)
     # (B, Nq, Nk, H, d): keys on both sides of one and two chunks (2048 / d), query counts leaving
     # partial chunks of 8, one key, one query

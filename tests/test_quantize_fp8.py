@@ -5,6 +5,8 @@ import spar_kernels as sk
 from spar_kernels.reference import quantize_fp8 as ref
 from spar_kernels.testing import non_contiguous, poison
 
+from conftest import build_cpp_harness
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -167,32 +169,15 @@ def test_quantize_fp8_per_token_row_tasks(monkeypatch, isa, dtype):
         assert torch.equal(_bits(q), _bits(want_q)), (isa, cols)
 
 
-def _cpu_has_avx2() -> bool:
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-
-
 def test_quantize_fp8_avx512_division_runs_bit_exact(tmp_path):
     # The AVX-512 variant replaces the IEEE division by a reciprocal and two Markstein corrections;
     # no AVX-512 CPU runs the suite, but that variant's loops use only 256-bit AVX2/FMA/F16C
     # intrinsics, so tests/cpp/quantize_fp8_avx512_div.cpp compiles them for AVX2 and checks every
     # bf16 value (and those values as fp32) over ~2.6k scales against the scalar encode.
-    import os
     import re
-    import shlex
-    import shutil
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not _cpu_has_avx2():
-        pytest.skip("this CPU has no AVX2: the AVX-512 variant's 256-bit loops cannot run here")
-    if cxx is None:
-        if os.environ.get("CI"):
-            pytest.fail("no C++ compiler (CXX, c++, g++) under CI: the package's own build needs one")
-        pytest.skip("no C++ compiler")
-    exe = tmp_path / "avx512_div"
-    subprocess.run([*shlex.split(cxx), "-O2", "-std=c++17", "-mavx2", "-mfma", "-mf16c", f"-I{root}/csrc",
-                    f"{root}/tests/cpp/quantize_fp8_avx512_div.cpp", "-o", str(exe)], check=True)
+    exe = build_cpp_harness(tmp_path, "quantize_fp8_avx512_div.cpp", ["-O2", "-std=c++17", "-mavx2", "-mfma", "-mf16c"])
     out = subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=120).stdout
     checked, bad, baseline = map(int, re.fullmatch(r"checked (\d+) mismatches (\d+) baseline (\d+)\s*", out).groups())
     assert checked > 100_000_000, out

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common/spar_common.h"
+#include "harness_io.h"
 
 // CONV_LANES (default 16): the lanes to build; 4 is the baseline variant of an SSE-only build
 // (compile it without AVX: the clamp takes the compare-and-select form there too)
@@ -33,34 +34,17 @@ namespace spar {
 
 namespace {
 
-std::vector<char> read_file(const char* path, size_t bytes) {
-  std::vector<char> buf(bytes);
-  FILE* f = std::fopen(path, "rb");
-  if (!f || std::fread(buf.data(), 1, bytes, f) != bytes) {
-    std::fprintf(stderr, "cannot read %zu bytes from %s\n", bytes, path);
-    std::exit(2);
-  }
-  std::fclose(f);
-  return buf;
-}
-
 template <typename T>
 int run(int64_t B, int64_t H, int64_t W, int64_t C, char** paths) {
   const int64_t N = H * W;
-  const std::vector<char> x = read_file(paths[0], size_t(B * N * 2 * C) * sizeof(T));
-  const std::vector<char> w9 = read_file(paths[1], size_t(9 * 2 * C) * sizeof(float));
-  const std::vector<char> bias = read_file(paths[2], size_t(2 * C) * sizeof(float));
+  const std::vector<char> x = harness::read_file(paths[0], size_t(B * N * 2 * C) * sizeof(T));
+  const std::vector<char> w9 = harness::read_file(paths[1], size_t(9 * 2 * C) * sizeof(float));
+  const std::vector<char> bias = harness::read_file(paths[2], size_t(2 * C) * sizeof(float));
   std::vector<T> out(size_t(B * N * C));
   spar::dwconv_glu_run<CONV_LANES, T>(reinterpret_cast<const T*>(x.data()), B, H, W, C, N * 2 * C, 2 * C,
                               reinterpret_cast<const float*>(w9.data()), reinterpret_cast<const float*>(bias.data()),
                               out.data(), N * C, C, 1);
-  FILE* f = std::fopen(paths[3], "wb");
-  if (!f || std::fwrite(out.data(), sizeof(T), out.size(), f) != out.size()) {
-    std::fprintf(stderr, "cannot write %s\n", paths[3]);
-    return 2;
-  }
-  std::fclose(f);
-  return 0;
+  return harness::write_file(paths[3], out);
 }
 
 }  // namespace

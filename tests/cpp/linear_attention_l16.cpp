@@ -23,6 +23,7 @@
 
 #include "common/fast_math.h"
 #include "common/spar_common.h"
+#include "harness_io.h"
 
 // LA_LANES (default 16): the lanes to build; 4 is the baseline variant of an SSE-only build
 // (compile it without AVX: the AVX2-only normaliser path is left out as in that variant)
@@ -42,34 +43,17 @@ namespace spar {
 
 namespace {
 
-std::vector<char> read_file(const char* path, size_t bytes) {
-  std::vector<char> buf(bytes);
-  FILE* f = std::fopen(path, "rb");
-  if (!f || std::fread(buf.data(), 1, bytes, f) != bytes) {
-    std::fprintf(stderr, "cannot read %zu bytes from %s\n", bytes, path);
-    std::exit(2);
-  }
-  std::fclose(f);
-  return buf;
-}
-
 template <typename T, int HD>
 int run(int64_t B, int64_t Nq, int64_t Nk, int64_t H, float eps, char** paths) {
-  const std::vector<char> q = read_file(paths[0], size_t(B * Nq * H * HD) * sizeof(T));
-  const std::vector<char> k = read_file(paths[1], size_t(B * Nk * H * HD) * sizeof(T));
-  const std::vector<char> v = read_file(paths[2], size_t(B * Nk * H * HD) * sizeof(T));
+  const std::vector<char> q = harness::read_file(paths[0], size_t(B * Nq * H * HD) * sizeof(T));
+  const std::vector<char> k = harness::read_file(paths[1], size_t(B * Nk * H * HD) * sizeof(T));
+  const std::vector<char> v = harness::read_file(paths[2], size_t(B * Nk * H * HD) * sizeof(T));
   std::vector<T> out(size_t(B * Nq * H * HD));
   const int64_t sqb = Nq * H * HD, skb = Nk * H * HD, sn = H * HD;
   spar::linear_attention_run<T, HD, LA_LANES>(reinterpret_cast<const T*>(q.data()), reinterpret_cast<const T*>(k.data()),
                                         reinterpret_cast<const T*>(v.data()), B, Nq, Nk, H, sqb, sn, HD, skb, sn, HD,
                                         skb, sn, HD, out.data(), sqb, sn, HD, eps);
-  FILE* f = std::fopen(paths[3], "wb");
-  if (!f || std::fwrite(out.data(), sizeof(T), out.size(), f) != out.size()) {
-    std::fprintf(stderr, "cannot write %s\n", paths[3]);
-    return 2;
-  }
-  std::fclose(f);
-  return 0;
+  return harness::write_file(paths[3], out);
 }
 
 template <typename T>
