@@ -118,41 +118,11 @@ inline void velocity_chunk(bool img, bool text, bool per_q, const float* c, cons
   }
 }
 
-template <int kF>  // the row's solver flags (kReadH1 | kReadH2 | kStoreH1X | kStoreH1X0 | kStoreH2V)
-inline void update_loop(const float* x, const float* v, float* h1, float* h2, float* o, int64_t n,
-                        const flow::Row& row) {
-  const flow::Row r = row;  // a local copy: stores through o / h1 / h2 cannot alias it
-  constexpr bool kH1 = kF & (flow::kReadH1 | flow::kStoreH1X | flow::kStoreH1X0);
-  constexpr bool kH2 = kF & (flow::kReadH2 | flow::kStoreH2V);
-  // o may be x itself (out=x): each element is read before it is written, no cross-element reuse
-#pragma omp simd
-  for (int64_t q = 0; q < n; ++q) {
-    float a = kH1 ? h1[q] : 0.f, b = kH2 ? h2[q] : 0.f;
-    o[q] = flow::update_t<kF>(x[q], v[q], a, b, r);
-    if (kF & (flow::kStoreH1X | flow::kStoreH1X0)) h1[q] = a;
-    if (kF & flow::kStoreH2V) h2[q] = b;
-  }
-}
-
-inline void update_chunk(const float* x, const float* v, float* h1, float* h2, float* o, int64_t n,
-                         const flow::Row& r) {
-  using namespace flow;
-  switch (r.flags & kSolverFlags) {  // the rows the table builder writes; others take the generic loop
-    case 0: return update_loop<0>(x, v, h1, h2, o, n, r);
-    case kStoreH1X | kStoreH2V: return update_loop<kStoreH1X | kStoreH2V>(x, v, h1, h2, o, n, r);
-    case kReadH1 | kReadH2: return update_loop<kReadH1 | kReadH2>(x, v, h1, h2, o, n, r);
-    case kStoreH1X0: return update_loop<kStoreH1X0>(x, v, h1, h2, o, n, r);
-    case kStoreH1X0 | kReadH1: return update_loop<kStoreH1X0 | kReadH1>(x, v, h1, h2, o, n, r);
-    default:
-      for (int64_t q = 0; q < n; ++q) {
-        float d1 = 0.f, d2 = 0.f;
-        o[q] = update(x[q], v[q], h1 ? h1[q] : d1, h2 ? h2[q] : d2, r);
-      }
-  }
-}
-
-// fp32 rows read in place: guidance and the update in one pass (three to four input streams at
-// once, no staged velocity), for the common rows; the chunked path below takes the rest
+// The solver update of n elements with the row's solver flags kF (kReadH1 | kReadH2 | kStoreH1X |
+// kStoreH1X0 | kStoreH2V) fixed at compile time, its velocity computed in the same pass from the
+// branches (kCfgOn: guidance, kImg / kText as velocity_t) or, without guidance, read from c.
+// fused_row runs it on fp32 rows read in place (every input stream at once); update_chunk on a
+// staged chunk's velocity (kCfgOn false, c = v).
 template <bool kCfgOn, bool kImg, bool kText, int kF>
 inline void fused_loop(const float* x, const float* c, const float* u, const float* i, float s0, float* h1, float* h2,
                        float* o, int64_t n, const flow::Row& row) {
@@ -174,7 +144,7 @@ template <bool kCfgOn, bool kImg, bool kText>
 inline bool fused_flags(const float* x, const float* c, const float* u, const float* i, float s0, float* h1, float* h2,
                         float* o, int64_t n, const flow::Row& r) {
   using namespace flow;
-  switch (r.flags & kSolverFlags) {  // the rows the table builder writes (as update_chunk)
+  switch (r.flags & kSolverFlags) {  // the rows the table builder writes; false for others
     case 0: fused_loop<kCfgOn, kImg, kText, 0>(x, c, u, i, s0, h1, h2, o, n, r); return true;
     case kStoreH1X | kStoreH2V:
       fused_loop<kCfgOn, kImg, kText, kStoreH1X | kStoreH2V>(x, c, u, i, s0, h1, h2, o, n, r);
@@ -187,6 +157,15 @@ inline bool fused_flags(const float* x, const float* c, const float* u, const fl
       fused_loop<kCfgOn, kImg, kText, kStoreH1X0 | kReadH1>(x, c, u, i, s0, h1, h2, o, n, r);
       return true;
     default: return false;
+  }
+}
+
+inline void update_chunk(const float* x, const float* v, float* h1, float* h2, float* o, int64_t n,
+                         const flow::Row& r) {
+  if (fused_flags<false, false, false>(x, v, nullptr, nullptr, 1.f, h1, h2, o, n, r)) return;
+  for (int64_t q = 0; q < n; ++q) {  // other flags: the generic per-element update
+    float d1 = 0.f, d2 = 0.f;
+    o[q] = update(x[q], v[q], h1 ? h1[q] : d1, h2 ? h2[q] : d2, r);
   }
 }
 
