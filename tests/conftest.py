@@ -59,3 +59,20 @@ def build_cpp_harness(tmp_path, source: str, flags) -> str:
     exe = os.path.join(str(tmp_path), os.path.splitext(source)[0])
     subprocess.run([*shlex.split(cxx), *flags, f"-I{root}/csrc", f"{root}/tests/cpp/{source}", "-o", exe], check=True)
     return exe
+
+
+def record_ops():
+    """A TorchDispatchMode whose ``ops`` lists the name of every op dispatched while it is active
+    (``with record_ops() as rec: ...``): which ops went through the dispatcher."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    return RecordOps()

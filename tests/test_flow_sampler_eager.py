@@ -4,10 +4,11 @@ that the full validation would catch is still caught, and results equal the refe
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import spar_kernels as sk
 from spar_kernels import flow_sampler as sp_mod
+
+from conftest import record_ops
 
 pytest.importorskip("spar_kernels._C_cpu")
 
@@ -102,16 +103,7 @@ def test_backend_and_dispatch_modes_are_honoured_after_a_fast_call(monkeypatch):
         s.step(x, vc, vu, out=out)
     assert calls == [1]
 
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Record() as rec:
+    with record_ops() as rec:
         s.step(x, vc, vu, out=out)
     assert any("flow_sampler_step" in o for o in rec.ops), rec.ops
 

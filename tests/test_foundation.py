@@ -10,6 +10,8 @@ import torch
 import spar_kernels as sk
 from spar_kernels import testing
 
+from conftest import record_ops
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -189,25 +191,14 @@ def test_every_op_is_defined_with_the_helper_and_has_a_cpu_path():
 
 
 def test_eager_calls_skip_the_dispatcher_and_traced_calls_go_through_it():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from spar_kernels import _op
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     x, w = torch.randn(3, 16), torch.randn(16)
     assert not _op.is_tracing(x)
-    with Record() as rec:
+    with record_ops() as rec:
         assert _op.is_tracing(x)
         y = sk.rms_norm(x, w, 1e-6)
-    assert any("spar.rms_norm" in n for n in rec.names), rec.names
+    assert any("spar.rms_norm" in n for n in rec.ops), rec.ops
     torch.testing.assert_close(y, sk.reference.rms_norm.rms_norm(x, w, 1e-6))
     from torch._subclasses.fake_tensor import FakeTensorMode
 
