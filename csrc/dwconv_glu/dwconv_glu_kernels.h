@@ -6,21 +6,34 @@
 // rows it reads stay in L2 while the rows advance. An item walks each output row kConvPixels
 // pixels at a time from column 0 (the last step takes the 1-3 pixels left) and, for each step,
 // all L-channel vectors of its block (conv_glu_pixels -> conv_glu_step): per input row of the
-// window it takes the 6 weight vectors (3 taps x a / gate) into registers, loads each of the
-// kConvPixels + 2 input columns once as a and gate and multiplies it into every output pixel whose
-// window holds it, into 2 x kConvPixels independent accumulators (bias first, taps in tap order,
-// fp32), then writes a * silu(gate) rounded once. A step loads 3 (kConvPixels + 2) input vectors
-// per stream for 9 kConvPixels multiply-adds, and the block's weights are repacked contiguous
-// per vector ([3 rows][a, gate][3 taps][L], the 2 biases) and read from cache. Each tap reads contiguous
-// channel runs of one pixel (few pages at a time for the TLB). The input pixels of the row below,
-// one step ahead, are prefetched a cache line per vector, since pixels lie 2C elements apart and
-// the hardware prefetcher does not follow that stride. Rows outside the image are skipped; the
-// first and last step of a row skip the padding column; a partial last vector goes through
-// zero-padded buffers.
+// window and per stream (a, then gate) it takes the 3 tap weights into registers, loads each of
+// the kConvPixels + 2 input columns once and multiplies it into every output pixel whose window
+// holds it, into 2 x kConvPixels independent accumulators (bias first, taps in tap order, fp32).
+// The step's accumulators go to a small buffer, and a * silu(gate) is computed and rounded once
+// for kConvGroup vectors at a time: SiLU's long dependent chain then overlaps with other vectors'
+// SiLU instead of stalling the next step's multiply-adds. A step loads 3 (kConvPixels + 2) input
+// vectors per stream for 9 kConvPixels multiply-adds (the loaded vectors and the weights are
+// pinned in registers, see CONV_PIN_LOADS), and the block's weights are repacked contiguous per
+// vector ([3 rows][a, gate][3 taps][L], the 2 biases) and read from cache. Each tap reads
+// contiguous channel runs of one pixel (few pages at a time for the TLB). The input pixels of the
+// row below and the output pixels of the next step are prefetched one step ahead, a cache line per
+// vector (the output for writing, so that the stores do not wait for their lines), since pixels
+// lie 2C (input) and C (output) elements apart and the hardware prefetcher does not follow that
+// stride. Rows outside the image are skipped; the first and last step of a row skip the padding
+// column; a partial last vector goes through zero-padded buffers.
 //
 // The math is written with GCC vector types of the variant's width, not as scalar loops left to
 // the auto-vectorizer: under the default -ftrapping-math g++ does not if-convert the clamp of a
 // scalar exp inside a loop, so a loop calling fast::silu runs one lane at a time.
+
+// conv_glu_step pins each loaded input vector and the tap weights in registers with an empty asm:
+// without it g++ folds the loads into the multiply-adds' memory operands, 3 loads of each input
+// and reloads of the weights, and the step runs at the load ports' pace (about 1.4x the cycles,
+// measured on AVX2). tests/cpp/dwconv_glu_l16.cpp turns it off to build the 16-lane code for AVX2,
+// whose registers cannot hold a 64-byte vector; it only steers register allocation.
+#ifndef CONV_PIN_LOADS
+#define CONV_PIN_LOADS 1
+#endif
 
 template <int L>
 struct ConvVec {
@@ -115,63 +128,100 @@ inline typename ConvVec<L>::f conv_glu_act(typename ConvVec<L>::f a, typename Co
 
 constexpr int kConvPixels = 4;                   // output pixels per step (accumulators a, gate: 2 each)
 static_assert(kConvPixels == 4, "conv_glu_block's row loop takes last steps of 3, 2 and 1 pixels");
-constexpr int64_t kConvRowsBytes = 192 * 1024;   // the 3 input rows of a channel block, at most (L2)
+constexpr int64_t kConvRowsBytes = 128 * 1024;   // the 3 input rows of a channel block, at most (L2)
+constexpr int64_t kConvGroup = 8;                // vectors whose SiLU is taken together
 constexpr int64_t kConvAhead = 1;                // steps between a pixel's prefetch and its first use
+
+// Keeps v in a register (CONV_PIN_LOADS)
+template <typename V>
+inline void conv_pin(V& v) {
+#if CONV_PIN_LOADS && defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  asm("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
 
 // One step: kP pixels of one output row from column col, channels [c, c + L) of a and gate.
 // rows[k]: input row row - 1 + k at channel c (k in [k0, k1), the rows inside the image); wv: the
 // block's repacked weights of this vector, [3 rows][a, gate][3 columns][L] then the 2 biases.
-// Input column j (image column col - 1 + j) is loaded once, as a and gate, and multiplied into
-// every pixel whose 3x3 window holds it, so a step loads 3 (kP + 2) input vectors per stream for
-// 9 kP multiply-adds. kLeft / kRight: the column left of / right of the pixels is padding.
+// Input column j (image column col - 1 + j) is loaded once per stream and multiplied into every
+// pixel whose 3x3 window holds it, so a step loads 3 (kP + 2) input vectors per stream for 9 kP
+// multiply-adds. kLeft / kRight: the column left of / right of the pixels is padding. The fp32
+// accumulators go to acc: [kP][a, gate][L].
 template <int L, int kP, bool kLeft, bool kRight, typename T>
 inline void conv_glu_step(const T* const* rows, int k0, int k1, int64_t sxn, int64_t C, int64_t col,
-                          const float* wv, T* o, int64_t son) {
+                          const float* wv, float* acc) {
   using vf = typename ConvVec<L>::f;
   vf aa[kP], ag[kP];
 #pragma GCC unroll 4
   for (int p = 0; p < kP; ++p) aa[p] = conv_load<L>(wv + 18 * L), ag[p] = conv_load<L>(wv + 19 * L);
 #pragma GCC unroll 3
   for (int k = k0; k < k1; ++k) {
-    const float* w = wv + k * 6 * L;
-    const vf wa0 = conv_load<L>(w), wa1 = conv_load<L>(w + L), wa2 = conv_load<L>(w + 2 * L);
-    const vf wg0 = conv_load<L>(w + 3 * L), wg1 = conv_load<L>(w + 4 * L), wg2 = conv_load<L>(w + 5 * L);
+#pragma GCC unroll 2
+    for (int st = 0; st < 2; ++st) {  // a, then gate: 2 kP accumulators, 3 weights and 1 input live
+      vf* ac = st ? ag : aa;
+      const float* w = wv + (k * 6 + st * 3) * L;
+      vf w0 = conv_load<L>(w), w1 = conv_load<L>(w + L), w2 = conv_load<L>(w + 2 * L);
+      conv_pin(w0), conv_pin(w1), conv_pin(w2);
 #pragma GCC unroll 6
-    for (int j = kLeft ? 1 : 0; j < (kRight ? kP + 1 : kP + 2); ++j) {
-      const T* s = rows[k] + (col - 1 + j) * sxn;
-      const vf xa = conv_load<L>(s), xg = conv_load<L>(s + C);
-      // pixel p takes input column j through its tap column j - p
-      if (j < kP) aa[j] += wa0 * xa, ag[j] += wg0 * xg;
-      if (j >= 1 && j - 1 < kP) aa[j - 1] += wa1 * xa, ag[j - 1] += wg1 * xg;
-      if (j >= 2 && j - 2 < kP) aa[j - 2] += wa2 * xa, ag[j - 2] += wg2 * xg;
+      for (int j = kLeft ? 1 : 0; j < (kRight ? kP + 1 : kP + 2); ++j) {
+        vf x = conv_load<L>(rows[k] + (col - 1 + j) * sxn + st * C);
+        conv_pin(x);
+        // pixel p takes input column j through its tap column j - p
+        if (j < kP) ac[j] += w0 * x;
+        if (j >= 1 && j - 1 < kP) ac[j - 1] += w1 * x;
+        if (j >= 2 && j - 2 < kP) ac[j - 2] += w2 * x;
+      }
     }
   }
 #pragma GCC unroll 4
-  for (int p = 0; p < kP; ++p) conv_store<L>(o + (col + p) * son, conv_glu_act<L>(aa[p], ag[p]));
+  for (int p = 0; p < kP; ++p) {
+    std::memcpy(acc + 2 * p * L, &aa[p], sizeof(vf));
+    std::memcpy(acc + (2 * p + 1) * L, &ag[p], sizeof(vf));
+  }
+}
+
+// a * silu(gate) of a step's accumulators (acc: [kP][a, gate][L]) to pixels [col, col + kP) of o
+template <int L, int kP, typename T>
+inline void conv_glu_finish(const float* acc, T* o, int64_t son, int64_t col) {
+#pragma GCC unroll 4
+  for (int p = 0; p < kP; ++p)
+    conv_store<L>(o + (col + p) * son, conv_glu_act<L>(conv_load<L>(acc + 2 * p * L), conv_load<L>(acc + (2 * p + 1) * L)));
 }
 
 // Pixels [col, col + kP) of one output row, all vectors of the block: channels [0, nv * L) of
 // rows[] / o, the weights of vector v at wts + v * 20 * L; a partial last vector (n < L lanes)
-// goes through zero-padded copies. Along the way, the block's channels (both streams) of the np
-// input pixels from pf on are prefetched, a line per pixel and stream every 64 bytes of channels.
+// goes through zero-padded copies. Along the way, the block's channels of the np input pixels from
+// pf on (both streams) and of the nq output pixels from pq on are prefetched, a line per pixel and
+// stream every 64 bytes of channels.
 template <int L, int kP, bool kLeft, bool kRight, typename T>
 inline void conv_glu_pixels(const T* const* rows, int k0, int k1, int64_t sxn, int64_t C, int64_t col, int64_t nv,
-                            int64_t n, const float* wts, T* o, int64_t son, const T* pf, int64_t np) {
+                            int64_t n, const float* wts, T* o, int64_t son, const T* pf, int64_t np, const T* pq,
+                            int64_t nq) {
   constexpr int64_t kLine = 64 / int64_t(sizeof(T));
   const int64_t full = n == L ? nv : nv - 1;
-  for (int64_t v = 0; v < full; ++v) {
-    if ((v * L) % kLine < L)
-      for (int64_t p = 0; p < np; ++p) {
-        __builtin_prefetch(pf + p * sxn + v * L, 0, 3);
-        __builtin_prefetch(pf + p * sxn + C + v * L, 0, 3);
+  alignas(64) float acc[kConvGroup][kP][2][L];
+  for (int64_t g0 = 0; g0 < full; g0 += kConvGroup) {
+    const int64_t g1 = std::min(full, g0 + kConvGroup);
+    for (int64_t v = g0; v < g1; ++v) {
+      if ((v * L) % kLine < L) {
+        for (int64_t p = 0; p < np; ++p) {
+          __builtin_prefetch(pf + p * sxn + v * L, 0, 3);
+          __builtin_prefetch(pf + p * sxn + C + v * L, 0, 3);
+        }
+        for (int64_t p = 0; p < nq; ++p) __builtin_prefetch(pq + p * son + v * L, 1, 3);
       }
-    const T* rv[3] = {rows[0] + v * L, rows[1] + v * L, rows[2] + v * L};
-    conv_glu_step<L, kP, kLeft, kRight>(rv, k0, k1, sxn, C, col, wts + v * 20 * L, o + v * L, son);
+      const T* rv[3] = {rows[0] + v * L, rows[1] + v * L, rows[2] + v * L};
+      conv_glu_step<L, kP, kLeft, kRight>(rv, k0, k1, sxn, C, col, wts + v * 20 * L, acc[v - g0][0][0]);
+    }
+    for (int64_t v = g0; v < g1; ++v) conv_glu_finish<L, kP>(acc[v - g0][0][0], o + v * L, son, col);
   }
   for (int64_t p = 0; p < np; ++p) {  // the run's last line (a block may end mid-line)
     __builtin_prefetch(pf + p * sxn + (nv - 1) * L + n - 1, 0, 3);
     __builtin_prefetch(pf + p * sxn + C + (nv - 1) * L + n - 1, 0, 3);
   }
+  for (int64_t p = 0; p < nq; ++p) __builtin_prefetch(pq + p * son + (nv - 1) * L + n - 1, 1, 3);
   if (full == nv) return;
   // the partial vector: its input (kP + 2 columns x 3 rows x 2 streams) and output via buffers,
   // laid out as pixels 0 .. kP + 1 of rows of pixel stride 2L, the step taken from column 1
@@ -182,7 +232,8 @@ inline void conv_glu_pixels(const T* const* rows, int k0, int k1, int64_t sxn, i
       for (int st = 0; st < 2; ++st)
         for (int64_t l = 0; l < n; ++l) in[k][j][st][l] = to_float(rows[k][(col - 1 + j) * sxn + st * C + c + l]);
   const float* rb[3] = {in[0][0][0], in[1][0][0], in[2][0][0]};
-  conv_glu_step<L, kP, kLeft, kRight>(rb, k0, k1, 2 * L, L, 1, wts + full * 20 * L, out[0], L);
+  conv_glu_step<L, kP, kLeft, kRight>(rb, k0, k1, 2 * L, L, 1, wts + full * 20 * L, acc[0][0][0]);
+  conv_glu_finish<L, kP>(acc[0][0][0], out[0], L, 1);
   for (int p = 0; p < kP; ++p)
     for (int64_t l = 0; l < n; ++l) o[(col + p) * son + c + l] = from_float<T>(out[p + 1][l]);
 }
@@ -192,15 +243,15 @@ inline void conv_glu_pixels(const T* const* rows, int k0, int k1, int64_t sxn, i
 template <int L, int kP, typename T>
 inline void conv_glu_pixels_at(bool left, bool right, const T* const* rows, int k0, int k1, int64_t sxn, int64_t C,
                                int64_t col, int64_t nv, int64_t n, const float* wts, T* o, int64_t son, const T* pf,
-                               int64_t np) {
+                               int64_t np, const T* pq, int64_t nq) {
   if (left && right)
-    conv_glu_pixels<L, kP, true, true>(rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np);
+    conv_glu_pixels<L, kP, true, true>(rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np, pq, nq);
   else if (left)
-    conv_glu_pixels<L, kP, true, false>(rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np);
+    conv_glu_pixels<L, kP, true, false>(rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np, pq, nq);
   else if (right)
-    conv_glu_pixels<L, kP, false, true>(rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np);
+    conv_glu_pixels<L, kP, false, true>(rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np, pq, nq);
   else
-    conv_glu_pixels<L, kP, false, false>(rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np);
+    conv_glu_pixels<L, kP, false, false>(rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np, pq, nq);
 }
 
 // Channels [c0, c0 + ch) of rows [r0, r1) of one sample. Pixels go kConvPixels at a time along a
@@ -236,15 +287,19 @@ void conv_glu_block(const T* xb, int64_t H, int64_t W, int64_t C, int64_t sxn, i
       const int64_t np = std::max<int64_t>(0, std::min(H * W - q, int64_t(kP)));
       const T* pf = xb + std::min(q, H * W - 1) * sxn + c0;
       const int64_t m = std::min<int64_t>(kP, W - col);  // the last step of a row may be shorter
+      // the output pixels of the next step (the next row's first ones at the end), this item's rows
+      const int64_t qo = row * W + col + m;
+      const int64_t nq = std::max<int64_t>(0, std::min(r1 * W - qo, int64_t(kP)));
+      T* pq = ob + std::min(qo, H * W - 1) * son + c0;
       const bool left = col == 0, right = col + m == W;
       if (m == kP)
-        conv_glu_pixels_at<L, kP>(left, right, rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np);
+        conv_glu_pixels_at<L, kP>(left, right, rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np, pq, nq);
       else if (m == 3)
-        conv_glu_pixels_at<L, 3>(left, right, rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np);
+        conv_glu_pixels_at<L, 3>(left, right, rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np, pq, nq);
       else if (m == 2)
-        conv_glu_pixels_at<L, 2>(left, right, rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np);
+        conv_glu_pixels_at<L, 2>(left, right, rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np, pq, nq);
       else
-        conv_glu_pixels_at<L, 1>(left, right, rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np);
+        conv_glu_pixels_at<L, 1>(left, right, rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np, pq, nq);
     }
   }
 }

@@ -4,7 +4,8 @@
 // (csrc/dwconv_glu/dwconv_glu_kernels.h: steps, border columns, partial vectors, channel blocks)
 // runs on any AVX2 CPU (tests/test_dwconv_glu.py builds it and compares its output with the
 // PyTorch reference). The clamp inside SiLU takes its portable compare-and-select form here (the
-// AVX-512 variant uses vmaxps / vminps, the same values).
+// AVX-512 variant uses vmaxps / vminps, the same values), and the register pin of the loaded
+// vectors (CONV_PIN_LOADS) is left out: it only steers register allocation.
 //
 // usage: dwconv_glu_l16 B H W C f32|bf16 x.bin w9.bin bias.bin out.bin
 //   x: [B, H*W, 2C] of the dtype, w9: [9, 2C] fp32 (tap-major), bias: [2C] fp32, out: [B, H*W, C]
@@ -25,6 +26,9 @@
 // (compile it without AVX: the clamp takes the compare-and-select form there too)
 #ifndef CONV_LANES
 #define CONV_LANES 16
+#endif
+#if CONV_LANES == 16
+#define CONV_PIN_LOADS 0  // a 64-byte vector does not fit one AVX2 register
 #endif
 namespace spar {
 #define SPAR_ISA_AVX2 (CONV_LANES == 16)
