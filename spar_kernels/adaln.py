@@ -197,11 +197,11 @@ def _adaln_launch(x, shift, scale, eps, out, fp8_out=None):
     block, warps, single = row_launch_config(C)
     fp8 = fp8_out is not None
     ys = (0, 0, 0) if fp8 else out.stride()
+    sh, sc = _mod_strides(shift), _mod_strides(scale)
     args = dict(X=x, SHIFT=shift, SCALE=scale, Y=None if fp8 else out, Q=fp8_out[0].view(torch.uint8) if fp8 else None,
                 S=fp8_out[1] if fp8 else None, N=N, C=C, stride_xb=x.stride(0), stride_xn=x.stride(1),
                 stride_xc=x.stride(2), stride_yb=ys[0], stride_yn=ys[1], stride_yc=ys[2],
-                stride_shb=shift.stride(0), stride_shc=shift.stride(1), stride_scb=scale.stride(0),
-                stride_scc=scale.stride(1), eps=eps)
+                stride_shb=sh[0], stride_shc=sh[1], stride_scb=sc[0], stride_scc=sc[1], eps=eps)
     return (B * N,), args, dict(BLOCK_C=block, SINGLE_PASS=single, FP8_OUT=fp8), warps, 1
 
 
@@ -209,10 +209,11 @@ def _gr_launch(x, y, gate, out):
     """(grid, args, constexprs, num_warps, num_stages) of one gated_residual launch."""
     B, N, C = x.shape
     block, warps = _gr_config(C)
+    gs = _mod_strides(gate)
     args = dict(X=x, Yin=y, G=gate, OUT=out, N=N, C=C, stride_xb=x.stride(0), stride_xn=x.stride(1),
                 stride_xc=x.stride(2), stride_yb=y.stride(0), stride_yn=y.stride(1), stride_yc=y.stride(2),
                 stride_ob=out.stride(0), stride_on=out.stride(1), stride_oc=out.stride(2),
-                stride_gb=gate.stride(0), stride_gc=gate.stride(1))
+                stride_gb=gs[0], stride_gc=gs[1])
     return (B * N, triton.cdiv(C, block)), args, dict(BLOCK_C=block), warps, 1
 
 
@@ -221,10 +222,11 @@ def _gr_fp8_launch(x, y, gate, out, q, scales):
     copy of the output: one program per token row, the row kernels' launch configuration."""
     B, N, C = x.shape
     block, warps, single = row_launch_config(C)
+    gs = _mod_strides(gate)
     args = dict(X=x, Yin=y, G=gate, OUT=out, Q=q.view(torch.uint8), S=scales, N=N, C=C, stride_xb=x.stride(0),
                 stride_xn=x.stride(1), stride_xc=x.stride(2), stride_yb=y.stride(0), stride_yn=y.stride(1),
                 stride_yc=y.stride(2), stride_ob=out.stride(0), stride_on=out.stride(1), stride_oc=out.stride(2),
-                stride_gb=gate.stride(0), stride_gc=gate.stride(1))
+                stride_gb=gs[0], stride_gc=gs[1])
     return (B * N,), args, dict(BLOCK_C=block, SINGLE_PASS=single), warps, 1
 
 
@@ -318,7 +320,21 @@ def _aot_fp8_specs():
 
 
 # ---------------------------------------------------------------------------------------------
-# implementations (write into preallocated out); shift/scale/gate arrive as [B, C] views
+# implementations (write into preallocated out); shift/scale/gate arrive as the caller gave them
+# ([B, C], [B, 1, C], or broadcast [C], [1, C], [1, 1, C]) and are read in place through
+# _mod_strides: no view is made on the way (on a CPU whose caches another op has just evicted, the
+# first view op of a call costs ~100 us, more than a SANA-sized adaln_layernorm's arithmetic)
+
+
+def _mod_strides(t):
+    """(row stride, channel stride) of a per-sample modulation tensor in any accepted shape; a row
+    stride of 0 broadcasts one row to every sample."""
+    return (t.stride(0) if t.dim() > 1 and t.shape[0] != 1 else 0), t.stride(-1)
+
+
+def _mod_rows(t, B: int):
+    """The [B, C] view of a modulation tensor (the reference implementations take that)."""
+    return (t[:, 0, :] if t.dim() == 3 else t).expand(B, t.shape[-1])
 
 
 def _adaln_triton(x, shift, scale, eps, out):
@@ -330,22 +346,23 @@ def _adaln_triton(x, shift, scale, eps, out):
 
 
 def _adaln_reference(x, shift, scale, eps, out):
-    out.copy_(_ref.adaln_layernorm(x, shift, scale, eps))
+    B = x.shape[0]
+    out.copy_(_ref.adaln_layernorm(x, _mod_rows(shift, B), _mod_rows(scale, B), eps))
 
 
 def _cpu_rows(t):
-    """A [B, C] modulation view as fp32 rows with channel stride 1 (read in place when it is)."""
-    if t.dtype != torch.float32 or t.stride(1) != 1:
-        t = t.float().contiguous()
-    return t
+    """A modulation tensor as fp32 rows with channel stride 1 (read in place when it is one) and
+    its row stride."""
+    if t.dtype != torch.float32 or t.stride(-1) != 1:
+        t = t.float().reshape(-1, t.shape[-1]).contiguous()   # [1 or B, C]
+    return t, _mod_strides(t)[0]
 
 
 def _adaln_cpu(x, shift, scale, eps, out):
     B, N, C = x.shape
-    shf, scf = _cpu_rows(shift), _cpu_rows(scale)   # the twin adds 1 to scale in fp32, as the kernels do
-    _ext.cpu_twin("adaln_layernorm")(x.data_ptr(), _ext.dtype_code(x), B, N, C, *x.stride(), shf.data_ptr(),
-                                     shf.stride(0), scf.data_ptr(), scf.stride(0), out.data_ptr(), *out.stride(),
-                                     eps)
+    (shf, shb), (scf, scb) = _cpu_rows(shift), _cpu_rows(scale)   # the twin adds 1 to scale in fp32
+    _ext.cpu_twin("adaln_layernorm")(x.data_ptr(), _ext.dtype_code(x), B, N, C, *x.stride(), shf.data_ptr(), shb,
+                                     scf.data_ptr(), scb, out.data_ptr(), *out.stride(), eps)
 
 
 def _gr_triton(x, y, gate, out):
@@ -357,14 +374,14 @@ def _gr_triton(x, y, gate, out):
 
 
 def _gr_reference(x, y, gate, out):
-    out.copy_(_ref.gated_residual(x, y, gate))
+    out.copy_(_ref.gated_residual(x, y, _mod_rows(gate, x.shape[0])))
 
 
 def _gr_cpu(x, y, gate, out):
     B, N, C = x.shape
-    g = gate.float().contiguous()
+    g, gsb = _cpu_rows(gate)
     _ext.cpu_twin("gated_residual")(x.data_ptr(), _ext.dtype_code(x), B, N, C, *x.stride(), y.data_ptr(),
-                                    *y.stride(), g.data_ptr(), out.data_ptr(), *out.stride())
+                                    *y.stride(), g.data_ptr(), gsb, out.data_ptr(), *out.stride())
 
 
 _ADALN_IMPLS = {"triton": _adaln_triton, "cpu": _adaln_cpu, "reference": _adaln_reference}
@@ -447,8 +464,9 @@ def _gr_fp8_inplace_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, q: 
 # ---------------------------------------------------------------------------------------------
 # public API
 
-def per_sample_view(name: str, t, B: int, C: int, device: torch.device) -> torch.Tensor:
-    """Validate a per-sample modulation vector and return it as a ``[B, C]`` view (no copy)."""
+def check_per_sample(name: str, t, B: int, C: int, device: torch.device) -> torch.Tensor:
+    """Validate a per-sample modulation vector and return it as given (the implementations read
+    every accepted shape in place, see _mod_strides)."""
     check_tensor(name, t, ndim=(1, 2, 3), dtypes=FLOAT_DTYPES, device=device)
     shape = tuple(t.shape)
     ok = shape[-1] == C and (
@@ -458,9 +476,7 @@ def per_sample_view(name: str, t, B: int, C: int, device: torch.device) -> torch
     if not ok:
         raise ValueError(f"{name}: expected one {C}-vector per sample, shaped [{B}, {C}] or [{B}, 1, {C}] "
                          f"(or broadcast [{C}], [1, {C}], [1, 1, {C}]), got shape {shape}")
-    if t.dim() == 3:
-        t = t[:, 0, :]
-    return t.expand(B, C)
+    return t
 
 
 def adaln_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *, eps: float,
@@ -484,8 +500,8 @@ def adaln_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *
     """
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     B, N, C = x.shape
-    shift = per_sample_view("shift", shift, B, C, x.device)
-    scale = per_sample_view("scale", scale, B, C, x.device)
+    shift = check_per_sample("shift", shift, B, C, x.device)
+    scale = check_per_sample("scale", scale, B, C, x.device)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
     if _fp8.check_flag(fp8):
@@ -531,7 +547,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, out: to
     check_tensor("y", y, ndim=3, dtypes=(x.dtype,), device=x.device)
     if tuple(y.shape) != tuple(x.shape):
         raise ValueError(f"y: expected shape {tuple(x.shape)} (x's shape), got shape {tuple(y.shape)}")
-    gate = per_sample_view("gate", gate, B, C, x.device)
+    gate = check_per_sample("gate", gate, B, C, x.device)
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     elif not in_place:

@@ -108,6 +108,25 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _row_strides(t: torch.Tensor):
+    """(rows, row stride, element stride) of t read as ``[-1, D]`` in place, or None when its
+    leading dims do not collapse into one row stride (the caller then reshapes, which copies).
+    No view is made: on a CPU whose caches the previous op has just evicted, a call's first view
+    op costs about 100 us."""
+    shape, strides = t.shape, t.stride()
+    rows, row_stride = 1, 0
+    for i in range(t.dim() - 2, -1, -1):   # innermost leading dim first
+        n = shape[i]
+        if n == 1:
+            continue
+        if rows > 1 and strides[i] != row_stride * rows:
+            return None
+        if rows == 1:
+            row_stride = strides[i]
+        rows *= n
+    return rows, row_stride, strides[-1]
+
+
 def _impl_triton(x, weight, eps, residual, out, residual_out):
     x2, y2 = _rows(x), out.view(-1, x.shape[-1])
     n_rows, D = x2.shape
@@ -139,12 +158,20 @@ def _impl_cpu(x, weight, eps, residual, out, residual_out):
     # F.rms_norm on CPU is a chain of element-wise ops (pow, mean, rsqrt, mul) several times slower
     if x.numel() == 0:
         return
-    x2 = _rows(x)
-    r2 = _rows(residual) if residual is not None else None
+    D = x.shape[-1]
+    xs = _row_strides(x)
+    if xs is None:
+        x = _rows(x)
+        xs = (x.shape[0], x.stride(0), x.stride(1))
+    rs = (0, 0, 0)
+    if residual is not None:
+        rs = _row_strides(residual)
+        if rs is None:
+            residual = _rows(residual)
+            rs = (residual.shape[0], residual.stride(0), residual.stride(1))
     w = weight if weight.dtype in (x.dtype, torch.float32) else weight.float()
-    _ext.cpu_twin("rms_norm")(x2.data_ptr(), _ext.dtype_code(x2), x2.shape[0], x2.shape[1], x2.stride(0),
-                              x2.stride(1), r2.data_ptr() if r2 is not None else 0,
-                              r2.stride(0) if r2 is not None else 0, r2.stride(1) if r2 is not None else 0,
+    _ext.cpu_twin("rms_norm")(x.data_ptr(), _ext.dtype_code(x), xs[0], D, xs[1], xs[2],
+                              residual.data_ptr() if residual is not None else 0, rs[1], rs[2],
                               w.data_ptr(), _ext.dtype_code(w), float(eps), out.data_ptr(),
                               residual_out.data_ptr() if residual_out is not None else 0)
 

@@ -141,6 +141,37 @@ def test_rms_norm_any_inner_stride(backend, layout):
     torch.testing.assert_close(s2, x + r, atol=0, rtol=0)
 
 
+def _leading_layout(layout, g):
+    base = torch.randn(6, 6, 2, 24, generator=g)
+    return {"contiguous": lambda: base[:3, :, 0, :].contiguous(),          # [3, 6, 24]
+            "rows_sliced": lambda: base[:3, :, 0, :],                      # [3, 6, 24], one row stride: 48
+            "size_one_dims": lambda: base[:1, :3, :1],                     # [1, 3, 1, 24], strides 288, 48, 24
+            "leading_permuted": lambda: base[:, :3, 1, :].transpose(0, 1), # [3, 6, 24]: no one row stride
+            "leading_expanded": lambda: base[:1, :1, 0, :].expand(3, 6, 24)}[layout]()
+
+
+@pytest.mark.parametrize("x_layout", ["contiguous", "rows_sliced", "size_one_dims", "leading_permuted",
+                                      "leading_expanded"])
+@pytest.mark.parametrize("r_layout", ["contiguous", "rows_sliced", "leading_permuted"])
+def test_rms_norm_cpu_leading_dims(x_layout, r_layout):
+    # the CPU path reads x / residual as rows in place when their leading dims collapse into one
+    # row stride (no view made) and reshapes (copies) otherwise; both must give the rows in order
+    g = torch.Generator().manual_seed(11)
+    x = _leading_layout(x_layout, g)
+    r = _leading_layout(r_layout, g)
+    if r.shape != x.shape:
+        r = r.reshape(-1, 24)[: x.numel() // 24].reshape(x.shape)
+    w = torch.randn(24, generator=g)
+    with sk.backend("cpu"):
+        y = sk.rms_norm(x, w, 1e-5)
+        y2, s2 = sk.rms_norm(x, w, 1e-5, residual=r)
+    want64 = fp64(ref.rms_norm, x, w, 1e-5, compute_dtype=torch.float64)
+    assert_close_fa(y, ref.rms_norm(x, w, 1e-5), want64, name="y")
+    want64 = fp64(ref.rms_norm, x, w, 1e-5, r, compute_dtype=torch.float64)
+    assert_close_fa(y2, ref.rms_norm(x, w, 1e-5, r)[0], want64[0], name="y (residual)")
+    torch.testing.assert_close(s2, x + r, atol=0, rtol=0)
+
+
 @requires_triton
 @pytest.mark.parametrize("case", ["aligned", "aligned_residual_bf16", "two_pass", "two_pass_aligned", "ones",
                                   "strided"])

@@ -33,12 +33,12 @@ void adaln_layernorm_cpu(uintptr_t x, int dtype, int64_t B, int64_t N, int64_t C
 
 void gated_residual_cpu(uintptr_t x, int dtype, int64_t B, int64_t N, int64_t C, int64_t sxb, int64_t sxn,
                         int64_t sxc, uintptr_t y, int64_t syb, int64_t syn, int64_t syc, uintptr_t gate,
-                        uintptr_t out, int64_t sob, int64_t son, int64_t soc) {
+                        int64_t gsb, uintptr_t out, int64_t sob, int64_t son, int64_t soc) {
   cpu::dispatch(dtype, "gated_residual", [&](auto tag) {
     using T = decltype(tag);
     auto* run = cpu::by_isa(cpu::cpu_isa(), &avx512::gated_run<T>, &avx2::gated_run<T>, &base::gated_run<T>);
     run(reinterpret_cast<const T*>(x), B, N, C, sxb, sxn, sxc, reinterpret_cast<const T*>(y), syb, syn, syc,
-        reinterpret_cast<const float*>(gate), reinterpret_cast<T*>(out), sob, son, soc);
+        reinterpret_cast<const float*>(gate), gsb, reinterpret_cast<T*>(out), sob, son, soc);
   });
 }
 

@@ -171,8 +171,8 @@ void adaln_run(const T* x, int64_t B, int64_t N, int64_t C, int64_t sxb, int64_t
 
 template <typename T>
 void gated_run(const T* x, int64_t B, int64_t N, int64_t C, int64_t sxb, int64_t sxn, int64_t sxc, const T* y,
-               int64_t syb, int64_t syn, int64_t syc, const float* gate, T* out, int64_t sob, int64_t son,
-               int64_t soc) {
+               int64_t syb, int64_t syn, int64_t syc, const float* gate, int64_t gsb, T* out, int64_t sob,
+               int64_t son, int64_t soc) {
   const bool dense = sxc == 1 && syc == 1 && soc == 1;
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < B * N; ++r) {
@@ -180,7 +180,7 @@ void gated_run(const T* x, int64_t B, int64_t N, int64_t C, int64_t sxb, int64_t
     const T* xr = x + b * sxb + n * sxn;
     const T* yr = y + b * syb + n * syn;
     T* o = out + b * sob + n * son;
-    const float* g = gate + b * C;
+    const float* g = gate + b * gsb;
     if (dense) {  // out may be x (in place): element c is read before it is written, never after
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) o[c] = from_float<T>(to_float(xr[c]) + g[c] * to_float(yr[c]));

@@ -45,7 +45,7 @@ PYBIND11_MODULE(_C_cpu, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("gated_residual", &spar::gated_residual_cpu, py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("N"),
         py::arg("C"), py::arg("sxb"), py::arg("sxn"), py::arg("sxc"), py::arg("y"), py::arg("syb"), py::arg("syn"),
-        py::arg("syc"), py::arg("gate"), py::arg("out"), py::arg("sob"), py::arg("son"), py::arg("soc"),
+        py::arg("syc"), py::arg("gate"), py::arg("gsb"), py::arg("out"), py::arg("sob"), py::arg("son"), py::arg("soc"),
         py::call_guard<py::gil_scoped_release>());
   m.def("dwconv_glu", &spar::dwconv_glu_cpu, py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("H"),
         py::arg("W"), py::arg("C"), py::arg("sxb"), py::arg("sxn"), py::arg("w9"), py::arg("bias"), py::arg("out"),
