@@ -119,6 +119,19 @@ def test_backend_errors():
     assert sk.current_backend() == "auto"
 
 
+def _check_with_and_without_residual(backend, x, w, r):
+    """rms_norm of x, and of x + r, on the backend against the reference (FlashAttention rule);
+    the residual sum exactly."""
+    with sk.backend(backend):
+        y = sk.rms_norm(x, w, 1e-5)
+        y2, s2 = sk.rms_norm(x, w, 1e-5, residual=r)
+    want64 = fp64(ref.rms_norm, x, w, 1e-5, compute_dtype=torch.float64)
+    assert_close_fa(y, ref.rms_norm(x, w, 1e-5), want64, name="y")
+    want64 = fp64(ref.rms_norm, x, w, 1e-5, r, compute_dtype=torch.float64)
+    assert_close_fa(y2, ref.rms_norm(x, w, 1e-5, r)[0], want64[0], name="y (residual)")
+    torch.testing.assert_close(s2, x + r, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["transposed", "every_other", "transposed_wide"])
 def test_rms_norm_any_inner_stride(backend, layout):
@@ -131,14 +144,7 @@ def test_rms_norm_any_inner_stride(backend, layout):
         x, r = torch.randn(9000, 3).t(), torch.randn(9000, 3).t()    # two-pass rows, stride 3
     assert x.stride(-1) != 1
     w = torch.randn(x.shape[-1])
-    with sk.backend(backend):
-        y = sk.rms_norm(x, w, 1e-5)
-        y2, s2 = sk.rms_norm(x, w, 1e-5, residual=r)
-    want64 = fp64(ref.rms_norm, x, w, 1e-5, compute_dtype=torch.float64)
-    assert_close_fa(y, ref.rms_norm(x, w, 1e-5), want64, name="y")
-    want64 = fp64(ref.rms_norm, x, w, 1e-5, r, compute_dtype=torch.float64)
-    assert_close_fa(y2, ref.rms_norm(x, w, 1e-5, r)[0], want64[0], name="y (residual)")
-    torch.testing.assert_close(s2, x + r, atol=0, rtol=0)
+    _check_with_and_without_residual(backend, x, w, r)
 
 
 def _leading_layout(layout, g):
@@ -162,14 +168,7 @@ def test_rms_norm_cpu_leading_dims(x_layout, r_layout):
     if r.shape != x.shape:
         r = r.reshape(-1, 24)[: x.numel() // 24].reshape(x.shape)
     w = torch.randn(24, generator=g)
-    with sk.backend("cpu"):
-        y = sk.rms_norm(x, w, 1e-5)
-        y2, s2 = sk.rms_norm(x, w, 1e-5, residual=r)
-    want64 = fp64(ref.rms_norm, x, w, 1e-5, compute_dtype=torch.float64)
-    assert_close_fa(y, ref.rms_norm(x, w, 1e-5), want64, name="y")
-    want64 = fp64(ref.rms_norm, x, w, 1e-5, r, compute_dtype=torch.float64)
-    assert_close_fa(y2, ref.rms_norm(x, w, 1e-5, r)[0], want64[0], name="y (residual)")
-    torch.testing.assert_close(s2, x + r, atol=0, rtol=0)
+    _check_with_and_without_residual("cpu", x, w, r)
 
 
 @requires_triton
