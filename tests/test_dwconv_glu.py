@@ -59,6 +59,10 @@ def test_dwconv_glu_layouts_and_optional_bias(backend, dtype):
     _check(backend, non_contiguous(x, 2), w.to(dtype), None, H, W)       # strided channels: copied
     wide = torch.randn(B, H * W, 3 * C).to(dtype)[..., C:]               # a channel slice of a wider buffer
     _check(backend, wide, w, torch.randn(2 * C).half(), H, W)
+    w_rows = torch.randn(3 * C, 1, 3, 3)[C:]                             # weight rows of a bigger tensor
+    _check(backend, x, w_rows, torch.randn(4 * C)[::2], H, W)            # strided bias: copied
+    w_sparse = torch.randn(2 * C, 2, 3, 3)[:, :1]                        # channel stride 18, taps contiguous
+    _check(backend, x, w_sparse, None, H, W)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -196,10 +200,10 @@ def test_dwconv_glu_other_lane_counts_match_reference(tmp_path, lanes, flags):
             x = torch.randn(B, H * W, 2 * C, generator=g).to(dtype)
             w = torch.randn(2 * C, 1, 3, 3, generator=g) / 3
             b = torch.randn(2 * C, generator=g)
-            paths = [tmp_path / n for n in ("x.bin", "w9.bin", "bias.bin", "out.bin")]
+            paths = [tmp_path / n for n in ("x.bin", "w.bin", "bias.bin", "out.bin")]
             bits = x.view(torch.int16) if dtype == torch.bfloat16 else x
             bits.contiguous().numpy().tofile(paths[0])
-            w.reshape(2 * C, 9).t().contiguous().numpy().tofile(paths[1])     # [9, 2C], tap-major
+            w.reshape(2 * C, 9).contiguous().numpy().tofile(paths[1])         # [2C, 9], the conv's layout
             b.numpy().tofile(paths[2])
             subprocess.run([str(exe), *map(str, (B, H, W, C)), code, *map(str, paths)], check=True, timeout=60)
             raw = torch.from_numpy(np.fromfile(paths[3], dtype=np.float32 if code == "f32" else np.int16))

@@ -48,7 +48,7 @@ PYBIND11_MODULE(_C_cpu, m) {
         py::arg("syc"), py::arg("gate"), py::arg("gsb"), py::arg("out"), py::arg("sob"), py::arg("son"), py::arg("soc"),
         py::call_guard<py::gil_scoped_release>());
   m.def("dwconv_glu", &spar::dwconv_glu_cpu, py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("H"),
-        py::arg("W"), py::arg("C"), py::arg("sxb"), py::arg("sxn"), py::arg("w9"), py::arg("bias"), py::arg("out"),
+        py::arg("W"), py::arg("C"), py::arg("sxb"), py::arg("sxn"), py::arg("w"), py::arg("swc"), py::arg("swt"), py::arg("bias"), py::arg("out"),
         py::arg("sob"), py::arg("son"), py::call_guard<py::gil_scoped_release>());
   m.def("linear_attention", &spar::linear_attention_cpu, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("dtype"),
         py::arg("B"), py::arg("Nq"), py::arg("Nk"), py::arg("H"), py::arg("D"), py::arg("sqb"), py::arg("sqn"),

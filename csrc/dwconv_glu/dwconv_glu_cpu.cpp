@@ -26,7 +26,8 @@ namespace {
 }  // namespace
 
 void dwconv_glu_cpu(uintptr_t x, int dtype, int64_t B, int64_t H, int64_t W, int64_t C, int64_t sxb,
-                    int64_t sxn, uintptr_t w9, uintptr_t bias, uintptr_t out, int64_t sob, int64_t son) {
+                    int64_t sxn, uintptr_t w, int64_t swc, int64_t swt, uintptr_t bias, uintptr_t out, int64_t sob,
+                    int64_t son) {
   const cpu::Isa isa = cpu::cpu_isa();
   // the kernels read the bias unconditionally: zeros when the conv has none
   std::vector<float> zeros(bias ? 0 : 2 * C, 0.0f);
@@ -40,7 +41,7 @@ void dwconv_glu_cpu(uintptr_t x, int dtype, int64_t B, int64_t H, int64_t W, int
     using T = decltype(tag);
     auto* run = cpu::by_isa(isa, &avx512::dwconv_glu_run<16, T>, &avx2::dwconv_glu_run<8, T>,
                             &base::dwconv_glu_run<cpu::kBaseLanes, T>);
-    run(reinterpret_cast<const T*>(x), B, H, W, C, sxb, sxn, reinterpret_cast<const float*>(w9), bias2,
+    run(reinterpret_cast<const T*>(x), B, H, W, C, sxb, sxn, reinterpret_cast<const float*>(w), swc, swt, bias2,
         reinterpret_cast<T*>(out), sob, son, threads);
   });
 }

@@ -262,7 +262,8 @@ inline void conv_glu_pixels_at(bool left, bool right, const T* const* rows, int 
 // wts: this thread's buffer for the block's repacked weights (nv * 20 * L floats).
 template <int L, typename T>
 void conv_glu_block(const T* xb, int64_t H, int64_t W, int64_t C, int64_t sxn, int64_t c0, int64_t ch, int64_t r0,
-                    int64_t r1, const float* w9, const float* bias2, T* ob, int64_t son, float* wts) {
+                    int64_t r1, const float* w, int64_t swc, int64_t swt, const float* bias2, T* ob, int64_t son,
+                    float* wts) {
   constexpr int kP = kConvPixels;
   const int64_t nv = (ch + L - 1) / L, n = ch - (nv - 1) * L;
   for (int64_t v = 0; v < nv; ++v) {
@@ -272,7 +273,8 @@ void conv_glu_block(const T* xb, int64_t H, int64_t W, int64_t C, int64_t sxn, i
     for (int st = 0; st < 2; ++st) {
       for (int k = 0; k < 3; ++k)
         for (int dc = 0; dc < 3; ++dc)
-          std::copy_n(w9 + (k * 3 + dc) * 2 * C + st * C + c0 + v * L, m, wv + (k * 6 + st * 3 + dc) * L);
+          for (int64_t l = 0; l < m; ++l)
+            wv[(k * 6 + st * 3 + dc) * L + l] = w[(st * C + c0 + v * L + l) * swc + (k * 3 + dc) * swt];
       std::copy_n(bias2 + st * C + c0 + v * L, m, wv + (18 + st) * L);
     }
   }
@@ -308,7 +310,8 @@ void conv_glu_block(const T* xb, int64_t H, int64_t W, int64_t C, int64_t sxn, i
 // are (sample, block of channels, band of rows).
 template <int L, typename T>
 void dwconv_glu_run(const T* x, int64_t B, int64_t H, int64_t W, int64_t C, int64_t sxb, int64_t sxn,
-                    const float* w9, const float* bias2, T* out, int64_t sob, int64_t son, int64_t threads) {
+                    const float* w, int64_t swc, int64_t swt, const float* bias2, T* out, int64_t sob, int64_t son,
+                    int64_t threads) {
   // channel block: the 3 input rows it reads (a + gate channels, fp32-sized) within kConvRowsBytes
   const int64_t budget = kConvRowsBytes / (3 * W * 2 * int64_t(sizeof(float)));
   const int64_t cb = std::min((C + L - 1) / L * L, std::max<int64_t>(L, budget / L * L));
@@ -326,7 +329,8 @@ void dwconv_glu_run(const T* x, int64_t B, int64_t H, int64_t W, int64_t C, int6
       const int64_t c0 = blk * cb, ch = std::min(C, c0 + cb) - c0;
       const int64_t r0 = bnd * band, r1 = std::min(H, r0 + band);
       if (r0 < r1)
-        conv_glu_block<L>(x + b * sxb, H, W, C, sxn, c0, ch, r0, r1, w9, bias2, out + b * sob, son, wts.data());
+        conv_glu_block<L>(x + b * sxb, H, W, C, sxn, c0, ch, r0, r1, w, swc, swt, bias2, out + b * sob, son,
+                          wts.data());
     }
   }
 }

@@ -7,8 +7,9 @@
 // AVX-512 variant uses vmaxps / vminps, the same values), and the register pin of the loaded
 // vectors (CONV_PIN_LOADS) is left out: it only steers register allocation.
 //
-// usage: dwconv_glu_l16 B H W C f32|bf16 x.bin w9.bin bias.bin out.bin
-//   x: [B, H*W, 2C] of the dtype, w9: [9, 2C] fp32 (tap-major), bias: [2C] fp32, out: [B, H*W, C]
+// usage: dwconv_glu_l16 B H W C f32|bf16 x.bin w.bin bias.bin out.bin
+//   x: [B, H*W, 2C] of the dtype, w: [2C, 9] fp32 (the conv weight's layout), bias: [2C] fp32,
+//   out: [B, H*W, C]
 #include <immintrin.h>
 
 #include <algorithm>
@@ -42,11 +43,11 @@ template <typename T>
 int run(int64_t B, int64_t H, int64_t W, int64_t C, char** paths) {
   const int64_t N = H * W;
   const std::vector<char> x = harness::read_file(paths[0], size_t(B * N * 2 * C) * sizeof(T));
-  const std::vector<char> w9 = harness::read_file(paths[1], size_t(9 * 2 * C) * sizeof(float));
+  const std::vector<char> w = harness::read_file(paths[1], size_t(2 * C * 9) * sizeof(float));
   const std::vector<char> bias = harness::read_file(paths[2], size_t(2 * C) * sizeof(float));
   std::vector<T> out(size_t(B * N * C));
   spar::dwconv_glu_run<CONV_LANES, T>(reinterpret_cast<const T*>(x.data()), B, H, W, C, N * 2 * C, 2 * C,
-                              reinterpret_cast<const float*>(w9.data()), reinterpret_cast<const float*>(bias.data()),
+                              reinterpret_cast<const float*>(w.data()), 9, 1, reinterpret_cast<const float*>(bias.data()),
                               out.data(), N * C, C, 1);
   return harness::write_file(paths[3], out);
 }
@@ -55,7 +56,7 @@ int run(int64_t B, int64_t H, int64_t W, int64_t C, char** paths) {
 
 int main(int argc, char** argv) {
   if (argc != 10) {
-    std::fprintf(stderr, "usage: %s B H W C f32|bf16 x.bin w9.bin bias.bin out.bin\n", argv[0]);
+    std::fprintf(stderr, "usage: %s B H W C f32|bf16 x.bin w.bin bias.bin out.bin\n", argv[0]);
     return 2;
   }
   const int64_t B = std::atoll(argv[1]), H = std::atoll(argv[2]), W = std::atoll(argv[3]), C = std::atoll(argv[4]);
