@@ -127,6 +127,16 @@ def _row_strides(t: torch.Tensor):
     return rows, row_stride, strides[-1]
 
 
+def _cpu_rows(t: torch.Tensor):
+    """(t, (rows, row stride, element stride)): t read in place when _row_strides can, else its
+    [-1, D] reshape (a copy)."""
+    rs = _row_strides(t)
+    if rs is None:
+        t = _rows(t)
+        rs = (t.shape[0], t.stride(0), t.stride(1))
+    return t, rs
+
+
 def _impl_triton(x, weight, eps, residual, out, residual_out):
     x2, y2 = _rows(x), out.view(-1, x.shape[-1])
     n_rows, D = x2.shape
@@ -159,16 +169,8 @@ def _impl_cpu(x, weight, eps, residual, out, residual_out):
     if x.numel() == 0:
         return
     D = x.shape[-1]
-    xs = _row_strides(x)
-    if xs is None:
-        x = _rows(x)
-        xs = (x.shape[0], x.stride(0), x.stride(1))
-    rs = (0, 0, 0)
-    if residual is not None:
-        rs = _row_strides(residual)
-        if rs is None:
-            residual = _rows(residual)
-            rs = (residual.shape[0], residual.stride(0), residual.stride(1))
+    x, xs = _cpu_rows(x)
+    residual, rs = _cpu_rows(residual) if residual is not None else (None, (0, 0, 0))
     w = weight if weight.dtype in (x.dtype, torch.float32) else weight.float()
     _ext.cpu_twin("rms_norm")(x.data_ptr(), _ext.dtype_code(x), xs[0], D, xs[1], xs[2],
                               residual.data_ptr() if residual is not None else 0, rs[1], rs[2],
