@@ -153,6 +153,73 @@ def test_time_interleaved_round_robin_warmup_rotation_and_calibration():
         time_interleaved(fns, 1, budget_s=0)
 
 
+def test_interleaved_copy_and_matmul_ceilings_and_roofline():
+    """bench.interleaved: the copy and matmul rows, % of copy and % of roofline from them, the
+    bound each case falls on, and which rows get which columns (fake clock and ceilings)."""
+    from bench.harness import Case
+    from bench.interleaved import markdown, roofline, run
+
+    assert roofline(100, 2.0, 1.0, 100) == (2.0, "memory")       # 100 FLOPs take 1 s < copy 2 s
+    assert roofline(600, 2.0, 1.0, 100) == (6.0, "compute")      # 600 FLOPs at 100 FLOP/s
+    for bad in [(0, 1.0, 1.0, 1), (1, 0.0, 1.0, 1), (1, 1.0, -1.0, 1), (1, 1.0, 1.0, 0)]:
+        with pytest.raises(ValueError, match="roofline"):
+            roofline(*bad)
+
+    now = [0.0]
+
+    def costs(*seq):  # a provider whose successive calls take these times (then the last one)
+        it = iter(seq)
+        last = [seq[-1]]
+
+        def factory():
+            def call():
+                now[0] += next(it, last[0])
+            return call
+        return factory
+
+    built = []
+
+    def copy(nbytes):
+        built.append(("copy", nbytes))
+        return costs(4.0)
+
+    def matmul():  # 100 FLOPs a call; its fastest call (1 s) sets the rate, not its median (2 s)
+        return costs(9.0, 2.0, 1.0, 2.0, 2.0), 100
+
+    cases = [Case(op="x", name="mem", providers={"spar": costs(8.0), "eager": costs(16.0)}, bytes=400,
+                  flops=200, baseline="eager"),
+             Case(op="x", name="fma", providers={"spar": costs(10.0), "eager": costs(40.0)}, bytes=400,
+                  flops=500, baseline="eager"),
+             Case(op="x", name="bytes only", providers={"spar": costs(8.0)}, bytes=400),
+             Case(op="x", name="neither", providers={"spar": costs(8.0)})]
+    rows = run(cases, 4, clock=lambda: now[0], copy=copy, matmul=matmul)
+    by = {(r["case"], r["provider"]): r for r in rows}
+    assert built == [("copy", 400)] * 3
+    assert sorted(p for c, p in by if c == "mem") == ["copy", "eager", "matmul", "spar"]
+    assert sorted(p for c, p in by if c == "bytes only") == ["copy", "spar"]
+    assert [p for c, p in by if c == "neither"] == ["spar"]
+    mem, fma = by[("mem", "spar")], by[("fma", "spar")]
+    # mem: compute 200 FLOPs at 100 FLOP/s = 2 s < copy 4 s: memory-bound, roofline 4 s
+    assert mem["bound"] == "memory" and mem["pct_roof"] == pytest.approx(50.0)
+    assert mem["pct_copy"] == pytest.approx(50.0) and mem["speedup"] == pytest.approx(2.0)
+    assert mem["gbps"] == pytest.approx(400 / 8.0 / 1e9) and mem["gflops"] == pytest.approx(200 / 8.0 / 1e9)
+    # fma: 500 FLOPs = 5 s > copy 4 s: compute-bound, roofline 5 s
+    assert fma["bound"] == "compute" and fma["pct_roof"] == pytest.approx(50.0)
+    assert fma["pct_copy"] == pytest.approx(40.0) and by[("fma", "eager")]["pct_roof"] == pytest.approx(12.5)
+    mm = by[("mem", "matmul")]
+    assert mm["gflops"] == pytest.approx(100 / 2.0 / 1e9) and mm["speedup"] is None and mm["gbps"] is None
+    assert mm["pct_copy"] is None and mm["pct_roof"] is None
+    assert by[("mem", "copy")]["pct_copy"] is None and by[("mem", "copy")]["pct_roof"] is None
+    assert by[("bytes only", "spar")]["pct_copy"] == pytest.approx(50.0)
+    assert by[("bytes only", "spar")]["pct_roof"] is None
+    table = markdown(rows)
+    assert "| mem | spar | 8000000.0 [8000000.0] |" in table and "| 50% | 50% (memory) |" in table
+    assert "| 40% | 50% (compute) |" in table
+    with pytest.raises(ValueError, match="reserved"):
+        run([Case(op="x", name="clash", providers={"copy": costs(1.0)}, bytes=4)], 1, clock=lambda: now[0],
+            copy=copy, matmul=matmul)
+
+
 # ---------------------------------------------------------------------------------------------
 # the build and the op-definition helper (spar_kernels/_op.py)
 
