@@ -12,7 +12,8 @@ accesses). fp32 math, one rounding to x's dtype.
 
 adaln_layernorm: one program per token row; rows up to ``ROW_MAX_SINGLE_PASS`` wide stay in
 registers (mean and variance from the same registers), wider rows are streamed three times
-(mean, variance, write; the re-reads hit L2). gated_residual: a 2-D grid of (row, column block).
+(mean, variance, write; the re-reads hit L2). The variance is the C++ twin's corrected two-pass
+form, accurate for rows far from zero (see _adaln_kernel). gated_residual: a 2-D grid of (row, column block).
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ _GR_BLOCK = 1024          # columns per gated_residual program
 
 
 @triton.jit
-def _adaln_chunk(x_row, sh_row, sc_row, c64, mask, stride_xc, stride_shc, stride_scc, mean, rstd, OUT_TY: tl.constexpr):
-    """One chunk of a streamed row: ``((x - mean) * rstd * (1 + scale) + shift)`` rounded to OUT_TY."""
+def _adaln_chunk(x_row, sh_row, sc_row, c64, mask, stride_xc, stride_shc, stride_scc, mean, corr, rstd,
+                 OUT_TY: tl.constexpr):
+    """One chunk of a streamed row: ``(((x - mean) - corr) * rstd * (1 + scale) + shift)`` rounded to OUT_TY."""
     h = tl.load(x_row + c64 * stride_xc, mask=mask, other=0.0).to(tl.float32)
     sc = tl.load(sc_row + c64 * stride_scc, mask=mask, other=0.0).to(tl.float32)
     sh = tl.load(sh_row + c64 * stride_shc, mask=mask, other=0.0).to(tl.float32)
-    return ((h - mean) * rstd * (1.0 + sc) + sh).to(OUT_TY)
+    return (((h - mean) - corr) * rstd * (1.0 + sc) + sh).to(OUT_TY)
 
 
 @triton.jit
@@ -46,6 +48,10 @@ def _adaln_kernel(X, SHIFT, SCALE, Y, Q, S, N, C, stride_xb, stride_xn, stride_x
     # channel stride of 1 (the usual case) is specialized by triton into a contiguous access.
     # FP8_OUT: instead of y, write its per-token FP8 codes into Q ([B*N, C] contiguous, as bytes)
     # and the row's scale into S[row] (the _fp8_out contract: y rounded to x's dtype first).
+    # The corrected two-pass variance (as the C++ twin): with d = x - mean (exact for x near the
+    # fp32 mean), corr = sum(d) / C fixes the mean's rounding, var = sum(d^2) / C - corr^2 and
+    # y = (d - corr) * rstd * ...: rows far from zero (1e4 + randn) keep fp32 accuracy, where the
+    # plain two-pass form loses the mean's rounding error (~ulp(1e4) / std) in every element.
     row = tl.program_id(0).to(tl.int64)
     b = row // N
     n = row % N
@@ -60,10 +66,11 @@ def _adaln_kernel(X, SHIFT, SCALE, Y, Q, S, N, C, stride_xb, stride_xn, stride_x
         h = tl.load(x_row + c64 * stride_xc, mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(h, axis=0) / C
         d = tl.where(mask, h - mean, 0.0)
-        rstd = tl.rsqrt(tl.sum(d * d, axis=0) / C + eps)
+        corr = tl.sum(d, axis=0) / C
+        rstd = tl.rsqrt(tl.maximum(tl.sum(d * d, axis=0) / C - corr * corr, 0.0) + eps)
         sc = tl.load(sc_row + c64 * stride_scc, mask=mask, other=0.0).to(tl.float32)
         sh = tl.load(sh_row + c64 * stride_shc, mask=mask, other=0.0).to(tl.float32)
-        y = (d * rstd * (1.0 + sc) + sh).to(OUT_TY)
+        y = ((d - corr) * rstd * (1.0 + sc) + sh).to(OUT_TY)
         if FP8_OUT:
             yf = tl.where(mask, y.to(tl.float32), 0.0)
             scale = _fp8.fp8_scale(_fp8.row_amax(yf, 0))
@@ -78,13 +85,16 @@ def _adaln_kernel(X, SHIFT, SCALE, Y, Q, S, N, C, stride_xb, stride_xn, stride_x
             acc += tl.load(x_row + c.to(tl.int64) * stride_xc, mask=c < C, other=0.0).to(tl.float32)
         mean = tl.sum(acc, axis=0) / C
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        acc_d = tl.zeros([BLOCK_C], dtype=tl.float32)
         for start in range(0, C, BLOCK_C):
             c = start + cols
             mask = c < C
             d = tl.where(mask, tl.load(x_row + c.to(tl.int64) * stride_xc, mask=mask, other=0.0).to(tl.float32) - mean,
                          0.0)
+            acc_d += d
             acc += d * d
-        rstd = tl.rsqrt(tl.sum(acc, axis=0) / C + eps)
+        corr = tl.sum(acc_d, axis=0) / C
+        rstd = tl.rsqrt(tl.maximum(tl.sum(acc, axis=0) / C - corr * corr, 0.0) + eps)
         if FP8_OUT:  # one more pass for the row's amax, then the codes (y recomputed: no scratch), in
             # half chunks (elementwise, so the values are the same): full ones spill on sm_90a
             half = tl.arange(0, BLOCK_C // 2)
@@ -93,14 +103,14 @@ def _adaln_kernel(X, SHIFT, SCALE, Y, Q, S, N, C, stride_xb, stride_xn, stride_x
                 c = start + half
                 mask = c < C
                 y = _adaln_chunk(x_row, sh_row, sc_row, c.to(tl.int64), mask, stride_xc, stride_shc, stride_scc,
-                                 mean, rstd, OUT_TY)
+                                 mean, corr, rstd, OUT_TY)
                 amax = _fp8.running_amax(amax, tl.where(mask, y.to(tl.float32), 0.0), 0)
             scale = _fp8.fp8_scale(amax)
             for start in range(0, C, BLOCK_C // 2):
                 c = start + half
                 mask = c < C
                 y = _adaln_chunk(x_row, sh_row, sc_row, c.to(tl.int64), mask, stride_xc, stride_shc, stride_scc,
-                                 mean, rstd, OUT_TY)
+                                 mean, corr, rstd, OUT_TY)
                 tl.store(Q + row * C + c, _fp8.quantize_codes(y.to(tl.float32), scale), mask=mask)
             tl.store(S + row, scale)
         else:
@@ -109,8 +119,8 @@ def _adaln_kernel(X, SHIFT, SCALE, Y, Q, S, N, C, stride_xb, stride_xn, stride_x
                 c = start + cols
                 mask = c < C
                 c64 = c.to(tl.int64)
-                y = _adaln_chunk(x_row, sh_row, sc_row, c64, mask, stride_xc, stride_shc, stride_scc, mean, rstd,
-                                 OUT_TY)
+                y = _adaln_chunk(x_row, sh_row, sc_row, c64, mask, stride_xc, stride_shc, stride_scc, mean, corr,
+                                 rstd, OUT_TY)
                 tl.store(y_row + c64 * stride_yc, y, mask=mask)
 
 

@@ -394,3 +394,30 @@ def test_cpu_padded_slots_fast_path(n_keys, heads, dtype, monkeypatch):
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(o.double(), want, atol=tol, rtol=tol)
         torch.testing.assert_close(lse.double(), want_lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_sequences_are_independent_of_non_finite_keys_elsewhere(backend, poison):
+    """A non-finite key or value in one sequence (an overflow in one sample) leaves the other
+    sequences of the packed batch exact, on every CPU path: one masked call over the small packed
+    batch (_packed_bias), padded slots, equal-length batches and the per-sequence loop."""
+    for segs, cu_q, cu_k, st, en in (
+            ([[("causal", 5)], [("causal", 7)], [("full", 3)]], None, None, None, None),          # packed masked call
+            (None, [0, 3, 7], [0, 6, 12], [0] * 7, [6] * 3 + [6] * 4),                             # cross, packed
+            (None, [0, 20, 40, 60], [0, 40, 80, 120], [0] * 60, [5] * 20 + [40] * 20 + [17] * 20),  # padded slots
+            ([[("causal", 6)]] * 3, None, None, None, None),                                         # equal lengths
+            ([[("causal", 30), ("full", 10)], [("full", 40)], [("causal", 30)]], None, None, None, None)):  # per sequence
+        lay = (sk.AttentionLayout.from_segments(segs) if segs is not None
+               else sk.AttentionLayout.from_intervals(cu_q, cu_k, st, en))
+        q, k, v = make_qkv(lay.total_q, lay.total_k, 4, 2, 32, torch.float32)
+        cq, ck = lay.cu_seqlens_q.tolist(), lay.cu_seqlens_k.tolist()
+        masks = [ref.interval_mask(lay.kv_start[cq[b]:cq[b + 1]], lay.kv_end[cq[b]:cq[b + 1]], ck[b + 1] - ck[b])
+                 for b in range(lay.batch_size)]
+        want, want_lse = expected(q.double(), k.double(), v.double(), masks, cq, ck, 32 ** -0.5, torch.float64)
+        k[ck[0]:ck[1]:2], v[ck[0] + 1:ck[1]:2] = poison, poison   # sequence 0's keys and values
+        with sk.backend(backend):
+            o, lse = sk.hybrid_attention(q, k, v, lay, return_lse=True)
+        rest = slice(cq[1], None)
+        torch.testing.assert_close(o[rest].double(), want[rest], atol=1e-5, rtol=1e-5, msg=lambda m: f"{lay}: {m}")
+        torch.testing.assert_close(lse[:, rest].double(), want_lse[:, rest], atol=1e-5, rtol=1e-5)

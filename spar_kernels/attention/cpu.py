@@ -242,7 +242,7 @@ def _cpu_uniform(q, k, v, plan, scale, out, lse, q_descale, k_descale, v_descale
 def _cpu_packed_masked(q, k, v, plan, scale, out, lse, q_descale, k_descale, v_descale) -> bool:
     """A small packed batch (a prefill of a few short prompts, any intervals) as one fused call
     over all its rows and keys with the plan's additive mask (:func:`_packed_bias`). Returns False
-    (doing nothing) when the plan has none."""
+    (doing nothing) when the plan has none or the result is not finite (see below)."""
     if plan.bias is None:
         return False
     f32 = torch.float32
@@ -250,6 +250,10 @@ def _cpu_packed_masked(q, k, v, plan, scale, out, lse, q_descale, k_descale, v_d
     kh, vh = _fused_kv(_ref.dequantize(k, k_descale, f32).transpose(0, 1).unsqueeze(0),
                        _ref.dequantize(v, v_descale, f32).transpose(0, 1).unsqueeze(0), q.shape[1] // k.shape[1])
     o, l = _CPU_FUSED(qh, kh, vh, 0.0, False, attn_mask=plan.bias, scale=scale)      # [1, Hq, tq, D], [1, Hq, tq]
+    if not bool(torch.isfinite(o).all()):
+        # a non-finite key or value of one sequence turns every row's score with it into NaN
+        # (NaN + -inf): the per-sequence path keeps the other sequences exact
+        return False
     out.copy_(o[0].transpose(0, 1))
     if lse is not None:
         lse.copy_(l[0])
