@@ -38,9 +38,10 @@ if os.environ.get("CI") and not interpreter_ok():
 requires_triton = pytest.mark.skipif(not interpreter_ok(), reason="needs triton with TRITON_INTERPRET=1")
 
 
-def build_cpp_harness(tmp_path, source: str, flags) -> str:
+def build_cpp_harness(tmp_path, source: str, flags, csrc_sources=()) -> str:
     """Compile ``tests/cpp/<source>`` (with ``-I csrc`` and ``flags``) into ``tmp_path`` and return
-    the executable's path. These harnesses run a twin's instruction-set variant that this CPU
+    the executable's path; ``csrc_sources`` (paths under csrc/) are compiled with it, each file in
+    its own compiler process, all at once, then linked together. These harnesses run a twin's instruction-set variant that this CPU
     would not pick (the AVX-512 width built for AVX2, an SSE-only baseline), so they need AVX2:
     the test skips on a CPU without it or without a C++ compiler (CXX, c++, g++), except under
     CI, where a missing compiler fails (the package's own build needs one)."""
@@ -57,7 +58,17 @@ def build_cpp_harness(tmp_path, source: str, flags) -> str:
         pytest.skip("no C++ compiler")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     exe = os.path.join(str(tmp_path), os.path.splitext(source)[0])
-    subprocess.run([*shlex.split(cxx), *flags, f"-I{root}/csrc", f"{root}/tests/cpp/{source}", "-o", exe], check=True)
+    cmd = [*shlex.split(cxx), *flags, f"-I{root}/csrc", f"-I{root}/tests/cpp"]
+    if not csrc_sources:
+        subprocess.run([*cmd, f"{root}/tests/cpp/{source}", "-o", exe], check=True)
+        return exe
+    srcs = [f"{root}/tests/cpp/{source}", *(f"{root}/csrc/{s}" for s in csrc_sources)]
+    objs = [os.path.join(str(tmp_path), f"{i}_{os.path.basename(s)}.o") for i, s in enumerate(srcs)]
+    procs = [subprocess.Popen([*cmd, "-c", s, "-o", o]) for s, o in zip(srcs, objs)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise RuntimeError(f"compiling {source} and {list(csrc_sources)} failed (exit codes {codes})")
+    subprocess.run([*shlex.split(cxx), *flags, *objs, "-o", exe], check=True)
     return exe
 
 

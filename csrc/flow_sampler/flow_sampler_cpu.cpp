@@ -4,7 +4,9 @@
 // OpenMP threads only above kParallelMin elements. Sums of squares: fp32 vectorized partials
 // within a chunk of a row, fp64 across chunks and rows, in a fixed order (the CUDA kernel uses
 // fixed-order fp32 trees); both round the factor to fp32.
+#ifdef _OPENMP
 #include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -32,7 +34,11 @@ template <typename TX, typename TV>
 void launch(cpu::Isa isa, int64_t B, int64_t P, int64_t Q, uintptr_t x, const int64_t* sx, uintptr_t vc,
             const int64_t* sc, uintptr_t vu, const int64_t* su, uintptr_t vi, const int64_t* si, uintptr_t out,
             uintptr_t h1, uintptr_t h2, const flow::Row& r, int mode, float lo) {
+#ifdef _OPENMP
   const bool par = B * P * Q >= kParallelMin && omp_get_max_threads() > 1;
+#else
+  const bool par = false;
+#endif
   auto args = [&](auto tag) {
     using R = decltype(tag);
     return R{reinterpret_cast<const TX*>(x), sx[0], sx[1], sx[2], reinterpret_cast<const TV*>(vc),
