@@ -205,10 +205,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
     if x.dim() == 0:
         raise ValueError("x: expected at least 1 dimension, got a scalar")
     D = x.shape[-1]
-    check_tensor("weight", weight, ndim=1, dtypes=FLOAT_DTYPES, device=x.device, last_contiguous=True)
+    check_tensor("weight", weight, ndim=1, dtypes=FLOAT_DTYPES + (torch.float64,), device=x.device,
+                 last_contiguous=True)
     check_shape("weight", weight, (D,))
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+    if weight.dtype not in FLOAT_DTYPES:
+        weight = weight.float()  # float64: the fp32 math reads it as float32 (one small copy)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+        raise ValueError(f"eps: expected a finite non-negative float, got {eps!r}")
     if residual is not None:
         check_tensor("residual", residual, dtypes=(x.dtype,), device=x.device)
         check_shape("residual", residual, x.shape)

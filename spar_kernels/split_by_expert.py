@@ -26,11 +26,11 @@ from typing import NamedTuple, Sequence
 import torch
 
 from . import _aot, _ext
-from ._op import device_guard, spar_op
+from ._op import device_guard, is_tracing, spar_op
 from ._triton import ROW_LAUNCH_WIDTHS, ROW_NUM_STAGES, ROW_WIDE_ALIGNED, row_launch_config, tl, triton
 from ._validate import FLOAT_DTYPES, as_index, check_index_range, check_out, check_tensor
 from .reference import split_by_expert as _ref
-from .row_moves import bits_view, copy_rows_triton
+from .row_moves import bits_view, check_no_overlap, copy_rows_triton
 
 
 
@@ -198,7 +198,8 @@ def split_by_expert(x: torch.Tensor, expert_ids: torch.Tensor | Sequence[int], n
         eps: RMSNorm epsilon.
         counts: optional per-expert row counts known on the host (trusted on CUDA), so that
             :meth:`ExpertSplit.expert` slices without a host sync.
-        out: optional contiguous ``[N, D]`` buffer for the grouped rows.
+        out: optional contiguous ``[N, D]`` buffer for the grouped rows, not sharing memory
+            with ``x``.
         workspace: optional contiguous int64 tensor of ``2 * N + num_experts + 1`` elements on x's
             device for the sort's keys and the experts' boundaries (see
             :func:`split_by_expert_workspace`); with ``out=`` and ``workspace=`` the call allocates
@@ -245,6 +246,7 @@ def split_by_expert(x: torch.Tensor, expert_ids: torch.Tensor | Sequence[int], n
         out = torch.empty((N, D), dtype=x.dtype, device=x.device)
     else:
         check_out("out", out, (N, D), x.dtype, x.device)
+        check_no_overlap("out", out, "x", x)
     if workspace is None:
         sorted_ids, perm = torch.sort(ids.to(torch.int64), stable=True)
         bounds = torch.arange(E + 1, device=x.device, dtype=torch.int64)
@@ -295,8 +297,10 @@ def merge_experts(grouped: torch.Tensor, split: ExpertSplit | torch.Tensor, *,
     Args:
         grouped: ``[N, ...]`` rows in the grouped order of a :func:`split_by_expert` call (any
             row shape and dtype: typically the per-expert projections of ``split.rows``).
-        split: the :class:`ExpertSplit` (or its ``perm``: ``[N]`` int64 permutation).
-        out: optional contiguous output of grouped's shape and dtype.
+        split: the :class:`ExpertSplit` (or its ``perm``: ``[N]`` int64 permutation; a perm
+            tensor is checked to be one on CPU).
+        out: optional contiguous output of grouped's shape and dtype, not sharing memory with
+            ``grouped``.
     """
     check_tensor("grouped", grouped)
     if grouped.dim() == 0:
@@ -311,10 +315,19 @@ def merge_experts(grouped: torch.Tensor, split: ExpertSplit | torch.Tensor, *,
         raise ValueError(f"grouped: expected {perm.shape[0]} rows (the length of the permutation), "
                          f"got shape {tuple(grouped.shape)}")
     check_index_range("split.perm", perm, grouped.shape[0], "a permutation of the rows")
+    if not isinstance(split, ExpertSplit) and perm.device.type == "cpu" and not is_tracing(perm):
+        # a caller's tensor (an ExpertSplit's perm comes from a sort): a repeated index would
+        # leave rows of out unwritten
+        seen = torch.zeros(perm.shape[0], dtype=torch.bool)
+        seen[perm] = True
+        if not bool(seen.all()):
+            raise ValueError(f"split.perm: expected a permutation of 0..{perm.shape[0] - 1}, got repeated indices "
+                             f"(missing {int((~seen).sum())} of them)")
     if out is None:
         out = torch.empty(grouped.shape, dtype=grouped.dtype, device=grouped.device)
     else:
         check_out("out", out, tuple(grouped.shape), grouped.dtype, grouped.device)
+        check_no_overlap("out", out, "grouped", grouped)
     if grouped.numel():
         _merge_op(grouped, perm, out)
     return out

@@ -92,6 +92,8 @@ def test_rms_norm_opcheck():
     (lambda: sk.rms_norm(torch.randn(4, 8), torch.ones(9)), "weight: expected shape"),
     (lambda: sk.rms_norm(torch.randn(4, 8), torch.ones(8, 1)), "weight: expected 1 dimensions"),
     (lambda: sk.rms_norm(torch.randn(4, 8), torch.ones(8), -1.0), "eps"),
+    (lambda: sk.rms_norm(torch.randn(4, 8), torch.ones(8), float("nan")), "eps: expected a finite"),
+    (lambda: sk.rms_norm(torch.randn(4, 8), torch.ones(8), True), "eps: expected a finite"),
     (lambda: sk.rms_norm(torch.randn(4, 8), torch.ones(8), residual=torch.randn(4, 7)), "residual: expected shape"),
     (lambda: sk.rms_norm(torch.randn(4, 8), torch.ones(8), residual=torch.randn(4, 8).half()), "residual: expected dtype"),
     (lambda: sk.rms_norm(torch.randn(4, 8), torch.ones(8), out=torch.empty(4, 8).half()), "out: expected dtype"),
@@ -193,3 +195,19 @@ def test_rms_norm_launches_are_aot_compiled(monkeypatch, case):
     with record_launches(monkeypatch, mod, "_rms_norm_kernel") as rec, sk.backend("triton"):
         sk.rms_norm(x, torch.randn(shape[-1], dtype=dtype), 1e-6, residual=residual)
     assert_launches_compiled(rec, mod._aot_specs())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rms_norm_float64_weight(backend):
+    # the docstring takes weight in any float dtype: float64 was refused by the dtype check;
+    # it is read as float32 (the fp32 math), so the result equals the float32 weight's
+    g = torch.Generator().manual_seed(3)
+    x, r = torch.randn(5, 33, generator=g, dtype=torch.bfloat16), torch.randn(5, 33, generator=g, dtype=torch.bfloat16)
+    w64 = torch.randn(33, generator=g, dtype=torch.float64)
+    with sk.backend(backend):
+        y, s = sk.rms_norm(x, w64, 1e-6, residual=r)
+        y32, s32 = sk.rms_norm(x, w64.float(), 1e-6, residual=r)
+    assert torch.equal(s, s32) and torch.equal(y, y32)
+    s64 = (x.double() + r.double()).to(torch.bfloat16).double()
+    want = s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + 1e-6) * w64
+    torch.testing.assert_close(y.double(), want, atol=0, rtol=2 ** -8)

@@ -387,3 +387,15 @@ def test_pack_sequences_workspace_receives_cu_seqlens():
     torch.testing.assert_close(out, torch.cat([padded[0, :3], padded[1, :8], padded[2, :1]]))
     with pytest.raises(ValueError, match="workspace"):
         sk.pack_sequences(padded, torch.tensor([3, 8, 1]), workspace=torch.empty(3, dtype=torch.int64))
+
+
+def test_row_moves_refuse_an_out_sharing_the_input():
+    x = torch.randn(6, 4)
+    with pytest.raises(ValueError, match="out: must not share memory with x"):
+        sk.gather_rows(x, [3, 2], out=x[2:4])
+    with pytest.raises(ValueError, match="out: must not share memory with padded"):
+        sk.pack_sequences(x.view(2, 3, 4), [1, 2], out=x[:3])
+    with pytest.raises(ValueError, match="out: must not share memory with packed"):
+        sk.unpack_sequences(x, [0, 2], 2, out=x[1:3].view(1, 2, 4))
+    buf = torch.randn(12, 4)  # disjoint slices of one buffer are fine
+    assert torch.equal(sk.gather_rows(buf[:6], [5, 4], out=buf[6:8]), buf[[5, 4]])

@@ -246,3 +246,23 @@ def test_split_by_expert_workspace_gives_the_same_split(ids_dtype):
     assert a.counts == b.counts
     with pytest.raises(ValueError, match="workspace"):
         sk.split_by_expert(x, ids, 3, w, workspace=torch.empty(5, dtype=torch.int64))
+
+
+def test_merge_experts_refuses_a_perm_with_repeats_and_outputs_sharing_the_input():
+    # a perm tensor with a repeated index left rows of out unwritten (torch.empty garbage); an
+    # out= sharing x's memory made the CPU twin read rows it had already overwritten
+    g = torch.Generator().manual_seed(0)
+    x, W = torch.randn(6, 8, generator=g), torch.randn(2, 8, generator=g)
+    ids = [1, 0, 1, 0, 1, 1]
+    with pytest.raises(ValueError, match="split.perm: expected a permutation"):
+        sk.merge_experts(x, torch.tensor([0, 0, 1, 2, 3, 4]))
+    with pytest.raises(ValueError, match="out: must not share memory with x"):
+        sk.split_by_expert(x, ids, 2, W, out=x)
+    s = sk.split_by_expert(x, ids, 2, W)
+    with pytest.raises(ValueError, match="out: must not share memory with grouped"):
+        sk.merge_experts(s.rows, s, out=s.rows)
+    buf = torch.empty(12, 8)  # disjoint slices of one buffer are fine
+    buf[:6] = x
+    s2 = sk.split_by_expert(buf[:6], ids, 2, W, out=buf[6:])
+    assert torch.equal(s2.rows, s.rows)
+    assert torch.equal(sk.merge_experts(x, s.perm.flip(0).flip(0)), sk.merge_experts(x, s))
