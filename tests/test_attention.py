@@ -75,10 +75,15 @@ def test_random_segment_layouts_fp32_fp64_accuracy(backend, seed):
     hkv, g = rng.choice([(2, 1), (1, 2), (1, 7), (2, 7)])
     d = rng.choice([64, 72, 80, 96, 112, 128])
     q, k, v = make_qkv(layout.total_q, layout.total_k, hkv * g, hkv, d, torch.float32, scale=2.0)
-    got, _, want64 = check(backend, q, k, v, layout, seg_masks(segments, nq))
-    # fp32 path: ~1e-6 relative to the fp64 result
-    rel = (got.double() - want64).abs().max() / want64.abs().max()
-    assert rel < 3e-6, f"relative error {rel:.3g}"
+    masks = seg_masks(segments, nq)
+    got, _, want64 = check(backend, q, k, v, layout, masks)
+    # fp32 path: ~1e-6 relative to the fp64 result, as accurate as torch's own fp32 attention (whose
+    # error grows with the logits: over 3e-6 for about 1% of these random draws, so the bound is relative)
+    cu_q, cu_k = layout.cu_seqlens_q.tolist(), layout.cu_seqlens_k.tolist()
+    base, _ = expected(q, k, v, masks, cu_q, cu_k, 1.0 / math.sqrt(d), torch.float32)
+    rel = ((got.double() - want64).abs().max() / want64.abs().max()).item()
+    base_rel = ((base.double() - want64).abs().max() / want64.abs().max()).item()
+    assert rel < 1.25 * base_rel + 1e-6, f"relative error {rel:.3g} (torch fp32: {base_rel:.3g})"
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
