@@ -397,10 +397,13 @@ class FlowSampler:
         return self.eval_sigmas.index_select(0, k)
 
     def _buffers(self, x, B, P, Q, mode):
-        shape = (B, P, Q)
-        if self._shape is not None and self._shape != shape:
-            raise ValueError(f"x: this sampler's state is {self._shape} (as [B, P, Q]) but got shape "
+        # the state's [B, P, Q] view and the shape behind it: [B, T, C] and [B, C, H, W] states of the
+        # same P and Q put the renorm's token axis on different sides
+        key = (B, P, Q, tuple(x.shape))
+        if self._shape is not None and self._shape != key:
+            raise ValueError(f"x: this sampler's state is for x of shape {self._shape[3]} but got shape "
                              f"{tuple(x.shape)}; use one FlowSampler per latent shape")
+        shape = (B, P, Q)
         if self._shape is None:
             self._twin_tail = None
             dev = self.device
@@ -410,7 +413,7 @@ class FlowSampler:
             # the CUDA kernel's fixed-order reductions: global keeps per-sample then per-row sums
             n = {RENORM_GLOBAL: B * (P + 1), RENORM_COL: B * Q}.get(mode, 0)
             self._stats = torch.zeros(2 * n, dtype=torch.float32, device=dev) if n else None
-            self._shape = shape
+            self._shape = key
         return self._h1, self._h2, self._stats
 
     def _renorm_mode(self, channels_last: bool) -> int:

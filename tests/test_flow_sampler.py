@@ -436,6 +436,17 @@ def test_error_mismatched_branches():
         s.step(torch.randn(2, 4, 8, 10), *(torch.randn(2, 4, 8, 10) for _ in range(3)))
 
 
+def test_error_same_view_other_shape():
+    # [2, 8, 16] and [2, 8, 4, 4] are both [B, P, Q] = [2, 8, 16], but a per-token renorm runs over
+    # the last axis of the first and over the channels of the second: one sampler takes one shape
+    s = sk.FlowSampler("heun", num_steps=4, guidance=3.0, renorm="token")
+    x = torch.randn(2, 8, 16)
+    s.step(x, torch.randn_like(x), torch.randn_like(x))
+    y = torch.randn(2, 8, 4, 4)
+    with pytest.raises(ValueError, match=r"state is for x of shape \(2, 8, 16\) but got shape \(2, 8, 4, 4\)"):
+        s.step(y, torch.randn_like(y), torch.randn_like(y))
+
+
 def test_error_stepping_past_the_end():
     s = sk.FlowSampler("dpmsolver++2m", num_steps=2)
     x = torch.randn(1, 8, 4)
