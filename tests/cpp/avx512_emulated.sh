@@ -19,7 +19,7 @@
 # sizes agree, and enables the AVX-512 state (XCR0 = 0xe7). (Bochs' generic model cannot stand in:
 # its CPUID leaf 7 is always zero in 2.7, so no AVX2 / AVX-512 is reported.)
 #
-# usage: bash tests/cpp/avx512_emulated.sh [WORKDIR]      (default /tmp/spar_avx512)
+# usage: [MARCH=skylake-avx512] bash tests/cpp/avx512_emulated.sh [WORKDIR]   (default /tmp/spar_avx512)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -32,10 +32,14 @@ for need in bochs grub-mkrescue xorriso busybox g++; do
 done
 [ -n "$kernel" ] || { echo "avx512_emulated: no /boot/vmlinuz-* (apt-get install linux-image-amd64)" >&2; exit 2; }
 
-echo "avx512_emulated: building the self-test (static, -march=x86-64)"
+
 srcs=(adaln/adaln_cpu dwconv_glu/dwconv_glu_cpu linear_attention/linear_attention_cpu
       flow_sampler/flow_sampler_cpu quantize_fp8/quantize_fp8_cpu)
-flags=(-O2 -std=gnu++17 -march=x86-64 -I"$repo/csrc" -I"$here" -Wno-psabi)
+# MARCH: the build's own -march (the base variant's); skylake-avx512 stands for a package built
+# with -march=native on an AVX-512 machine, where the base variant is 16 lanes wide too
+march="${MARCH:-x86-64}"
+flags=(-O2 -std=gnu++17 -march="$march" -I"$repo/csrc" -I"$here" -Wno-psabi)
+echo "avx512_emulated: building the self-test (static, -march=$march)"
 for s in "${srcs[@]}"; do g++ "${flags[@]}" -c "$repo/csrc/$s.cpp" -o "$work/obj/$(basename "$s").o"; done
 g++ "${flags[@]}" -c "$here/isa_selftest.cpp" -o "$work/obj/main.o"
 g++ -static "$work"/obj/*.o -o "$work/root/isa_selftest"
