@@ -29,7 +29,7 @@ def test_isa_variants_agree(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     variants, cases, failures = _summary(run.stdout)
     assert variants[:2] == ["base", "avx2"], run.stdout   # build_cpp_harness skips without AVX2
-    assert cases == 222 and failures == 0, run.stdout
+    assert cases == 234 and failures == 0, run.stdout
     # the comparison catches a disagreement: --perturb moves one output of every non-base variant
     # by twice the case's tolerance, so every comparison must fail
     bad = subprocess.run([exe, "--perturb"], capture_output=True, text=True, timeout=600)
