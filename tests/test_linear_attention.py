@@ -80,7 +80,7 @@ def test_linear_attention_zero_denominators_and_eps(backend, d, e):
     q, k, v = _inputs(2, 9, 11, 3, d, e, torch.float32)
     k[0, :, 1] = -k[0, :, 1].abs()
     q[1, :4] = -q[1, :4].abs()
-    for eps in (ref.DEFAULT_EPS, 0.5, 3.0):
+    for eps in (ref.DEFAULT_EPS, 0.5, 3.0, 1e-40):   # 1e-40: below fp32's smallest normal (1 / eps overflows)
         _check(backend, q, k, v, eps=eps)
         with sk.backend(backend):
             got = sk.linear_attention(q, k, v, eps=eps)
