@@ -46,8 +46,10 @@ def _dwconv_glu_tile(x_b, Wt, Bias, row, col, p_mask, c, c_mask, Hh, Ww, C, stri
         xg = tl.load(ptr + C, mask=m, other=0.0).to(tl.float32)
         wa = tl.load(Wt + c * stride_w + t, mask=c_mask, other=0.0).to(tl.float32)
         wg = tl.load(Wt + (c + C) * stride_w + t, mask=c_mask, other=0.0).to(tl.float32)
-        acc_a += xa * wa[None, :]
-        acc_g += xg * wg[None, :]
+        # explicit fused multiply-adds: what the GPU compiler contracts these to anyway, and what
+        # torch's CPU depthwise conv does, so the interpreter rounds as both do
+        acc_a = tl.fma(xa, wa[None, :], acc_a)
+        acc_g = tl.fma(xg, wg[None, :], acc_g)
     if HAS_BIAS:
         acc_a += tl.load(Bias + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
         acc_g += tl.load(Bias + C + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]

@@ -111,6 +111,18 @@ def test_dwconv_glu_cpu_fp32_fa_rule_across_seeds():
         _check("cpu", x, w, torch.randn(2 * C, generator=g), H, W)
 
 
+def test_dwconv_glu_triton_fp32_fa_rule_across_seeds():
+    """The Triton kernel's taps as explicit fused multiply-adds (what the GPU compiler contracts
+    them to, and torch's CPU conv's rounding): with a multiply then an add, which the interpreter
+    rounds twice, seeds 44 and 54 here broke the FlashAttention rule."""
+    B, H, W, C = 2, 3, 5, 24
+    for seed in (0, 1, 2, 44, 54):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(B, H * W, 2 * C, generator=g)
+        w = torch.randn(2 * C, 3, 3, generator=g)
+        _check("triton", x, w, torch.randn(2 * C, generator=g), H, W)
+
+
 def test_dwconv_glu_torch_compile_and_opcheck():
     x, w, b = torch.randn(1, 12, 16), torch.randn(16, 1, 3, 3), torch.randn(16)
     f = torch.compile(lambda x: sk.dwconv_glu(x, w, b, 3, 4) * 2, fullgraph=True, backend="eager")
