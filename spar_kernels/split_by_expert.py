@@ -51,6 +51,9 @@ class ExpertSplit(NamedTuple):
 
     def expert(self, e: int) -> torch.Tensor:
         """Expert ``e``'s rows (a view). Reads ``offsets`` on the host when counts are unknown."""
+        n = len(self.counts) if self.counts is not None else self.offsets.shape[0] - 1
+        if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < n:
+            raise ValueError(f"e: expected an expert index in [0, {n}), got {e!r}")
         counts = self.counts if self.counts is not None else tuple(
             int(v) for v in (self.offsets[1:] - self.offsets[:-1]).tolist())
         start = sum(counts[:e])

@@ -108,6 +108,11 @@ def test_split_by_expert_options(backend):
     assert_close(s.rows, want64.to(torch.bfloat16))
     rows, offsets, perm, counts = s  # a plain tuple too
     assert torch.equal(rows[offsets[1]:], s.expert(1))
+    for bad in (-1, 2, 1.0, True):  # no Python-style negative or out-of-range expert index
+        with pytest.raises(ValueError, match=r"e: expected an expert index in \[0, 2\)"):
+            s.expert(bad)
+        with pytest.raises(ValueError, match=r"e: expected an expert index in \[0, 2\)"):
+            s._replace(counts=None).expert(bad)  # counts read from offsets
     # strided expert ids, int32
     ids_s = torch.tensor(ids, dtype=torch.int32).repeat_interleave(2)[::2]
     with sk.backend(backend):
