@@ -416,6 +416,24 @@ def pack_sequences(padded: torch.Tensor, lengths: torch.Tensor | Sequence[int], 
     return out
 
 
+_NO_INF = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)}
+
+
+def _pad_fits(pad_value, dtype: torch.dtype) -> bool:
+    """Whether dtype holds pad_value (floats: within its range, inf only where it has one; ints: in
+    range; NaN wherever floats are)."""
+    if dtype == torch.bool or dtype.is_complex:
+        return True
+    if dtype.is_floating_point:
+        if math.isnan(pad_value):
+            return True
+        if math.isinf(pad_value):
+            return dtype not in _NO_INF
+        return abs(pad_value) <= torch.finfo(dtype).max
+    info = torch.iinfo(dtype)
+    return math.isfinite(pad_value) and info.min <= pad_value <= info.max
+
+
 def _pad_bits(pad_value, dtype: torch.dtype):
     """pad_value as the int of dtype's bit pattern (host-side, no device involved)."""
     t = torch.tensor(pad_value, dtype=dtype)
@@ -496,6 +514,8 @@ def unpack_sequences(packed: torch.Tensor, cu_seqlens: torch.Tensor | Sequence[i
         raise ValueError(f"max_len: expected a non-negative int, got {max_len!r}")
     if isinstance(pad_value, bool) or not isinstance(pad_value, (int, float)):
         raise TypeError(f"pad_value: expected an int or float, got {type(pad_value).__name__}")
+    if not _pad_fits(pad_value, packed.dtype):  # inf in float8_e4m3fn, 1e10 in int8: say so here
+        raise ValueError(f"pad_value: {pad_value!r} cannot be represented in packed's dtype {packed.dtype}")
     if cu.device.type == "cpu" and not torch.compiler.is_compiling():
         cl = cu.tolist()
         lens = [cl[b + 1] - cl[b] for b in range(len(cl) - 1)]

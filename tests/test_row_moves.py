@@ -265,6 +265,14 @@ def test_row_moves_bad_inputs():
         sk.unpack_sequences(packed, torch.zeros(0, dtype=torch.long), 3)
     with pytest.raises(TypeError, match="pad_value"):
         sk.unpack_sequences(packed, [0, 4, 6], 4, pad_value="x")
+    # a pad the dtype cannot hold: a ValueError naming pad_value (not ATen's overflow error)
+    for dtype, pad in ((torch.float8_e4m3fn, float("inf")), (torch.float8_e4m3fn, 1e6), (torch.float16, 1e5),
+                       (torch.int8, 300), (torch.int8, float("nan")), (torch.uint8, -1)):
+        with pytest.raises(ValueError, match="pad_value: .* cannot be represented"):
+            sk.unpack_sequences(torch.zeros(6, 3).to(dtype), [0, 4, 6], 4, pad_value=pad)
+    for dtype, pad in ((torch.float8_e4m3fn, 448.0), (torch.float8_e5m2, float("-inf")), (torch.int8, -128)):
+        got = sk.unpack_sequences(torch.zeros(6, 3).to(dtype), [0, 4, 6], 4, pad_value=pad)
+        assert got[1, 2:].float().eq(pad).all()
 
 
 def test_row_move_custom_ops_registration():
