@@ -501,7 +501,7 @@ def unpack_sequences(packed: torch.Tensor, cu_seqlens: torch.Tensor | Sequence[i
             non-decreasing, ``cu_seqlens[-1] <= total``.
         max_len: padded length T; every sequence must fit (checked on CPU; on CUDA longer
             sequences are truncated to max_len, without a host sync).
-        pad_value: fill value of the padding.
+        pad_value: fill value of the padding, one packed's dtype can hold (ValueError otherwise).
         out: optional contiguous ``[B, max_len, ...]`` output, not sharing memory with ``packed``.
     """
     check_tensor("packed", packed)

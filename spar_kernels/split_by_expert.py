@@ -50,7 +50,8 @@ class ExpertSplit(NamedTuple):
     counts: tuple | None
 
     def expert(self, e: int) -> torch.Tensor:
-        """Expert ``e``'s rows (a view). Reads ``offsets`` on the host when counts are unknown."""
+        """Expert ``e``'s rows (a view), ``0 <= e < E``. Reads ``offsets`` on the host when counts
+        are unknown."""
         n = len(self.counts) if self.counts is not None else self.offsets.shape[0] - 1
         if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < n:
             raise ValueError(f"e: expected an expert index in [0, {n}), got {e!r}")
