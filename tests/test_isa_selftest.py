@@ -9,6 +9,8 @@ keeps the program building and passing, and checks that its comparison catches a
 import re
 import subprocess
 
+import pytest
+
 from conftest import build_cpp_harness
 
 SOURCES = ("adaln/adaln_cpu.cpp", "dwconv_glu/dwconv_glu_cpu.cpp", "linear_attention/linear_attention_cpu.cpp",
@@ -28,6 +30,8 @@ def test_isa_variants_agree(tmp_path):
     run = subprocess.run([exe], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     variants, cases, failures = _summary(run.stdout)
+    if variants == ["base"]:
+        pytest.skip("this compiler builds the base variant only (the avx2 / avx512 variants need GCC on x86-64)")
     assert variants[:2] == ["base", "avx2"], run.stdout   # build_cpp_harness skips without AVX2
     assert cases == 234 and failures == 0, run.stdout
     # the comparison catches a disagreement: --perturb moves one output of every non-base variant
