@@ -8,6 +8,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ._device import same_device
+from ._op import is_tracing
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -42,20 +43,43 @@ def check_shape(name: str, t: torch.Tensor, shape: Sequence[int]) -> None:
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {_fmt(t)}")
 
 
-def check_out(name: str, out, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Validate a caller-provided output buffer (must be contiguous, exact shape and dtype)."""
+def check_no_overlap(out_name: str, out: torch.Tensor, in_name: str, t: torch.Tensor) -> None:
+    """ValueError when ``out`` and the input ``t`` share memory (for kernels that read their input
+    in an order of their choosing, so writing into it would read overwritten elements). A
+    conservative test: the byte ranges the two views span. Skipped while tracing (fake tensors
+    have no memory)."""
+    if (is_tracing(out) or is_tracing(t) or out.numel() == 0 or t.numel() == 0 or out.device != t.device
+            or out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()):
+        return
+
+    def span(v):
+        lo = v.data_ptr()
+        return lo, lo + (sum((n - 1) * st for n, st in zip(v.shape, v.stride())) + 1) * v.element_size()
+
+    (a0, a1), (b0, b1) = span(out), span(t)
+    if a0 < b1 and b0 < a1:
+        raise ValueError(f"{out_name}: must not share memory with {in_name} (pass a separate buffer)")
+
+
+def check_out(name: str, out, shape: Sequence[int], dtype: torch.dtype, device: torch.device, *,
+              disjoint_from: tuple[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Validate a caller-provided output buffer (must be contiguous, exact shape and dtype; with
+    ``disjoint_from=(input name, input)``, sharing no memory with that input)."""
     check_tensor(name, out, dtypes=(dtype,), device=device)
     check_shape(name, out, shape)
     if not out.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {out.stride()}")
+    if disjoint_from is not None:
+        check_no_overlap(name, out, *disjoint_from)
     return out
 
 
-def out_or_empty(name: str, out, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def out_or_empty(name: str, out, shape: Sequence[int], dtype: torch.dtype, device: torch.device, *,
+                 disjoint_from: tuple[str, torch.Tensor] | None = None) -> torch.Tensor:
     """``out`` validated by :func:`check_out`, or a new ``torch.empty`` when ``out`` is None."""
     if out is None:
         return torch.empty(tuple(shape), dtype=dtype, device=device)
-    return check_out(name, out, shape, dtype, device)
+    return check_out(name, out, shape, dtype, device, disjoint_from=disjoint_from)
 
 
 def as_index(name: str, idx, device: torch.device, *, ndim: int = 1) -> torch.Tensor:

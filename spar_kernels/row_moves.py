@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 
 from . import _aot, _ext
-from ._op import device_guard, is_tracing, spar_op
+from ._op import device_guard, spar_op
 from ._triton import ROW_NUM_STAGES, tl, triton
 from ._validate import as_index, check_index_range, check_tensor, out_or_empty
 from .reference import row_moves as _ref
@@ -160,24 +160,6 @@ def bits_view(t: torch.Tensor) -> torch.Tensor:
     return t.view(_BITS_DTYPE[t.element_size()]) if t.element_size() in _BITS_DTYPE and t.dim() else t
 
 
-def check_no_overlap(out_name: str, out: torch.Tensor, in_name: str, t: torch.Tensor) -> None:
-    """ValueError when ``out`` and the input ``t`` share memory: the row moves read rows in an
-    order the kernels choose, so writing into their own input would read overwritten rows (or,
-    on CPU, make ATen refuse). A conservative test (the byte ranges the two views span);
-    skipped while tracing (fake tensors have no memory)."""
-    if (is_tracing(out) or is_tracing(t) or out.numel() == 0 or t.numel() == 0 or out.device != t.device
-            or out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()):
-        return
-
-    def span(v):
-        lo = v.data_ptr()
-        return lo, lo + (sum((n - 1) * st for n, st in zip(v.shape, v.stride())) + 1) * v.element_size()
-
-    (a0, a1), (b0, b1) = span(out), span(t)
-    if a0 < b1 and b0 < a1:
-        raise ValueError(f"{out_name}: must not share memory with {in_name} (pass a separate buffer)")
-
-
 def _grid_launch(kernel, n_rows, C, *args, **constexprs):
     block, warps = _block(C)
     with device_guard(args[0]):
@@ -244,10 +226,7 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor | Sequence[int], out: torch
     _check_rows_input("x", x)
     index = as_index("index", index, x.device)
     check_index_range("index", index, x.shape[0], f"x has {x.shape[0]} rows")
-    given = out is not None
-    out = out_or_empty("out", out, (index.shape[0],) + tuple(x.shape[1:]), x.dtype, x.device)
-    if given:
-        check_no_overlap("out", out, "x", x)
+    out = out_or_empty("out", out, (index.shape[0],) + tuple(x.shape[1:]), x.dtype, x.device, disjoint_from=("x", x))
     if out.numel() == 0:
         return out
     _gather_rows_op(x, index, out)
@@ -406,10 +385,8 @@ def pack_sequences(padded: torch.Tensor, lengths: torch.Tensor | Sequence[int], 
         total = int(lengths.sum())  # the one host sync (CUDA lengths without total= / out=)
     if not isinstance(total, int) or total < 0:
         raise ValueError(f"total: expected a non-negative int, got {total!r}")
-    given = out is not None
-    out = out_or_empty("out", out, (total,) + tuple(padded.shape[2:]), padded.dtype, padded.device)
-    if given:
-        check_no_overlap("out", out, "padded", padded)
+    out = out_or_empty("out", out, (total,) + tuple(padded.shape[2:]), padded.dtype, padded.device,
+                       disjoint_from=("padded", padded))
     if out.numel() == 0:
         return out
     _pack_op(padded, cu_seqlens_from_lengths(lengths, out=workspace), out)
@@ -524,10 +501,8 @@ def unpack_sequences(packed: torch.Tensor, cu_seqlens: torch.Tensor | Sequence[i
                              f"{packed.shape[0]} (rows of packed), got {cl}")
         if lens and max(lens) > max_len:
             raise ValueError(f"max_len: a sequence has {max(lens)} rows, more than max_len = {max_len}")
-    given = out is not None
-    out = out_or_empty("out", out, (cu.shape[0] - 1, max_len) + tuple(packed.shape[1:]), packed.dtype, packed.device)
-    if given:
-        check_no_overlap("out", out, "packed", packed)
+    out = out_or_empty("out", out, (cu.shape[0] - 1, max_len) + tuple(packed.shape[1:]), packed.dtype, packed.device,
+                       disjoint_from=("packed", packed))
     if out.numel() == 0:
         return out
     _unpack_op(packed, cu.to(torch.int64), max_len, float(pad_value), out)

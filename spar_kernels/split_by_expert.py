@@ -30,7 +30,7 @@ from ._op import device_guard, is_tracing, spar_op
 from ._triton import ROW_LAUNCH_WIDTHS, ROW_NUM_STAGES, ROW_WIDE_ALIGNED, row_launch_config, tl, triton
 from ._validate import FLOAT_DTYPES, as_index, check_index_range, check_out, check_tensor
 from .reference import split_by_expert as _ref
-from .row_moves import bits_view, check_no_overlap, copy_rows_triton
+from .row_moves import bits_view, copy_rows_triton
 
 
 
@@ -249,8 +249,7 @@ def split_by_expert(x: torch.Tensor, expert_ids: torch.Tensor | Sequence[int], n
     if out is None:
         out = torch.empty((N, D), dtype=x.dtype, device=x.device)
     else:
-        check_out("out", out, (N, D), x.dtype, x.device)
-        check_no_overlap("out", out, "x", x)
+        check_out("out", out, (N, D), x.dtype, x.device, disjoint_from=("x", x))
     if workspace is None:
         sorted_ids, perm = torch.sort(ids.to(torch.int64), stable=True)
         bounds = torch.arange(E + 1, device=x.device, dtype=torch.int64)
@@ -330,8 +329,8 @@ def merge_experts(grouped: torch.Tensor, split: ExpertSplit | torch.Tensor, *,
     if out is None:
         out = torch.empty(grouped.shape, dtype=grouped.dtype, device=grouped.device)
     else:
-        check_out("out", out, tuple(grouped.shape), grouped.dtype, grouped.device)
-        check_no_overlap("out", out, "grouped", grouped)
+        check_out("out", out, tuple(grouped.shape), grouped.dtype, grouped.device,
+                  disjoint_from=("grouped", grouped))
     if grouped.numel():
         _merge_op(grouped, perm, out)
     return out

@@ -57,26 +57,6 @@ struct Lcg {
   }
 };
 
-uint16_t f16_bits(float f) {  // round to nearest even, finite inputs of moderate size
-  uint32_t u = spar::float_to_bits(f);
-  const uint32_t sign = (u >> 16) & 0x8000u;
-  float a = std::fabs(f);
-  if (a < 6.103515625e-05f) {  // subnormal
-    return uint16_t(sign | uint32_t(std::nearbyint(a * 16777216.f)));
-  }
-  int e;
-  float m = std::frexp(a, &e);                        // a = m 2^e, m in [0.5, 1)
-  uint32_t mant = uint32_t(std::nearbyint(m * 2048.f));  // 11 bits with the implicit one
-  if (mant == 2048) { mant = 1024; ++e; }
-  return uint16_t(sign | uint32_t(e + 14) << 10 | (mant & 0x3ffu));
-}
-
-float f16_value(uint16_t h) {
-  const int e = (h >> 10) & 0x1f, m = h & 0x3ff;
-  float v = e == 0 ? std::ldexp(float(m), -24) : std::ldexp(float(m | 0x400), e - 25);
-  return (h & 0x8000) ? -v : v;
-}
-
 // a tensor's storage in one dtype, filled from fp32 values
 struct Buf {
   DType dt;
@@ -90,14 +70,14 @@ struct Buf {
   uintptr_t ptr() { return reinterpret_cast<uintptr_t>(bytes.data()); }
   void set(size_t i, float f) {
     if (dt == DType::F32) { std::memcpy(&bytes[4 * i], &f, 4); return; }
-    const uint16_t h = dt == DType::BF16 ? spar::bf16_from_float(f).bits : f16_bits(f);
+    const uint16_t h = dt == DType::BF16 ? spar::bf16_from_float(f).bits : spar::f16_from_float(f).bits;
     std::memcpy(&bytes[2 * i], &h, 2);
   }
   float get(size_t i) const {
     if (dt == DType::F32) { float f; std::memcpy(&f, &bytes[4 * i], 4); return f; }
     uint16_t h;
     std::memcpy(&h, &bytes[2 * i], 2);
-    return dt == DType::BF16 ? spar::to_float(spar::bf16_t{h}) : f16_value(h);
+    return dt == DType::BF16 ? spar::to_float(spar::bf16_t{h}) : spar::to_float(spar::f16_t{h});
   }
 };
 
