@@ -17,6 +17,7 @@ import spar_kernels as sk
 from spar_kernels.reference import attention as ref
 from spar_kernels.testing import assert_close_fa, non_contiguous, poisoned_empty
 
+from conftest import requires_triton
 from test_attention_layout import random_segments
 
 HOST_BACKENDS = ["cpu", "reference"]
@@ -399,6 +400,38 @@ def test_cpu_padded_slots_fast_path(n_keys, heads, dtype, monkeypatch):
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(o.double(), want, atol=tol, rtol=tol)
         torch.testing.assert_close(lse.double(), want_lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend, poison", [(b, p) for b in HOST_BACKENDS for p in (float("nan"), float("inf"), float("-inf"))]
+                         + [pytest.param("triton", float("nan"), marks=requires_triton)])
+def test_rows_are_independent_of_non_finite_keys_outside_their_window(backend, poison):
+    """A non-finite key inside a row's sequence but outside its interval is masked like any other
+    key (the reference masks scores by replacement): sliding windows, a causal prefix before a
+    full block and a small packed batch of windows, each through a CPU path that masks with an
+    additive -inf (NaN + -inf is NaN) before the fix. Rows that see the key are not checked."""
+    for lens, window, prefix in (([200], 40, None), ([200], None, 70), ([20, 20], 6, None), ([140, 150], 24, None)):
+        st, en = [], []
+        for n in lens:
+            for i in range(n):
+                if window is not None:
+                    st.append(max(0, i - window + 1)), en.append(i + 1)
+                else:
+                    st.append(0), en.append(i + 1 if i < prefix else n)
+        cu = [0] + np.cumsum(lens).tolist()
+        lay = sk.AttentionLayout.from_intervals(cu, cu, st, en)
+        q, k, v = make_qkv(lay.total_q, lay.total_k, 4, 2, 32, torch.float32)
+        masks = [ref.interval_mask(lay.kv_start[cu[b]:cu[b + 1]], lay.kv_end[cu[b]:cu[b + 1]], lens[b])
+                 for b in range(len(lens))]
+        want, want_lse = expected(q.double(), k.double(), v.double(), masks, cu, cu, 32 ** -0.5, torch.float64)
+        bad = cu[1] - 5          # a late key of sequence 0: early rows and other sequences do not see it
+        k[bad] = poison
+        sees = torch.zeros(lay.total_q, dtype=torch.bool)
+        sees[cu[0]:cu[1]] = masks[0][:, bad - cu[0]]
+        with sk.backend(backend):
+            o, lse = sk.hybrid_attention(q, k, v, lay, return_lse=True)
+        assert (~sees).any() and sees.any()
+        torch.testing.assert_close(o[~sees].double(), want[~sees], atol=1e-5, rtol=1e-5, msg=lambda m: f"{lens}: {m}")
+        torch.testing.assert_close(lse[:, ~sees].double(), want_lse[:, ~sees], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)

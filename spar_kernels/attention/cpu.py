@@ -341,6 +341,10 @@ def _impl_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_
                 visible = None  # no mask to build or apply
             qc = _ref.dequantize(q[c0:c1], q_descale, f32)
             o, l = chunk_fn(qc, kb[lo:hi], vb[lo:hi], visible, softmax_scale, g)
+            if visible is not None and chunk_fn is _cpu_chunk_fused and not math.isfinite(float(o.sum())):
+                # a non-finite key's scores are NaN, and NaN plus the additive -inf mask stays NaN,
+                # also in rows that do not see that key: the explicit path masks by replacement
+                o, l = _cpu_chunk_explicit(qc, kb[lo:hi], vb[lo:hi], visible, softmax_scale, g)
             empty = ~nonempty
             o[empty] = 0.0
             l[:, empty] = float("-inf")
