@@ -19,12 +19,16 @@ The decorated function only declares the schema (its annotations); the returned 
   through ``torch.ops.spar.my_op`` so tracers and recorders see one op.
 
 Every op returns None and writes into tensors it lists in ``mutates_args`` (outputs are passed
-in, so nothing allocates inside a captured CUDA graph).
+in, so nothing allocates inside a captured CUDA graph). Ops are inference-only: no op has a
+backward, and on both paths their outputs never require grad (the fast path runs the
+implementation under ``torch.no_grad()`` when grad mode is on, and warns once per op when an
+input requires grad).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -35,6 +39,8 @@ __all__ = ["SparOp", "spar_op", "device_guard", "on_fake_dispatch", "is_tracing"
 
 _len_dispatch_stack = torch._C._len_torch_dispatch_stack
 _is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+_set_grad_enabled = torch._C._set_grad_enabled
 
 # Callbacks (op_name, backend_name, device) run by the default fake of every op: the simulated
 # GPU (spar_kernels.testing.fake_cuda) counts launches and backends through them.
@@ -84,6 +90,7 @@ class SparOp:
         self.impls = impls  # backend name -> implementation (same arguments as the op)
         self.op = op        # the torch.library custom op (torch.ops.spar.<name>)
         self.device_arg = device_arg
+        self._warned_grad = False  # the no-backward warning is given once per op
 
     def select(self, device: torch.device) -> Callable:
         """The implementation that runs for tensors on ``device`` under the current backend."""
@@ -97,7 +104,22 @@ class SparOp:
         t = args[self.device_arg]
         if is_tracing(t) or t.is_meta:  # meta tensors take the fake, as through the dispatcher
             return self.op(*args)
-        return select(self.name, t.device, self.impls)(*args)
+        impl = select(self.name, t.device, self.impls)
+        if _grad_enabled():
+            # as through the dispatcher (no autograd kernel): nothing is recorded, the outputs do
+            # not require grad. Without this, a backend written with torch ops would record a
+            # graph that in-place writes break at backward with an unrelated-looking error.
+            if not self._warned_grad and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+                self._warned_grad = True
+                warnings.warn(f"spar_kernels' {self.name} has no backward: its outputs do not require grad "
+                              "(an input requires grad and grad mode is on); run inference under "
+                              "torch.inference_mode() or torch.no_grad()", stacklevel=3)
+            _set_grad_enabled(False)  # torch.no_grad() without the context manager's ~1 us
+            try:
+                return impl(*args)
+            finally:
+                _set_grad_enabled(True)
+        return impl(*args)
 
 
 def spar_op(name: str, *, mutates_args: Sequence[str], impls: Mapping[str, Callable], device_arg: int = 0,

@@ -277,3 +277,39 @@ def test_eager_calls_skip_the_dispatcher_and_traced_calls_go_through_it():
     with _op.on_fake_dispatch(lambda *a: seen.append(a)), FakeTensorMode():
         sk.rms_norm(torch.randn(2, 8), torch.randn(8), 1e-6)
     assert seen and seen[0][:2] == ("rms_norm", "cpu")
+
+
+def test_inputs_that_require_grad_give_outputs_without_grad_and_one_warning():
+    """Ops have no backward: with grad mode on and an input that requires grad, the eager fast path
+    records nothing (as through the dispatcher), so the outputs do not require grad, the values
+    are the same, and one warning per op says so. The attention chunked path is built from torch
+    ops: before, it recorded a graph that its in-place writes broke at backward."""
+    import warnings
+
+    from spar_kernels import _op
+
+    lay = sk.AttentionLayout.from_segments([[("causal", 100), ("full", 200)]])
+    q, k, v = (torch.randn(300, 2, 32) for _ in range(3))
+    x, w = torch.randn(4, 64), torch.rand(64) + 0.5
+    want_o, want_y = sk.hybrid_attention(q, k, v, lay), sk.rms_norm(x, w)
+    for name in ("hybrid_attention", "rms_norm"):
+        _op.REGISTRY[name]._warned_grad = False
+    qg, wg = q.clone().requires_grad_(), w.clone().requires_grad_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [(sk.hybrid_attention(qg, k, v, lay), sk.rms_norm(x, wg)) for _ in range(2)]
+    msgs = [str(c.message) for c in caught if "has no backward" in str(c.message)]
+    assert sorted(m.split()[1] for m in msgs) == ["hybrid_attention", "rms_norm"], msgs
+    for o, y in outs:
+        assert not o.requires_grad and not y.requires_grad
+        torch.testing.assert_close(o, want_o, rtol=0, atol=0)
+        torch.testing.assert_close(y, want_y, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        outs[0][0].sum().backward()
+    # no warning without grad mode, and none for inputs that do not require grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _op.REGISTRY["rms_norm"]._warned_grad = False
+        with torch.no_grad():
+            sk.rms_norm(x, wg)
+        sk.rms_norm(x, w)
