@@ -10,7 +10,9 @@ CUDA C++ kernels: the cubins embedded in ``spar_kernels._C_cuda`` are read the s
 their SASS (``HGMMA``/``HMMA`` for tensor cores, ``LDG.E.128`` for 16-byte loads).
 
 One row per kernel x config x arch. Exit status is non-zero when a kernel fails to compile,
-spills (stack > 0), or a kernel meant for tensor cores does not use them.
+spills (stack > 0), needs more shared memory per block than the arch allows (a launch would fail
+with "out of resource: shared memory"; A100 163 KiB, H100 227 KiB), or a kernel meant for tensor
+cores does not use them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 ARCHS = {"sm_80": 80, "sm_90a": 90}
+# the most shared memory one block may use (opt-in dynamic maximum, CUDA programming guide's
+# compute capability table): 8.0 (A100) 163 KiB, 9.0 (H100) 227 KiB
+SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}
 _RES_RE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 
@@ -199,6 +204,9 @@ def failures(rows: list[dict]) -> list[str]:
             bad.append(f"{r['kernel']} [{r['config']}] {r['arch']}: {r['error']}")
         elif r["spill_bytes"]:
             bad.append(f"{r['kernel']} [{r['config']}] {r['arch']}: spills {r['spill_bytes']} bytes")
+        elif (r.get("shared_bytes") or 0) > SMEM_LIMIT.get(r["arch"], float("inf")):
+            bad.append(f"{r['kernel']} [{r['config']}] {r['arch']}: needs {r['shared_bytes']} bytes of shared "
+                       f"memory per block, more than the {SMEM_LIMIT[r['arch']]} it allows")
     return bad
 
 

@@ -49,6 +49,11 @@ def test_failures_detects_spills_and_errors():
     assert sk_inspect.failures([ok]) == []
     assert sk_inspect.failures([dict(ok, spill_bytes=248)])
     assert sk_inspect.failures([dict(ok, error="boom")])
+    # shared memory past the arch's per-block maximum fails the launch on a GPU
+    assert sk_inspect.failures([dict(ok, shared_bytes=163 * 1024)]) == []
+    assert sk_inspect.failures([dict(ok, shared_bytes=163 * 1024 + 1)])
+    assert sk_inspect.failures([dict(ok, arch="sm_90a", shared_bytes=227 * 1024)]) == []
+    assert sk_inspect.failures([dict(ok, arch="sm_90a", shared_bytes=227 * 1024 + 16)])
 
 
 def test_res_usage_parser():
