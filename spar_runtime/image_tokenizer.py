@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Mapping
 
 import torch
@@ -229,7 +230,9 @@ class ImageTokenizer:
 def strength_start_step(num_steps: int, strength) -> int:
     """How many of ``num_steps`` steps an edit of ``strength`` s in (0, 1] skips:
     ``num_steps - int(num_steps * s)`` (at least one step must remain)."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
+        raise ValueError(f"num_steps: expected an int >= 1, got {num_steps!r}")
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
         raise ValueError(f"strength: expected a float in (0, 1] (or None), got {strength!r}")
     run = int(num_steps * strength)
     if run < 1:
@@ -244,11 +247,14 @@ def noised_start(z_ref: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) 
     return (1 - sigma) * z_ref.float() + sigma * noise.to(z_ref.device, torch.float32)
 
 
-def tail_sampler(solver: sk.FlowSampler, timesteps: torch.Tensor, method: str, start: int, guidance: float):
-    """The solver and DiT timesteps of a loop that starts at step ``start`` of ``solver``'s schedule:
-    a FlowSampler on the remaining sigmas (its first step is first order, as diffusers' multistep
-    solvers run after ``set_begin_index``) and ``timesteps[start:]``."""
-    tail = sk.FlowSampler(method, sigmas=solver.step_sigmas[start:].cpu(), guidance=guidance,
+def tail_sampler(solver: sk.FlowSampler, timesteps: torch.Tensor, method: str, start: int, guidance: float,
+                 shift: float):
+    """The solver and DiT timesteps of a loop that starts at step ``start`` of ``solver``'s schedule
+    (``method``, ``shift``): a FlowSampler on the remaining sigmas (its first step is first order,
+    as diffusers' multistep solvers run after ``set_begin_index``) and ``timesteps[start:]``. The
+    sigmas come from the same schedule built on the host (no read-back from the device)."""
+    host = sk.FlowSampler(method, num_steps=solver.num_steps, shift=shift, guidance=guidance, device="cpu")
+    tail = sk.FlowSampler(method, sigmas=host.step_sigmas[start:], guidance=guidance,
                           device=solver.step_sigmas.device)
     return tail, timesteps[start:]
 
@@ -294,9 +300,13 @@ def pixel_batch(image, preprocess, config) -> torch.Tensor:
     v = config.mllm_config["vision_config"]
     S = v["image_size"] if isinstance(v["image_size"], int) else v["image_size"][0]
     if isinstance(image, (list, tuple)):
-        if not image or isinstance(image[0], torch.Tensor):
+        from PIL import Image
+
+        odd = [i for i, im in enumerate(image) if not isinstance(im, Image.Image)]
+        if not image or odd:
             raise TypeError(f"image: expected a PIL image, a list of PIL images or a [B, 3, {S}, {S}] tensor, "
-                            f"got a list of {type(image[0]).__name__ if image else 'nothing'}")
+                            + (f"got a list holding a {type(image[odd[0]]).__name__} (item {odd[0]})" if image
+                               else "got an empty list"))
         return torch.cat([preprocess(im) for im in image])
     if isinstance(image, torch.Tensor):
         pv = image[None] if image.dim() == 3 else image

@@ -366,7 +366,7 @@ class SparPipeline:
         solver = self._sampler(sampler, num_steps, shift, guidance)
         timesteps = self._dit_timesteps(solver)
         if start_step:
-            solver, timesteps = _itok.tail_sampler(solver, timesteps, sampler, start_step, guidance)
+            solver, timesteps = _itok.tail_sampler(solver, timesteps, sampler, start_step, guidance, shift)
             num_steps -= start_step
         x = torch.empty(noise.shape, device=self.device, dtype=torch.float32)   # the solver state stays fp32
         if noise.device.type == "cpu":
@@ -529,6 +529,8 @@ class SparPipeline:
         if strength is not None:
             start = _itok.strength_start_step(steps, strength)
         if start:   # image-to-image: start from the reference latent noised to the first sigma run
+            if sampler not in SAMPLERS:
+                raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
             sched_shift = self.config.flow_shift if shift is None else shift
             sigma = self._sampler(sampler, steps, sched_shift, guidance).step_sigmas[start]
             noise = _itok.noised_start(self.encode_image(pixel_values), noise, sigma)
@@ -566,7 +568,10 @@ class SparPipeline:
 
         if not isinstance(image, Image.Image):
             raise TypeError(f"image: expected a PIL image or a pixel-value tensor, got {type(image).__name__}")
-        size = int(self.config.mllm_config["vision_config"]["image_size"][0]) if self.config.is_internvl else 448
+        if image.width < 1 or image.height < 1:
+            raise ValueError(f"image: an empty {image.width}x{image.height} PIL image; expected at least 1x1 pixels")
+        size = self.config.mllm_config["vision_config"]["image_size"] if self.config.is_internvl else 448
+        size = int(size if isinstance(size, int) else size[0])   # transformers takes an int or [H, W]
         im = image.convert("RGB").resize((size, size), Image.BICUBIC)
         x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3).float() / 255
         mean = torch.tensor([0.485, 0.456, 0.406])

@@ -62,7 +62,7 @@ def _tokenizer_pair(D, heads, layers, blocks, dtype=torch.float32, seed=0):
 
 
 @pytest.mark.parametrize("D, heads, B, T", [
-    (112, 2, 3, 16),    # head dim 56 (SPAR-1B's 896 / 16): padded to a head dim the kernel takes
+    (112, 2, 3, 16),    # head dim 56 (SPAR-1B's 896 / 16): a multiple of 8, not of 16
     (64, 2, 1, 49),     # head dim 32, a 7x7 grid
     (96, 1, 2, 4),      # head dim 96 (SPAR-3B's 1536 / 16)
 ])
@@ -215,6 +215,43 @@ def test_bad_strength(strength):
         strength_start_step(8, strength)   # 0.1 of 8 steps runs int(0.8) = 0 steps
 
 
+def test_strength_checks_num_steps_and_takes_numpy_floats():
+    import numpy as np
+
+    assert strength_start_step(4, np.float32(0.5)) == 2 and strength_start_step(8, np.float64(0.25)) == 6
+    for steps in (-4, 0, True, 2.5, "4"):
+        with pytest.raises(ValueError, match=r"num_steps: expected an int >= 1"):
+            strength_start_step(steps, 0.5)
+
+
+def test_edit_strength_on_the_simulated_gpu():
+    """edit(strength) on CUDA (spar_kernels.testing.fake_cuda): the shortened schedule is built on the
+    host, not read back from the device (which the simulated GPU cannot do)."""
+    from PIL import Image
+
+    from spar_kernels.testing import fake_cuda
+
+    with fake_cuda() as rec:
+        p = SparPipeline.random("tiny", device="cuda", dtype=torch.bfloat16)
+        out = p.edit(Image.new("RGB", (40, 30), (200, 10, 10)), "make it blue", num_steps=4, strength=0.5)
+    assert len(out) == 1 and out[0].size == (p.config.image_size,) * 2
+    reads = [s for s in rec.syncs if "tail_sampler" in "".join(s.stack.format()) and not s.kind.startswith("h2d")]
+    assert not reads, reads
+
+
+def test_edit_strength_checks_sampler_and_num_steps_first(monkeypatch):
+    """A bad sampler or step count with a strength: the argument's own error, before any latent work."""
+    from PIL import Image
+
+    p = SparPipeline.random("tiny", seed=0)
+    monkeypatch.setattr(p, "encode_image", lambda *a, **k: pytest.fail("encode_image ran"))
+    image = Image.new("RGB", (16, 16), (1, 2, 3))
+    with pytest.raises(ValueError, match=r"sampler: expected one of \('dpmsolver\+\+2m', 'euler'\), got 'bogus'"):
+        p.edit(image, "x", num_steps=4, sampler="bogus", strength=0.5)
+    with pytest.raises(ValueError, match=r"num_steps: expected an int >= 1, got -4"):
+        p.edit(image, "x", num_steps=-4, strength=0.5)
+
+
 def test_noised_start_formula():
     z, n = torch.randn(1, 32, 4, 4), torch.randn(1, 32, 4, 4)
     torch.testing.assert_close(noised_start(z, n, torch.tensor(0.3)), 0.7 * z + 0.3 * n)
@@ -225,6 +262,7 @@ def test_noised_start_formula():
 @pytest.mark.parametrize("change, match", [
     ({"tokenizer": {"pixel_layers": 0, "pixel_heads": 2, "mlp_blocks": 3}}, "pixel_layers"),
     ({"tokenizer": {"pixel_layers": 2, "pixel_heads": 3, "mlp_blocks": 3}}, "pixel_heads = 3 must divide"),
+    ({"tokenizer": {"pixel_layers": 2, "pixel_heads": 16, "mlp_blocks": 3}}, r"head dim 64 / 16 = 4 is smaller"),
     ({"tokenizer": {"pixel_layers": 2, "heads": 2}}, "unknown field"),
     ({"tokenizer": [2, 2, 3]}, "tokenizer"),
     ({"latent_size": 4}, r"image-token grid = '8x8', expected the 4x4 latent grid"),
@@ -321,6 +359,33 @@ def test_tokenizer_tensors_without_tokenizer_config(ckpt_copy):
 def test_bad_images(pipe, image, exc, match):
     with pytest.raises(exc, match=match):
         pipe.encode_image(image)
+
+
+def test_bad_image_lists_and_empty_images(pipe):
+    from PIL import Image
+
+    ok = Image.new("RGB", (8, 8))
+    for items in ([ok, torch.randn(3, 56, 56)], [ok, torch.randn(3, 64, 64)], [ok, None]):
+        with pytest.raises(TypeError, match=r"image: expected a PIL image, a list of PIL images .*item 1"):
+            pipe.encode_image(items)
+    for size in ((0, 0), (0, 5), (7, 0)):
+        with pytest.raises(ValueError, match=rf"image: an empty {size[0]}x{size[1]} PIL image"):
+            pipe.encode_image(Image.new("RGB", size))
+
+
+def test_pil_images_with_int_image_size_in_the_vision_config(ckpt_copy, pipe):
+    """transformers takes "image_size": 64 (an int) in InternVL's vision config as (64, 64)."""
+    import json
+
+    from PIL import Image
+
+    f = ckpt_copy / "mllm" / "config.json"
+    cfg = json.loads(f.read_text())
+    cfg["vision_config"].update(image_size=64, patch_size=4)
+    f.write_text(json.dumps(cfg))
+    p = SparPipeline.from_pretrained(ckpt_copy, device="cpu")
+    im = Image.effect_noise((30, 20), 50).convert("RGB")
+    torch.testing.assert_close(p.encode_image(im), pipe.encode_image(im), rtol=0, atol=0)
 
 
 def test_bad_features():
