@@ -122,7 +122,7 @@ def dry_run(config="SPAR-1B", *, device="cuda", dtype=torch.bfloat16, quantizati
     from spar_kernels.testing import fake_cuda
 
     config = _configs.get_config(config)
-    steps = steps or config.num_steps
+    steps = config.num_steps if steps is None else steps
     s = config.latent_size
     prompt = [torch.arange(PROMPT_TOKENS) % 200 + 1]
     uncond = torch.arange(UNCOND_TOKENS) % 200 + 1

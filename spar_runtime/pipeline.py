@@ -498,7 +498,7 @@ class SparPipeline:
         ids = [self._t2i_ids(p) for p in prompts]
         uncond = self._t2i_ids(negative_prompt if negative_prompt is not None else UNCOND_PROMPT)
         lat = self.generate_latents(ids, uncond_ids=uncond, noise=self._noise(len(ids), seed),
-                                    num_steps=num_steps or self.config.num_steps,
+                                    num_steps=self.config.num_steps if num_steps is None else num_steps,
                                     guidance=self.config.guidance if guidance is None else guidance,
                                     sampler=sampler, shift=shift, callback=callback)
         return self.to_pil(self.decode(lat))
@@ -523,7 +523,7 @@ class SparPipeline:
         T = emb.shape[0]
         ids = self._t2i_ids(instruction, image_tokens=T)
         uncond = self._t2i_ids(UNCOND_PROMPT, image_tokens=T)
-        steps = num_steps or self.config.num_steps
+        steps = self.config.num_steps if num_steps is None else num_steps   # 0 is an error, not the default
         guidance = self.config.guidance if guidance is None else guidance
         noise, start = self._noise(1, seed), 0
         if strength is not None:

@@ -171,6 +171,18 @@ def test_bad_calls(rpipe, kwargs, exc, match):
         pipe.generate_latents(prompt_ids, **args)
 
 
+@pytest.mark.parametrize("steps", [0, -1])
+def test_generate_and_edit_refuse_zero_steps_instead_of_the_default(steps):
+    """num_steps=0 is an error in the high-level calls too, not the config's default step count."""
+    from PIL import Image
+
+    p = SparPipeline.random("tiny", seed=0)
+    with pytest.raises(ValueError, match=rf"num_steps: expected an int >= 1, got {steps}"):
+        p.generate("a cat", num_steps=steps)
+    with pytest.raises(ValueError, match=rf"num_steps: expected an int >= 1, got {steps}"):
+        p.edit(Image.new("RGB", (16, 16)), "x", num_steps=steps)
+
+
 # ---- bad checkpoints ----------------------------------------------------------------------------
 
 @pytest.fixture()
