@@ -111,6 +111,23 @@ def test_adaln_layernorm_triton_large_mean(mean):
         torch.testing.assert_close(got.double(), want64, **tolerance(torch.float32))
 
 
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=requires_triton), "cpu"])
+def test_adaln_layernorm_spread_of_a_few_ulps(backend):
+    """Rows whose spread is a few fp32 ulps of their mean (x = 1e3 + 1e-3 randn; ulp(1e3) = 6e-5):
+    the fp32 mean's rounding error (corr = sum(x - mean) / C, a few % of the std here) must come
+    off both the variance (sum(d^2) / C - corr^2) and the centring (d - corr), in the single-pass
+    (C = 113) and the streamed (C = 8193) form; an fp64 reference within the fp32 tolerance table
+    (the large-mean test's std of 1 leaves corr^2 far below it)."""
+    for C in (113, 8193):
+        B, N = (2, 8) if C < 8192 else (1, 4)
+        shift, scale, *_ = _mods(B, C, torch.float32)
+        x = torch.randn(B, N, C) * 1e-3 + 1e3
+        with sk.backend(backend):
+            got = sk.adaln_layernorm(x, shift, scale, eps=1e-12)
+        want64 = ref.adaln_layernorm(x.double(), shift.double(), scale.double(), 1e-12, compute_dtype=torch.float64)
+        torch.testing.assert_close(got.double(), want64, **tolerance(torch.float32))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B", [1, 2])
 def test_adaln_matches_sana_block_norm_and_modulation(dtype, B):

@@ -155,11 +155,13 @@ def _leading_layout(layout, g):
             "rows_sliced": lambda: base[:3, :, 0, :],                      # [3, 6, 24], one row stride: 48
             "size_one_dims": lambda: base[:1, :3, :1],                     # [1, 3, 1, 24], strides 288, 48, 24
             "leading_permuted": lambda: base[:, :3, 1, :].transpose(0, 1), # [3, 6, 24]: no one row stride
-            "leading_expanded": lambda: base[:1, :1, 0, :].expand(3, 6, 24)}[layout]()
+            "leading_expanded": lambda: base[:1, :1, 0, :].expand(3, 6, 24),
+            # rows (i, j) and (i + 1, j - 1) alias: equal leading strides that do not collapse
+            "leading_overlapping": lambda: base.flatten().as_strided((3, 6, 24), (24, 24, 1))}[layout]()
 
 
 @pytest.mark.parametrize("x_layout", ["contiguous", "rows_sliced", "size_one_dims", "leading_permuted",
-                                      "leading_expanded"])
+                                      "leading_expanded", "leading_overlapping"])
 @pytest.mark.parametrize("r_layout", ["contiguous", "rows_sliced", "leading_permuted"])
 def test_rms_norm_cpu_leading_dims(x_layout, r_layout):
     # the CPU path reads x / residual as rows in place when their leading dims collapse into one
@@ -211,3 +213,23 @@ def test_rms_norm_float64_weight(backend):
     s64 = (x.double() + r.double()).to(torch.bfloat16).double()
     want = s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + 1e-6) * w64
     torch.testing.assert_close(y.double(), want, atol=0, rtol=2 ** -8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rms_norm_normalizes_the_rounded_sum(backend):
+    """With a residual, s = x + residual is rounded to x's dtype and s as stored is normalized:
+    x = 1 with residual 4.8e-4 (under half an fp16 ulp of 1) on every other column stores s = 1,
+    so rstd = 1 and y = weight = 1 + 2^-11 + 2^-16 (fp32), just above the midpoint of 1 and the
+    next fp16, rounds to 1 + 2^-10 everywhere. The unrounded sum's mean square (rstd = 1 / 1.00024)
+    would round the columns without residual down to 1: one ulp, within every tolerance.
+    Single-pass (D = 64) and streamed (D = 9000) rows."""
+    for D in (64, 9000):
+        x = torch.ones(2, D, dtype=torch.float16)
+        r = torch.zeros(2, D, dtype=torch.float16)
+        r[:, ::2] = 4.8e-4
+        w = torch.full((D,), 1 + 2 ** -11 + 2 ** -16)
+        with sk.backend(backend):
+            y, s = sk.rms_norm(x, w, 0.0, residual=r)
+        assert torch.equal(s, x), "the stored sum is not x + residual rounded to fp16"
+        want = torch.full_like(x, 1 + 2 ** -10)
+        assert torch.equal(y, want), f"D={D}: {(y != want).sum().item()} of {y.numel()} elements differ"

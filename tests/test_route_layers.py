@@ -310,3 +310,12 @@ def test_route_layers_eps_comparable_to_the_variance(backend, eps_over_var, D):
     with sk.backend(backend):
         y = sk.route_layers(hidden, ids, logits, alpha, w, b, eps=eps)
     assert_close(y, _oracle(hidden, ids, logits, alpha, w, b, 1.0, eps, None).float(), **tolerance(torch.float32))
+
+
+def test_route_layers_eager_provider_matches_the_reference():
+    """The benchmark's eager provider (ref.route_layers_eager, the PyTorch code the op is timed
+    against) computes the op's function: a provider that drifted would make the bench compare
+    against other work."""
+    hidden, ids, logits, alpha, w, b = _inputs(6, 37, 96, 4, torch.float32, seed=11)
+    got = ref.route_layers_eager(hidden, ids.tolist(), logits, alpha, w, b, tau=0.7, eps=1e-5)
+    _check(got, hidden, ids, logits, alpha, w, b, 0.7, 1e-5, None)

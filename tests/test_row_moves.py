@@ -175,7 +175,7 @@ def test_scatter_rows_cpu_twin_duplicates_last_wins():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32])
-@pytest.mark.parametrize("lengths", [[5, 3], [0, 7, 1], [7, 7, 7, 7], [0, 0]])
+@pytest.mark.parametrize("lengths", [[5, 3], [0, 7, 1], [7, 7, 7, 7], [0, 0], []])
 def test_pack_unpack_roundtrip(backend, dtype, lengths):
     B, T = len(lengths), 7
     padded = _rand((B, T, 3, 11), dtype)
@@ -407,3 +407,5 @@ def test_row_moves_refuse_an_out_sharing_the_input():
         sk.unpack_sequences(x, [0, 2], 2, out=x[1:3].view(1, 2, 4))
     buf = torch.randn(12, 4)  # disjoint slices of one buffer are fine
     assert torch.equal(sk.gather_rows(buf[:6], [5, 4], out=buf[6:8]), buf[[5, 4]])
+    want = buf[[11, 10]].clone()  # and an out that ends where the input starts
+    assert torch.equal(sk.gather_rows(buf[6:], [5, 4], out=buf[4:6]), want)
