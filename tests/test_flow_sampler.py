@@ -284,6 +284,26 @@ def test_renorm_image_guidance_one_step(backend, mode, shape, layout, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["global", "channel", "token"])
+def test_renorm_eps_with_velocities_near_zero(backend, mode):
+    """Velocity norms of the order of the renorm's 1e-8: the factor is |v_cond| / (|v| + 1e-8), the
+    epsilon added to the norm (sqrt(|v|^2 + 1e-8) would give ~1e-4 here), with renorm_min 0 so that
+    nothing clamps; x = 0 so that the step is the renormed velocity alone."""
+    shape, g = (2, 16, 9, 13), 3.0
+    gen = torch.Generator().manual_seed(11)
+    vc, vu = (torch.randn(shape, generator=gen) * 1e-10 for _ in range(2))
+    x = torch.zeros(shape)
+    sampler = sk.FlowSampler("euler", num_steps=4, shift=2.0, guidance=g, renorm=mode, renorm_min=0.0)
+    with sk.backend(backend):
+        got = sampler.step(x, vc, vu)
+    c, u = vc.double(), vu.double()
+    v = _renorm_def(c, u + g * (c - u), mode, "nchw", 0.0)
+    s = sampler.sigmas.double()
+    want = (s[1] - s[0]) * v
+    assert (got.double() - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_guidance_interval_off_uses_v_cond(backend):
     # interval (0.5, 1]: guidance applies while sigma > 0.5, then v = v_cond exactly
     sampler = sk.FlowSampler("euler", num_steps=6, guidance=3.0, guidance_interval=(0.5, 1.0), renorm="global")
