@@ -99,6 +99,8 @@ def test_quantize_fp8_opcheck_and_compile():
     (lambda: sk.quantize_fp8(torch.ones(4, 8), "channel"), "granularity", ValueError),
     (lambda: sk.quantize_fp8(torch.tensor(1.0)), "x: expected at least 1", ValueError),
     (lambda: sk.quantize_fp8(torch.ones(4, 8), out=torch.empty(4, 8)), "out: expected a \\(q, scales\\)", TypeError),
+    (lambda: sk.quantize_fp8(torch.ones(4, 8), out=(torch.empty(4, 8, dtype=torch.float8_e4m3fn),)),
+     "out: expected a \\(q, scales\\)", TypeError),
     (lambda: sk.quantize_fp8(torch.ones(4, 8), out=(torch.empty(4, 8), torch.empty(4, 1))), "out\\[0\\]", ValueError),
     (lambda: sk.quantize_fp8(torch.ones(4, 8), out=(torch.empty(4, 8, dtype=torch.float8_e4m3fn), torch.empty(4))),
      "out\\[1\\]", ValueError),

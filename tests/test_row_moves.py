@@ -270,7 +270,8 @@ def test_row_moves_bad_inputs():
                        (torch.int8, 300), (torch.int8, float("nan")), (torch.uint8, -1)):
         with pytest.raises(ValueError, match="pad_value: .* cannot be represented"):
             sk.unpack_sequences(torch.zeros(6, 3).to(dtype), [0, 4, 6], 4, pad_value=pad)
-    for dtype, pad in ((torch.float8_e4m3fn, 448.0), (torch.float8_e5m2, float("-inf")), (torch.int8, -128)):
+    for dtype, pad in ((torch.float8_e4m3fn, 448.0), (torch.float8_e5m2, float("-inf")), (torch.int8, -128),
+                       (torch.int8, 127), (torch.bool, 1)):
         got = sk.unpack_sequences(torch.zeros(6, 3).to(dtype), [0, 4, 6], 4, pad_value=pad)
         assert got[1, 2:].float().eq(pad).all()
 

@@ -271,3 +271,19 @@ def test_merge_experts_refuses_a_perm_with_repeats_and_outputs_sharing_the_input
     s2 = sk.split_by_expert(buf[:6], ids, 2, W, out=buf[6:])
     assert torch.equal(s2.rows, s.rows)
     assert torch.equal(sk.merge_experts(x, s.perm.flip(0).flip(0)), sk.merge_experts(x, s))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("D", [130, 8200])
+def test_split_by_expert_writes_only_its_rows(backend, D):
+    """out is the first N rows of a NaN-poisoned buffer: the grouped rows are right and every
+    element past them stays NaN (a column mask one element too wide would write the next row's
+    first element, past the end of out for the last row). Single-pass and streamed rows."""
+    N, E = 5, 2
+    x, ids, W = torch.randn(N, D), torch.tensor([1, 0, 1, 1, 0]), torch.randn(E, D) * 0.5 + 1
+    buf = torch.full((N + 1, D), float("nan"))
+    with sk.backend(backend):
+        s = sk.split_by_expert(x, ids, E, W, eps=1e-5, out=buf[:N])
+    assert s.rows.data_ptr() == buf.data_ptr()
+    assert_close(s.rows, _oracle64(x, ids, W, 1e-5)[0].float(), atol=2e-5, rtol=2e-5)
+    assert bool(torch.isnan(buf[N]).all()), "an element past the last row was written"
