@@ -641,3 +641,20 @@ def test_cpu_twin_converts_every_16bit_value(monkeypatch, isa, dtype):
     nan = a.isnan()
     assert torch.equal(nan, b.isnan())
     assert torch.equal(a[~nan].view(torch.int16), b[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_guidance_interval_bounds_and_unit_image_guidance(backend):
+    """BAGEL's rule at the interval's bounds: guidance is on for lo < sigma <= hi, so with the
+    interval (0.5, 1.0] and evaluation sigmas 1.0, 0.75, 0.5, 0.25 the steps at 1.0 and 0.75 are
+    guided and the one at exactly 0.5 is not. image_guidance = 1.0 is no image guidance (BAGEL
+    applies it when cfg_img_scale > 1): the steps run without v_img_uncond."""
+    sigmas = [1.0, 0.75, 0.5, 0.25, 0.0]
+    sampler = sk.FlowSampler("euler", sigmas=sigmas, guidance=3.0, image_guidance=1.0, guidance_interval=(0.5, 1.0))
+    x = torch.randn(2, 9, 8)
+    with sk.backend(backend):
+        for k in range(4):
+            vc, vu = torch.randn_like(x), torch.randn_like(x)
+            got = sampler.step(x, vc, vu)
+            v = vu + 3.0 * (vc - vu) if k < 2 else vc
+            torch.testing.assert_close(got, x + (sigmas[k + 1] - sigmas[k]) * v, atol=2e-6, rtol=2e-6)

@@ -233,3 +233,16 @@ def test_rms_norm_normalizes_the_rounded_sum(backend):
         assert torch.equal(s, x), "the stored sum is not x + residual rounded to fp16"
         want = torch.full_like(x, 1 + 2 ** -10)
         assert torch.equal(y, want), f"D={D}: {(y != want).sum().item()} of {y.numel()} elements differ"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rms_norm_weight_in_the_other_16_bit_dtype(backend):
+    """weight may be any float dtype: x in bf16 with an fp16 weight, and the reverse, run the
+    fp32 math on the weight's values (the CPU twin takes a weight in x's dtype or fp32 only, so
+    the wrapper converts it)."""
+    for xd, wd in ((torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)):
+        x, w = torch.randn(4, 100, dtype=xd), torch.randn(100, dtype=wd)
+        with sk.backend(backend):
+            y = sk.rms_norm(x, w, 1e-6)
+        assert_close_fa(y, ref.rms_norm(x, w, 1e-6, compute_dtype=xd),
+                        fp64(ref.rms_norm, x, w, 1e-6, compute_dtype=torch.float64))
