@@ -112,7 +112,8 @@ def test_dwconv_glu_fp8_equals_quantized_output(backend, dtype, C, H, W, bias):
     assert_fp8_equal(got, sk.quantize_fp8(y), name=f"dwconv_glu {backend}")
 
 
-@pytest.mark.parametrize("backend, dtype, B, N, H, D", _one_dtype_each([(1, 20, 2, 24), (2, 37, 3, 32)]))
+# D = 128: four value tiles per head (BLOCK_E = 32), so the amax and the codes loop over (head, tile)
+@pytest.mark.parametrize("backend, dtype, B, N, H, D", _one_dtype_each([(1, 20, 2, 24), (2, 37, 3, 32), (1, 9, 2, 128)]))
 def test_linear_attention_fp8_equals_quantized_output(backend, dtype, B, N, H, D):
     q, k, v = _x(B, N, 3, H, D, dtype=dtype).unbind(2)                  # views of one qkv projection
     with sk.backend(backend):
