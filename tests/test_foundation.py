@@ -66,6 +66,23 @@ def test_assert_close_fa_catches_a_wrong_kernel():
         testing.assert_close_fa(nan, base, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_assert_close_fa_catches_a_wrong_reference(dtype):
+    """A reference computing other math: the kernel and torch's baseline miss it alike, so the
+    rule alone would pass; the baseline's own distance to the reference fails the call."""
+    x = torch.randn(256, dtype=torch.float64)
+    good, wrong = torch.sigmoid(x) * x, x / torch.sigmoid(x)       # silu and a wrong oracle
+    base = (torch.sigmoid(x.to(dtype)) * x.to(dtype))
+    testing.assert_close_fa(base.clone(), base, good)
+    with pytest.raises(AssertionError, match="compute different things"):
+        testing.assert_close_fa(base.clone(), base, wrong)
+    # a baseline a few percent off (low-precision roundings through a whole model) is within it
+    off = (good * 1.03).to(dtype)
+    testing.assert_close_fa(off.clone(), off, good)
+    with pytest.raises(AssertionError, match="compute different things"):
+        testing.assert_close_fa(off.clone(), off, good, baseline_rtol=0.01)
+
+
 def test_assert_close_and_report():
     a = torch.zeros(4, 4)
     testing.assert_close(a, a.clone())
