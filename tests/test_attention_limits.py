@@ -155,3 +155,24 @@ def test_aot_specs_are_the_launches_a_gpu_compiles():
     # the launcher's num_stages
     assert {(s.num_warps, s.num_stages) for s in specs if s.fn is ak._hybrid_attn_fwd} == \
         {c[2:] for c in ak._PREFILL_CONFIGS.values()}
+
+
+def test_decode_split_geometry_covers_every_key_once():
+    """The decode plan's key splits, over batch sizes, KV heads, head dims, dtypes and key counts
+    (the 512-key threshold, lengths just past a split or tile boundary, 1M keys): between 1 and
+    DECODE_MAX_SPLITS splits (the combine kernel reads that many), whole key tiles per split, every
+    key in a split and no split empty (splits * per_split covers max_seqlen_k, the last split
+    starts before it)."""
+    cpu = torch.device("cpu")
+    seen = set()
+    for dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        for d in (64, 128):
+            for batch, hkv in ((1, 1), (1, 8), (3, 2), (64, 8), (500, 1)):
+                for nk in (512, 513, 700, 1023, 4096, 4097, 16385, 65535, 262143, 1 << 20):
+                    plan = ak.Plan(batch, 8 * hkv, hkv, d, batch, 1, nk, dtype, cpu)
+                    assert plan.decode, (dtype, d, batch, hkv, nk)
+                    s, per, bn = plan.splits, plan.per_split, plan.bn
+                    assert 1 <= s <= ak.DECODE_MAX_SPLITS and per % bn == 0 and per > 0, (s, per, bn, nk)
+                    assert s * per >= nk and (s - 1) * per < nk, (s, per, nk)
+                    seen.add(s)
+    assert 1 in seen and ak.DECODE_MAX_SPLITS in seen and len(seen) > 4, sorted(seen)
