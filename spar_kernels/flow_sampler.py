@@ -271,6 +271,7 @@ class FlowSampler:
             matching diffusers scheduler's ``sigmas``: ``[N + 1]``, or for ``"heun"`` diffusers'
             interleaved ``[s0, s1, s1, ..., s_{N-1}, s_{N-1}, 0]`` (``2N`` values).
         step_sigmas: float32 ``[N + 1]``: the solver's step boundaries (== ``sigmas`` except Heun).
+        step_sigmas_host: ``step_sigmas`` on the host (CPU), for host-side planning without a sync.
         timesteps: the model's timestep per evaluation, on the device: float32 ``sigmas[:-1] * 1000``
             for ``"euler"`` (== FlowMatchEulerDiscreteScheduler.timesteps), the interleaved
             ``[t0, t1, t1, ..., t_{N-1}, t_{N-1}]`` (2N - 1 values) for ``"heun"``
@@ -325,7 +326,8 @@ class FlowSampler:
         dev = self.device
         # the sigma of every evaluation, then 0: N + 1 values, or 2N for Heun (diffusers' layout)
         self.sigmas = torch.from_numpy(np.concatenate([eval_sigmas, np.zeros(1, np.float32)])).to(dev)
-        self.step_sigmas = torch.from_numpy(s32).to(dev)
+        self.step_sigmas_host = torch.from_numpy(s32)   # the same on the host (no device read-back)
+        self.step_sigmas = self.step_sigmas_host.to(dev)
         self.timesteps = timesteps.to(dev)
         self.eval_sigmas = torch.from_numpy(eval_sigmas).to(dev)
         self.table = torch.from_numpy(table).to(dev)

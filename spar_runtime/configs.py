@@ -23,6 +23,8 @@ import dataclasses
 import os
 from typing import Any, Mapping
 
+from spar_kernels.attention import MAX_HEAD_DIM, MIN_HEAD_DIM   # the head dims hybrid_attention takes
+
 __all__ = ["SparConfig", "TokenizerConfig", "CONFIGS", "get_config", "SPAR_1B", "SPAR_3B", "TINY"]
 
 # Keys of spar_config.json (the component configs live in the component folders).
@@ -30,8 +32,6 @@ SPAR_JSON_KEYS = ("num_queries", "dtr_layers", "dtr_tau", "dtr_norm_eps", "conne
                   "latent_size", "vae_scale_factor", "flow_shift", "num_steps", "guidance", "mllm", "dit", "vae")
 OPTIONAL_JSON_KEYS = ("tokenizer",)   # the image tokenizer (spar_runtime.image_tokenizer); absent: none
 DEFAULT_TOKENIZER = {"pixel_layers": 6, "pixel_heads": 16, "mlp_blocks": 3}
-_MAX_TOKENIZER_HEAD_DIM = 128   # hybrid_attention's largest head dim (spar_kernels.attention.MAX_HEAD_DIM)
-_MIN_TOKENIZER_HEAD_DIM = 8     # and its smallest (spar_kernels.attention.MIN_HEAD_DIM)
 
 
 def _qwen2(hidden, layers, heads, kv_heads, ffn, *, vocab=151674, tie=False, theta=1_000_000.0, eps=1e-6,
@@ -123,12 +123,12 @@ class TokenizerConfig:
         if hidden_size % self.pixel_heads:
             raise ValueError(f"{where}: pixel_heads = {self.pixel_heads} must divide the LLM width {hidden_size}")
         d = hidden_size // self.pixel_heads
-        if d > _MAX_TOKENIZER_HEAD_DIM:
+        if d > MAX_HEAD_DIM:
             raise ValueError(f"{where}: head dim {hidden_size} / {self.pixel_heads} = {d} is larger than "
-                             f"hybrid_attention takes ({_MAX_TOKENIZER_HEAD_DIM}); use more pixel_heads")
-        if d < _MIN_TOKENIZER_HEAD_DIM:
+                             f"hybrid_attention takes ({MAX_HEAD_DIM}); use more pixel_heads")
+        if d < MIN_HEAD_DIM:
             raise ValueError(f"{where}: head dim {hidden_size} / {self.pixel_heads} = {d} is smaller than "
-                             f"hybrid_attention takes ({_MIN_TOKENIZER_HEAD_DIM}); use fewer pixel_heads")
+                             f"hybrid_attention takes ({MIN_HEAD_DIM}); use fewer pixel_heads")
         return d
 
 

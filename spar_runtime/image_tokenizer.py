@@ -247,14 +247,12 @@ def noised_start(z_ref: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) 
     return (1 - sigma) * z_ref.float() + sigma * noise.to(z_ref.device, torch.float32)
 
 
-def tail_sampler(solver: sk.FlowSampler, timesteps: torch.Tensor, method: str, start: int, guidance: float,
-                 shift: float):
-    """The solver and DiT timesteps of a loop that starts at step ``start`` of ``solver``'s schedule
-    (``method``, ``shift``): a FlowSampler on the remaining sigmas (its first step is first order,
-    as diffusers' multistep solvers run after ``set_begin_index``) and ``timesteps[start:]``. The
-    sigmas come from the same schedule built on the host (no read-back from the device)."""
-    host = sk.FlowSampler(method, num_steps=solver.num_steps, shift=shift, guidance=guidance, device="cpu")
-    tail = sk.FlowSampler(method, sigmas=host.step_sigmas[start:], guidance=guidance,
+def tail_sampler(solver: sk.FlowSampler, timesteps: torch.Tensor, method: str, start: int, guidance: float):
+    """The solver and DiT timesteps of a loop that starts at step ``start`` of ``solver``'s schedule:
+    a FlowSampler on the remaining sigmas (its first step is first order, as diffusers' multistep
+    solvers run after ``set_begin_index``), read from the solver's host copy (no device read-back),
+    and ``timesteps[start:]``."""
+    tail = sk.FlowSampler(method, sigmas=solver.step_sigmas_host[start:], guidance=guidance,
                           device=solver.step_sigmas.device)
     return tail, timesteps[start:]
 

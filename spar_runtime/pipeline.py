@@ -118,6 +118,11 @@ def _as_ids(name: str, ids, vocab: int, *, allow_empty: bool) -> torch.Tensor:
     return t
 
 
+def _check_sampler(sampler) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
+
+
 class SparPipeline:
     """A loaded SPAR model: MLLM (+ latent queries, DTR, connector, projector), SANA DiT, DC-AE decoder.
 
@@ -274,8 +279,7 @@ class SparPipeline:
             raise ValueError(f"num_steps: expected an int >= 1, got {num_steps!r}")
         if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance):
             raise ValueError(f"guidance: expected a finite float, got {guidance!r}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
+        _check_sampler(sampler)
         shift = self.config.flow_shift if shift is None else shift
         if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not (shift > 0 and math.isfinite(shift)):
             raise ValueError(f"shift: expected a finite float > 0 (or None for the config's flow_shift), got {shift!r}")
@@ -366,7 +370,7 @@ class SparPipeline:
         solver = self._sampler(sampler, num_steps, shift, guidance)
         timesteps = self._dit_timesteps(solver)
         if start_step:
-            solver, timesteps = _itok.tail_sampler(solver, timesteps, sampler, start_step, guidance, shift)
+            solver, timesteps = _itok.tail_sampler(solver, timesteps, sampler, start_step, guidance)
             num_steps -= start_step
         x = torch.empty(noise.shape, device=self.device, dtype=torch.float32)   # the solver state stays fp32
         if noise.device.type == "cpu":
@@ -529,8 +533,7 @@ class SparPipeline:
         if strength is not None:
             start = _itok.strength_start_step(steps, strength)
         if start:   # image-to-image: start from the reference latent noised to the first sigma run
-            if sampler not in SAMPLERS:
-                raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
+            _check_sampler(sampler)   # before the schedule it names is built
             sched_shift = self.config.flow_shift if shift is None else shift
             sigma = self._sampler(sampler, steps, sched_shift, guidance).step_sigmas[start]
             noise = _itok.noised_start(self.encode_image(pixel_values), noise, sigma)

@@ -658,3 +658,10 @@ def test_guidance_interval_bounds_and_unit_image_guidance(backend):
             got = sampler.step(x, vc, vu)
             v = vu + 3.0 * (vc - vu) if k < 2 else vc
             torch.testing.assert_close(got, x + (sigmas[k + 1] - sigmas[k]) * v, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_step_sigmas_host_is_the_schedule_on_the_host(method):
+    s = sk.FlowSampler(method, num_steps=7, shift=3.0)
+    assert s.step_sigmas_host.device.type == "cpu"
+    assert torch.equal(s.step_sigmas_host, s.step_sigmas.cpu()) and s.step_sigmas_host.shape == (8,)
