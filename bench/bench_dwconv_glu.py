@@ -1,6 +1,7 @@
 """The middle of SANA's Mix-FFN: depthwise 3x3 conv + GLU. spar's ``dwconv_glu`` vs diffusers'
 ``GLUMBConv`` steps (``conv_depth`` on the NCHW view conv_inverted hands it -> chunk ->
-``a * silu(gate)``) vs torch.compile of them, at the SANA block shapes of :mod:`bench.bench_dit`.
+``a * silu(gate)``) vs torch.compile of them, at the SANA block shapes of :mod:`bench.bench_dit` and one power-of-two
+width.
 Minimum bytes: read the 2C input channels once, write C."""
 
 from __future__ import annotations
@@ -14,11 +15,19 @@ from bench.bench_dit import B, MLP_RATIO, compiled_unless_quick, no_grad, sana_s
 from bench.harness import Case
 
 
+def _shapes(quick: bool):
+    """(tag, GLU channels C, N, H, W): the SANA shapes, and (not --quick) one power-of-two width,
+    whose token stride aliases in the CPU's L1 (the CPU twin stages its rows there)."""
+    for tag, c, N, H, W in sana_shapes(quick):
+        yield tag, int(MLP_RATIO * c["dim"]), N, H, W
+    if not quick:
+        yield f"C=2048 (power of two) B={B} N=256 (16x16)", 2048, 256, 16, 16
+
+
 def cases(device: torch.device, quick: bool):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     es = torch.tensor([], dtype=dtype).element_size()
-    for tag, c, N, H, W in sana_shapes(quick):
-        Ch = int(MLP_RATIO * c["dim"])
+    for tag, Ch, N, H, W in _shapes(quick):
         mk = dict(device=device, dtype=dtype)
         u = torch.randn(B, N, 2 * Ch, **mk)
         u_img = u.view(B, H, W, 2 * Ch).permute(0, 3, 1, 2)        # what conv_inverted hands conv_depth

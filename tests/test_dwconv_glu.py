@@ -207,6 +207,50 @@ def test_dwconv_glu_cpu_steps_borders_and_blocks(dtype, monkeypatch):
             assert_close_fa(got, base, want64, name=f"dwconv_glu {isa} {(B, H, W, C)}")
 
 
+def _l1_set_load(W, sxn, C, es):
+    """The most input cache lines of one twin step in one set of a 64-set L1 (the twin's
+    conv_set_load, csrc/dwconv_glu/dwconv_glu_kernels.h): above 8 the twin stages its rows."""
+    count = [0] * 64
+    for k in range(3):
+        for j in range(6):
+            for st in range(2):
+                count[((k * W * sxn + j * sxn + st * C) * es >> 6) & 63] += 1
+    return max(count)
+
+
+# (B, H, W, C, dtype, extra): inputs whose strides alias in L1 (channel counts that are powers of
+# two, a slice of a power-of-two-wide buffer), so the twin copies each input row of a block into a
+# padded ring first: several channel blocks (C = 1024 at W = 16: 4 blocks, the last partial), row
+# bands that start mid-image (B = 1), a partial vector (C = 260 in a 1024-wide buffer), H = 1 / 2.
+STAGED = [(1, 6, 9, 256, torch.float32, 0), (2, 5, 16, 512, torch.float32, 0), (1, 4, 16, 1024, torch.float32, 0),
+          (1, 7, 8, 1024, torch.bfloat16, 0), (1, 3, 5, 512, torch.float16, 0), (1, 5, 8, 1000, torch.float32, 48),
+          (1, 2, 7, 260, torch.float32, 504), (2, 1, 11, 512, torch.bfloat16, 0)]
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+@pytest.mark.parametrize("B, H, W, C, dtype, extra", STAGED)
+def test_dwconv_glu_cpu_staged_rows_match_the_direct_path_bit_for_bit(B, H, W, C, dtype, extra, isa, monkeypatch):
+    """Inputs whose strides alias in L1 go through the twin's row ring; the same values laid out
+    with a padded token stride (nothing aliases) take the direct path. Same sums in the same
+    order: equal bit for bit, and both within the accuracy rule."""
+    monkeypatch.setenv("SPAR_CPU_ISA", isa)
+    g = torch.Generator().manual_seed(B * 1000 + H * 100 + W + C)
+    x = torch.randn(B, H * W, 2 * C + extra, generator=g).to(dtype)[..., extra // 2: extra // 2 + 2 * C]
+    es = x.element_size()
+    assert _l1_set_load(W, x.stride(1), C, es) > 8, "not a staged case"
+    padded = torch.empty(B, H * W, 2 * C + 24, dtype=dtype)[..., 8: 8 + 2 * C].copy_(x)
+    assert _l1_set_load(W, padded.stride(1), C, es) <= 8, "the comparison takes the staged path too"
+    w = torch.randn(2 * C, 1, 3, 3, generator=g) / 3
+    b = torch.randn(2 * C, generator=g)
+    with sk.backend("cpu"):
+        got = sk.dwconv_glu(x, w, b, H, W)
+        direct = sk.dwconv_glu(padded, w, b, H, W)
+    assert torch.equal(got.view(torch.int16 if es == 2 else torch.int32),
+                       direct.view(torch.int16 if es == 2 else torch.int32))
+    want64 = ref.dwconv_glu(x.double(), w.double(), b.double(), H, W, compute_dtype=torch.float64)
+    assert_close_fa(got, _torch_same_dtype(x, w, b, H, W), want64, name=f"dwconv_glu staged {(B, H, W, C)}")
+
+
 # (lanes, flags): the AVX-512 variant's 16 lanes built for AVX2, and the 4 lanes of an SSE-only
 # build's baseline variant (built without AVX); neither runs in the extension on this CPU
 @pytest.mark.parametrize("lanes,flags", [(16, ["-mavx2", "-mfma", "-mf16c"]), (4, ["-mno-avx"])],
@@ -223,7 +267,8 @@ def test_dwconv_glu_other_lane_counts_match_reference(tmp_path, lanes, flags):
     exe = build_cpp_harness(tmp_path, "dwconv_glu_l16.cpp",
                             ["-O2", "-std=gnu++17", *flags, f"-DCONV_LANES={lanes}", "-Wno-psabi"])
     g = torch.Generator().manual_seed(16)
-    grids = [(1, 1, 1, 5), (1, 2, 3, 12), (2, 5, 7, 20), (1, 2, 6, 16), (1, 3, 11, 37), (1, 1, 200, 90)]
+    grids = [(1, 1, 1, 5), (1, 2, 3, 12), (2, 5, 7, 20), (1, 2, 6, 16), (1, 3, 11, 37), (1, 1, 200, 90),
+             (1, 3, 6, 256), (1, 4, 5, 512)]  # the last two alias in L1: staged rows
     for dtype, code in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
         for B, H, W, C in grids:
             x = torch.randn(B, H * W, 2 * C, generator=g).to(dtype)
