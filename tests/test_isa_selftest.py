@@ -33,7 +33,7 @@ def test_isa_variants_agree(tmp_path):
     if variants == ["base"]:
         pytest.skip("this compiler builds the base variant only (the avx2 / avx512 variants need GCC on x86-64)")
     assert variants[:2] == ["base", "avx2"], run.stdout   # build_cpp_harness skips without AVX2
-    assert cases == 234 and failures == 0, run.stdout
+    assert cases == 246 and failures == 0, run.stdout
     # the comparison catches a disagreement: --perturb moves one output of every non-base variant
     # by twice the case's tolerance, so every comparison must fail
     bad = subprocess.run([exe, "--perturb"], capture_output=True, text=True, timeout=600)

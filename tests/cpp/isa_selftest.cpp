@@ -175,7 +175,9 @@ void dwconv_cases(const std::vector<Isa>& isas) {
   const int64_t shapes[][4] = {{1, 1, 1, 5}, {1, 2, 3, 12}, {2, 5, 7, 20}, {1, 3, 11, 37}, {1, 1, 40, 90},
                                {1, 4, 4, 300}, {2, 3, 5, 16},
                                // several channel blocks (the block's 3 rows fit 128 KiB) and bands of rows
-                               {1, 3, 40, 300}, {2, 2, 64, 150}};
+                               {1, 3, 40, 300}, {2, 2, 64, 150},
+                               // power-of-two channel counts: strides that alias in L1, rows staged
+                               {1, 4, 6, 256}, {1, 3, 16, 1024}};
   for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
     for (auto& s : shapes) {
       const int64_t B = s[0], H = s[1], W = s[2], C = s[3], N = H * W;
