@@ -1,5 +1,6 @@
-"""hybrid_attention: spar vs PyTorch SDPA with a dense boolean mask vs FlexAttention (compiled, with
-a BlockMask; its create_block_mask time is a separate row) vs flash-attn varlen (when importable,
+"""hybrid_attention: spar vs PyTorch SDPA with a dense boolean mask vs (pure causal / full layouts)
+SDPA without a mask, one call per sequence, vs FlexAttention (compiled, with a BlockMask; its
+create_block_mask time is a separate row, timed only) vs flash-attn varlen (when importable,
 causal-only and full-only layouts).
 
 TFLOP/s count exactly the visible (query, key) pairs: 4 * pairs * head_dim * q_heads (QK^T and PV).
@@ -104,6 +105,24 @@ def cases(device: torch.device, quick: bool):
             return lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask,
                                                                             enable_gqa=True)
 
+        def sdpa_seq(q=q, k=k, v=v, layout=layout, pure=pure):
+            # what eager code runs for a pure layout: one unmasked SDPA call per sequence (causal
+            # where queries and keys are as many; a single query row sees every key)
+            if pure is None:
+                raise Unavailable("hybrid layout: SDPA takes it only as a mask")
+            cu_q, cu_k, _, _ = layout.host_intervals()
+            seqs = []
+            for b in range(layout.batch_size):
+                lq, lk = int(cu_q[b + 1] - cu_q[b]), int(cu_k[b + 1] - cu_k[b])
+                if pure == "causal" and lq not in (1, lk):
+                    raise Unavailable("causal rows aligned to the end: SDPA's is_causal aligns to the start")
+                seqs.append((*(t.transpose(0, 1).unsqueeze(0) for t in (q[cu_q[b]:cu_q[b + 1]],
+                                                                          k[cu_k[b]:cu_k[b + 1]],
+                                                                          v[cu_k[b]:cu_k[b + 1]])),
+                             pure == "causal" and lq > 1))
+            sdpa_fn = torch.nn.functional.scaled_dot_product_attention
+            return lambda: [sdpa_fn(qt, kt, vt, is_causal=c, enable_gqa=True) for qt, kt, vt, c in seqs]
+
         def flex(q=q, k=k, v=v, layout=layout):
             if quick:
                 raise Unavailable("skipped with --quick (torch.compile takes ~20 s per shape)")
@@ -135,9 +154,10 @@ def cases(device: torch.device, quick: bool):
                                                   layout.max_seqlen_q, layout.max_seqlen_k, causal=pure == "causal")
 
         yield Case(op="attention", name=f"{label} {str(dtype)[6:]}",
-                   providers={"spar": spar, "sdpa dense mask": sdpa, "flex (compiled)": flex,
-                              "flex create_block_mask": flex_mask, "flash-attn varlen": flash},
-                   bytes=moved, flops=flops, baseline="sdpa dense mask",
+                   providers={"spar": spar, "sdpa dense mask": sdpa, "sdpa per sequence": sdpa_seq,
+                              "flex (compiled)": flex, "flex create_block_mask": flex_mask,
+                              "flash-attn varlen": flash},
+                   bytes=moved, flops=flops, baseline="sdpa dense mask", setup=("flex create_block_mask",),
                    note=f"{layout.visible_pairs} visible pairs; Hq={hq} Hkv={hkv} D={d}")
 
 

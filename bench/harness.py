@@ -57,6 +57,7 @@ class Case:
     flops: int | None = None      # FLOPs of the op
     baseline: str | None = None   # provider the speedups are relative to (default: the second one)
     note: str = ""
+    setup: tuple[str, ...] = ()   # providers timing a setup step, not the op (a mask's creation): time only
 
 
 @dataclasses.dataclass
@@ -225,13 +226,14 @@ def run_case(case: Case, device: torch.device, *, quick: bool) -> list[Result]:
                                f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
             continue
         med = statistics.median(times)
+        op_row = prov not in case.setup
         rows.append(Result(case.op, case.name, prov, dev, med, _quantile(times, 0.2), _quantile(times, 0.8),
-                           case.bytes / med / 1e3 if case.bytes else None,
-                           case.flops / med / 1e6 if case.flops else None, None))
+                           case.bytes / med / 1e3 if case.bytes and op_row else None,
+                           case.flops / med / 1e6 if case.flops and op_row else None, None))
     base_name = case.baseline or (list(case.providers)[1] if len(case.providers) > 1 else None)
     base = next((r for r in rows if r.provider == base_name and r.median_us), None)
     for r in rows:
-        if base and r.median_us:
+        if base and r.median_us and r.provider not in case.setup:
             r.speedup = base.median_us / r.median_us
     return rows
 

@@ -111,7 +111,7 @@ def run(cases, reps: int, clock=time.process_time, *, copy=copy_provider, matmul
             # the matmul's fastest call: the highest rate it reached, the stricter ceiling
             roof, bound = roofline(case.flops, med["copy"], min(times["matmul"]), mm_flops)
         for name, ts in times.items():
-            ok = med[name] > 0
+            ok = med[name] > 0 and name not in case.setup   # a setup step's row: its time only
             ceiling = name in ceilings
             flops = mm_flops if name == "matmul" else (None if ceiling else case.flops)
             rows.append({"op": case.op, "case": case.name, "provider": name, "median_us": med[name] * 1e6,

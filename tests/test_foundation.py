@@ -208,10 +208,17 @@ def test_interleaved_copy_and_matmul_ceilings_and_roofline():
              Case(op="x", name="fma", providers={"spar": costs(10.0), "eager": costs(40.0)}, bytes=400,
                   flops=500, baseline="eager"),
              Case(op="x", name="bytes only", providers={"spar": costs(8.0)}, bytes=400),
-             Case(op="x", name="neither", providers={"spar": costs(8.0)})]
+             Case(op="x", name="neither", providers={"spar": costs(8.0)}),
+             Case(op="x", name="setup", providers={"spar": costs(8.0), "eager": costs(16.0), "mask": costs(2.0)},
+                  bytes=400, flops=200, baseline="eager", setup=("mask",))]
     rows = run(cases, 4, clock=lambda: now[0], copy=copy, matmul=matmul)
     by = {(r["case"], r["provider"]): r for r in rows}
-    assert built == [("copy", 400)] * 3
+    assert built == [("copy", 400)] * 4
+    # a setup step's row (a mask's creation) has its time only: no rates, ratios or ceilings
+    mask = by[("setup", "mask")]
+    assert mask["median_us"] == pytest.approx(2e6)
+    assert all(mask[c] is None for c in ("gbps", "gflops", "speedup", "pct_copy", "pct_roof")), mask
+    assert by[("setup", "spar")]["speedup"] == pytest.approx(2.0)
     assert sorted(p for c, p in by if c == "mem") == ["copy", "eager", "matmul", "spar"]
     assert sorted(p for c, p in by if c == "bytes only") == ["copy", "spar"]
     assert [p for c, p in by if c == "neither"] == ["spar"]
