@@ -289,6 +289,39 @@ def test_gated_residual_any_strides_and_in_place(backend, dtype):
                 assert torch.equal(storage[..., 1::2], untouched)
 
 
+# (N, C): full tiles of 16 tokens with a power-of-two channel stride (N = 1024: a 4 KiB stride),
+# a partial last tile and a channel tail (C not a multiple of 8), one tile, C < 8
+CHANNELS_FIRST = [(1024, 136), (37, 1152), (16, 19), (45, 6)]
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N, C", CHANNELS_FIRST)
+def test_adaln_cpu_channels_first_tiles(N, C, dtype, isa, monkeypatch):
+    """A [B, C, N] tensor seen as [B, N, C] (NCHW code's layout) runs in tiles of 16 tokens,
+    gathered channel by channel (8 x 8 transposes for fp32); every token is then normalized as a
+    contiguous row, so the output equals the contiguous input's bit for bit. gated_residual with
+    channels-first operands (and in place on one) holds the accuracy rule."""
+    monkeypatch.setenv("SPAR_CPU_ISA", isa)
+    B = 2
+    g = torch.Generator().manual_seed(N * 100 + C)
+    shift, scale, gate, *_ = _mods(B, C, dtype)
+    x = (torch.randn(B, C, N, generator=g) * 3 + 5).to(dtype).transpose(1, 2)
+    with sk.backend("cpu"):
+        got = sk.adaln_layernorm(x, shift, scale, eps=1e-6)
+        want = sk.adaln_layernorm(x.contiguous(), shift, scale, eps=1e-6)
+    assert torch.equal(got, want)
+    _check_adaln("cpu", x, shift, scale)
+    y = torch.randn(B, C, N, generator=g).to(dtype).transpose(1, 2)
+    for xv, yv in ((x, y), (x.contiguous(), y), (x, y.contiguous())):
+        _check_gr("cpu", xv.clone(), yv, gate, "buffer")
+        before = xv.clone()
+        with sk.backend("cpu"):
+            sk.gated_residual(xv, yv, gate, out=xv)   # in place on x's own layout
+        want64 = ref.gated_residual(before.double(), yv.double(), gate.double(), compute_dtype=torch.float64)
+        assert_close_fa(xv, before + ref.per_sample(gate, B, C).to(dtype) * yv, want64, name="in place")
+
+
 def test_gated_residual_in_place_rejects_overlapping_x():
     x = _x(2, 1, 8).expand(2, 4, 8)
     with pytest.raises(ValueError, match="out: in-place update"):
