@@ -144,6 +144,7 @@ inline void adaln_out(const float* h, AdalnStats st, const float* sc, const floa
 // (a 4 KiB channel stride) they share a few cache sets and come from memory for every token:
 // 7.1-9.0 ns an element against 1.8-2.1 at N = 1040 / 4100 (C = 1152, fp32, one Zen 3 thread).
 constexpr int64_t kAdalnTile = 16;
+constexpr int64_t kGatedChannels = 64;  // gated_run's channel block for channels-first operands
 
 // dst[j * ds + i] = src[i * ss + j] for an 8 x 8 fp32 block (AVX2: 8 loads, 24 shuffles, 8 stores)
 inline void adaln_transpose8(const float* src, int64_t ss, float* dst, int64_t ds) {
@@ -271,23 +272,65 @@ void gated_run(const T* x, int64_t B, int64_t N, int64_t C, int64_t sxb, int64_t
                int64_t syb, int64_t syn, int64_t syc, const float* gate, int64_t gsb, T* out, int64_t sob,
                int64_t son, int64_t soc) {
   const bool dense = sxc == 1 && syc == 1 && soc == 1;
+  if (!dense && sxn == 1 && syn == 1 && son == 1) {
+    // every operand channels-first: per (sample, channel) one contiguous run of N tokens
+#pragma omp parallel for schedule(static)
+    for (int64_t item = 0; item < B * C; ++item) {
+      const int64_t b = item / C, c = item % C;
+      const T* xr = x + b * sxb + c * sxc;
+      const T* yr = y + b * syb + c * syc;
+      T* o = out + b * sob + c * soc;
+      const float gc = gate[b * gsb + c];
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) o[n] = from_float<T>(to_float(xr[n]) + gc * to_float(yr[n]));
+    }
+    return;
+  }
   if (!dense && (adaln_channels_first(sxn, sxc) || adaln_channels_first(syn, syc) ||
                  adaln_channels_first(son, soc))) {
-    // a channels-first operand: kAdalnTile tokens at a time, channel by channel, so that its
-    // tokens are read (written) as adjacent runs (see adaln_run_tiles); each element is still
-    // read before it is written (in place is safe)
-    constexpr int64_t kT = kAdalnTile;
-    const int64_t tiles = (N + kT - 1) / kT;
+    // a channels-first operand: blocks of kGatedChannels channels, each walked over all tokens
+    // kAdalnTile at a time, channel by channel, so that a channels-first operand's tokens are read
+    // (written) as adjacent runs and a channels-last one's rows as runs of the block's channels.
+    // Every channel of a channels-first tensor with N >= 1024 fp32 tokens is its own 4 KiB page:
+    // a sweep over all C channels per token tile (two inputs: 2C pages) outran the TLB (9 ns an
+    // element at C = 1152, N = 1040); a block's pages stay in it. Each element is read before it
+    // is written (in place is safe).
+    constexpr int64_t kT = kAdalnTile, kCb = kGatedChannels;
+    const int64_t blocks = (C + kCb - 1) / kCb;
 #pragma omp parallel for schedule(static)
-    for (int64_t item = 0; item < B * tiles; ++item) {
-      const int64_t b = item / tiles, n0 = (item % tiles) * kT, m = std::min(kT, N - n0);
-      const T* xb = x + b * sxb + n0 * sxn;
-      const T* yb = y + b * syb + n0 * syn;
-      T* ob = out + b * sob + n0 * son;
+    for (int64_t item = 0; item < B * blocks; ++item) {
+      const int64_t b = item / blocks, c0 = (item % blocks) * kCb, c1 = std::min(C, c0 + kCb);
       const float* g = gate + b * gsb;
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t t = 0; t < m; ++t)
-          ob[c * soc + t * son] = from_float<T>(to_float(xb[c * sxc + t * sxn]) + g[c] * to_float(yb[c * syc + t * syn]));
+      for (int64_t n0 = 0; n0 < N; n0 += kT) {
+        const int64_t m = std::min(kT, N - n0);
+        const T* xb = x + b * sxb + n0 * sxn;
+        const T* yb = y + b * syb + n0 * syn;
+        T* ob = out + b * sob + n0 * son;
+        int64_t cs = c0;  // channels [c0, cs) done by the fp32 8 x 8 blocks
+        if constexpr (std::is_same<T, float>::value) {
+          if (sxn == 1 && syn == 1 && soc == 1 && m == kT) {
+            // channels-first x and y into a channels-last out (fp32): 8 channels x 8 tokens at a
+            // time, x + g * y per channel row, then one transpose into the 8 token rows
+            alignas(32) float blk[8 * 8];
+            for (; cs + 8 <= c1; cs += 8)
+              for (int64_t t = 0; t < kT; t += 8) {
+                for (int i = 0; i < 8; ++i) {
+                  const float gc = g[cs + i];
+                  const float* xr = xb + (cs + i) * sxc + t;
+                  const float* yr = yb + (cs + i) * syc + t;
+#pragma omp simd
+                  for (int j = 0; j < 8; ++j) blk[i * 8 + j] = xr[j] + gc * yr[j];
+                }
+                adaln_transpose8(blk, 8, ob + t * son + cs, son);
+              }
+          }
+        }
+        for (int64_t c = cs; c < c1; ++c) {
+          const float gc = g[c];
+          for (int64_t t = 0; t < m; ++t)
+            ob[c * soc + t * son] = from_float<T>(to_float(xb[c * sxc + t * sxn]) + gc * to_float(yb[c * syc + t * syn]));
+        }
+      }
     }
     return;
   }
