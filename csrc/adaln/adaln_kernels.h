@@ -267,27 +267,23 @@ void adaln_run(const T* x, int64_t B, int64_t N, int64_t C, int64_t sxb, int64_t
   }
 }
 
+// o[i] = x[i] + g(i) * y[i] over one contiguous run, g(i) = g[i] (kPerElement: a row of channels)
+// or g[0] (a channel's run of tokens); o may be x
+template <bool kPerElement, typename T>
+inline void gated_line(const T* x, const T* y, const float* g, T* o, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) o[i] = from_float<T>(to_float(x[i]) + g[kPerElement ? i : 0] * to_float(y[i]));
+}
+
 template <typename T>
 void gated_run(const T* x, int64_t B, int64_t N, int64_t C, int64_t sxb, int64_t sxn, int64_t sxc, const T* y,
                int64_t syb, int64_t syn, int64_t syc, const float* gate, int64_t gsb, T* out, int64_t sob,
                int64_t son, int64_t soc) {
   const bool dense = sxc == 1 && syc == 1 && soc == 1;
-  if (!dense && sxn == 1 && syn == 1 && son == 1) {
-    // every operand channels-first: per (sample, channel) one contiguous run of N tokens
-#pragma omp parallel for schedule(static)
-    for (int64_t item = 0; item < B * C; ++item) {
-      const int64_t b = item / C, c = item % C;
-      const T* xr = x + b * sxb + c * sxc;
-      const T* yr = y + b * syb + c * syc;
-      T* o = out + b * sob + c * soc;
-      const float gc = gate[b * gsb + c];
-#pragma omp simd
-      for (int64_t n = 0; n < N; ++n) o[n] = from_float<T>(to_float(xr[n]) + gc * to_float(yr[n]));
-    }
-    return;
-  }
-  if (!dense && (adaln_channels_first(sxn, sxc) || adaln_channels_first(syn, syc) ||
-                 adaln_channels_first(son, soc))) {
+  // every operand channels-first: the rows below are channels, each one contiguous run of N tokens
+  const bool by_channel = !dense && sxn == 1 && syn == 1 && son == 1;
+  if (!dense && !by_channel &&
+      (adaln_channels_first(sxn, sxc) || adaln_channels_first(syn, syc) || adaln_channels_first(son, soc))) {
     // a channels-first operand: blocks of kGatedChannels channels, each walked over all tokens
     // kAdalnTile at a time, channel by channel, so that a channels-first operand's tokens are read
     // (written) as adjacent runs and a channels-last one's rows as runs of the block's channels.
@@ -334,16 +330,18 @@ void gated_run(const T* x, int64_t B, int64_t N, int64_t C, int64_t sxb, int64_t
     }
     return;
   }
+  const int64_t R = by_channel ? C : N;  // rows per sample
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < B * N; ++r) {
-    const int64_t b = r / N, n = r % N;
-    const T* xr = x + b * sxb + n * sxn;
-    const T* yr = y + b * syb + n * syn;
-    T* o = out + b * sob + n * son;
+  for (int64_t r = 0; r < B * R; ++r) {
+    const int64_t b = r / R, n = r % R;
+    const T* xr = x + b * sxb + n * (by_channel ? sxc : sxn);
+    const T* yr = y + b * syb + n * (by_channel ? syc : syn);
+    T* o = out + b * sob + n * (by_channel ? soc : son);
     const float* g = gate + b * gsb;
-    if (dense) {  // out may be x (in place): element c is read before it is written, never after
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) o[c] = from_float<T>(to_float(xr[c]) + g[c] * to_float(yr[c]));
+    if (by_channel) {  // out may be x (in place): each element is read before it is written
+      gated_line<false>(xr, yr, g + n, o, N);
+    } else if (dense) {
+      gated_line<true>(xr, yr, g, o, C);
     } else {
       for (int64_t c = 0; c < C; ++c)
         o[c * soc] = from_float<T>(to_float(xr[c * sxc]) + g[c] * to_float(yr[c * syc]));
