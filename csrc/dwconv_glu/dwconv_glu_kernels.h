@@ -269,9 +269,7 @@ inline void conv_glu_pixels_at(bool left, bool right, const T* const* rows, int 
 
 // The most input cache lines of one step (3 rows x (kConvPixels + 2) columns x 2 streams, byte
 // offsets row * rs + column * ps + stream * cs) that fall in one set of a 64-set L1 (4 KiB period:
-// every x86 L1 data cache of the last decade). When pixels or rows lie a multiple of 4 KiB apart
-// (channel counts that are powers of two) all of them share a set and the step reloads them from
-// L2 (3x slower, measured): conv_glu_block then stages the rows.
+// every x86 L1 data cache of the last decade); see the header comment.
 inline int conv_set_load(int64_t rs, int64_t ps, int64_t cs) {
   int count[64] = {};
   int most = 0;
