@@ -43,20 +43,15 @@ def _cpu_chunk_fused(qc, kc, vc, visible, scale, g):
     row) -> (out [C, Hq, D], lse [Hq, C])."""
     C, Hq, D = qc.shape
     Hkv, n = kc.shape[1], kc.shape[0]
-    if visible is None and (g == 1 or (C >= _CPU_FOLD_ROWS and _fused_takes_gqa())):
-        # many rows, no mask: the query heads stay heads (views in and out, no copies; a KV head's
-        # keys are reused across the rows already). 0.95x the time of folding at 333 rows x 14 / 2
-        # heads (the bench's connector case)
-        o, lse = _CPU_FUSED(qc.transpose(0, 1).unsqueeze(0), kc.transpose(0, 1).unsqueeze(0),
-                            vc.transpose(0, 1).unsqueeze(0), 0.0, False, scale=scale)
-        return o[0].transpose(0, 1), lse[0]
+    if visible is None:  # no mask: one sequence of a batch (heads kept or folded by the row count)
+        o, lse = _fused_batched(qc.transpose(0, 1).unsqueeze(0), kc.transpose(0, 1).unsqueeze(0),
+                                vc.transpose(0, 1).unsqueeze(0), False, None, scale)
+        return o[0], lse[0]
     # GQA without copying K/V: the g query heads of a KV head become g * C rows of that head (its
-    # keys read once, not once per query head: a few rows against many keys, decode)
+    # keys read once, not once per query head), the mask repeated per query head
     qh = qc.view(C, Hkv, g, D).permute(1, 2, 0, 3).reshape(1, Hkv, g * C, D)
-    bias = None
-    if visible is not None:
-        bias = torch.zeros((C, n), dtype=qc.dtype).masked_fill_(~visible, float("-inf"))
-        bias = bias.repeat(g, 1).view(1, 1, g * C, n)
+    bias = torch.zeros((C, n), dtype=qc.dtype).masked_fill_(~visible, float("-inf"))
+    bias = bias.repeat(g, 1).view(1, 1, g * C, n)
     o, lse = _CPU_FUSED(qh, kc.transpose(0, 1).unsqueeze(0), vc.transpose(0, 1).unsqueeze(0), 0.0, False,
                         attn_mask=bias, scale=scale)
     return o.reshape(Hkv, g, C, D).permute(2, 0, 1, 3).reshape(C, Hq, D), lse.reshape(Hq, C)
@@ -232,10 +227,10 @@ def _cpu_plan(Hq: int, D: int, cq: np.ndarray, ck: np.ndarray, st: np.ndarray, e
 def _fused_batched(qb, kb, vb, causal, mask, scale):
     """ATen's fused call on ``qb [B, Hq, L, D]`` against ``kb, vb [B, Hkv, n, D]`` -> ``(o [B, L, Hq, D]
     (a view), lse [B, Hq, L])``. Without a causal mask and with fewer than ``_CPU_FOLD_ROWS`` rows the
-    g = Hq / Hkv query heads of a KV head become g * L rows of that head (as :func:`_cpu_chunk_fused`
-    does): each KV head's keys are then read once per call, not once per query head (a batch of
-    decode rows against an 8k cache ran ~3x faster so); otherwise query heads stay heads
-    (:func:`_fused_kv`)."""
+    g = Hq / Hkv query heads of a KV head become g * L rows of that head: each KV head's keys are then
+    read once per call, not once per query head (a batch of decode rows against an 8k cache ran ~3x
+    faster so); otherwise query heads stay heads (:func:`_fused_kv`; views in and out, no copies:
+    0.95x the time of folding at 333 rows x 14 / 2 heads, the bench's connector case)."""
     B, Hq, L, D = qb.shape
     Hkv = kb.shape[1]
     g = Hq // Hkv
