@@ -15,6 +15,15 @@
 //   gives a <= 448 (1 + 3 ulp) < 464, so no lane saturates or is NaN; a row with a NaN or infinite
 //   scale takes the scalar loop.
 
+// SPAR_QUANT_ZMM: the AVX-512 variant's 32-element steps in 512-bit registers (quantize32 below);
+// a program that compiles this file's AVX-512 math for an AVX2 CPU (tests/cpp/
+// quantize_fp8_avx512_div.cpp) defines SPAR_QUANT_NO_ZMM and gets the 256-bit steps.
+#if SPAR_ISA_AVX512 && !defined(SPAR_QUANT_NO_ZMM)
+#define SPAR_QUANT_ZMM 1
+#else
+#define SPAR_QUANT_ZMM 0
+#endif
+
 #if SPAR_ISA_AVX2
 // 8 lanes of a = |x / s| >= 0 (a < 464) -> 16 * (e4m3 code + 1128) as int32 (see the header
 // comment): r = a + M holds k (the grid index, <= 16) in its low 16 bits and M's exponent in its
@@ -44,12 +53,26 @@ inline __m256i codes_from16(__m256i v) {
 // remainder underflows (|x| < 2^-100) are below 2^-50 and encode to a zero code either way.
 struct Div {
   __m256 s, r;
+#if SPAR_QUANT_ZMM
+  __m512 s16, r16;
+  explicit Div(float scale)
+      : s(_mm256_set1_ps(scale)), r(_mm256_set1_ps(1.0f / scale)), s16(_mm512_set1_ps(scale)),
+        r16(_mm512_set1_ps(1.0f / scale)) {}
+#else
   explicit Div(float scale) : s(_mm256_set1_ps(scale)), r(_mm256_set1_ps(1.0f / scale)) {}
+#endif
   __m256 operator()(__m256 x) const {
     __m256 q = _mm256_mul_ps(x, r);
     q = _mm256_fmadd_ps(_mm256_fnmadd_ps(q, s, x), r, q);
     return _mm256_fmadd_ps(_mm256_fnmadd_ps(q, s, x), r, q);
   }
+#if SPAR_QUANT_ZMM
+  __m512 operator()(__m512 x) const {  // the same three roundings, 16 lanes
+    __m512 q = _mm512_mul_ps(x, r16);
+    q = _mm512_fmadd_ps(_mm512_fnmadd_ps(q, s16, x), r16, q);
+    return _mm512_fmadd_ps(_mm512_fnmadd_ps(q, s16, x), r16, q);
+  }
+#endif
 };
 #else
 struct Div {  // RN(x / s): the IEEE division (3.5 cycles a vector on Zen 3, cheaper than the FMAs)
@@ -85,6 +108,59 @@ inline __m256i quantize16(const T* p, const Div& div, __m256i& bits) {
   return _mm256_packus_epi32(e4m3_code16_abs(div(lo)), e4m3_code16_abs(div(hi)));
 }
 
+#if SPAR_QUANT_ZMM
+// 16 lanes of a = |x / s| -> 16 * (e4m3 code + 1128) as int32 (e4m3_code16_abs, 16 lanes)
+inline __m512i e4m3_code16_abs(__m512 a) {
+  const __m512i u = _mm512_castps_si512(a);
+  const __m512i A = _mm512_max_epi32(_mm512_and_si512(u, _mm512_set1_epi32(0x7f800000)),
+                                     _mm512_set1_epi32(121 << 23));
+  const __m512 M = _mm512_castsi512_ps(_mm512_add_epi32(A, _mm512_set1_epi32(20 << 23)));
+  const __m512i r = _mm512_castps_si512(_mm512_add_ps(a, M));
+  return _mm512_madd_epi16(r, _mm512_set1_epi32(0x00010010));
+}
+
+// 32 16-bit lanes of 16 * (code + 1128), in element order, and the inputs' 16-bit high halves
+// (sign in bit 15) -> 32 bytes of e4m3 codes at q
+inline void store_codes32(__m512i v, __m512i sign_bits, uint8_t* q) {
+  const __m512i codes = _mm512_srli_epi16(_mm512_sub_epi16(v, _mm512_set1_epi16(kCodeOffset16)), 4);
+  const __m512i sign = _mm512_and_si512(_mm512_srli_epi16(sign_bits, 8), _mm512_set1_epi16(0x80));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm512_cvtepi16_epi8(_mm512_or_si512(codes, sign)));
+}
+
+// 32 bf16 elements -> 32 bytes: widened by interleaving with zeros (each 128-bit lane's elements
+// 0-3 in lo, 4-7 in hi), and the in-lane pack of the two codes vectors restores the order
+inline void quantize32(const bf16_t* p, const Div& div, uint8_t* q) {
+  const __m512i bits = _mm512_loadu_si512(p);
+  const __m512i a = _mm512_and_si512(bits, _mm512_set1_epi16(0x7fff));
+  const __m512 lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), a));
+  const __m512 hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), a));
+  store_codes32(_mm512_packus_epi32(e4m3_code16_abs(div(lo)), e4m3_code16_abs(div(hi))), bits, q);
+}
+
+// 32 fp16 elements -> 32 bytes: widened through F16C in element order, then 128-bit lanes
+// regrouped so that lo / hi hold each 8-element group's first / last four (bf16's order)
+inline void quantize32(const f16_t* p, const Div& div, uint8_t* q) {
+  const __m512i bits = _mm512_loadu_si512(p);
+  const __m512i a = _mm512_and_si512(bits, _mm512_set1_epi16(0x7fff));
+  const __m512 f0 = _mm512_cvtph_ps(_mm512_castsi512_si256(a));        // elements 0-15
+  const __m512 f1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(a, 1));  // elements 16-31
+  const __m512 lo = _mm512_shuffle_f32x4(f0, f1, 0x88), hi = _mm512_shuffle_f32x4(f0, f1, 0xdd);
+  store_codes32(_mm512_packus_epi32(e4m3_code16_abs(div(lo)), e4m3_code16_abs(div(hi))), bits, q);
+}
+
+// 16 fp32 elements -> 16 bytes
+inline void quantize16_f32(const float* p, const Div& div, uint8_t* q) {
+  const __m512i x = _mm512_loadu_si512(p);
+  const __m512 a = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(0x7fffffff)));
+  const __m512i codes = _mm512_srli_epi32(_mm512_sub_epi32(e4m3_code16_abs(div(a)), _mm512_set1_epi32(kCodeOffset16)), 4);
+  const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(x, 24), _mm512_set1_epi32(0x80));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(_mm512_or_si512(codes, sign)));
+}
+inline void quantize32(const float* p, const Div& div, uint8_t* q) {
+  quantize16_f32(p, div, q);
+  quantize16_f32(p + 16, div, q + 16);
+}
+#else
 // 32 fp16/bf16 elements -> 32 bytes (sign bits from the inputs' sign-saturated high bytes)
 template <typename T>
 inline void quantize32(const T* p, const Div& div, uint8_t* q) {
@@ -114,6 +190,7 @@ inline void quantize32(const float* p, const Div& div, uint8_t* q) {
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(bytes, order));
 }
+#endif  // SPAR_QUANT_ZMM
 
 // 32 elements of |x| into a running max of their bits (the amax of the header comment)
 inline void amax32(const bf16_t* p, __m256i& acc) {
@@ -233,3 +310,4 @@ float quantize_row_amax_next(const T* x, float scale, uint8_t* q, int64_t n, con
   quantize_row(x, scale, q, n, next);
   return row_amax(next, n);
 }
+#undef SPAR_QUANT_ZMM

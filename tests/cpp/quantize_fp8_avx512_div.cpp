@@ -22,6 +22,7 @@ namespace spar {
 using namespace spar::quant;
 #define SPAR_ISA_AVX2 1
 #define SPAR_ISA_AVX512 1
+#define SPAR_QUANT_NO_ZMM 1  // the 256-bit steps: this program runs on AVX2 CPUs
 #include "quantize_fp8/quantize_fp8_kernels.h"
 }  // namespace spar
 
