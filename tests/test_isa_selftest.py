@@ -1,9 +1,9 @@
 """tests/cpp/isa_selftest.cpp: the C++ twins' instruction-set variants against each other.
 
 The program runs every case once per variant the CPU has (base, avx2, avx512) through the twins'
-entry points and compares each variant's outputs with the base variant's. On our machines it runs
-base and avx2 (none has AVX-512); tests/cpp/avx512_emulated.sh runs the same program on an emulated
-AVX-512 CPU (Bochs' Skylake-X model), where the avx512 variants run too (docs/testing.md). This test
+entry points and compares each variant's outputs with the base variant's: base and avx2 on an
+AVX2 CPU, all three on an AVX-512 one. tests/cpp/avx512_emulated.sh runs the same program on an
+emulated AVX-512 CPU (Bochs' Skylake-X model) for machines without it (README, "What is verified, and what is not"). This test
 keeps the program building and passing, and checks that its comparison catches a disagreement.
 """
 import re

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs tests/cpp/isa_selftest.cpp on an emulated AVX-512 CPU (Bochs' Skylake-X model), so the
-# AVX-512 variants of the C++ twins run somewhere even though no machine of ours has AVX-512.
+# AVX-512 variants of the C++ twins run on a machine without AVX-512 (most of ours are AMD Zen 3).
 #
 # What it does: builds the self-test as a static binary (g++, baseline x86-64; the twins' avx2 and
 # avx512 variants come from their target pragmas), packs it with busybox into an initramfs, makes a
