@@ -230,9 +230,10 @@ STAGED = [(1, 6, 9, 256, torch.float32, 0), (2, 5, 16, 512, torch.float32, 0), (
 @pytest.mark.parametrize("isa", ["base", "avx2"])
 @pytest.mark.parametrize("B, H, W, C, dtype, extra", STAGED)
 def test_dwconv_glu_cpu_staged_rows_match_the_direct_path_bit_for_bit(B, H, W, C, dtype, extra, isa, monkeypatch):
-    """Inputs whose strides alias in L1 go through the twin's row ring; the same values laid out
-    with a padded token stride (nothing aliases) take the direct path. Same sums in the same
-    order: equal bit for bit, and both within the accuracy rule."""
+    """Inputs whose strides alias in L1 go through the twin's row ring (SPAR_CPU_STAGE=1); the same
+    values laid out with a padded token stride (nothing aliases), and the aliasing input with
+    staging off, take the direct path. Same sums in the same order: equal bit for bit, and within
+    the accuracy rule."""
     monkeypatch.setenv("SPAR_CPU_ISA", isa)
     g = torch.Generator().manual_seed(B * 1000 + H * 100 + W + C)
     x = torch.randn(B, H * W, 2 * C + extra, generator=g).to(dtype)[..., extra // 2: extra // 2 + 2 * C]
@@ -242,11 +243,15 @@ def test_dwconv_glu_cpu_staged_rows_match_the_direct_path_bit_for_bit(B, H, W, C
     assert _l1_set_load(W, padded.stride(1), C, es) <= 8, "the comparison takes the staged path too"
     w = torch.randn(2 * C, 1, 3, 3, generator=g) / 3
     b = torch.randn(2 * C, generator=g)
+    bits = torch.int16 if es == 2 else torch.int32
     with sk.backend("cpu"):
+        monkeypatch.setenv("SPAR_CPU_STAGE", "1")   # staging forced (by default: where L1 has <= 8 ways)
         got = sk.dwconv_glu(x, w, b, H, W)
         direct = sk.dwconv_glu(padded, w, b, H, W)
-    assert torch.equal(got.view(torch.int16 if es == 2 else torch.int32),
-                       direct.view(torch.int16 if es == 2 else torch.int32))
+        monkeypatch.setenv("SPAR_CPU_STAGE", "0")   # the aliasing input read in place
+        unstaged = sk.dwconv_glu(x, w, b, H, W)
+    assert torch.equal(got.view(bits), direct.view(bits))
+    assert torch.equal(unstaged.view(bits), direct.view(bits))
     want64 = ref.dwconv_glu(x.double(), w.double(), b.double(), H, W, compute_dtype=torch.float64)
     assert_close_fa(got, _torch_same_dtype(x, w, b, H, W), want64, name=f"dwconv_glu staged {(B, H, W, C)}")
 

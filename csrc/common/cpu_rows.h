@@ -155,6 +155,10 @@ void dispatch(int dtype, const char* op, F&& f) {
 
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#if SPAR_ISA_MULTI
+#include <cpuid.h>
+#endif
 
 namespace spar {
 namespace cpu {
@@ -197,6 +201,42 @@ inline Isa cpu_isa() {
   else if (std::strcmp(env, "avx2") == 0) want = Isa::Avx2;
   else if (std::strcmp(env, "avx512") == 0) want = Isa::Avx512;
   return static_cast<int>(want) <= static_cast<int>(best) ? want : best;
+}
+
+// The associativity of this CPU's level-1 data cache from CPUID's deterministic cache parameters
+// (leaf 4 on Intel, 0x8000001D on AMD); 0 when unknown.
+inline int l1d_ways() {
+#if SPAR_ISA_MULTI
+  static const int ways = [] {
+    for (unsigned leaf : {4u, 0x8000001Du}) {
+      if (__get_cpuid_max(leaf & 0x80000000u, nullptr) < leaf) continue;
+      for (unsigned i = 0; i < 16; ++i) {
+        unsigned a, b, c, d;
+        __cpuid_count(leaf, i, a, b, c, d);
+        const unsigned type = a & 31;  // 0: no more caches, 1: data
+        if (type == 0) break;
+        if (type == 1 && ((a >> 5) & 7) == 1) return int((b >> 22) & 0x3ff) + 1;
+      }
+    }
+    return 0;
+  }();
+  return ways;
+#else
+  return 0;
+#endif
+}
+
+// Whether a twin copies inputs whose strides alias in L1 into padded buffers before its loops read
+// them (dwconv_glu's row ring, dwconv_glu_kernels.h): where L1 has at most 8 ways, or its ways are
+// unknown. Measured: on AMD Zen 3 (32 KiB, 8 ways) staging ran 2-3x faster at power-of-two widths;
+// on an Intel Xeon (family 6 model 207; 48 KiB, 12 ways), alternating both in one process at
+// C = 1024-3072, it ran 13-15% slower in the AVX-512 variant at 16x16 pixels (equal at 32x32) and
+// 0-9% faster in the AVX2 one. SPAR_CPU_STAGE=1 / 0 forces it (tests, benchmarks).
+inline bool stage_aliasing_inputs() {
+  const char* env = std::getenv("SPAR_CPU_STAGE");
+  if (env != nullptr && *env != '\0') return std::strcmp(env, "0") != 0;
+  const int ways = l1d_ways();
+  return ways == 0 || ways <= 8;
 }
 
 // The entry of variant `isa` among a twin's three instantiations of one function (each twin's

@@ -29,6 +29,7 @@ void dwconv_glu_cpu(uintptr_t x, int dtype, int64_t B, int64_t H, int64_t W, int
                     int64_t sxn, uintptr_t w, int64_t swc, int64_t swt, uintptr_t bias, uintptr_t out, int64_t sob,
                     int64_t son) {
   const cpu::Isa isa = cpu::cpu_isa();
+  const bool stage = cpu::stage_aliasing_inputs();
   // the kernels read the bias unconditionally: zeros when the conv has none
   std::vector<float> zeros(bias ? 0 : 2 * C, 0.0f);
   const float* bias2 = bias ? reinterpret_cast<const float*>(bias) : zeros.data();
@@ -42,7 +43,7 @@ void dwconv_glu_cpu(uintptr_t x, int dtype, int64_t B, int64_t H, int64_t W, int
     auto* run = cpu::by_isa(isa, &avx512::dwconv_glu_run<16, T>, &avx2::dwconv_glu_run<8, T>,
                             &base::dwconv_glu_run<cpu::kBaseLanes, T>);
     run(reinterpret_cast<const T*>(x), B, H, W, C, sxb, sxn, reinterpret_cast<const float*>(w), swc, swt, bias2,
-        reinterpret_cast<T*>(out), sob, son, threads);
+        reinterpret_cast<T*>(out), sob, son, threads, stage);
   });
 }
 

@@ -26,7 +26,8 @@
 // When the input's pixel, stream or row strides are multiples of a large power of two (channel
 // counts such as 256, 512, 1024, 1536 or 2048) a step's input lines fall into a few sets of the L1
 // cache, more lines than it has ways, and every load goes back to L2 (3x the time at C = 1024).
-// conv_set_load counts them; above kConvSetLoad each item copies its block of every input row once
+// conv_set_load counts them; above kConvSetLoad, and where staging pays (the run's `stage` argument:
+// cpu::stage_aliasing_inputs: an L1 of at most 8 ways), each item copies its block of every input row once
 // into a 3-row ring whose pixel, stream and row strides are padded until the lines spread
 // (conv_stage_layout), and the steps read the ring. Same loads and sums in the same order: the
 // results are bit-identical either way. (Staging always was 20% slower where nothing aliases.)
@@ -381,11 +382,12 @@ void conv_glu_block(const T* xb, int64_t H, int64_t W, int64_t C, int64_t sxn, i
 }
 
 // bias2: [2C] fp32 (zeros when the conv has no bias); threads: the OpenMP team size. Work items
-// are (sample, block of channels, band of rows).
+// are (sample, block of channels, band of rows). stage: whether inputs whose strides alias in L1
+// go through the row ring (see the header comment).
 template <int L, typename T>
 void dwconv_glu_run(const T* x, int64_t B, int64_t H, int64_t W, int64_t C, int64_t sxb, int64_t sxn,
                     const float* w, int64_t swc, int64_t swt, const float* bias2, T* out, int64_t sob, int64_t son,
-                    int64_t threads) {
+                    int64_t threads, bool stage) {
   // channel block: the 3 input rows it reads (a + gate channels, fp32-sized) within kConvRowsBytes
   const int64_t budget = kConvRowsBytes / (3 * W * 2 * int64_t(sizeof(float)));
   const int64_t cb = std::min((C + L - 1) / L * L, std::max<int64_t>(L, budget / L * L));
@@ -395,7 +397,7 @@ void dwconv_glu_run(const T* x, int64_t B, int64_t H, int64_t W, int64_t C, int6
   const int64_t n_band = have >= want ? 1 : std::min(H, (want + have - 1) / have);
   const int64_t band = (H + n_band - 1) / n_band;
   const int64_t es = sizeof(T);
-  const bool staged = conv_set_load(W * sxn * es, sxn * es, C * es) > kConvSetLoad;
+  const bool staged = stage && conv_set_load(W * sxn * es, sxn * es, C * es) > kConvSetLoad;
   const ConvStage st = staged ? conv_stage_layout<L, T>(cb, W) : ConvStage{0, 0, 0};
 #pragma omp parallel
   {

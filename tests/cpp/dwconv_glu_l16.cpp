@@ -48,7 +48,7 @@ int run(int64_t B, int64_t H, int64_t W, int64_t C, char** paths) {
   std::vector<T> out(size_t(B * N * C));
   spar::dwconv_glu_run<CONV_LANES, T>(reinterpret_cast<const T*>(x.data()), B, H, W, C, N * 2 * C, 2 * C,
                               reinterpret_cast<const float*>(w.data()), 9, 1, reinterpret_cast<const float*>(bias.data()),
-                              out.data(), N * C, C, 1);
+                              out.data(), N * C, C, 1, /*stage=*/true);
   return harness::write_file(paths[3], out);
 }
 
