@@ -238,6 +238,28 @@ inline float amax_vec(const T* x, int64_t n, int64_t& c) {
   for (; c + 32 <= n; c += 32) amax32(x + c, a0);
   return amax_value<T>(amax_merge(x, a0, a1));
 }
+#if SPAR_QUANT_ZMM
+// amax32 in one 512-bit register (bf16 / fp16: one load; fp32: two), and its value
+using AmaxAcc = __m512i;
+inline AmaxAcc amax_zero() { return _mm512_setzero_si512(); }
+inline void amax32(const bf16_t* p, __m512i& acc) {
+  acc = _mm512_max_epu16(acc, _mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi16(0x7fff)));
+}
+inline void amax32(const f16_t* p, __m512i& acc) { amax32(reinterpret_cast<const bf16_t*>(p), acc); }
+inline void amax32(const float* p, __m512i& acc) {
+  const __m512i mask = _mm512_set1_epi32(0x7fffffff);
+  acc = _mm512_max_epi32(acc, _mm512_and_si512(_mm512_loadu_si512(p), mask));
+  acc = _mm512_max_epi32(acc, _mm512_and_si512(_mm512_loadu_si512(p + 16), mask));
+}
+template <typename T>
+inline float amax_value(__m512i acc) {
+  const T* tag = nullptr;
+  return amax_value<T>(amax_merge(tag, _mm512_castsi512_si256(acc), _mm512_extracti64x4_epi64(acc, 1)));
+}
+#else
+using AmaxAcc = __m256i;
+inline AmaxAcc amax_zero() { return _mm256_setzero_si256(); }
+#endif
 #endif  // SPAR_ISA_AVX2
 
 // max |x| over a contiguous row, NaN-propagating (quant::amax_combine)
@@ -287,7 +309,7 @@ float quantize_row_amax_next(const T* x, float scale, uint8_t* q, int64_t n, con
 #if SPAR_ISA_AVX2
   if (scale > 0.f && scale < INFINITY && n >= 32) {
     const Div div(scale);
-    __m256i acc = _mm256_setzero_si256();
+    AmaxAcc acc = amax_zero();
     if (ahead) {
       for (; c + 32 <= n; c += 32) {
         for (int64_t b = 0; b < int64_t(32 * sizeof(T)); b += 64)
