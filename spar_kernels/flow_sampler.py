@@ -445,8 +445,8 @@ class FlowSampler:
             # the tensors of the last eager twin call: validated then, still valid if their layout is
             # unchanged (a resize_, set_ or .data assignment changes a pointer, shape, stride or dtype)
             k = self._host_step
-            if k < self.num_evals and not self._host_flags[k] & f[5] and _layouts(x, v_cond, v_uncond,
-                                                                                    v_img_uncond, out) == f[6]:
+            if k < self.num_evals and not self._host_flags[k] & f[5] and _same_layouts(f[6], x, v_cond, v_uncond,
+                                                                                         v_img_uncond, out):
                 self._host_step = k + 1
                 f[8](f[9])
                 return out
@@ -511,17 +511,25 @@ class FlowSampler:
             raise ValueError(f"{name}: expected x's shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
-def _layouts(x, v_cond, v_uncond, v_img_uncond, out):
-    """The data pointer, shape, strides and dtype of each tensor, flat: what the twin's arguments
-    were computed from (the caller has checked which are None and whether out is x)."""
-    k = (x.data_ptr(), x.shape, x.stride(), x.dtype, v_cond.data_ptr(), v_cond.shape, v_cond.stride(), v_cond.dtype)
-    if v_uncond is not None:
-        k += (v_uncond.data_ptr(), v_uncond.shape, v_uncond.stride(), v_uncond.dtype)
-    if v_img_uncond is not None:
-        k += (v_img_uncond.data_ptr(), v_img_uncond.shape, v_img_uncond.stride(), v_img_uncond.dtype)
-    if out is not x:
-        k += (out.data_ptr(), out.shape, out.stride(), out.dtype)
-    return k
+def _aliases(x, v_cond, v_uncond, v_img_uncond, out):
+    """What the twin's arguments were computed from: for each tensor (None where absent, and for
+    out when it is x) a detached alias (same storage, offset, sizes and strides, fixed from now
+    on) and its dtype."""
+    ts = (x, v_cond, v_uncond, v_img_uncond, None if out is x else out)
+    return (tuple(None if t is None else t.detach() for t in ts),
+            tuple(None if t is None else t.dtype for t in ts))
+
+
+def _same_layouts(aliases, x, v_cond, v_uncond, v_img_uncond, out):
+    """True when each tensor still has the storage, offset, sizes, strides (``is_set_to`` its
+    alias: one call, not four) and dtype it had (a resize_, set_, in-place view op or .data
+    assignment changes one). The caller has checked that the same objects are passed, so an
+    argument is None exactly where its alias is."""
+    a, d = aliases
+    return (x.is_set_to(a[0]) and x.dtype is d[0] and v_cond.is_set_to(a[1]) and v_cond.dtype is d[1]
+            and (a[2] is None or (v_uncond.is_set_to(a[2]) and v_uncond.dtype is d[2]))
+            and (a[3] is None or (v_img_uncond.is_set_to(a[3]) and v_img_uncond.dtype is d[3]))
+            and (a[4] is None or (out.is_set_to(a[4]) and out.dtype is d[4])))
 
 
 def _none():
@@ -532,7 +540,9 @@ def _fast_entry(sampler, x, v_cond, v_uncond, v_img_uncond, out, args):
     """What FlowSampler.step's fast path replays: weak references to the validated tensors (so
     the sampler does not keep a step's velocities alive; when one dies the entry is dropped, so a
     dead reference never matches a None argument), the flags of a row that would need a branch
-    that is absent, the tensors' layouts, the twin's arguments (all pointers, no copy) packed as
+    that is absent, the tensors' detached aliases and dtypes (_aliases; an alias holds its storage
+    only while the entry lives, and the entry goes when a tensor dies), the twin's arguments (all
+    pointers, no copy) packed as
     csrc/flow_sampler/api.h's flow_sampler_step_cpu_packed reads them, that entry point (looked up
     by _twin) and the array's address."""
     owner = weakref.ref(sampler)
@@ -546,7 +556,7 @@ def _fast_entry(sampler, x, v_cond, v_uncond, v_img_uncond, out, args):
     missing = (F_CFG if v_uncond is None else 0) | (F_IMG if v_img_uncond is None else 0)
     packed = np.array((*args[:-1], 0), dtype=np.int64)
     packed[-1:].view(np.float64)[0] = args[-1]  # renorm_min
-    return (*refs, missing, _layouts(x, v_cond, v_uncond, v_img_uncond, out), packed, _TWIN[1], packed.ctypes.data)
+    return (*refs, missing, _aliases(x, v_cond, v_uncond, v_img_uncond, out), packed, _TWIN[1], packed.ctypes.data)
 
 
 _TWIN = []

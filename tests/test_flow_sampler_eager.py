@@ -150,3 +150,28 @@ def test_no_replay_without_out_or_after_a_branch_dies():
     for _ in range(3):
         _ref_step(b, x, vc, torch.randn(shape))
     torch.testing.assert_close(a.step(x, vc, vu, out=out), _ref_step(b, x, vc, vu), atol=1e-6, rtol=1e-6)
+
+
+def test_layout_check_sees_dtype_views_and_transposes_that_keep_the_strides():
+    # the fast path compares each tensor with a detached alias (is_set_to: storage, offset, sizes,
+    # strides) and its dtype; these changes keep the pointer, the numel and the strides
+    s = sk.FlowSampler("euler", num_steps=20, guidance=4.0)
+    x, vc, vu, out = (torch.randn(8, 1) for _ in range(4))     # [T, C] with C = 1: strides (1, 1)
+    s.step(x, vc, vu, out=out)
+    assert s._fast is not None
+    vc.t_()                                                      # (1, 8), strides still (1, 1)
+    assert vc.stride() == (1, 1) and vc.data_ptr() == vc.data_ptr()
+    with pytest.raises(ValueError, match="v_cond: expected x's shape"):
+        s.step(x, vc, vu, out=out)
+    vc.t_()
+    s.step(x, vc, vu, out=out)                                   # valid again: validated, then replayed
+    s.step(x, vc, vu, out=out)
+    assert s._fast is not None
+    vu.data = vu.view(torch.int32)                               # same storage, sizes and strides
+    with pytest.raises(ValueError, match="v_uncond: expected dtype"):
+        s.step(x, vc, vu, out=out)
+    vu.data = vu.view(torch.float32)
+    x.unsqueeze_(0).squeeze_(0)                                  # back to the same layout: replays
+    got = s.step(x, vc, vu, out=out)
+    assert got is out and s._fast is not None
+    assert s._host_step == 4
