@@ -109,7 +109,9 @@ inline __m256i quantize16(const T* p, const Div& div, __m256i& bits) {
 }
 
 #if SPAR_QUANT_ZMM
-// 16 lanes of a = |x / s| -> 16 * (e4m3 code + 1128) as int32 (e4m3_code16_abs, 16 lanes)
+// 16 lanes of a = |x / s| -> 16 * (e4m3 code + 1128) as int32: the 8-lane e4m3_code16_abs above
+// in 512-bit intrinsics, repeated because the 16-bit multiply-add (vpmaddwd) that ends it has no
+// width-generic form (GCC's vector extensions do not express it)
 inline __m512i e4m3_code16_abs(__m512 a) {
   const __m512i u = _mm512_castps_si512(a);
   const __m512i A = _mm512_max_epi32(_mm512_and_si512(u, _mm512_set1_epi32(0x7f800000)),
