@@ -172,6 +172,31 @@ def test_cpu_path_is_chunked(monkeypatch):
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("segs, heads", [
+    ([[("causal", 40), ("full", 300), ("causal", 9)]], (6, 2)),                       # BAGEL-like
+    ([[("causal", 7), ("full", 130)], [("full", 129), ("causal", 140)]], (4, 4)),     # runs at the ends
+    ([[("causal", 64), ("full", 127), ("causal", 3)]], (4, 1)),                       # a run too short
+])
+def test_cpu_image_block_runs_are_one_chunk(segs, heads, monkeypatch):
+    """A run of >= 128 rows that all see the same keys (an image block between text) goes to the
+    fused kernel as one unmasked chunk; the other rows keep their chunks. Against fp64."""
+    import spar_kernels.attention.cpu as att
+
+    calls = []
+    real = att._cpu_chunk_fused
+    monkeypatch.setattr(att, "_cpu_chunk_fused",
+                        lambda qc, kc, vc, vis, *a: calls.append((qc.shape[0], vis is None)) or real(qc, kc, vc, vis, *a))
+    lay = sk.AttentionLayout.from_segments(segs)
+    Hq, Hkv = heads
+    g = torch.Generator().manual_seed(sum(n for s in segs for _, n in s))
+    q = torch.randn(lay.total_q, Hq, 64, generator=g)
+    k, v = (torch.randn(lay.total_k, Hkv, 64, generator=g) for _ in range(2))
+    check("cpu", q, k, v, lay, seg_masks(segs, None))
+    full_runs = sorted(n for s in segs for kind, n in s if kind == "full" and n >= 128)
+    assert sorted(c for c, unmasked in calls if unmasked and c >= 128) == full_runs, calls
+    assert all(c <= 128 for c, unmasked in calls if not unmasked), calls
+
+
 def test_empty_batch():
     layout = sk.AttentionLayout.cross([0], [5])
     q, k, v = make_qkv(0, 5, 2, 2, 64, torch.float32)

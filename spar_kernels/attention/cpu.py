@@ -305,6 +305,29 @@ def _cpu_slots(q, k, v, plan, scale, out, lse, q_descale, k_descale, v_descale) 
     return True
 
 
+def _chunks(st: np.ndarray, en: np.ndarray, q0: int, rows: int, merge: bool):
+    """The query chunks ``(c0, c1)`` of one sequence whose rows see keys ``[st[i], en[i])`` (row
+    i is query ``q0 + i``): at most ``rows`` rows each, except that with ``merge`` a run of at least
+    ``_CPU_CHUNK_ROWS`` consecutive rows that all see the same interval (an image block)
+    is one chunk: the fused call needs no mask there and never forms the scores, and one call
+    reads the block's keys once instead of once per 128 rows (BAGEL's text + 4096 image + text:
+    33 calls became 3)."""
+    n = len(st)
+    if merge and n >= _CPU_CHUNK_ROWS:
+        cut = np.flatnonzero((st[1:] != st[:-1]) | (en[1:] != en[:-1])) + 1
+        bounds = np.concatenate(([0], cut, [n]))
+        runs = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b - a >= _CPU_CHUNK_ROWS]
+    else:
+        runs = []
+    a = 0
+    for r0, r1 in runs + [(n, n)]:
+        for c0 in range(a, r0, rows):          # the rows before this run, in chunks of `rows`
+            yield q0 + c0, q0 + min(c0 + rows, r0)
+        if r1 > r0:
+            yield q0 + r0, q0 + r1
+        a = r1
+
+
 def _impl_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_q, max_seqlen_k, softmax_scale,
               out, lse, q_descale, k_descale, v_descale, workspace):
     Hq = q.shape[1]
@@ -348,8 +371,8 @@ def _impl_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_
                 lse[:, q0:q1] = l[0]
             continue
         rows = max(1, min(_CPU_CHUNK_ROWS, _CPU_CHUNK_BYTES // (per_key * max(1, k1 - k0))))
-        for c0 in range(q0, q1, rows):
-            c1 = min(c0 + rows, q1)
+        for c0, c1 in _chunks(kv_start[q0:q1].numpy(), kv_end[q0:q1].numpy(), q0, rows,
+                              _CPU_FUSED is not None):
             st, en = kv_start[c0:c1].long(), kv_end[c0:c1].long()
             nonempty = en > st
             if not bool(nonempty.any()):
