@@ -382,12 +382,13 @@ def _impl_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_
                 continue
             lo, hi = int(st[nonempty].min()), int(en[nonempty].max())
             if bool((st == lo).all()) and bool((en == hi).all()):
-                visible = None  # every row sees [lo, hi) (an image block's run): no mask to build
+                # every row sees all of [lo, hi) (an image block's run, a fully visible chunk): no
+                # mask to build or apply. (lo, hi are the nonempty rows' min / max, so this is the
+                # only way every row can see every key of the chunk.)
+                visible = None
             else:
                 j = torch.arange(lo, hi)
                 visible = (j >= st.unsqueeze(1)) & (j < en.unsqueeze(1))        # [C, hi - lo]
-                if bool(visible.all()):
-                    visible = None  # no mask to build or apply
             qc = _ref.dequantize(q[c0:c1], q_descale, f32)
             o, l = chunk_fn(qc, kb[lo:hi], vb[lo:hi], visible, softmax_scale, g)
             if visible is not None and chunk_fn is _cpu_chunk_fused and not math.isfinite(float(o.sum())):
