@@ -266,7 +266,8 @@ def dwconv_glu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             ``[2C, 3, 3]``; any float dtype.
         bias: ``[2C]`` or ``None``; any float dtype.
         H, W: the token grid (``H * W`` must equal x's token count).
-        out: optional contiguous ``[B, H*W, C]`` output of x's dtype; with ``fp8=True`` an optional
+        out: optional contiguous ``[B, H*W, C]`` output of x's dtype, sharing no memory with x
+            (ValueError otherwise: each output reads a 3x3 window of x); with ``fp8=True`` an optional
             ``(q, scales)`` pair of contiguous buffers (float8_e4m3fn ``[B, H*W, C]``, float32
             ``[B, H*W, 1]``).
         fp8: return the output quantized per token for ``torch._scaled_mm`` (the point-wise conv's
@@ -312,7 +313,7 @@ def dwconv_glu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
     else:
-        check_out("out", out, shape, x.dtype, x.device)
+        check_out("out", out, shape, x.dtype, x.device, disjoint_from=("x", x))  # read 3 rows around each
     if out.numel():
         _dwconv_glu_op(x, weight, bias, H, W, out)
     return out

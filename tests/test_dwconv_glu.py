@@ -102,6 +102,37 @@ def test_dwconv_glu_matches_diffusers_glumbconv(dtype, B, H, W):
     assert_close_fa(full, full_base, full64, name="GLUMBConv")
 
 
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dwconv_glu_cpu_silu_of_large_negative_gates(isa, dtype, monkeypatch):
+    """silu(g) -> -0 as g -> -inf (NaN at -inf, as torch's g * sigmoid(g)); an exp clamped at
+    -88 made it g / (1 + e^88): -0.6 at g = -1e38. A 1x1 grid with only the centre tap: out =
+    a * silu(g), each channel one gate value."""
+    monkeypatch.setenv("SPAR_CPU_ISA", isa)
+    gates = torch.tensor([-50.0, -87.0, -89.0, -100.0, -1e30, -1e37, -1e38, -3e38, float("-inf"), 5.0, 1e38,
+                          float("inf"), float("nan"), 0.0, -0.0, 20.0])
+    C = gates.numel()
+    x = torch.cat([torch.ones(C), gates]).view(1, 1, 2 * C).to(dtype)
+    w = torch.zeros(2 * C, 3, 3)
+    w[:, 1, 1] = 1.0
+    with sk.backend("cpu"):
+        got = sk.dwconv_glu(x, w, None, 1, 1).float().view(C)
+    g = x[0, 0, C:].float()
+    want = g * torch.sigmoid(g)
+    assert torch.equal(got.isnan(), want.isnan()), (got, want)
+    ok = ~want.isnan()
+    torch.testing.assert_close(got[ok], want[ok], atol=1e-30, rtol=1e-6 if dtype == torch.float32 else 8e-3)
+
+
+def test_dwconv_glu_out_must_not_overlap_x():
+    buf = torch.randn(12 * 16 + 12 * 8)
+    x = buf[:12 * 16].view(1, 12, 16)
+    for off in (0, 12 * 16 - 8, 12 * 16 - 1):   # x's start, overlapping its last rows, its last element
+        with pytest.raises(ValueError, match="out: must not share memory with x"):
+            sk.dwconv_glu(x, torch.randn(16, 3, 3), None, 3, 4, out=buf[off:off + 12 * 8].view(1, 12, 8))
+    sk.dwconv_glu(x, torch.randn(16, 3, 3), None, 3, 4, out=buf[12 * 16:].view(1, 12, 8))  # right after x: fine
+
+
 def test_dwconv_glu_cpu_fp32_fa_rule_across_seeds():
     """fp32 outputs up to ~100 (unit weights): the CPU twin holds the FlashAttention rule at every
     seed. With the bias added before the taps and a * g / (1 + exp(-g)) rounded in that order
@@ -254,6 +285,37 @@ def test_dwconv_glu_cpu_staged_rows_match_the_direct_path_bit_for_bit(B, H, W, C
     assert torch.equal(unstaged.view(bits), direct.view(bits))
     want64 = ref.dwconv_glu(x.double(), w.double(), b.double(), H, W, compute_dtype=torch.float64)
     assert_close_fa(got, _torch_same_dtype(x, w, b, H, W), want64, name=f"dwconv_glu staged {(B, H, W, C)}")
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dwconv_glu_cpu_streaming_stores_write_the_same_bits(isa, dtype, monkeypatch):
+    """Outputs larger than half of L2 go out in non-temporal stores (SPAR_CPU_STREAM=1 forces them,
+    0 turns them off): where the width has a store of one vector's bytes and every vector is
+    aligned to it. Same values either way, bit for bit, for aligned outputs (streamed), an output
+    starting off alignment, a channel count whose pixel stride breaks it, and one whose last vector
+    is partial (ordinary stores there)."""
+    from spar_kernels import _ext
+    monkeypatch.setenv("SPAR_CPU_ISA", isa)
+    g = torch.Generator().manual_seed(7)
+    bits = torch.int16 if dtype != torch.float32 else torch.int32
+    for B, H, W, C, shift in [(2, 5, 9, 64, 0), (1, 4, 6, 96, 0), (1, 3, 7, 64, 1), (2, 4, 5, 40, 0), (1, 2, 3, 20, 0)]:
+        x = torch.randn(B, H * W, 2 * C, generator=g).to(dtype)
+        w = torch.randn(2 * C, 1, 3, 3, generator=g) / 3
+        b = torch.randn(2 * C, generator=g)
+        outs = []
+        for stream in ("1", "0"):
+            monkeypatch.setenv("SPAR_CPU_STREAM", stream)
+            buf = torch.full((B * H * W * C + 64,), float("nan"), dtype=dtype)
+            off = (-buf.data_ptr() // buf.element_size()) % 32 + shift  # 64-byte aligned start, plus shift
+            out = buf[off: off + B * H * W * C].view(B, H * W, C)
+            with sk.backend("cpu"):
+                sk.dwconv_glu(x, w, b, H, W, out=out)
+            outs.append(out.clone())
+        assert torch.equal(outs[0].view(bits), outs[1].view(bits)), (B, H, W, C, shift)
+        want64 = ref.dwconv_glu(x.double(), w.double(), b.double(), H, W, compute_dtype=torch.float64)
+        assert_close_fa(outs[0], _torch_same_dtype(x, w, b, H, W), want64, name=f"dwconv_glu streamed {(B, H, W, C)}")
+    assert _ext.has_cpu_extension()
 
 
 # (lanes, flags): the AVX-512 variant's 16 lanes built for AVX2, and the 4 lanes of an SSE-only

@@ -26,9 +26,12 @@ SPAR_HD float fast_exp(float x) {
   return p * bits_to_float(uint32_t(int32_t(n) + 127) << 23);
 }
 
-SPAR_HD float silu(float g) { return g / (1.0f + fast_exp(-g)); }
+// Below -88, exp(-g) would saturate at exp(88) and g / (1 + e^88) grow with |g| (-0.6 at -1e38):
+// there 1 + exp(-g) is taken as inf, so silu(g) = -0 (NaN at -inf, as torch's g * sigmoid(g))
+SPAR_HD float silu(float g) { return g / (g < -88.0f ? INFINITY : 1.0f + fast_exp(-g)); }
 
-SPAR_HD float relu(float v) { return v > 0.0f ? v : 0.0f; }
+// max(v, 0) with a NaN kept (as torch.relu): the comparison is false for NaN
+SPAR_HD float relu(float v) { return v < 0.0f ? 0.0f : v; }
 
 }  // namespace fast
 }  // namespace spar

@@ -30,6 +30,7 @@ void dwconv_glu_cpu(uintptr_t x, int dtype, int64_t B, int64_t H, int64_t W, int
                     int64_t son) {
   const cpu::Isa isa = cpu::cpu_isa();
   const bool stage = cpu::stage_aliasing_inputs();
+  const int64_t out_bytes = B * H * W * C * int64_t(dtype == int(DType::F32) ? 4 : 2);
   // the kernels read the bias unconditionally: zeros when the conv has none
   std::vector<float> zeros(bias ? 0 : 2 * C, 0.0f);
   const float* bias2 = bias ? reinterpret_cast<const float*>(bias) : zeros.data();
@@ -43,7 +44,7 @@ void dwconv_glu_cpu(uintptr_t x, int dtype, int64_t B, int64_t H, int64_t W, int
     auto* run = cpu::by_isa(isa, &avx512::dwconv_glu_run<16, T>, &avx2::dwconv_glu_run<8, T>,
                             &base::dwconv_glu_run<cpu::kBaseLanes, T>);
     run(reinterpret_cast<const T*>(x), B, H, W, C, sxb, sxn, reinterpret_cast<const float*>(w), swc, swt, bias2,
-        reinterpret_cast<T*>(out), sob, son, threads, stage);
+        reinterpret_cast<T*>(out), sob, son, threads, stage, cpu::stream_stores(out_bytes / threads));
   });
 }
 

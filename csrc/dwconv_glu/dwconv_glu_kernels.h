@@ -78,11 +78,33 @@ inline typename ConvVec<L>::f conv_load(const T* p) {
   return conv_load<L>(static_cast<const float*>(t));
 }
 
-// fp32 as is; bf16 rounded to nearest even on the bits, NaN kept quiet (bf16_from_float lane-wise)
+// A non-temporal store of one vector of `bytes` (32 or 64) bytes at p (aligned to it), where the
+// variant has one; false where it does not (the caller then stores normally)
+template <int bytes>
+inline bool conv_stream(void* p, const void* v) {
+#if SPAR_ISA_AVX512
+  if constexpr (bytes == 64) {
+    _mm512_stream_si512(static_cast<__m512i*>(p), _mm512_loadu_si512(v));
+    return true;
+  }
+#endif
+#if SPAR_ISA_AVX2
+  if constexpr (bytes == 32) {
+    _mm256_stream_si256(static_cast<__m256i*>(p), _mm256_loadu_si256(static_cast<const __m256i*>(v)));
+    return true;
+  }
+#endif
+  (void)p, (void)v;
+  return false;
+}
+
+// fp32 as is; bf16 rounded to nearest even on the bits, NaN kept quiet (bf16_from_float lane-wise).
+// nt: a non-temporal store (the caller has checked that p is aligned to the vector's bytes)
 template <int L, typename T>
-inline void conv_store(T* p, typename ConvVec<L>::f v) {
+inline void conv_store(T* p, typename ConvVec<L>::f v, bool nt = false) {
   using vu = typename ConvVec<L>::u;
   if constexpr (std::is_same<T, float>::value) {
+    if (nt && conv_stream<sizeof v>(p, &v)) return;
     std::memcpy(p, &v, sizeof v);
   } else if constexpr (std::is_same<T, bf16_t>::value) {
     vu u;
@@ -90,6 +112,7 @@ inline void conv_store(T* p, typename ConvVec<L>::f v) {
     const vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     const vu q = (u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : r;
     const typename ConvVec<L>::h b = __builtin_convertvector(q, typename ConvVec<L>::h);
+    if (nt && conv_stream<sizeof b>(p, &b)) return;
     std::memcpy(p, &b, sizeof b);
   } else {
     float t[L];
@@ -133,7 +156,10 @@ inline typename ConvVec<L>::f conv_glu_act(typename ConvVec<L>::f a, typename Co
   const vi e = (127 - __builtin_convertvector(m, vi)) << 23;
   vf scale;
   std::memcpy(&scale, &e, sizeof scale);
-  return a * (g / (1.0f + p * scale));  // silu(g) rounded, then times a: torch's a * F.silu(g)
+  // below -88 the clamped exp would make silu(g) grow with |g|: 1 + exp(-g) is inf there instead
+  // (silu = -0, NaN at -inf, as torch's), fast::silu's rule
+  const vf d = g < -88.0f ? vf{} + INFINITY : 1.0f + p * scale;
+  return a * (g / d);  // silu(g) rounded, then times a: torch's a * F.silu(g)
 }
 
 constexpr int kConvPixels = 4;                   // output pixels per step (accumulators a, gate: 2 each)
@@ -196,23 +222,25 @@ inline void conv_glu_step(const T* const* rows, int k0, int k1, int64_t sxn, int
   }
 }
 
-// a * silu(gate) of a step's accumulators (acc: [kP][a, gate][L]) to pixels [col, col + kP) of o
+// a * silu(gate) of a step's accumulators (acc: [kP][a, gate][L]) to pixels [col, col + kP) of o;
+// nt: non-temporal stores
 template <int L, int kP, typename T>
-inline void conv_glu_finish(const float* acc, T* o, int64_t son, int64_t col) {
+inline void conv_glu_finish(const float* acc, T* o, int64_t son, int64_t col, bool nt = false) {
 #pragma GCC unroll 4
   for (int p = 0; p < kP; ++p)
-    conv_store<L>(o + (col + p) * son, conv_glu_act<L>(conv_load<L>(acc + 2 * p * L), conv_load<L>(acc + (2 * p + 1) * L)));
+    conv_store<L>(o + (col + p) * son,
+                  conv_glu_act<L>(conv_load<L>(acc + 2 * p * L), conv_load<L>(acc + (2 * p + 1) * L)), nt);
 }
 
 // Pixels [col, col + kP) of one output row, all vectors of the block: channels [0, nv * L) of
 // rows[] / o, the weights of vector v at wts + v * 20 * L; a partial last vector (n < L lanes)
 // goes through zero-padded copies. Along the way, the block's channels of the np input pixels from
 // pf on (both streams) and of the nq output pixels from pq on are prefetched, a line per pixel and
-// stream every 64 bytes of channels.
+// stream every 64 bytes of channels. nt: the full vectors' outputs go out in non-temporal stores.
 template <int L, int kP, bool kLeft, bool kRight, typename T>
 inline void conv_glu_pixels(const T* const* rows, int k0, int k1, int64_t sxn, int64_t C, int64_t col, int64_t nv,
                             int64_t n, const float* wts, T* o, int64_t son, const T* pf, int64_t np, const T* pq,
-                            int64_t nq) {
+                            int64_t nq, bool nt) {
   constexpr int64_t kLine = 64 / int64_t(sizeof(T));
   const int64_t full = n == L ? nv : nv - 1;
   alignas(64) float acc[kConvGroup][kP][2][L];
@@ -229,7 +257,7 @@ inline void conv_glu_pixels(const T* const* rows, int k0, int k1, int64_t sxn, i
       const T* rv[3] = {rows[0] + v * L, rows[1] + v * L, rows[2] + v * L};
       conv_glu_step<L, kP, kLeft, kRight>(rv, k0, k1, sxn, C, col, wts + v * 20 * L, acc[v - g0][0][0]);
     }
-    for (int64_t v = g0; v < g1; ++v) conv_glu_finish<L, kP>(acc[v - g0][0][0], o + v * L, son, col);
+    for (int64_t v = g0; v < g1; ++v) conv_glu_finish<L, kP>(acc[v - g0][0][0], o + v * L, son, col, nt);
   }
   for (int64_t p = 0; p < np; ++p) {  // the run's last line (a block may end mid-line)
     __builtin_prefetch(pf + p * sxn + (nv - 1) * L + n - 1, 0, 3);
@@ -257,15 +285,15 @@ inline void conv_glu_pixels(const T* const* rows, int k0, int k1, int64_t sxn, i
 template <int L, int kP, typename T>
 inline void conv_glu_pixels_at(bool left, bool right, const T* const* rows, int k0, int k1, int64_t sxn, int64_t C,
                                int64_t col, int64_t nv, int64_t n, const float* wts, T* o, int64_t son, const T* pf,
-                               int64_t np, const T* pq, int64_t nq) {
+                               int64_t np, const T* pq, int64_t nq, bool nt) {
   if (left && right)
-    conv_glu_pixels<L, kP, true, true>(rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np, pq, nq);
+    conv_glu_pixels<L, kP, true, true>(rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np, pq, nq, nt);
   else if (left)
-    conv_glu_pixels<L, kP, true, false>(rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np, pq, nq);
+    conv_glu_pixels<L, kP, true, false>(rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np, pq, nq, nt);
   else if (right)
-    conv_glu_pixels<L, kP, false, true>(rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np, pq, nq);
+    conv_glu_pixels<L, kP, false, true>(rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np, pq, nq, nt);
   else
-    conv_glu_pixels<L, kP, false, false>(rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np, pq, nq);
+    conv_glu_pixels<L, kP, false, false>(rows, k0, k1, sxn, C, col, nv, n, wts, o, son, pf, np, pq, nq, nt);
 }
 
 // The most input cache lines of one step (3 rows x (kConvPixels + 2) columns x 2 streams, byte
@@ -314,7 +342,7 @@ inline ConvStage conv_stage_layout(int64_t ch, int64_t W) {
 template <int L, typename T>
 void conv_glu_block(const T* xb, int64_t H, int64_t W, int64_t C, int64_t sxn, int64_t c0, int64_t ch, int64_t r0,
                     int64_t r1, const float* w, int64_t swc, int64_t swt, const float* bias2, T* ob, int64_t son,
-                    float* wts, T* stage, ConvStage st) {
+                    float* wts, T* stage, ConvStage st, bool nt) {
   constexpr int kP = kConvPixels;
   const int64_t nv = (ch + L - 1) / L, n = ch - (nv - 1) * L;
   for (int64_t v = 0; v < nv; ++v) {
@@ -366,28 +394,31 @@ void conv_glu_block(const T* xb, int64_t H, int64_t W, int64_t C, int64_t sxn, i
       const int64_t m = std::min<int64_t>(kP, W - col);  // the last step of a row may be shorter
       // the output pixels of the next step (the next row's first ones at the end), this item's rows
       const int64_t qo = row * W + col + m;
-      const int64_t nq = std::max<int64_t>(0, std::min(r1 * W - qo, int64_t(kP)));
+      const int64_t nq = nt ? 0 : std::max<int64_t>(0, std::min(r1 * W - qo, int64_t(kP)));  // not for streaming stores
       T* pq = ob + std::min(qo, H * W - 1) * son + c0;
       const bool left = col == 0, right = col + m == W;
       if (m == kP)
-        conv_glu_pixels_at<L, kP>(left, right, rows, k0, k1, rsn, rC, col, nv, n, wts, o, son, pf, np, pq, nq);
+        conv_glu_pixels_at<L, kP>(left, right, rows, k0, k1, rsn, rC, col, nv, n, wts, o, son, pf, np, pq, nq, nt);
       else if (m == 3)
-        conv_glu_pixels_at<L, 3>(left, right, rows, k0, k1, rsn, rC, col, nv, n, wts, o, son, pf, np, pq, nq);
+        conv_glu_pixels_at<L, 3>(left, right, rows, k0, k1, rsn, rC, col, nv, n, wts, o, son, pf, np, pq, nq, nt);
       else if (m == 2)
-        conv_glu_pixels_at<L, 2>(left, right, rows, k0, k1, rsn, rC, col, nv, n, wts, o, son, pf, np, pq, nq);
+        conv_glu_pixels_at<L, 2>(left, right, rows, k0, k1, rsn, rC, col, nv, n, wts, o, son, pf, np, pq, nq, nt);
       else
-        conv_glu_pixels_at<L, 1>(left, right, rows, k0, k1, rsn, rC, col, nv, n, wts, o, son, pf, np, pq, nq);
+        conv_glu_pixels_at<L, 1>(left, right, rows, k0, k1, rsn, rC, col, nv, n, wts, o, son, pf, np, pq, nq, nt);
     }
   }
 }
 
 // bias2: [2C] fp32 (zeros when the conv has no bias); threads: the OpenMP team size. Work items
 // are (sample, block of channels, band of rows). stage: whether inputs whose strides alias in L1
-// go through the row ring (see the header comment).
+// go through the row ring (see the header comment). stream: whether the output goes out in
+// non-temporal stores (cpu::stream_stores); they are used where the variant has a store of one
+// vector's bytes (32 or 64) and every full vector's address is aligned to them, ordinary stores
+// elsewhere.
 template <int L, typename T>
 void dwconv_glu_run(const T* x, int64_t B, int64_t H, int64_t W, int64_t C, int64_t sxb, int64_t sxn,
                     const float* w, int64_t swc, int64_t swt, const float* bias2, T* out, int64_t sob, int64_t son,
-                    int64_t threads, bool stage) {
+                    int64_t threads, bool stage, bool stream) {
   // channel block: the 3 input rows it reads (a + gate channels, fp32-sized) within kConvRowsBytes
   const int64_t budget = kConvRowsBytes / (3 * W * 2 * int64_t(sizeof(float)));
   const int64_t cb = std::min((C + L - 1) / L * L, std::max<int64_t>(L, budget / L * L));
@@ -399,6 +430,10 @@ void dwconv_glu_run(const T* x, int64_t B, int64_t H, int64_t W, int64_t C, int6
   const int64_t es = sizeof(T);
   const bool staged = stage && conv_set_load(W * sxn * es, sxn * es, C * es) > kConvSetLoad;
   const ConvStage st = staged ? conv_stage_layout<L, T>(cb, W) : ConvStage{0, 0, 0};
+  // full vectors start at out + b sob + pixel son + c0 + v L: all aligned when these are
+  const int64_t vb = L * es;
+  const bool nt = stream && (vb == 32 || vb == 64) && reinterpret_cast<uintptr_t>(out) % vb == 0 &&
+                  (sob * es) % vb == 0 && (son * es) % vb == 0 && (cb * es) % vb == 0;
 #pragma omp parallel
   {
     std::vector<float> wts(size_t(cb / L * 20 * L));
@@ -411,7 +446,10 @@ void dwconv_glu_run(const T* x, int64_t B, int64_t H, int64_t W, int64_t C, int6
       const int64_t r0 = bnd * band, r1 = std::min(H, r0 + band);
       if (r0 < r1)
         conv_glu_block<L>(x + b * sxb, H, W, C, sxn, c0, ch, r0, r1, w, swc, swt, bias2, out + b * sob, son,
-                          wts.data(), stage, st);
+                          wts.data(), stage, st, nt);
     }
+#if SPAR_ISA_AVX2
+    if (nt) _mm_sfence();  // this thread's streaming stores drain before the team's barrier
+#endif
   }
 }
