@@ -43,21 +43,26 @@ def check_shape(name: str, t: torch.Tensor, shape: Sequence[int]) -> None:
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {_fmt(t)}")
 
 
-def check_no_overlap(out_name: str, out: torch.Tensor, in_name: str, t: torch.Tensor) -> None:
-    """ValueError when ``out`` and the input ``t`` share memory (for kernels that read their input
-    in an order of their choosing, so writing into it would read overwritten elements). A
-    conservative test: the byte ranges the two views span. Skipped while tracing (fake tensors
-    have no memory)."""
-    if (is_tracing(out) or is_tracing(t) or out.numel() == 0 or t.numel() == 0 or out.device != t.device
-            or out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()):
-        return
+def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors may share memory: a conservative test on the byte ranges the two views
+    span (False while tracing: fake tensors have no memory)."""
+    if (is_tracing(a) or is_tracing(b) or a.numel() == 0 or b.numel() == 0 or a.device != b.device
+            or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()):
+        return False
 
     def span(v):
         lo = v.data_ptr()
         return lo, lo + (sum((n - 1) * st for n, st in zip(v.shape, v.stride())) + 1) * v.element_size()
 
-    (a0, a1), (b0, b1) = span(out), span(t)
-    if a0 < b1 and b0 < a1:
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def check_no_overlap(out_name: str, out: torch.Tensor, in_name: str, t: torch.Tensor) -> None:
+    """ValueError when ``out`` and the input ``t`` share memory (for kernels that read their input
+    in an order of their choosing, so writing into it would read overwritten elements); see
+    :func:`may_overlap`."""
+    if may_overlap(out, t):
         raise ValueError(f"{out_name}: must not share memory with {in_name} (pass a separate buffer)")
 
 

@@ -25,7 +25,7 @@ import torch
 from . import _backend, _ext
 from ._device import resolve_device
 from ._op import _is_compiling, _len_dispatch_stack, device_guard, is_tracing, spar_op
-from ._validate import FLOAT_DTYPES, check_out, check_tensor
+from ._validate import FLOAT_DTYPES, check_out, check_tensor, may_overlap
 from .schedules import dpmsolver_flow_sigmas_f64, flow_sigmas
 
 METHODS = ("euler", "heun", "dpmsolver++2m")
@@ -185,8 +185,9 @@ def _build_table(method, s32: np.ndarray, guidance, image_guidance, interval, re
     for i, (es, cols, fl) in enumerate(rows):
         for c, v in cols.items():
             table[i, c] = v
-        lo, hi = interval
-        cfg = guidance > 1.0 and float(es) > lo and float(es) <= hi  # BAGEL: t > lo and t <= hi
+        # BAGEL: t > lo and t <= hi with t a float32 tensor, so torch compares in float32
+        lo, hi = (np.float32(v) if abs(v) <= 3.4e38 else np.float32(math.copysign(math.inf, v)) for v in interval)
+        cfg = guidance > 1.0 and np.float32(es) > lo and np.float32(es) <= hi
         if cfg:
             fl |= R.F_CFG
             if image_guidance is not None and image_guidance > 1.0:
@@ -254,7 +255,8 @@ class FlowSampler:
         image_guidance: BAGEL's image scale: ``v = v_img_uncond + g_img (v_txt - v_img_uncond)``
             when ``g_img > 1`` (and text guidance is on).
         guidance_interval: ``(lo, hi)``: guidance (with its image branch and renorm) applies at an
-            evaluation whose sigma ``t`` satisfies ``lo < t <= hi`` (BAGEL's ``cfg_interval``).
+            evaluation whose sigma ``t`` satisfies ``lo < t <= hi`` (BAGEL's ``cfg_interval``),
+            compared in float32 as BAGEL's float32 ``t`` is.
         renorm: None, ``"global"`` (one norm per sample), ``"channel"`` (one per channel) or
             ``"token"`` (one per token): ``v *= clamp(|v_cond| / (|v| + 1e-8), renorm_min, 1)``.
             BAGEL's ``"global"`` is ``"global"`` on its packed ``[T, C]`` latents; BAGEL's
@@ -362,6 +364,9 @@ class FlowSampler:
             raise ValueError(f"sigmas: expected the last value to be 0, got {s[-1]}")
         if not np.all(np.diff(s) < 0):
             raise ValueError(f"sigmas: expected strictly decreasing values, got {s.tolist()}")
+        if not np.all(np.diff(s.astype(np.float32)) < 0):
+            raise ValueError("sigmas: expected values strictly decreasing as float32 (the sampler steps between "
+                             f"the float32 sigmas, and two equal ones make a step of 0), got {s.tolist()}")
         if s[0] > 1.0:
             raise ValueError(f"sigmas: expected values in [0, 1] (flow matching), got first value {s[0]}")
         if num_steps is not None and num_steps != len(s) - 1:
@@ -479,6 +484,7 @@ class FlowSampler:
             out = torch.empty(shape, dtype=x.dtype, device=x.device)
         else:
             check_out("out", out, shape, x.dtype, dev)
+            _check_out_aliasing(out, x, v_cond, v_uncond, v_img_uncond)
         B, P, Q, channels_last = _layout(x)
         mode = self._renorm_mode(channels_last)
         h1, h2, stats = self._buffers(x, B, P, Q, mode)
@@ -509,6 +515,18 @@ class FlowSampler:
         check_tensor(name, t, dtypes=(dtype,), device=self.device)
         if t.shape != shape:
             raise ValueError(f"{name}: expected x's shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _check_out_aliasing(out, x, v_cond, v_uncond, v_img_uncond):
+    """out may be x itself (the same elements: an in-place update) but share no other memory with
+    x or any branch: the kernels read and write elements in an order of their choosing."""
+    if out is not x and may_overlap(out, x) and not (out.data_ptr() == x.data_ptr() and out.stride() == x.stride()):
+        raise ValueError("out: must be x itself (an in-place update) or share no memory with x, but it overlaps "
+                         "x elsewhere")
+    for name, t in (("v_cond", v_cond), ("v_uncond", v_uncond), ("v_img_uncond", v_img_uncond)):
+        if t is not None and may_overlap(out, t):
+            raise ValueError(f"out: must not share memory with {name} (pass x for an in-place update, or a "
+                             "separate buffer)")
 
 
 def _aliases(x, v_cond, v_uncond, v_img_uncond, out):

@@ -74,7 +74,7 @@ def _la_state_kernel(K, V, S, Z, Nk, H, D, E, E_PAD, n_per_split,
         n_mask = n < n_end
         kt = tl.load(k_base + n[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
                      mask=d_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_N]
-        kt = tl.maximum(kt, 0.0)  # relu in fp32 (exact; the interpreter's bf16 compare is wrong)
+        kt = tl.where(kt < 0.0, 0.0, kt)  # relu in fp32, NaN kept (the interpreter's bf16 compare is wrong)
         vt = tl.load(v_base + n[:, None].to(tl.int64) * stride_vn + offs_e[None, :],
                      mask=n_mask[:, None] & e_mask[None, :], other=0.0)          # [BLOCK_N, BLOCK_E]
         if DOT_UPCAST:
@@ -102,7 +102,7 @@ def _la_out_tile(Q, S, Z, b, h, bh, offs_n, offs_d, offs_e, n_mask, Nq, D, E_PAD
         z += tl.load(Z + slot * BLOCK_D + offs_d)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_n[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
                 mask=n_mask[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-    q = tl.maximum(q, 0.0)
+    q = tl.where(q < 0.0, 0.0, q)  # relu, NaN kept (as torch.relu)
     num = tl.dot(q, state, input_precision=PRECISION)                            # [BLOCK_N, BLOCK_E]
     den = tl.sum(q * z[None, :], axis=1) + eps
     return num / den[:, None]

@@ -154,6 +154,9 @@ def route_layers(hidden: torch.Tensor, layer_ids: torch.Tensor | Sequence[int], 
         raise ValueError(f"layer_ids: expected between 1 and {MAX_K} layers, got K = {K}")
     check_index_range("layer_ids", layer_ids, L, f"hidden has L = {L} layers")
     check_float_param("logits", logits, (N, K), dev)
+    if alpha is None:
+        raise TypeError(f"alpha: expected a [K] = [{K}] float tensor of per-layer scales, got None "
+                        "(pass torch.ones(K) for none)")
     check_float_param("alpha", alpha, (K,), dev)
     check_float_param("ln_weight", ln_weight, (D,), dev)
     check_float_param("ln_bias", ln_bias, (D,), dev)
@@ -168,7 +171,7 @@ def route_layers(hidden: torch.Tensor, layer_ids: torch.Tensor | Sequence[int], 
     if out is None:
         out = torch.empty((M, D), dtype=hidden.dtype, device=dev)
     else:
-        check_out("out", out, (M, D), hidden.dtype, dev)
+        check_out("out", out, (M, D), hidden.dtype, dev, disjoint_from=("hidden", hidden))
     if M == 0:
         return out
     _route_layers_op(hidden, layer_ids, logits, alpha, ln_weight, ln_bias, float(tau), float(eps), rows, out)

@@ -31,7 +31,7 @@ import torch
 from . import _aot, _ext
 from ._op import device_guard, spar_op
 from ._triton import ROW_NUM_STAGES, tl, triton
-from ._validate import as_index, check_index_range, check_tensor, out_or_empty
+from ._validate import as_index, check_index_range, check_tensor, may_overlap, out_or_empty
 from .reference import row_moves as _ref
 
 _BLOCK_SMALL = 128    # column block for rows of <= 128 elements
@@ -286,7 +286,8 @@ def scatter_rows(x: torch.Tensor, index: torch.Tensor | Sequence[int], src: torc
             (any row stride) when the Triton kernel writes it.
         index: ``[M]`` int32/int64 (or a sequence of ints), values in [0, N). With duplicate
             indices one of the source rows wins (which one is unspecified).
-        src: ``[M, ...]`` with x's dtype and trailing shape, any strides.
+        src: ``[M, ...]`` with x's dtype and trailing shape, any strides; it may share memory
+            with x (rows of x itself): every source row is then read before any row is written.
     """
     _check_rows_input("x", x)
     index = as_index("index", index, x.device)
@@ -299,6 +300,8 @@ def scatter_rows(x: torch.Tensor, index: torch.Tensor | Sequence[int], src: torc
         return x
     if x.is_cuda:
         _rows_view(x, "x", writable=True)  # raises a ValueError for layouts the kernel cannot write
+    if may_overlap(src, x):
+        src = src.clone()  # the kernels read each source row as they write: read them all first
     _scatter_rows_op(x, index, src)
     return x
 
@@ -397,9 +400,10 @@ _NO_INF = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz", "floa
 
 
 def _pad_fits(pad_value, dtype: torch.dtype) -> bool:
-    """Whether dtype holds pad_value (floats: within its range, inf only where it has one; ints: in
-    range; NaN wherever floats are)."""
-    if dtype == torch.bool or dtype.is_complex:
+    """Whether dtype holds pad_value (floats: within its range, inf only where it has one; NaN
+    wherever floats are; ints and bool: the exact value, an integer in range that the op's float
+    (fp64) pad argument carries exactly: up to 2^53 in magnitude)."""
+    if dtype.is_complex:
         return True
     if dtype.is_floating_point:
         if math.isnan(pad_value):
@@ -407,8 +411,10 @@ def _pad_fits(pad_value, dtype: torch.dtype) -> bool:
         if math.isinf(pad_value):
             return dtype not in _NO_INF
         return abs(pad_value) <= torch.finfo(dtype).max
-    info = torch.iinfo(dtype)
-    return math.isfinite(pad_value) and info.min <= pad_value <= info.max
+    if not math.isfinite(pad_value) or float(pad_value) != pad_value or not float(pad_value).is_integer():
+        return False
+    lo, hi = (0, 1) if dtype == torch.bool else (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
+    return lo <= pad_value <= hi
 
 
 def _pad_bits(pad_value, dtype: torch.dtype):
@@ -478,7 +484,8 @@ def unpack_sequences(packed: torch.Tensor, cu_seqlens: torch.Tensor | Sequence[i
             non-decreasing, ``cu_seqlens[-1] <= total``.
         max_len: padded length T; every sequence must fit (checked on CPU; on CUDA longer
             sequences are truncated to max_len, without a host sync).
-        pad_value: fill value of the padding, one packed's dtype can hold (ValueError otherwise).
+        pad_value: fill value of the padding, one packed's dtype can hold (ValueError otherwise;
+            integer and bool dtypes take integers, of magnitude up to 2^53).
         out: optional contiguous ``[B, max_len, ...]`` output, not sharing memory with ``packed``.
     """
     check_tensor("packed", packed)
@@ -492,7 +499,9 @@ def unpack_sequences(packed: torch.Tensor, cu_seqlens: torch.Tensor | Sequence[i
     if isinstance(pad_value, bool) or not isinstance(pad_value, (int, float)):
         raise TypeError(f"pad_value: expected an int or float, got {type(pad_value).__name__}")
     if not _pad_fits(pad_value, packed.dtype):  # inf in float8_e4m3fn, 1e10 in int8: say so here
-        raise ValueError(f"pad_value: {pad_value!r} cannot be represented in packed's dtype {packed.dtype}")
+        raise ValueError(f"pad_value: {pad_value!r} cannot be represented in packed's dtype {packed.dtype}"
+                         + ("" if packed.is_floating_point() else
+                            " (integer dtypes take integers, exactly: up to 2^53 in magnitude)"))
     if cu.device.type == "cpu" and not torch.compiler.is_compiling():
         cl = cu.tolist()
         lens = [cl[b + 1] - cl[b] for b in range(len(cl) - 1)]

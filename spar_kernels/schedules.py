@@ -127,6 +127,11 @@ def flow_sigmas(num_steps: int, *, shift: float = 1.0, schedule: str = "diffuser
         raise ValueError("use_karras_sigmas, use_exponential_sigmas: at most one may be True, got both")
     if mu is None and image_seq_len is not None:
         mu = calculate_shift(image_seq_len, base_image_seq_len, max_image_seq_len, base_shift, max_shift)
+    if mu is not None:
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)):
+            raise TypeError(f"mu: expected a float, got {type(mu).__name__}")
+        if not -80.0 <= mu <= 80.0:  # exp(mu) scales the sigmas: beyond this they are all 0 or all 1
+            raise ValueError(f"mu: expected a finite value in [-80, 80] (the shift is exp(mu)), got {mu}")
     if schedule == "diffusers":
         if use_dynamic_shifting and mu is None:
             raise ValueError("mu: use_dynamic_shifting=True needs mu (or image_seq_len), got None")
@@ -147,4 +152,8 @@ def flow_sigmas(num_steps: int, *, shift: float = 1.0, schedule: str = "diffuser
         t = torch.linspace(1, 0, num_steps + 1)
         t = shift * t / (1 + (shift - 1) * t)
         return t.to(device=device)
+    if mu is not None and (use_dynamic_shifting or schedule == "dpmsolver"):
+        if not bool((out[1:] < out[:-1]).all()):
+            raise ValueError(f"mu: with mu={mu} the float32 sigmas are not strictly decreasing "
+                             f"(the shift exp(mu) pushes them together), got {out.tolist()}")
     return torch.cat([out, torch.zeros(1)]).to(device=device)

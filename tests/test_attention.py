@@ -461,6 +461,45 @@ def test_rows_are_independent_of_non_finite_keys_outside_their_window(backend, p
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_padded_slot_keys_no_row_sees_are_masked_out(backend, poison):
+    """Equal query blocks over padded key slots large enough for the CPU's batched slot call (its
+    key-padding mask is additive: NaN + -inf is NaN): a non-finite key of sequence 0 that none of
+    its rows sees leaves every row exact (the CPU path recomputes such a batch per sequence)."""
+    Lq, Sk = 256, 600
+    lay = sk.AttentionLayout.from_intervals([0, Lq, 2 * Lq], [0, Sk, 2 * Sk], [0] * (2 * Lq), [590] * Lq + [600] * Lq)
+    q, k, v = make_qkv(lay.total_q, lay.total_k, 2, 1, 16, torch.float32)
+    masks = [torch.arange(Sk).expand(Lq, -1) < n for n in (590, 600)]
+    want, want_lse = expected(q.double(), k.double(), v.double(), masks, [0, Lq, 2 * Lq], [0, Sk, 2 * Sk], 16 ** -0.5,
+                              torch.float64)
+    k[595] = poison
+    with sk.backend(backend):
+        o, lse = sk.hybrid_attention(q, k, v, lay, return_lse=True)
+    torch.testing.assert_close(o.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_path_without_the_fused_op_takes_every_chunk_kind(monkeypatch):
+    """Where torch lacks ATen's fused CPU attention the CPU path runs an explicit matmul-softmax per
+    chunk, also for chunks whose rows all see the same keys (no mask: ``visible`` is None)."""
+    from spar_kernels.attention import cpu as cpu_attn
+    monkeypatch.setattr(cpu_attn, "_CPU_FUSED", None)
+    monkeypatch.setattr(cpu_attn, "_CPU_PLANS", type(cpu_attn._CPU_PLANS)())
+    for lay in (sk.AttentionLayout.cross([4, 3], [6, 5]),
+                sk.AttentionLayout.from_segments([[("causal", 9), ("full", 140), ("causal", 5)]]),
+                sk.AttentionLayout.from_segments([[("causal", 7)], [("full", 6)]])):
+        q, k, v = make_qkv(lay.total_q, lay.total_k, 4, 2, 32, torch.float32)
+        cq, ck = lay.cu_seqlens_q.tolist(), lay.cu_seqlens_k.tolist()
+        masks = [ref.interval_mask(lay.kv_start[cq[b]:cq[b + 1]], lay.kv_end[cq[b]:cq[b + 1]], ck[b + 1] - ck[b])
+                 for b in range(lay.batch_size)]
+        want, want_lse = expected(q.double(), k.double(), v.double(), masks, cq, ck, 32 ** -0.5, torch.float64)
+        with sk.backend("cpu"):
+            o, lse = sk.hybrid_attention(q, k, v, lay, return_lse=True)
+        torch.testing.assert_close(o.double(), want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{lay}: {m}")
+        torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
 def test_sequences_are_independent_of_non_finite_keys_elsewhere(backend, poison):
     """A non-finite key or value in one sequence (an overflow in one sample) leaves the other
     sequences of the packed batch exact, on every CPU path: one masked call over the small packed

@@ -245,6 +245,25 @@ def test_bagel_generate_image_loop(backend, bagel_renorm, ours, gi, interval, re
     torch.testing.assert_close(xs, want, atol=1e-5, rtol=5e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n, interval", [(5, (0.4, 1.0)), (5, (0.1, 0.8)), (10, (0.4, 1.0)), (20, (0.2, 0.6))])
+def test_bagel_interval_bounds_compare_in_float32(backend, n, interval):
+    """With shift 1 the linear schedule's float32 sigmas fall exactly on float32(lo) or
+    float32(hi): BAGEL compares its float32 t with the Python bounds in float32 (0.4f > 0.4 is
+    False there, True in float64), and the sampler's gate follows."""
+    g, w = 4.0, _weights()
+    x = torch.randn(33, 64)
+    want = _bagel_generate(x, n + 1, 1.0, interval, g, 1.0, "global", 0.0, w)
+    sigmas = sk.flow_sigmas(n, shift=1.0, schedule="linear")
+    assert any(float(s) == float(torch.tensor(b, dtype=torch.float32)) for s in sigmas for b in interval)
+    sampler = sk.FlowSampler("euler", sigmas=sigmas, guidance=g, guidance_interval=interval, renorm="global")
+    xs = x.clone()
+    with sk.backend(backend):
+        for t in sampler.eval_sigmas:
+            xs = sampler.step(xs, _field(xs, t * 1000, 0, w), _field(xs, t * 1000, 1, w))
+    torch.testing.assert_close(xs, want, atol=1e-5, rtol=5e-6)
+
+
 # --------------------------------------------------------- renorm modes from their definitions
 
 def _renorm_def(vc, v, mode, layout, rmin):
@@ -402,6 +421,9 @@ def test_error_unknown_method_and_renorm():
     ([1.5, 0.5, 0.0], r"\[0, 1\]"),
     ([1.0, float("nan"), 0.0], "finite"),
     ([0.0], "at least 2"),
+    ([0.5, 0.5 - 1e-12, 0.0], "strictly decreasing as float32"),
+    ([0.9, 0.3 + 1e-10, 0.3, 0.0], "strictly decreasing as float32"),
+    ([0.5, 1e-50, 0.0], "strictly decreasing as float32"),
 ])
 def test_error_bad_sigmas(sigmas, match):
     with pytest.raises(ValueError, match="sigmas.*" + match):
@@ -421,12 +443,39 @@ def test_error_schedule_arguments():
         sk.flow_sigmas(4, shift=-1.0)
     with pytest.raises(ValueError, match="mu"):
         sk.flow_sigmas(4, use_dynamic_shifting=True)
+    for schedule in ("diffusers", "dpmsolver"):
+        for mu in (float("nan"), float("inf"), 800.0, -800.0):
+            with pytest.raises(ValueError, match="mu: expected a finite value"):
+                sk.flow_sigmas(4, schedule=schedule, use_dynamic_shifting=schedule == "diffusers", mu=mu)
+        with pytest.raises(TypeError, match="mu: expected a float"):
+            sk.flow_sigmas(4, schedule=schedule, use_dynamic_shifting=True, mu="1.0")
+    with pytest.raises(ValueError, match="mu: with mu=30.0 the float32 sigmas are not strictly decreasing"):
+        sk.flow_sigmas(4, use_dynamic_shifting=True, mu=30.0)
     with pytest.raises(ValueError, match="shift_terminal"):
         sk.flow_sigmas(1, shift=3.0, shift_terminal=0.1)
     with pytest.raises(ValueError, match="guidance_interval"):
         sk.FlowSampler("euler", num_steps=4, guidance_interval=(0.8, 0.2))
     with pytest.raises(ValueError, match="renorm_min"):
         sk.FlowSampler("euler", num_steps=4, renorm="global", renorm_min=1.5)
+
+
+def test_error_out_overlapping_the_inputs():
+    """out=x (the same elements) updates in place; an out that overlaps x elsewhere, or any
+    branch, is refused (the kernels read and write in an order of their choosing)."""
+    s = sk.FlowSampler("euler", num_steps=4, guidance=3.0)
+    buf = torch.randn(2 * 40 + 1)
+    x, vc, vu = buf[:40].view(2, 4, 5), torch.randn(2, 4, 5), torch.randn(2, 4, 5)
+    with pytest.raises(ValueError, match="out: must be x itself"):
+        s.step(x, vc, vu, out=buf[1:41].view(2, 4, 5))
+    with pytest.raises(ValueError, match="out: must not share memory with v_cond"):
+        s.step(x, vc, vu, out=vc)
+    with pytest.raises(ValueError, match="out: must not share memory with v_uncond"):
+        s.step(x, vc, vu, out=vu)
+    assert s._host_step == 0
+    want = x + (s.sigmas[1] - s.sigmas[0]) * (vu + 3.0 * (vc - vu))
+    got = s.step(x, vc, vu, out=buf[:40].view(2, 4, 5))   # x's elements through another view: in place
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x, want, atol=1e-6, rtol=1e-6)
 
 
 def test_error_mismatched_branches():

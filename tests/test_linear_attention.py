@@ -93,6 +93,25 @@ def test_linear_attention_zero_denominators_and_eps(backend, d, e):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", [16, 24, 32, 64])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_linear_attention_nan_inputs_propagate_as_in_torch(backend, d, where):
+    """A NaN in q, k or v reaches the outputs torch's relu(q) relu(k)^T v reaches (relu keeps NaN):
+    a NaN query element poisons its row, a NaN key element every row, a NaN value element its
+    column. A relu written as max(x, 0) drops it and returns finite, normal-looking outputs."""
+    g = torch.Generator().manual_seed(d)
+    q, k, v = (torch.randn(1, 9, 2, d, generator=g) for _ in range(3))
+    {"q": q, "k": k, "v": v}[where][0, 3, 1, 2] = float("nan")
+    with sk.backend(backend):
+        got = sk.linear_attention(q, k, v)
+    want = ref.linear_attention(q.double(), k.double(), v.double())
+    assert torch.equal(got.isnan(), want.isnan()), (int(got.isnan().sum()), int(want.isnan().sum()))
+    assert want.isnan().any()
+    ok = ~want.isnan()
+    torch.testing.assert_close(got[ok].double(), want[ok], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_attention_empty(backend):
     q, k, v = _inputs(2, 0, 5, 2, 32, 32, torch.float32)
     with sk.backend(backend):

@@ -238,6 +238,7 @@ def _good():
     ("out", lambda a: a.update(out=torch.empty(8, 15)), r"out: expected shape \(8, 16\)"),
     ("out", lambda a: a.update(out=torch.empty(8, 16, dtype=torch.float16)), "out: expected dtype"),
     ("out", lambda a: a.update(out=torch.empty(16, 8).t()), "out: expected a contiguous"),
+    ("out", lambda a: a.update(out=a["hidden"][1]), "out: must not share memory with hidden"),
 ])
 def test_route_layers_bad_inputs(name, mutate, match):
     args = _good()
@@ -252,6 +253,45 @@ def test_route_layers_bad_input_types():
         sk.route_layers(a["hidden"], "0,1,2", a["logits"], a["alpha"], a["ln_weight"], a["ln_bias"])
     with pytest.raises(TypeError, match="hidden"):
         sk.route_layers(a["hidden"].numpy(), a["layer_ids"], a["logits"], a["alpha"], a["ln_weight"], a["ln_bias"])
+    with pytest.raises(TypeError, match="alpha: expected a"):
+        sk.route_layers(a["hidden"], a["layer_ids"], a["logits"], None, a["ln_weight"], a["ln_bias"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D, offset, strided", [(4096, 100.0, False), (8192, 100.0, True), (1024, 10.0, True),
+                                                (3000, -300.0, False), (1536, 1000.0, False)])
+def test_route_layers_rows_far_from_zero(backend, dtype, D, offset, strided):
+    """Mixtures whose mean is far from zero (offset >> the spread): the mean must be exact enough
+    that LayerNorm's centered values keep their few significant bits (an fp32 running sum of the row
+    was 26x torch's error at D = 4096, offset 100). fp32: held to the accuracy rule against
+    PyTorch's own fp32 computation; fp16 / bf16 inputs (computed in fp32 by every backend; PyTorch
+    in their own dtype loses the whole spread here) to the fp64 result rounded to their dtype."""
+    hidden, ids, logits, alpha, w, b = _inputs(4, 12, D, 3, torch.float32, seed=D)
+    hidden = (hidden + offset).to(dtype)
+    if strided:
+        hidden = non_contiguous(hidden, 2)   # stride_d = 2: the twin's scalar loop
+    with sk.backend(backend):
+        y = sk.route_layers(hidden, ids, logits.to(dtype), alpha.to(dtype), w.to(dtype), b.to(dtype))
+    want64 = _oracle(hidden, ids, logits.to(dtype), alpha.to(dtype), w.to(dtype), b.to(dtype), 1.0, 1e-5, None)
+    if dtype != torch.float32:
+        assert_close(y, want64.to(dtype))
+        return
+    base = ref.route_layers(hidden, ids, logits, alpha, w, b, compute_dtype=dtype)
+    assert_close_fa(y, base, want64, name=f"route_layers offset {offset} D {D}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("D", [7, 2048, 4099])
+@pytest.mark.parametrize("eps", [1e-5, 1e-6])
+def test_route_layers_constant_rows_give_the_bias(backend, D, eps):
+    """A row whose mixture is constant has variance 0: LayerNorm gives exactly the bias (the
+    centered values are 0), also where an fp32 sum of the row misses the mean by a few ulps."""
+    hidden, ids, logits, alpha, w, b = _inputs(3, 5, D, 2, torch.float32, seed=3)
+    hidden = torch.full_like(hidden, 3.3) * torch.arange(1, 6).view(1, 5, 1)
+    with sk.backend(backend):
+        y = sk.route_layers(hidden, ids, logits, alpha, w, b, eps=eps)
+    assert_close(y, b.expand(5, D), atol=1e-6, rtol=0)
 
 
 def test_route_layers_cubins_vectorized_and_spill_free():

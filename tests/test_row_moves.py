@@ -132,6 +132,20 @@ def test_scatter_rows_layouts(backend, case):
     _same(x, want)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scatter_rows_src_sharing_x_reads_every_row_first(backend):
+    """src may be rows of x itself (overlapping the rows written, or not): the result is that of
+    reading all of src before writing, as x[index] = src.clone()."""
+    for src_rows, index in (((0, 2), [1, 2]), ((2, 4), [0, 1]), ((1, 4), [3, 2, 1]), ((0, 3), [0, 1, 2])):
+        x = torch.arange(5 * 6, dtype=torch.float32).view(5, 6)
+        want = x.clone()
+        want[torch.tensor(index)] = x[src_rows[0]:src_rows[1]].clone()
+        with sk.backend(backend):
+            got = sk.scatter_rows(x, index, x[src_rows[0]:src_rows[1]])
+        assert got is x
+        assert torch.equal(x, want), (src_rows, index)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool, torch.float8_e4m3fn,
                                    torch.complex128])
 @pytest.mark.parametrize("case", ["rows", "wide_threads", "one_column", "strided_x_rows", "strided_src",
@@ -267,13 +281,17 @@ def test_row_moves_bad_inputs():
         sk.unpack_sequences(packed, [0, 4, 6], 4, pad_value="x")
     # a pad the dtype cannot hold: a ValueError naming pad_value (not ATen's overflow error)
     for dtype, pad in ((torch.float8_e4m3fn, float("inf")), (torch.float8_e4m3fn, 1e6), (torch.float16, 1e5),
-                       (torch.int8, 300), (torch.int8, float("nan")), (torch.uint8, -1)):
+                       (torch.int8, 300), (torch.int8, float("nan")), (torch.uint8, -1), (torch.int32, 0.5),
+                       (torch.int32, -2.7), (torch.int64, 2 ** 53 + 1), (torch.int64, 2 ** 63 - 1), (torch.bool, 2)):
         with pytest.raises(ValueError, match="pad_value: .* cannot be represented"):
             sk.unpack_sequences(torch.zeros(6, 3).to(dtype), [0, 4, 6], 4, pad_value=pad)
     for dtype, pad in ((torch.float8_e4m3fn, 448.0), (torch.float8_e5m2, float("-inf")), (torch.int8, -128),
-                       (torch.int8, 127), (torch.bool, 1)):
+                       (torch.int8, 127), (torch.bool, 1), (torch.int32, 7.0)):
         got = sk.unpack_sequences(torch.zeros(6, 3).to(dtype), [0, 4, 6], 4, pad_value=pad)
         assert got[1, 2:].float().eq(pad).all()
+    for pad in (2 ** 53, -(2 ** 53), 2 ** 52 + 1):   # integers the op's fp64 pad argument carries exactly
+        got = sk.unpack_sequences(torch.zeros(6, 3, dtype=torch.int64), [0, 4, 6], 4, pad_value=pad)
+        assert got[1, 2:].eq(pad).all()
 
 
 def test_row_move_custom_ops_registration():

@@ -74,25 +74,36 @@ float mix_rows_sum(float* m, const float* c, const T* const* x, int64_t K, int64
 }
 #endif
 
-inline float row_centered_sq(const float* m, int64_t D, float mean) {
+// The sum of (m[d] - mean) and of its squares over the row. With mean = RN(sum / D) from an fp32
+// sum, the first is what that mean missed: the caller corrects the mean by it and the squares by its
+// square (the corrected two-pass algorithm), so a row far from zero (an offset of 100 at D = 4096:
+// 26x torch's error before) or a constant row (exactly the bias) comes out as with an exact mean.
+struct Centered {
+  float sum, sq;
+};
+inline Centered row_centered(const float* m, int64_t D, float mean) {
   int64_t d = 0;
-  float s = 0.f;
+  float s = 0.f, q = 0.f;
 #ifdef SPAR_CPU_AVX2
   const __m256 vm = _mm256_set1_ps(mean);
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
   for (; d + 16 <= D; d += 16) {
     const __m256 t0 = _mm256_sub_ps(_mm256_loadu_ps(m + d), vm);
     const __m256 t1 = _mm256_sub_ps(_mm256_loadu_ps(m + d + 8), vm);
+    s0 = _mm256_add_ps(s0, t0);
+    s1 = _mm256_add_ps(s1, t1);
     a0 = _mm256_fmadd_ps(t0, t0, a0);
     a1 = _mm256_fmadd_ps(t1, t1, a1);
   }
-  s = simd::hsum(_mm256_add_ps(a0, a1), s);
+  s = simd::hsum(_mm256_add_ps(s0, s1), s);
+  q = simd::hsum(_mm256_add_ps(a0, a1), q);
 #endif
   for (; d < D; ++d) {
     const float t = m[d] - mean;
-    s += t * t;
+    s += t;
+    q += t * t;
   }
-  return s;
+  return Centered{s, q};
 }
 
 template <typename T, typename P>
@@ -161,10 +172,12 @@ void run(const T* hidden, int64_t L, int64_t N, int64_t D, int64_t stride_l, int
         }
         for (int64_t d = 0; d < D; ++d) msum += m[d];
       }
-      // LayerNorm: mean, then the centered sum of squares (two passes over the L1-resident m)
-      const float mean = route::ln_mean(msum, D);
-      const float sq = row_centered_sq(m, D, mean);
-      const float rstd = route::ln_rstd(sq, D, eps);
+      // LayerNorm: mean, then the centered sums (two passes over the L1-resident m), the mean and
+      // the sum of squares corrected by what the first pass missed (row_centered)
+      const float mean0 = route::ln_mean(msum, D);
+      const Centered cs = row_centered(m, D, mean0);
+      const float mean = mean0 + cs.sum / float(D);
+      const float rstd = route::ln_rstd(std::max(0.f, cs.sq - cs.sum * (cs.sum / float(D))), D, eps);
       int64_t d0 = 0;
 #ifdef SPAR_CPU_AVX2
       {

@@ -58,12 +58,15 @@ def _cpu_chunk_fused(qc, kc, vc, visible, scale, g):
 
 
 def _cpu_chunk_explicit(qc, kc, vc, visible, scale, g):
-    """Same contract as :func:`_cpu_chunk_fused`: matmul, masked softmax, matmul in fp32."""
+    """Same contract as :func:`_cpu_chunk_fused` (``visible`` None: every row sees every key):
+    matmul, masked softmax, matmul in fp32."""
     C, Hq, D = qc.shape
     Hkv, n = kc.shape[1], kc.shape[0]
     qh = qc.view(C, Hkv, g, D).permute(1, 2, 0, 3).reshape(Hkv, g * C, D)
     s = torch.bmm(qh, kc.permute(1, 2, 0)).view(Hkv, g, C, n)
-    s.mul_(scale).masked_fill_(~visible, float("-inf"))
+    s.mul_(scale)
+    if visible is not None:
+        s.masked_fill_(~visible, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # empty rows: exp(-inf) = 0
     s.sub_(m).exp_()
@@ -287,7 +290,9 @@ def _cpu_packed_masked(q, k, v, plan, scale, out, lse, q_descale, k_descale, v_d
 
 def _cpu_slots(q, k, v, plan, scale, out, lse, q_descale, k_descale, v_descale) -> bool:
     """Equal query blocks over padded key slots (:func:`_slot_keys`) as one batched fused call
-    with a key-padding mask. Returns False (doing nothing) for any other layout."""
+    with a key-padding mask. Returns False (doing nothing) for any other layout, and when the
+    result is not finite (as :func:`_cpu_packed_masked`: a non-finite key in a slot's padding
+    would turn the rows that do not see it into NaN; the per-sequence path masks it out)."""
     if plan.slots is None or not out.is_contiguous() or (lse is not None and not lse.is_contiguous()):
         return False
     n_max, mask = plan.slots
@@ -299,6 +304,8 @@ def _cpu_slots(q, k, v, plan, scale, out, lse, q_descale, k_descale, v_descale) 
     kb = _ref.dequantize(k, k_descale, f32).view(B, Sk, Hkv, D)[:, :n_max].transpose(1, 2)
     vb = _ref.dequantize(v, v_descale, f32).view(B, Sk, Hkv, D)[:, :n_max].transpose(1, 2)
     o, l = _fused_batched(qb, kb, vb, False, mask, scale)                             # [B, Lq, Hq, D], [B, Hq, Lq]
+    if not math.isfinite(float(o.sum())):
+        return False
     out.view(B, Lq, Hq, D).copy_(o)
     if lse is not None:
         lse.view(Hq, B, Lq).copy_(l.transpose(0, 1))
