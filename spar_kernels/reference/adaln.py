@@ -23,9 +23,12 @@ def adaln_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, e
                     compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     B, _, C = x.shape
     h = x.to(compute_dtype)
-    mean = h.mean(dim=-1, keepdim=True)
-    var = (h - mean).pow(2).mean(dim=-1, keepdim=True)    # biased, as nn.LayerNorm
-    n = (h - mean) * torch.rsqrt(var + eps)
+    # corrected two-pass: d = x - RN(mean) keeps x's low bits (rows far from zero), corr is what the
+    # rounded mean missed, taken off the centred values and the (biased, as nn.LayerNorm) variance
+    d = h - h.mean(dim=-1, keepdim=True)
+    corr = d.mean(dim=-1, keepdim=True)
+    var = d.pow(2).mean(dim=-1, keepdim=True) - corr * corr
+    n = (d - corr) * torch.rsqrt(var.clamp(min=0) + eps)
     sc = per_sample(scale, B, C).to(compute_dtype)
     sh = per_sample(shift, B, C).to(compute_dtype)
     return (n * (1 + sc) + sh).to(x.dtype)
