@@ -26,7 +26,7 @@ from . import _backend, _ext
 from ._device import resolve_device
 from ._op import _is_compiling, _len_dispatch_stack, device_guard, is_tracing, spar_op
 from ._validate import FLOAT_DTYPES, check_out, check_tensor, may_overlap
-from .schedules import dpmsolver_flow_sigmas_f64, flow_sigmas
+from .schedules import _check_shift, dpmsolver_flow_sigmas_f64, flow_sigmas
 
 METHODS = ("euler", "heun", "dpmsolver++2m")
 RENORMS = ("global", "channel", "token", "text_token")
@@ -291,6 +291,7 @@ class FlowSampler:
         if renorm is not None and renorm not in RENORMS:
             raise ValueError(f"renorm: expected None or one of {RENORMS}, got {renorm!r}")
         self.method = method
+        shift = _check_shift(shift)  # also with sigmas given (DPM-Solver reads it to recover diffusers' timesteps)
         self.guidance = _check_float("guidance", guidance)
         self.image_guidance = _check_float("image_guidance", image_guidance, allow_none=True)
         self.renorm = renorm

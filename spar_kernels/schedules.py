@@ -125,6 +125,15 @@ def flow_sigmas(num_steps: int, *, shift: float = 1.0, schedule: str = "diffuser
     num_train_timesteps = _check_positive_int("num_train_timesteps", num_train_timesteps)
     if use_karras_sigmas and use_exponential_sigmas:
         raise ValueError("use_karras_sigmas, use_exponential_sigmas: at most one may be True, got both")
+    if schedule != "diffusers":
+        given = [name for name, v, default in (
+            ("use_dynamic_shifting", use_dynamic_shifting, False), ("time_shift_type", time_shift_type, "exponential"),
+            ("shift_terminal", shift_terminal, None), ("use_karras_sigmas", use_karras_sigmas, False),
+            ("use_exponential_sigmas", use_exponential_sigmas, False)) if v != default]
+        if schedule == "linear":
+            given += [name for name, v in (("mu", mu), ("image_seq_len", image_seq_len)) if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: options of the \"diffusers\" schedule, not of {schedule!r}")
     if mu is None and image_seq_len is not None:
         mu = calculate_shift(image_seq_len, base_image_seq_len, max_image_seq_len, base_shift, max_shift)
     if mu is not None:

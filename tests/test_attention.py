@@ -146,6 +146,9 @@ def test_windows_non_contiguous_inputs_scale_and_out(backend):
     assert not q.is_contiguous() and not k.is_contiguous()
     out = poisoned_empty(n, 6, 80, dtype=torch.bfloat16)
     check(backend, q, k, v, layout, [ref.interval_mask(st, en, n)], softmax_scale=0.3, out=out)
+    with sk.backend(backend):   # numpy scalars are numbers too
+        torch.testing.assert_close(sk.hybrid_attention(q, k, v, layout, softmax_scale=np.float32(0.25)),
+                                   sk.hybrid_attention(q, k, v, layout, softmax_scale=0.25), atol=0, rtol=0)
 
 
 def test_varlen_entry_point_and_return_values():

@@ -448,7 +448,19 @@ def test_error_schedule_arguments():
             with pytest.raises(ValueError, match="mu: expected a finite value"):
                 sk.flow_sigmas(4, schedule=schedule, use_dynamic_shifting=schedule == "diffusers", mu=mu)
         with pytest.raises(TypeError, match="mu: expected a float"):
-            sk.flow_sigmas(4, schedule=schedule, use_dynamic_shifting=True, mu="1.0")
+            sk.flow_sigmas(4, schedule=schedule, use_dynamic_shifting=schedule == "diffusers", mu="1.0")
+    for schedule in ("dpmsolver", "linear"):   # the diffusers schedule's own options are not ignored
+        for kw in (dict(use_karras_sigmas=True), dict(shift_terminal=0.1), dict(use_dynamic_shifting=True, mu=0.5),
+                   dict(time_shift_type="linear"), dict(use_exponential_sigmas=True)):
+            with pytest.raises(ValueError, match=f"options of the \"diffusers\" schedule, not of '{schedule}'"):
+                sk.flow_sigmas(4, schedule=schedule, **kw)
+    with pytest.raises(ValueError, match="mu, image_seq_len: options"):
+        sk.flow_sigmas(4, schedule="linear", mu=0.5, image_seq_len=1024)
+    for bad in (0.0, -1.0, float("nan")):   # shift is validated also where sigmas are given
+        with pytest.raises(ValueError, match="shift"):
+            sk.FlowSampler("dpmsolver++2m", sigmas=[1.0, 0.5, 0.0], shift=bad)
+    with pytest.raises(TypeError, match="shift"):
+        sk.FlowSampler("euler", sigmas=[1.0, 0.5, 0.0], shift="x")
     with pytest.raises(ValueError, match="mu: with mu=30.0 the float32 sigmas are not strictly decreasing"):
         sk.flow_sigmas(4, use_dynamic_shifting=True, mu=30.0)
     with pytest.raises(ValueError, match="shift_terminal"):

@@ -23,6 +23,7 @@ Implementations (``spar_kernels.backend`` forces one):
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -213,9 +214,10 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen
             raise ValueError(f"{name}: expected a non-negative int, got {val!r}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(D)
-    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0 \
+    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) or not softmax_scale > 0 \
             or not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale: expected a positive finite float or None, got {softmax_scale!r}")
+    softmax_scale = float(softmax_scale)
     fp8 = q.dtype == torch.float8_e4m3fn
     q_descale = _check_descale("q_descale", q_descale, Hq, dev, fp8, kv_heads=Hkv)
     k_descale = _check_descale("k_descale", k_descale, Hkv, dev, fp8)
