@@ -94,6 +94,18 @@ def _load(args, parser):
     from .pipeline import SparPipeline
 
     dtype = _DTYPES[args.dtype] if args.dtype else None
+    if args.device is not None:
+        import torch
+
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device: expected a torch device such as cpu or cuda, got {args.device!r}")
+        if dev.type not in ("cpu", "cuda"):
+            parser.error(f"--device: expected cpu or cuda, got {args.device!r}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: this torch has no usable CUDA device")
+        args.device = "cpu" if dev.type == "cpu" else str(dev)   # one CPU device: "cpu:0" is "cpu"
     if args.checkpoint and (args.config or args.random_weights):
         parser.error("give either --checkpoint DIR or --config NAME --random-weights, not both")
     if args.checkpoint:

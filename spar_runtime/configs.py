@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import numbers
 import os
 from typing import Any, Mapping
+
+import numpy as np
 
 from spar_kernels.attention import MAX_HEAD_DIM, MIN_HEAD_DIM   # the head dims hybrid_attention takes
 
@@ -162,8 +166,31 @@ class SparConfig:
     tokenizer: dict | None = None   # the image tokenizer's {"pixel_layers", "pixel_heads", "mlp_blocks"}
 
     def __post_init__(self):
+        self._validate_types()
         object.__setattr__(self, "dtr_layers", tuple(int(i) for i in self.dtr_layers))
         self.validate()
+
+    _INT_FIELDS = ("num_queries", "connector_layers", "latent_channels", "latent_size", "num_steps")
+    _FLOAT_FIELDS = ("dtr_tau", "dtr_norm_eps", "vae_scale_factor", "flow_shift", "guidance")
+
+    def _validate_types(self) -> None:
+        """Each field's type, before anything converts it (a float num_queries, a string
+        dtr_layers read as its digits, an infinite scale): ValueError naming the field."""
+        def bad(field, got, expected):
+            raise ValueError(f"SparConfig {self.name!r}: {field} = {got!r}, expected {expected}")
+
+        def is_int(v):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        for f in self._INT_FIELDS:
+            if not is_int(getattr(self, f)):
+                bad(f, getattr(self, f), "an int")
+        for f in self._FLOAT_FIELDS:
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                bad(f, v, "a finite number")
+        if not isinstance(self.dtr_layers, (list, tuple)) or not all(is_int(i) for i in self.dtr_layers):
+            bad("dtr_layers", self.dtr_layers, "a list of ints")
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -229,6 +256,9 @@ class SparConfig:
         if self.dit_config.get("in_channels") != self.latent_channels:
             bad("dit_config['in_channels']", self.dit_config.get("in_channels"),
                 f"latent_channels = {self.latent_channels}")
+        if self.dit_config.get("out_channels", self.latent_channels) not in (None, self.latent_channels):
+            bad("dit_config['out_channels']", self.dit_config.get("out_channels"),
+                f"latent_channels = {self.latent_channels} (the DiT predicts the latent's velocity)")
         if self.vae_config.get("latent_channels") != self.latent_channels:
             bad("vae_config['latent_channels']", self.vae_config.get("latent_channels"),
                 f"latent_channels = {self.latent_channels}")

@@ -103,6 +103,10 @@ class DCAEConfig:
         return cfg
 
     def _validate(self) -> None:
+        if self.attention_head_dim < 1:
+            raise ValueError(f"attention_head_dim: expected >= 1, got {self.attention_head_dim}")
+        if any(c < 1 for c in self.block_out_channels):
+            raise ValueError(f"decoder_block_out_channels: expected every stage >= 1, got {self.block_out_channels}")
         for i, t in enumerate(self.block_types):
             if t not in _BLOCK_TYPES:
                 raise ValueError(f"decoder_block_types[{i}]: {t!r} is not supported (expected one of {_BLOCK_TYPES})")

@@ -192,15 +192,20 @@ def _listing(names: list[str]) -> str:
 
 
 def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], where: str) -> None:
-    """Raise :class:`CheckpointError` unless ``sd`` holds exactly the ``expected`` names and shapes.
+    """Raise :class:`CheckpointError` unless ``sd`` holds exactly the ``expected`` names and shapes,
+    every one a floating-point tensor (weights are cast to the load dtype: an integer or bool tensor
+    there is a wrong file, not a value to convert; BatchNorm's ``num_batches_tracked`` excepted).
 
-    The message lists every missing key, every unexpected key and every mis-shaped key
-    (name, shape got, shape expected), prefixed with ``where`` (e.g. the folder it came from).
+    The message lists every missing key, every unexpected key, every mis-shaped key (name, shape
+    got, shape expected) and every non-float one (name, dtype), prefixed with ``where`` (e.g. the
+    folder it came from).
     """
     missing = sorted(k for k in expected if k not in sd)
     unexpected = sorted(k for k in sd if k not in expected)
     misshaped = sorted(k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k]))
-    if not (missing or unexpected or misshaped):
+    not_float = sorted(k for k in expected if k in sd and not sd[k].is_floating_point()
+                       and not k.endswith(".num_batches_tracked"))   # BatchNorm's step counter: an int
+    if not (missing or unexpected or misshaped or not_float):
         return
     parts = []
     if missing:
@@ -210,6 +215,9 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tupl
     if misshaped:
         shown = [f"{k}: got {tuple(sd[k].shape)}, expected {tuple(expected[k])}" for k in misshaped]
         parts.append(f"mis-shaped keys ({len(misshaped)}): {_listing(shown)}")
+    if not_float:
+        shown = [f"{k}: {sd[k].dtype}" for k in not_float]
+        parts.append(f"keys that are not floating-point tensors ({len(not_float)}): {_listing(shown)}")
     raise CheckpointError(f"{where}: " + "; ".join(parts))
 
 

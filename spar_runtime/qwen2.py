@@ -84,6 +84,12 @@ class Qwen2Config:
         if d.get("head_dim") is None and d["hidden_size"] % heads:
             raise CheckpointError(f"Qwen2 config: hidden_size ({d['hidden_size']}) is not a multiple of "
                                   f"num_attention_heads ({heads}) and head_dim is not given")
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
+            raise CheckpointError(f"Qwen2 config: head_dim must be a positive even integer (RoPE rotates pairs "
+                                  f"of channels), got {head_dim!r}")
+        eps = d.get("rms_norm_eps", 1e-6)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+            raise CheckpointError(f"Qwen2 config: rms_norm_eps must be a finite number >= 0, got {eps!r}")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":

@@ -227,6 +227,8 @@ def test_pickle_refused(ckpt_copy):
     ("shape", r"mis-shaped keys.*dtr.proj.weight: got \(64, 63\), expected \(64, 64\)"),
     ("unknown", r"unexpected keys.*dtr.extra"),
     ("missing", r"missing keys.*connector.layers.1.mlp.up_proj.weight"),
+    ("int", r"not floating-point tensors.*latent_queries: torch.int32"),
+    ("bool", r"not floating-point tensors.*dtr.alpha: torch.bool"),
 ])
 def test_bad_spar_tensors(ckpt_copy, edit, match):
     f = ckpt_copy / "spar.safetensors"
@@ -235,6 +237,10 @@ def test_bad_spar_tensors(ckpt_copy, edit, match):
         t["dtr.proj.weight"] = t["dtr.proj.weight"][:, :63].contiguous()
     elif edit == "unknown":
         t["dtr.extra"] = torch.zeros(3)
+    elif edit == "int":
+        t["latent_queries"] = t["latent_queries"].to(torch.int32)
+    elif edit == "bool":
+        t["dtr.alpha"] = t["dtr.alpha"] > 0
     else:
         del t["connector.layers.1.mlp.up_proj.weight"]
     save_file(t, f)
@@ -305,6 +311,15 @@ def test_cli_describe_and_errors(tmp_path, capsys, ckpt):
         main(["generate", "--config", "tiny", "--prompt", "x"])       # --config needs --random-weights
     with pytest.raises(SystemExit):
         main(["generate", "--config", "tiny", "--random-weights", "--prompt", "x", "--steps", "0"])
+    capsys.readouterr()
+    for device, msg in (("bogus", "expected a torch device"), ("meta", "expected cpu or cuda"),
+                        ("cuda", "no usable CUDA device")):
+        if device == "cuda" and torch.cuda.is_available():
+            continue
+        with pytest.raises(SystemExit) as e:   # argparse's one-line error, exit status 2
+            main(["generate", "--config", "tiny", "--random-weights", "--prompt", "x", "--device", device])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "--device" in err and msg in err, err
 
 
 def _write_tokenizer(folder):
@@ -336,6 +351,11 @@ def test_checkpoint_with_tokenizer(ckpt_copy, tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(ckpt_copy), "--prompt", "a red fox", "--steps", "1",
                  "--no-progress", "--out", str(tmp_path / "z.png")]) == 0
     assert "| dit_loop" in capsys.readouterr().out
+
+
+def test_edit_takes_one_reference_image(rpipe):
+    with pytest.raises(ValueError, match="image: edit takes one reference image, got a batch of 2"):
+        rpipe.edit(torch.randn(2, 3, 64, 64), "make it blue", num_steps=1)
 
 
 def test_edit_rows_and_bad_image_embeds(rpipe):

@@ -86,6 +86,21 @@ def test_spar_json_round_trip_and_with_layers():
     ({"latent_channels": 16}, "in_channels"),
     ({"dtr_tau": 0.0}, "dtr_tau"),
     ({"num_steps": 0}, "num_steps"),
+    # types, checked before anything converts them (a string dtr_layers read as its digits, a float
+    # count reaching torch.empty, an infinite scale dividing the latents to zeros)
+    ({"num_queries": 8.0}, "num_queries = 8.0, expected an int"),
+    ({"num_queries": "8"}, "num_queries = '8', expected an int"),
+    ({"connector_layers": 1.5}, "connector_layers"),
+    ({"num_steps": True}, "num_steps"),
+    ({"dtr_layers": "124"}, "dtr_layers = '124', expected a list of ints"),
+    ({"dtr_layers": [1.5, 2, 4]}, "dtr_layers"),
+    ({"dtr_layers": [True, 2, 4]}, "dtr_layers"),
+    ({"dtr_tau": None}, "dtr_tau = None, expected a finite number"),
+    ({"dtr_tau": float("inf")}, "dtr_tau"),
+    ({"vae_scale_factor": float("inf")}, "vae_scale_factor"),
+    ({"flow_shift": float("nan")}, "flow_shift"),
+    ({"guidance": "4.5"}, "guidance"),
+    ({"dit_config": {**get_config("tiny").dit_config, "out_channels": 16}}, "out_channels"),
 ])
 def test_bad_configs_are_refused(change, match):
     with pytest.raises(ValueError, match=match):

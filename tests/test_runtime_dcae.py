@@ -186,6 +186,13 @@ def test_bad_checkpoint_pickle_missing_and_config(saved, tmp_path):
     with pytest.raises(CheckpointError, match="decoder_norm_types"):
         DCAEDecoder.from_dir(_copy(src, tmp_path / "d",
                                    config_edit=lambda c: c.update(decoder_norm_types="layer_norm")))
+    for i, (edit, match) in enumerate([(dict(attention_head_dim=0), "attention_head_dim: expected >= 1"),
+                                       (lambda c: dict(decoder_block_out_channels=[0] + list(
+                                           c["decoder_block_out_channels"][1:])), "expected every stage >= 1")]):
+        (tmp_path / f"e{i}").mkdir()
+        with pytest.raises(CheckpointError, match=match):
+            DCAEDecoder.from_dir(_copy(src, tmp_path / f"e{i}", config_edit=lambda c, e=edit: c.update(
+                e(c) if callable(e) else e)))
 
 
 def test_bad_decode_calls(saved):

@@ -200,7 +200,11 @@ def test_config_from_dict_and_refusals():
     assert transformers.Qwen2Config(**cfg.to_dict()).rope_parameters["rope_theta"] == 1e6
     for bad, match in [(dict(use_sliding_window=True), "sliding"), (dict(hidden_act="gelu"), "hidden_act"),
                        (dict(rope_parameters={"rope_type": "yarn", "factor": 2.0}), "rope_type"),
-                       (dict(num_key_value_heads=3), "multiple"), (dict(hidden_size=0), "hidden_size")]:
+                       (dict(num_key_value_heads=3), "multiple"), (dict(hidden_size=0), "hidden_size"),
+                       (dict(head_dim=15), "head_dim must be a positive even integer"),
+                       (dict(head_dim=-16), "head_dim must be a positive even integer"),
+                       (dict(hidden_size=60, num_attention_heads=4, head_dim=None), "positive even integer"),
+                       (dict(rms_norm_eps=-1e-6), "rms_norm_eps"), (dict(rms_norm_eps=float("inf")), "rms_norm_eps")]:
         with pytest.raises(CheckpointError, match=match):
             Qwen2Config.from_dict(dict(base, **bad))
     with pytest.raises(TypeError, match="config"):
