@@ -33,8 +33,13 @@ class CheckpointError(ValueError):
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """The weights' dtype when none is asked: float32 on CPU, bfloat16 on accelerators."""
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
+    """The weights' dtype when none is asked: float32 on CPU, bfloat16 on accelerators, float16 on
+    CUDA GPUs older than Ampere (sm_70 / sm_75: no bf16 tensor cores, where Triton's bf16 dots fail)."""
+    if device.type == "cpu":
+        return torch.float32
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        return torch.float16
+    return torch.bfloat16
 
 
 def read_json(path: str | os.PathLike) -> dict:

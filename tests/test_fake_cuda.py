@@ -267,6 +267,18 @@ def test_regions_count_their_own_work():
     assert summary["regions"]["step"]["launches"] == 6 and summary["peak_bytes"] == rec.peak_bytes
 
 
+def test_default_dtype_is_float16_before_ampere():
+    """Weights default to bf16 on CUDA, fp16 on sm_70 / sm_75 (no bf16 tensor cores: Triton's bf16
+    dots do not compile there), fp32 on the CPU."""
+    from spar_runtime.loading import default_dtype
+
+    for cap, want in (((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                      ((8, 9), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        with fake_cuda(capability=cap):
+            assert default_dtype(torch.device("cuda")) == want, cap
+    assert default_dtype(torch.device("cpu")) == torch.float32
+
+
 def test_bad_use_is_refused():
     with pytest.raises(ValueError, match="capability"):
         with fake_cuda(capability=9):
