@@ -17,7 +17,7 @@ from spar_kernels.reference import attention as ref
 from spar_kernels.testing import non_contiguous, poisoned_empty
 
 from conftest import requires_triton
-from test_attention import _per_head_fp8, check, fp8_reference, make_qkv, seg_masks
+from test_attention import _per_head_fp8, check, expected, fp8_reference, make_qkv, seg_masks
 from test_attention_layout import random_segments
 
 pytestmark = requires_triton
@@ -136,6 +136,30 @@ def test_fp8_decode_exact_for_all_byte_values():
         vn = torch.full((1, 1, d), bits, dtype=torch.uint8).view(torch.float8_e4m3fn)
         with sk.backend("triton"):
             assert torch.isnan(sk.hybrid_attention(q[:1], k[:1], vn, one)).all()
+
+
+@pytest.mark.parametrize("dtype, path", [(torch.float32, "prefill"), (torch.bfloat16, "prefill"),
+                                         (torch.float16, "decode"), (torch.bfloat16, "decode")])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_non_finite_cache_slots_past_every_row_do_not_reach_them(dtype, path, poison):
+    """A preallocated KV cache holds garbage (NaN / inf bit patterns of torch.empty) past its valid
+    keys, inside the key tile the rows visit: P is 0 there, but 0 * NaN is NaN, so a masked tile
+    loads no value outside the union of its rows' intervals. Prefill (20 causal rows over 20 of 40
+    keys) and split-KV decode (4 rows over 590 of 600); K is masked after its dot already."""
+    Tq, Tk, valid = (20, 40, 20) if path == "prefill" else (4, 600, 590)
+    q, k, v = make_qkv(Tq, Tk, 2, 1, 64, dtype)
+    st, en = [0] * Tq, [valid - Tq + i + 1 for i in range(Tq)]
+    cu_q, cu_k = torch.tensor([0, Tq], dtype=torch.int32), torch.tensor([0, Tk], dtype=torch.int32)
+    masks = [ref.interval_mask(torch.tensor(st), torch.tensor(en), Tk)]
+    want, _ = expected(q.double(), k.double(), v.double(), masks, [0, Tq], [0, Tk], 64 ** -0.5, torch.float64)
+    v[valid:, :, 3] = poison
+    k[valid + 1:, :, 5] = poison
+    with sk.backend("triton"):
+        got = sk.hybrid_attention_varlen(q, k, v, cu_q, cu_k, torch.tensor(st, dtype=torch.int32),
+                                         torch.tensor(en, dtype=torch.int32), Tq, Tk)
+    assert torch.isfinite(got).all()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("bm, bn", [(16, 16), (32, 16), (16, 64)])

@@ -84,18 +84,21 @@ def _e4m3_to_f16(x):
 
 
 @triton.jit
-def _step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, seqlen_k, st, en, qk_scale, head_dim,
-          offs_n, offs_d, MASKED: tl.constexpr, IS_FP8: tl.constexpr,
+def _step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, seqlen_k, st, en, lo, hi, qk_scale,
+          head_dim, offs_n, offs_d, MASKED: tl.constexpr, IS_FP8: tl.constexpr,
           IS_FP32: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """One key tile [start_n, start_n + BLOCK_N) of the online softmax."""
+    """One key tile [start_n, start_n + BLOCK_N) of the online softmax. [lo, hi): the union of
+    the rows' intervals; a masked tile loads no value outside it (P is 0 there, but 0 * NaN is NaN:
+    a NaN / inf value in a padded cache slot past every row's keys would reach every row)."""
     cols = start_n + offs_n
     k_ptrs = k_base + cols.to(tl.int64)[None, :] * stride_kn + offs_d[:, None]   # [BLOCK_D, BLOCK_N]
     v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vn + offs_d[None, :]   # [BLOCK_N, BLOCK_D]
     d_ok = offs_d < head_dim  # the head-dim padding (all true for D = BLOCK_D)
     if MASKED:
         in_k = cols < seqlen_k
-        k = tl.load(k_ptrs, mask=in_k[None, :] & d_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=in_k[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(k_ptrs, mask=in_k[None, :] & d_ok[:, None], other=0.0)   # masked after the dot
+        v_ok = in_k & (cols >= lo) & (cols < hi)
+        v = tl.load(v_ptrs, mask=v_ok[:, None] & d_ok[None, :], other=0.0)
     else:  # inside [full_lo, full_hi): every key exists and is visible to every row
         k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
         v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
@@ -149,13 +152,13 @@ def _attend(q, k_base, v_base, stride_kn, stride_vn, st, en, lo, hi, full_lo, fu
     f1 = tl.minimum(tl.maximum((full_hi // BLOCK_N) * BLOCK_N, f0), hi_t)
     for start_n in range(lo_t, f0, BLOCK_N):
         acc, m_i, l_i = _step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, seqlen_k, st, en,
-                              qk_scale, head_dim, offs_n, offs_d, True, IS_FP8, IS_FP32, DOT_UPCAST)
+                              lo, hi, qk_scale, head_dim, offs_n, offs_d, True, IS_FP8, IS_FP32, DOT_UPCAST)
     for start_n in range(f0, f1, BLOCK_N):
         acc, m_i, l_i = _step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, seqlen_k, st, en,
-                              qk_scale, head_dim, offs_n, offs_d, False, IS_FP8, IS_FP32, DOT_UPCAST)
+                              lo, hi, qk_scale, head_dim, offs_n, offs_d, False, IS_FP8, IS_FP32, DOT_UPCAST)
     for start_n in range(f1, hi_t, BLOCK_N):
         acc, m_i, l_i = _step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, seqlen_k, st, en,
-                              qk_scale, head_dim, offs_n, offs_d, True, IS_FP8, IS_FP32, DOT_UPCAST)
+                              lo, hi, qk_scale, head_dim, offs_n, offs_d, True, IS_FP8, IS_FP32, DOT_UPCAST)
     visited = tl.maximum(hi_t - lo_t, 0) // BLOCK_N
     return acc, m_i, l_i, visited, (f1 - f0) // BLOCK_N
 
