@@ -471,6 +471,32 @@ def test_error_schedule_arguments():
         sk.FlowSampler("euler", num_steps=4, renorm="global", renorm_min=1.5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_infinite_velocity_gives_infinities_as_diffusers(backend, method):
+    """An infinite velocity element: the solvers' x0 = x - sigma v is infinite there, and a term
+    whose coefficient is 0 (Euler's and Heun's x0 term) must not turn it into 0 * inf = NaN; the
+    other elements are unaffected. diffusers' scheduler step on the same inputs is the oracle.
+    (DPM-Solver++ uses x0 itself, and its inf - inf differs from diffusers' arithmetic.)"""
+    n, shift = 3, 3.0
+    a = sk.FlowSampler(method, num_steps=n, shift=shift)
+    sc = _diffusers_scheduler(method, shift)
+    sc.set_timesteps(n)
+    x = torch.randn(1, 4, 3, 3)
+    xs, xd = x.clone(), x.clone()
+    with sk.backend(backend):
+        for i in range(a.num_evals):
+            v = torch.randn_like(x)
+            v[0, 1, 2, 0] = float("inf")
+            xs = a.step(xs, v)
+            xd = sc.step(v, sc.timesteps[i], xd, return_dict=False)[0]
+            assert torch.equal(xs.isnan(), xd.isnan()) and torch.equal(xs.isinf(), xd.isinf()), (i, xs, xd)
+            ok = torch.isfinite(xd)
+            torch.testing.assert_close(xs[ok], xd[ok], atol=1e-5, rtol=1e-5)
+            if not torch.isfinite(xs).all():
+                break
+
+
 def test_error_out_overlapping_the_inputs():
     """out=x (the same elements) updates in place; an out that overlaps x elsewhere, or any
     branch, is refused (the kernels read and write in an order of their choosing)."""

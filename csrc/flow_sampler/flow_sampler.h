@@ -101,7 +101,7 @@ constexpr int kSolverFlags = kReadH1 | kReadH2 | kStoreH1X | kStoreH1X0 | kStore
 template <int kF>
 SPAR_HD float update_t(float x, float v, float& h1, float& h2, const Row& r) {
   const float x0 = x - r.sigma * v;
-  float o = r.cx * x + r.cv * v + r.c0 * x0;
+  float o = r.cx * x + r.cv * v + (r.c0 != 0.0f ? r.c0 * x0 : 0.0f);  // 0 * x0 is NaN for an infinite v
   if (kF & kReadH1) o += r.c1 * h1;
   if (kF & kReadH2) o += r.c2 * h2;
   if (kF & kStoreH1X) h1 = x;
@@ -112,7 +112,7 @@ SPAR_HD float update_t(float x, float v, float& h1, float& h2, const Row& r) {
 
 SPAR_HD float update(float x, float v, float& h1, float& h2, const Row& r) {
   const float x0 = x - r.sigma * v;
-  float o = r.cx * x + r.cv * v + r.c0 * x0;
+  float o = r.cx * x + r.cv * v + (r.c0 != 0.0f ? r.c0 * x0 : 0.0f);  // 0 * x0 is NaN for an infinite v
   if (r.flags & kReadH1) o += r.c1 * h1;
   if (r.flags & kReadH2) o += r.c2 * h2;
   if (r.flags & kStoreH1X) h1 = x;

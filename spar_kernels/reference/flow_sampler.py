@@ -80,7 +80,8 @@ def flow_step(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, table, counter, re
                         on(F_RENORM), renorm_mode, renorm_min, on(F_RENORM_TEXT))
     xf = x.float()
     x0 = xf - row[COL_SIGMA] * v
-    res = row[COL_CX] * xf + row[COL_CV] * v + row[COL_C0] * x0
+    res = row[COL_CX] * xf + row[COL_CV] * v
+    res = res + torch.where(row[COL_C0] != 0, row[COL_C0] * x0, torch.zeros_like(x0))  # 0 * x0: NaN for v = inf
     if h1 is not None:
         res = res + torch.where(on(F_READ_H1), row[COL_C1] * h1, torch.zeros_like(h1))
         h1.copy_(torch.where(on(F_STORE_H1_X), xf, torch.where(on(F_STORE_H1_X0), x0, h1)))
