@@ -16,6 +16,7 @@ the output size.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -221,6 +222,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "steps", None) is not None and args.steps < 1:
         parser.error(f"--steps: expected >= 1, got {args.steps}")
+    out = getattr(args, "out", None)
+    if out is not None:   # before minutes of work, not after
+        from PIL import Image
+
+        fmt = Image.registered_extensions().get(os.path.splitext(out)[1].lower())
+        if fmt is None or fmt not in Image.SAVE:
+            parser.error(f"--out: {out!r} has no image extension PIL can write (e.g. .png)")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+            parser.error(f"--out: the folder of {out!r} does not exist")
     try:
         run = {"generate": _generate, "describe": _describe, "reconstruct": _reconstruct}[args.command]
         return run(args, parser)

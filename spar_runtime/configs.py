@@ -270,6 +270,19 @@ class SparConfig:
             bad("flow_shift", self.flow_shift, "> 0")
         if self.num_steps < 1:
             bad("num_steps", self.num_steps, ">= 1")
+        if self.is_internvl:
+            v = self.mllm_config["vision_config"]
+            size, patch = v["image_size"], v["patch_size"]
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+            for s, p in zip(size, patch):
+                if p < 1 or s % p:
+                    bad("mllm_config['vision_config']['image_size']", v["image_size"],
+                        f"a multiple of patch_size {v['patch_size']} (the vision tower's patch grid)")
+                r = float(self.mllm_config.get("downsample_ratio", 0.5))
+                if not (s // p * r).is_integer() or s // p * r < 1:
+                    bad("mllm_config['downsample_ratio']", r, f"a ratio that turns the {s // p}-patch side "
+                        "into a whole number of image tokens (pixel shuffle)")
         if self.tokenizer is not None:
             self._validate_tokenizer(bad)
 

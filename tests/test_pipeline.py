@@ -320,6 +320,11 @@ def test_cli_describe_and_errors(tmp_path, capsys, ckpt):
             main(["generate", "--config", "tiny", "--random-weights", "--prompt", "x", "--device", device])
         err = capsys.readouterr().err
         assert e.value.code == 2 and "--device" in err and msg in err, err
+    for out, msg in ((str(tmp_path / "y.txt"), "no image extension"), (str(tmp_path / "no" / "y.png"), "does not exist")):
+        with pytest.raises(SystemExit) as e:   # refused before the model is built
+            main(["generate", "--config", "tiny", "--random-weights", "--prompt", "x", "--out", out])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "--out" in err and msg in err, err
 
 
 def _write_tokenizer(folder):

@@ -107,6 +107,26 @@ def test_bad_configs_are_refused(change, match):
         get_config("tiny").replace(**change)
 
 
+@pytest.mark.parametrize("vision, ratio, match", [
+    ({"image_size": 62}, None, r"image_size'\] = 62, expected a multiple of patch_size"),
+    ({"image_size": [64, 66]}, None, "expected a multiple of patch_size"),
+    ({}, 0.3, r"downsample_ratio'\] = 0.3, expected a ratio that turns the 16-patch side"),
+])
+def test_vision_grids_the_tower_cannot_run_are_refused(vision, ratio, match):
+    """An image size that is not a whole number of patches, or a pixel-shuffle ratio that does not
+    give whole tokens, is refused by the config (the InternVL loader failed later, or the token
+    grid check rounded it away)."""
+    import copy
+
+    c = get_config("tiny")
+    m = copy.deepcopy(c.mllm_config)
+    m["vision_config"].update(vision)
+    if ratio is not None:
+        m["downsample_ratio"] = ratio
+    with pytest.raises(ValueError, match=match):
+        c.replace(mllm_config=m)
+
+
 def test_unknown_config_name():
     with pytest.raises(ValueError, match="SPAR-1B"):
         get_config("SPAR-7B")
