@@ -183,8 +183,11 @@ def _reconstruct(args, parser) -> int:
     run_s = time.perf_counter() - t1
     out.save(args.out)
     target = image.resize(out.size, Image.BICUBIC)
-    print(f"wrote {args.out} ({out.size[0]}x{out.size[1]}); PSNR {psnr(out, target):.2f} dB against the input "
-          f"resized to {out.size[0]}x{out.size[1]}")
+    with Image.open(args.out) as saved:   # the file as written: a lossy format (JPEG) loses more
+        saved = saved.convert("RGB")
+    print(f"wrote {args.out} ({out.size[0]}x{out.size[1]}); PSNR {psnr(saved, target):.2f} dB against the input "
+          f"resized to {out.size[0]}x{out.size[1]}" + ("" if psnr(saved, target) == psnr(out, target) else
+                                                     f" ({psnr(out, target):.2f} dB before saving)"))
     print(f"load {load_s:.3f} s, reconstruct {run_s:.3f} s (encode {pipe.timings.get('encode_image', 0):.3f} s, "
           f"decode {pipe.timings.get('decode', 0):.3f} s)", file=sys.stderr)
     return 0

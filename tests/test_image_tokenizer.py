@@ -412,6 +412,13 @@ def test_cli_reconstruct(tmp_path, capsys, ckpt):
     value = psnr(rec, Image.open(src).convert("RGB").resize((32, 32), Image.BICUBIC))
     assert re.search(rf"PSNR {value:.2f} dB", printed), printed
     assert psnr(rec, rec) == math.inf
+    # a lossy format: the PSNR of the file as written, the decoded image's alongside
+    jpg = tmp_path / "out.jpg"
+    assert main(["reconstruct", "--config", "tiny", "--random-weights", "--image", str(src), "--out", str(jpg)]) == 0
+    printed = capsys.readouterr().out
+    target = Image.open(src).convert("RGB").resize((32, 32), Image.BICUBIC)
+    assert re.search(rf"PSNR {psnr(Image.open(jpg), target):.2f} dB against", printed), printed
+    assert "before saving" in printed
     # a checkpoint whose spar.safetensors has no tokenizer.*: a clear error, no traceback
     bare = tmp_path / "bare"
     build_checkpoint(str(bare), "tiny", seed=6, with_tokenizer=False)
