@@ -96,8 +96,6 @@ def _load(args, parser):
 
     dtype = _DTYPES[args.dtype] if args.dtype else None
     if args.device is not None:
-        import torch
-
         try:
             dev = torch.device(args.device)
         except RuntimeError:

@@ -594,9 +594,6 @@ class SparPipeline:
         if self.mllm.vision is None:
             raise ValueError("image: this checkpoint's MLLM is text-only (no vision tower)")
         pixel_values = self.preprocess(image)
-        if pixel_values.shape[0] != 1:
-            raise ValueError(f"image: edit takes one reference image, got a batch of {pixel_values.shape[0]} "
-                             "(call edit once per image)")
         if isinstance(prompt, str):
             tok = self._need_tokenizer("prompt")
             T = self.mllm.image_seq_length * pixel_values.shape[0]

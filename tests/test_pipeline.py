@@ -361,6 +361,10 @@ def test_checkpoint_with_tokenizer(ckpt_copy, tmp_path, capsys):
 def test_edit_takes_one_reference_image(rpipe):
     with pytest.raises(ValueError, match="image: edit takes one reference image, got a batch of 2"):
         rpipe.edit(torch.randn(2, 3, 64, 64), "make it blue", num_steps=1)
+    # describe takes several images (their tokens one after the other): the check is edit's alone
+    T = rpipe.mllm.image_seq_length
+    ids = torch.tensor([1, 2] + [rpipe.mllm.image_token_id] * (2 * T) + [3])
+    assert len(rpipe.describe(torch.randn(2, 3, 64, 64), ids, max_new_tokens=2)) == 2
 
 
 def test_edit_rows_and_bad_image_embeds(rpipe):
