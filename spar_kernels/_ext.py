@@ -90,9 +90,15 @@ def _symbol(ext: ModuleType, name: str):
     return fn
 
 
+_TWINS: dict[str, object] = {}  # cpu_twin's lookups: the per-call path is one dict hit
+
+
 def cpu_twin(name: str):
     """The C++ CPU twin ``name`` from ``_C_cpu``; raises RuntimeError naming what is missing."""
-    return _symbol(cpu_ext(), name)
+    fn = _TWINS.get(name)
+    if fn is None:
+        fn = _TWINS[name] = _symbol(cpu_ext(), name)
+    return fn
 
 
 def cuda_kernel(name: str):

@@ -33,13 +33,14 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from ._backend import select
+from ._backend import _current, select
 
 __all__ = ["SparOp", "spar_op", "device_guard", "on_fake_dispatch", "is_tracing"]
 
 _len_dispatch_stack = torch._C._len_torch_dispatch_stack
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
+_current_backend = _current.get  # the name of the backend in force (a ContextVar)
 _set_grad_enabled = torch._C._set_grad_enabled
 # True when any argument is a tensor that requires grad (others ignored); ~0.4 us against ~0.9 for
 # the generator expression it replaces where torch has it
@@ -106,14 +107,20 @@ class SparOp:
 
     def __call__(self, *args):
         t = args[self.device_arg]
-        if is_tracing(t) or t.is_meta:  # meta tensors take the fake, as through the dispatcher
-            return self.op(*args)
-        impl = select(self.name, t.device, self.impls)
-        if _grad_enabled():
+        if _is_compiling() or _len_dispatch_stack() or type(t) is not torch.Tensor or t.is_meta:
+            return self.op(*args)  # tracers and recorders see one op; meta tensors take the fake
+        impls = self.impls
+        if t.is_cpu and _current_backend() == "auto":
+            # select()'s CPU order ("cpu", "reference"), inline: the per-call path is short
+            impl = impls.get("cpu") or impls.get("reference") or select(self.name, t.device, impls)
+        else:
+            impl = select(self.name, t.device, impls)
+        if _grad_enabled() and _any_requires_grad(*args):
             # as through the dispatcher (no autograd kernel): nothing is recorded, the outputs do
             # not require grad. Without this, a backend written with torch ops would record a
-            # graph that in-place writes break at backward with an unrelated-looking error.
-            if not self._warned_grad and _any_requires_grad(*args):
+            # graph that in-place writes break at backward with an unrelated-looking error. (An
+            # op on inputs none of which requires grad records nothing in any grad mode.)
+            if not self._warned_grad:
                 self._warned_grad = True
                 warnings.warn(f"spar_kernels' {self.name} has no backward: its outputs do not require grad "
                               "(an input requires grad and grad mode is on); run inference under "

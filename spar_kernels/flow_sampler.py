@@ -342,6 +342,7 @@ class FlowSampler:
         self._h1 = self._h2 = self._stats = None
         self._twin_tail = None  # the C++ twin's trailing arguments (history, table, counter pointers)
         self._fast = None  # the last eager twin call, replayed by step's fast path (see _fast_entry)
+        self._last = None  # weak references to the last twin call's tensors (step builds _fast on a repeat)
 
     @staticmethod
     def _schedule(method, sigmas, num_steps, shift):
@@ -506,7 +507,14 @@ class FlowSampler:
             args = _branch_args(B, P, Q, x, v_cond, v_uncond, v_img_uncond, keep)
             args = (_ext.dtype_code(x), _ext.dtype_code(v_cond), B, P, Q, *args, out.data_ptr(), *tail)
             _twin()(*args)
-            replay = given_out is not None and not keep  # a fresh out, or a branch copy: nothing to replay
+            # the fast path's entry, built on the second call in a row with the same objects (a
+            # loop over static buffers): a caller passing fresh views each step (the runtime's
+            # v[:B], v[B:]) does not pay for an entry it never replays. Weak references, not ids:
+            # a fresh view often gets the id of the one that died.
+            last, ts = self._last, (x, v_cond, v_uncond, v_img_uncond, given_out)
+            replay = (given_out is not None and not keep and last is not None  # nothing to replay for a fresh
+                      and all(r() is t for r, t in zip(last, ts)))               # out or a branch copy
+            self._last = tuple(_none if t is None else weakref.ref(t) for t in ts)
             self._fast = _fast_entry(self, x, v_cond, v_uncond, v_img_uncond, out, args) if replay else None
         else:
             impl(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, self.table, self._state, stats, mode, self.renorm_min)
@@ -520,12 +528,17 @@ class FlowSampler:
 
 def _check_out_aliasing(out, x, v_cond, v_uncond, v_img_uncond):
     """out may be x itself (the same elements: an in-place update) but share no other memory with
-    x or any branch: the kernels read and write elements in an order of their choosing."""
-    if out is not x and may_overlap(out, x) and not (out.data_ptr() == x.data_ptr() and out.stride() == x.stride()):
+    x or any branch: the kernels read and write elements in an order of their choosing. (Tensors
+    on other storages cannot overlap out: one storage pointer each rules them out.)"""
+    if is_tracing(out) or out.numel() == 0:
+        return
+    base = out.untyped_storage().data_ptr()
+    if (out is not x and x.untyped_storage().data_ptr() == base and may_overlap(out, x)
+            and not (out.data_ptr() == x.data_ptr() and out.stride() == x.stride())):
         raise ValueError("out: must be x itself (an in-place update) or share no memory with x, but it overlaps "
                          "x elsewhere")
     for name, t in (("v_cond", v_cond), ("v_uncond", v_uncond), ("v_img_uncond", v_img_uncond)):
-        if t is not None and may_overlap(out, t):
+        if t is not None and t.untyped_storage().data_ptr() == base and may_overlap(out, t):
             raise ValueError(f"out: must not share memory with {name} (pass x for an in-place update, or a "
                              "separate buffer)")
 
@@ -575,7 +588,8 @@ def _fast_entry(sampler, x, v_cond, v_uncond, v_img_uncond, out, args):
     missing = (F_CFG if v_uncond is None else 0) | (F_IMG if v_img_uncond is None else 0)
     packed = np.array((*args[:-1], 0), dtype=np.int64)
     packed[-1:].view(np.float64)[0] = args[-1]  # renorm_min
-    return (*refs, missing, _aliases(x, v_cond, v_uncond, v_img_uncond, out), packed, _TWIN[1], packed.ctypes.data)
+    addr = packed.__array_interface__["data"][0]  # (ndarray.ctypes builds a ctypes object: ~5 us)
+    return (*refs, missing, _aliases(x, v_cond, v_uncond, v_img_uncond, out), packed, _TWIN[1], addr)
 
 
 _TWIN = []

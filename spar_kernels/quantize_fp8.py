@@ -11,11 +11,15 @@ from __future__ import annotations
 import torch
 
 from . import _ext
-from ._op import device_guard, spar_op
+from ._backend import _current
+from ._op import _is_compiling, _len_dispatch_stack, device_guard, spar_op
 from ._validate import FLOAT_DTYPES, check_out, check_tensor
 from .reference import quantize_fp8 as _ref
 
 GRANULARITIES = ("token", "tensor")
+_F8, _F32 = torch.float8_e4m3fn, torch.float32
+_current_backend = _current.get
+_TWIN_CODES = {t: c for t, c in _ext.DTYPE_CODES.items() if t in FLOAT_DTYPES}  # x dtypes the twin takes
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -81,6 +85,24 @@ def quantize_fp8(x: torch.Tensor, granularity: str = "token", out=None, *, works
         ``(q, scales)`` with ``x ~= q.float() * scales``. NaN propagates as in the reference: a
         NaN in a row (token) or anywhere (tensor) gives a NaN scale and NaN codes there.
     """
+    if out is not None and workspace is None and type(out) is tuple and len(out) == 2:
+        q, scales = out
+        # The eager CPU call into given buffers, checked in one expression and run on the twin:
+        # each Python step and each distinct torch call costs a few us when a call finds its code
+        # out of cache, more than this op's small cases take. Anything else, every error
+        # included, takes the full path below, which explains it.
+        if (type(x) is torch.Tensor and type(q) is torch.Tensor and type(scales) is torch.Tensor
+                and not _is_compiling() and not _len_dispatch_stack() and _current_backend() == "auto"
+                and x.is_cpu and x.dim() == 2 and x.stride(1) == 1 and not x.requires_grad
+                and (code := _TWIN_CODES.get(x.dtype)) is not None and x.numel() > 0
+                and q.dtype is _F8 and q.is_cpu and q.shape == x.shape and q.is_contiguous()
+                and scales.dtype is _F32 and scales.is_cpu and scales.is_contiguous()
+                and (scales.shape == (x.shape[0], 1) if granularity == "token"
+                     else granularity == "tensor" and scales.dim() == 0)):
+            rows, cols = x.shape
+            _ext.cpu_twin("quantize_fp8")(x.data_ptr(), code, rows, cols, x.stride(0), q.data_ptr(),
+                                          scales.data_ptr(), granularity == "token")
+            return q, scales
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() == 0:
         raise ValueError("x: expected at least 1 dimension, got a scalar")

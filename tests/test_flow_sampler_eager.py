@@ -34,7 +34,7 @@ def test_same_tensors_new_values_match_reference(method):
         vc.copy_(torch.randn(shape))
         vu.copy_(torch.randn(shape))
         got = a.step(x, vc, vu, out=out)
-        assert got is out and a._fast is not None
+        assert got is out and (a._fast is not None) == (a._host_step > 1)  # built on the second call
         want = _ref_step(b, xb, vc, vu)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
         x.copy_(out)
@@ -141,13 +141,15 @@ def test_no_replay_without_out_or_after_a_branch_dies():
     assert second is not first and second.data_ptr() != 0
     out, vu = torch.empty(shape), torch.randn(shape)
     a.step(x, vc, vu, out=out)
+    assert a._fast is None  # built on a repeat only
+    a.step(x, vc, vu, out=out)
     assert a._fast is not None
     del vu  # the branch dies: the entry goes, so a later call without it is validated in full
     assert a._fast is None
     with pytest.raises(ValueError, match="v_uncond: guidance=4.0 > 1 is on"):
         a.step(x, vc, out=out)
     vu = torch.randn(shape)
-    for _ in range(3):
+    for _ in range(4):  # a's four steps so far
         _ref_step(b, x, vc, torch.randn(shape))
     torch.testing.assert_close(a.step(x, vc, vu, out=out), _ref_step(b, x, vc, vu), atol=1e-6, rtol=1e-6)
 
@@ -157,6 +159,7 @@ def test_layout_check_sees_dtype_views_and_transposes_that_keep_the_strides():
     # strides) and its dtype; these changes keep the pointer, the numel and the strides
     s = sk.FlowSampler("euler", num_steps=20, guidance=4.0)
     x, vc, vu, out = (torch.randn(8, 1) for _ in range(4))     # [T, C] with C = 1: strides (1, 1)
+    s.step(x, vc, vu, out=out)
     s.step(x, vc, vu, out=out)
     assert s._fast is not None
     vc.t_()                                                      # (1, 8), strides still (1, 1)
@@ -174,4 +177,19 @@ def test_layout_check_sees_dtype_views_and_transposes_that_keep_the_strides():
     x.unsqueeze_(0).squeeze_(0)                                  # back to the same layout: replays
     got = s.step(x, vc, vu, out=out)
     assert got is out and s._fast is not None
-    assert s._host_step == 4
+    assert s._host_step == 5
+
+
+def test_fresh_branch_views_each_step_build_no_entry():
+    """The runtime passes v[:B], v[B:] of a new DiT output each step: fresh objects, often at the
+    ids of the views that just died. No fast entry is built for them (it would never replay), and
+    the steps match the reference."""
+    a, b = _pair()
+    shape = (1, 4, 6, 10)
+    x, out = torch.randn(shape), torch.empty(shape)
+    for _ in range(4):
+        v = torch.randn((2,) + shape[1:])
+        got = a.step(x, v[:1], v[1:], out=out)
+        assert a._fast is None
+        torch.testing.assert_close(got, _ref_step(b, x, v[:1], v[1:]), atol=1e-6, rtol=1e-6)
+        x.copy_(got)  # x and out stay the same objects: only the branch views are fresh

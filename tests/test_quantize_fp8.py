@@ -206,3 +206,40 @@ def test_quantize_fp8_out_and_workspace_allocate_nothing_on_a_gpu():
         assert rec.stats("no workspace").peak_bytes == live + 4
     rec.assert_no_syncs()
     assert dict(rec.backends["quantize_fp8"]) == {"cuda": 3}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("granularity", ["token", "tensor"])
+def test_quantize_fp8_eager_cpu_lane_runs_the_twin_bit_exact(monkeypatch, dtype, granularity):
+    """An eager CPU call into given buffers (2-D x, last dim contiguous, rows at any stride) runs the
+    twin straight from the public function; it must agree bit for bit with the reference, and a
+    forced backend, an input that requires grad or a buffer of the wrong shape leave it."""
+    from spar_kernels import _ext
+
+    calls = []
+    twin = _ext.cpu_twin("quantize_fp8")
+    monkeypatch.setitem(_ext._TWINS, "quantize_fp8", lambda *a: (calls.append(a), twin(*a))[1])
+    g = torch.Generator().manual_seed(7)
+    for rows, cols, pad in [(1, 1, 0), (5, 33, 3), (64, 896, 0), (3, 4100, 17)]:
+        big = (torch.randn(rows, cols + pad, generator=g) * 10.0 ** torch.randint(-3, 4, (rows, 1), generator=g)).to(dtype)
+        x = big[:, :cols]                                       # rows at stride cols + pad
+        q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+        s = torch.empty((rows, 1) if granularity == "token" else (), dtype=torch.float32)
+        poison(q, s)
+        n = len(calls)
+        got = sk.quantize_fp8(x, granularity, out=(q, s))
+        assert len(calls) == n + 1 and got[0] is q and got[1] is s
+        want_q, want_s = ref.quantize_fp8(x, granularity)
+        assert torch.equal(_bits(q), _bits(want_q)) and torch.equal(s, want_s.reshape(s.shape))
+    with sk.backend("reference"):
+        n = len(calls)
+        sk.quantize_fp8(x, granularity, out=(q, s))
+        assert len(calls) == n                                  # the forced backend is honoured
+    with pytest.raises(ValueError, match="out\\[1\\]"):        # a wrong scales shape is explained
+        sk.quantize_fp8(x, granularity, out=(q, torch.empty((rows, 2) if granularity == "token" else (1,))))
+    xg = x.float().requires_grad_() if dtype == torch.float32 else None
+    if xg is not None:
+        from spar_kernels import _op
+        _op.REGISTRY["quantize_fp8"]._warned_grad = False
+        with pytest.warns(UserWarning, match="has no backward"):
+            sk.quantize_fp8(xg, granularity, out=(q, s))
