@@ -8,7 +8,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ._device import same_device
-from ._op import is_tracing
+from ._op import _is_compiling, is_tracing
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -25,6 +25,11 @@ def check_tensor(name: str, t, *, ndim: int | Iterable[int] | None = None,
                  last_contiguous: bool = False) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.layout is not torch.strided:
+        raise ValueError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
+    if not _is_compiling() and t.is_neg():  # the kernels read and write the memory, which holds the negation
+        raise ValueError(f"{name}: a lazily negated view (is_neg(), e.g. the .imag of a conj() view) is not "
+                         f"supported; pass {name}.resolve_neg()")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if t.dim() not in allowed:

@@ -24,7 +24,7 @@ import torch
 
 from . import _backend, _ext
 from ._device import resolve_device
-from ._op import _is_compiling, _len_dispatch_stack, device_guard, is_tracing, spar_op
+from ._op import _increment_version, _is_compiling, _len_dispatch_stack, device_guard, is_tracing, spar_op
 from ._validate import FLOAT_DTYPES, check_out, check_tensor, may_overlap
 from .schedules import _check_shift, dpmsolver_flow_sigmas_f64, flow_sigmas
 
@@ -456,6 +456,7 @@ class FlowSampler:
                                                                                          v_img_uncond, out):
                 self._host_step = k + 1
                 f[8](f[9])
+                _increment_version((out,))  # as the dispatcher would (see _op.SparOp._written)
                 return out
         dev = self.device
         check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=(2, 3, 4, 5), device=dev)
@@ -507,6 +508,7 @@ class FlowSampler:
             args = _branch_args(B, P, Q, x, v_cond, v_uncond, v_img_uncond, keep)
             args = (_ext.dtype_code(x), _ext.dtype_code(v_cond), B, P, Q, *args, out.data_ptr(), *tail)
             _twin()(*args)
+            _increment_version((out,))
             # the fast path's entry, built on the second call in a row with the same objects (a
             # loop over static buffers): a caller passing fresh views each step (the runtime's
             # v[:B], v[B:]) does not pay for an entry it never replays. Weak references, not ids:

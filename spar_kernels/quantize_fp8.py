@@ -12,12 +12,13 @@ import torch
 
 from . import _ext
 from ._backend import _current
-from ._op import _is_compiling, _len_dispatch_stack, device_guard, spar_op
-from ._validate import FLOAT_DTYPES, check_out, check_tensor
+from ._op import (_any_requires_grad, _grad_enabled, _increment_version, _is_compiling, _len_dispatch_stack,
+                  device_guard, spar_op)
+from ._validate import FLOAT_DTYPES, check_no_overlap, check_out, check_tensor
 from .reference import quantize_fp8 as _ref
 
 GRANULARITIES = ("token", "tensor")
-_F8, _F32 = torch.float8_e4m3fn, torch.float32
+_F8, _F32, _STRIDED = torch.float8_e4m3fn, torch.float32, torch.strided
 _current_backend = _current.get
 _TWIN_CODES = {t: c for t, c in _ext.DTYPE_CODES.items() if t in FLOAT_DTYPES}  # x dtypes the twin takes
 
@@ -41,8 +42,8 @@ def _impl_cpu(x, q, scales, per_token, workspace):
 def _out_ok(t, shape, dtype, device) -> bool:
     """True when ``t`` passes check_out (a cheaper test for the per-call path; check_out explains
     a failure)."""
-    return (type(t) is torch.Tensor and t.dtype == dtype and t.shape == shape and t.device == device
-            and t.is_contiguous())
+    return (type(t) is torch.Tensor and t.layout is _STRIDED and t.dtype == dtype and t.shape == shape
+            and t.device == device and t.is_contiguous() and not t.is_neg())
 
 
 def _impl_cuda(x, q, scales, per_token, workspace):
@@ -93,16 +94,23 @@ def quantize_fp8(x: torch.Tensor, granularity: str = "token", out=None, *, works
         # included, takes the full path below, which explains it.
         if (type(x) is torch.Tensor and type(q) is torch.Tensor and type(scales) is torch.Tensor
                 and not _is_compiling() and not _len_dispatch_stack() and _current_backend() == "auto"
-                and x.is_cpu and x.dim() == 2 and x.stride(1) == 1 and not x.requires_grad
+                and x.is_cpu and x.layout is _STRIDED and x.dim() == 2 and x.stride(1) == 1
                 and (code := _TWIN_CODES.get(x.dtype)) is not None and x.numel() > 0
                 and q.dtype is _F8 and q.is_cpu and q.shape == x.shape and q.is_contiguous()
                 and scales.dtype is _F32 and scales.is_cpu and scales.is_contiguous()
                 and (scales.shape == (x.shape[0], 1) if granularity == "token"
-                     else granularity == "tensor" and scales.dim() == 0)):
+                     else granularity == "tensor" and scales.dim() == 0)
+                and not (x.is_neg() or q.is_neg() or scales.is_neg())
+                and not (_grad_enabled() and _any_requires_grad(x, q, scales))):  # the full path warns
             rows, cols = x.shape
-            _ext.cpu_twin("quantize_fp8")(x.data_ptr(), code, rows, cols, x.stride(0), q.data_ptr(),
-                                          scales.data_ptr(), granularity == "token")
-            return q, scales
+            xp, qp, sp = x.data_ptr(), q.data_ptr(), scales.data_ptr()
+            # the byte ranges x's rows, q and scales span: disjoint, or the full path explains
+            x_end = xp + ((rows - 1) * x.stride(0) + cols) * x.element_size()
+            q_end, s_end = qp + rows * cols, sp + 4 * scales.numel()
+            if (x_end <= qp or q_end <= xp) and (x_end <= sp or s_end <= xp) and (q_end <= sp or s_end <= qp):
+                _ext.cpu_twin("quantize_fp8")(xp, code, rows, cols, x.stride(0), qp, sp, granularity == "token")
+                _increment_version((q, scales))  # as the dispatcher would (see _op.SparOp._written)
+                return q, scales
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() == 0:
         raise ValueError("x: expected at least 1 dimension, got a scalar")
@@ -121,6 +129,9 @@ def quantize_fp8(x: torch.Tensor, granularity: str = "token", out=None, *, works
             check_out("out[0] (q)", q, x.shape, torch.float8_e4m3fn, x.device)
         if not _out_ok(scales, scale_shape, torch.float32, x.device):
             check_out("out[1] (scales)", scales, scale_shape, torch.float32, x.device)
+        check_no_overlap("out[0] (q)", q, "x", x)
+        check_no_overlap("out[1] (scales)", scales, "x", x)
+        check_no_overlap("out[1] (scales)", scales, "out[0] (q)", q)
     if workspace is not None:
         check_tensor("workspace", workspace, dtypes=(torch.float32,), device=x.device)
         if workspace.numel() < 1 or not workspace.is_contiguous():

@@ -193,3 +193,20 @@ def test_fresh_branch_views_each_step_build_no_entry():
         assert a._fast is None
         torch.testing.assert_close(got, _ref_step(b, x, v[:1], v[1:]), atol=1e-6, rtol=1e-6)
         x.copy_(got)  # x and out stay the same objects: only the branch views are fresh
+
+
+def test_step_bumps_out_version_on_every_path():
+    """The twin writes out through a pointer; the version counter is bumped on the full call and
+    on the replay, as the dispatcher does, so autograd notices an overwritten saved tensor."""
+    a, _ = _pair()
+    shape = (1, 4, 6, 10)
+    x, vc, vu, out = (torch.randn(shape) for _ in range(4))
+    for _ in range(3):  # the second and third calls replay
+        v = out._version
+        a.step(x, vc, vu, out=out)
+        assert out._version > v
+    w = torch.ones(shape, requires_grad=True)
+    y = (w * out).sum()
+    a.step(x, vc, vu, out=out)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()

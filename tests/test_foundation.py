@@ -337,3 +337,14 @@ def test_inputs_that_require_grad_give_outputs_without_grad_and_one_warning():
         with torch.no_grad():
             sk.rms_norm(x, wg)
         sk.rms_norm(x, w)
+
+
+def test_eager_ops_bump_the_versions_of_what_they_write():
+    """Backends write through pointers; the eager path bumps the version counters of the op's
+    outputs as the dispatcher's ADInplaceOrView kernel does (and only those)."""
+    x, w = torch.randn(4, 64), torch.rand(64) + 0.5
+    out, res, res_out = torch.empty(4, 64), torch.randn(4, 64), torch.empty(4, 64)
+    vx, vw, vo, vr, vro = x._version, w._version, out._version, res._version, res_out._version
+    sk.rms_norm(x, w, 1e-6, residual=res, out=out, residual_out=res_out)
+    assert (x._version, w._version, res._version) == (vx, vw, vr)
+    assert out._version > vo and res_out._version > vro

@@ -243,3 +243,64 @@ def test_quantize_fp8_eager_cpu_lane_runs_the_twin_bit_exact(monkeypatch, dtype,
         _op.REGISTRY["quantize_fp8"]._warned_grad = False
         with pytest.warns(UserWarning, match="has no backward"):
             sk.quantize_fp8(xg, granularity, out=(q, s))
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "reference"])
+def test_quantize_fp8_writes_bump_versions_so_autograd_sees_them(backend):
+    """A scales buffer saved for backward and then overwritten: every backend bumps the version
+    counters of q and scales (the twin writes through pointers), so backward raises instead of
+    returning a gradient computed from the overwritten values."""
+    x = torch.randn(4, 40)
+    w = torch.ones(4, 1, requires_grad=True)
+    s = torch.full((4, 1), 2.0)
+    q = torch.empty(4, 40, dtype=torch.float8_e4m3fn)
+    y = (w * s).sum()
+    vq, vs = q._version, s._version
+    with sk.backend(backend):
+        sk.quantize_fp8(x, "token", out=(q, s))
+    assert q._version > vq and s._version > vs
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_quantize_fp8_refuses_overlap_negated_views_and_sparse():
+    """Buffers sharing memory with x or with each other, lazily negated views (whose memory holds
+    the negation) and sparse tensors get a clear error on every path, before anything is written."""
+    f8 = torch.float8_e4m3fn
+    x = torch.randn(6, 64)
+    base = torch.zeros(6 * 64 * 4 + 64, dtype=torch.uint8)
+    xa = base[:6 * 64 * 4].view(torch.float32).view(6, 64)
+    xa.copy_(x)
+    q_over_x = base[:6 * 64].view(f8).view(6, 64)
+    s = torch.empty(6, 1)
+    for backend in ("auto", "cpu"):
+        with sk.backend(backend):
+            with pytest.raises(ValueError, match="out\\[0\\] \\(q\\): must not share memory with x"):
+                sk.quantize_fp8(xa, "token", out=(q_over_x, s))
+            qs = torch.zeros(6 * 64 + 32, dtype=torch.uint8)
+            q = qs[:6 * 64].view(f8).view(6, 64)
+            s_over_q = qs[6 * 64 - 8:6 * 64 + 16].view(torch.float32).view(6, 1)
+            with pytest.raises(ValueError, match="out\\[1\\] \\(scales\\): must not share memory with out\\[0\\]"):
+                sk.quantize_fp8(x, "token", out=(q, s_over_q))
+            s_over_x = xa[:, :1]
+            with pytest.raises(ValueError, match="out\\[1\\]"):
+                sk.quantize_fp8(xa, "token", out=(torch.empty(6, 64, dtype=f8), s_over_x))
+    neg = torch.randn(6, 64, dtype=torch.complex64).conj().imag   # a lazily negated view
+    assert neg.is_neg()
+    with pytest.raises(ValueError, match="x: a lazily negated view"):
+        sk.quantize_fp8(neg, "token", out=(torch.empty(6, 64, dtype=f8), torch.empty(6, 1)))
+    s_neg = torch.zeros((), dtype=torch.complex64).conj().imag
+    with pytest.raises(ValueError, match="out\\[1\\]"):
+        sk.quantize_fp8(x, "tensor", out=(torch.empty(6, 64, dtype=f8), s_neg))
+    with pytest.raises(ValueError, match="x: expected a dense"):
+        sk.quantize_fp8(x.to_sparse(), "token")
+
+
+def test_quantize_fp8_lane_warns_when_an_output_requires_grad():
+    from spar_kernels import _op
+
+    x, q = torch.randn(3, 32), torch.empty(3, 32, dtype=torch.float8_e4m3fn)
+    s = torch.empty(3, 1, requires_grad=True)
+    _op.REGISTRY["quantize_fp8"]._warned_grad = False
+    with pytest.warns(UserWarning, match="has no backward"):
+        sk.quantize_fp8(x, "token", out=(q, s))
