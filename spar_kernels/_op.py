@@ -123,11 +123,7 @@ class SparOp:
             # not require grad. Without this, a backend written with torch ops would record a
             # graph that in-place writes break at backward with an unrelated-looking error. (An
             # op on inputs none of which requires grad records nothing in any grad mode.)
-            if not self._warned_grad:
-                self._warned_grad = True
-                warnings.warn(f"spar_kernels' {self.name} has no backward: its outputs do not require grad "
-                              "(an input requires grad and grad mode is on); run inference under "
-                              "torch.inference_mode() or torch.no_grad()", stacklevel=3)
+            self.warn_no_backward(stacklevel=4)
             _set_grad_enabled(False)  # torch.no_grad() without the context manager's ~1 us
             try:
                 impl(*args)
@@ -136,6 +132,15 @@ class SparOp:
         else:
             impl(*args)
         self._written(args)
+
+    def warn_no_backward(self, stacklevel: int = 3) -> None:
+        """The once-per-op warning for a call with grad mode on and an input requiring grad (also
+        given by callers that run a backend themselves, such as FlowSampler's twin calls)."""
+        if not self._warned_grad:
+            self._warned_grad = True
+            warnings.warn(f"spar_kernels' {self.name} has no backward: its outputs do not require grad "
+                          "(an input requires grad and grad mode is on); run inference under "
+                          "torch.inference_mode() or torch.no_grad()", stacklevel=stacklevel)
 
     def _written(self, args) -> None:
         """Bump the version counters of the tensors the op wrote, as the dispatcher's

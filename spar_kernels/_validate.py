@@ -50,9 +50,9 @@ def check_shape(name: str, t: torch.Tensor, shape: Sequence[int]) -> None:
 
 def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors may share memory: a conservative test on the byte ranges the two views
-    span (False while tracing: fake tensors have no memory)."""
-    if (is_tracing(a) or is_tracing(b) or a.numel() == 0 or b.numel() == 0 or a.device != b.device
-            or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()):
+    span (False while tracing and for meta tensors: they have no memory)."""
+    if (is_tracing(a) or is_tracing(b) or a.is_meta or b.is_meta or a.numel() == 0 or b.numel() == 0
+            or a.device != b.device or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()):
         return False
 
     def span(v):
@@ -115,10 +115,17 @@ def host_index(values: Sequence[int], device: torch.device) -> torch.Tensor:
     return host.to(device, non_blocking=True)
 
 
+def host_readable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read on the host for a check now: a CPU tensor and nothing
+    tracing (torch.compile, FakeTensorMode, make_fx or any dispatch mode; fake tensors have no
+    values). On CUDA reading them would sync the host; the kernels bounds-check instead."""
+    return t.device.type == "cpu" and not is_tracing(t)
+
+
 def check_index_range(name: str, idx: torch.Tensor, size: int, what: str) -> None:
     """Range check of an index tensor: runs on CPU tensors only (on CUDA it would sync the host;
     the kernels there bounds-check instead and never read outside the buffer)."""
-    if idx.device.type != "cpu" or idx.numel() == 0 or torch.compiler.is_compiling():
+    if idx.numel() == 0 or not host_readable(idx):
         return
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= size:

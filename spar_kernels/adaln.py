@@ -496,7 +496,8 @@ def adaln_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *
     Args:
         x: ``[B, N, C]`` float32 / float16 / bfloat16, any strides (read in place, no copy).
         shift, scale: per-sample vectors: ``[B, C]`` or ``[B, 1, C]`` (any strides), or broadcast
-            ``[C]`` / ``[1, C]`` / ``[1, 1, C]``; any float dtype, on x's device.
+            ``[C]`` / ``[1, C]`` / ``[1, 1, C]``; float32 / float16 / bfloat16 (not necessarily
+            x's), on x's device.
         eps: added to the variance (diffusers' SANA blocks use 1e-6).
         out: optional contiguous ``[B, N, C]`` output of x's dtype; with ``fp8=True`` an optional
             ``(q, scales)`` pair of contiguous buffers (float8_e4m3fn ``[B, N, C]``, float32
@@ -536,7 +537,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, out: to
         x: ``[B, N, C]`` float32 / float16 / bfloat16, any strides (read in place, no copy).
         y: ``[B, N, C]`` of x's dtype, any strides.
         gate: per-sample vector: ``[B, C]`` or ``[B, 1, C]`` (any strides), or broadcast ``[C]`` /
-            ``[1, C]`` / ``[1, 1, C]``; any float dtype, on x's device.
+            ``[1, C]`` / ``[1, 1, C]``; float32 / float16 / bfloat16 (not necessarily x's), on x's device.
         out: ``None`` (a new tensor), ``x`` itself (in-place update, any strides of x; x must not
             overlap itself, e.g. an ``expand``-ed view), or a contiguous ``[B, N, C]`` tensor of x's dtype.
         fp8: also return the output quantized per token for ``torch._scaled_mm`` (the input of the

@@ -263,8 +263,8 @@ def dwconv_glu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         x: ``[B, H*W, 2C]`` float32 / float16 / bfloat16 (channels last; any strides, a non-unit
             channel stride is copied).
         weight: the depthwise kernel, ``[2C, 1, 3, 3]`` (``GLUMBConv.conv_depth.weight``) or
-            ``[2C, 3, 3]``; any float dtype.
-        bias: ``[2C]`` or ``None``; any float dtype.
+            ``[2C, 3, 3]``; float32 / float16 / bfloat16.
+        bias: ``[2C]`` or ``None``; float32 / float16 / bfloat16.
         H, W: the token grid (``H * W`` must equal x's token count).
         out: optional contiguous ``[B, H*W, C]`` output of x's dtype, sharing no memory with x
             (ValueError otherwise: each output reads a 3x3 window of x); with ``fp8=True`` an optional

@@ -24,7 +24,8 @@ import torch
 
 from . import _backend, _ext
 from ._device import resolve_device
-from ._op import _increment_version, _is_compiling, _len_dispatch_stack, device_guard, is_tracing, spar_op
+from ._op import (_any_requires_grad, _grad_enabled, _increment_version, _is_compiling, _len_dispatch_stack,
+                  device_guard, is_tracing, spar_op)
 from ._validate import FLOAT_DTYPES, check_out, check_tensor, may_overlap
 from .schedules import _check_shift, dpmsolver_flow_sigmas_f64, flow_sigmas
 
@@ -498,7 +499,7 @@ class FlowSampler:
         if is_tracing(x):
             _flow_step_op(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, self.table, self._state, stats, mode,
                           self.renorm_min)
-        elif (impl := _flow_step_op.select(x.device)) is _impl_cpu:
+        elif _flow_step_op.select(x.device) is _impl_cpu:
             # eager on the C++ twin: the sampler's own pointers are packed once per shape
             tail = self._twin_tail
             if tail is None or tail[-2] != mode:
@@ -507,6 +508,8 @@ class FlowSampler:
             keep = []
             args = _branch_args(B, P, Q, x, v_cond, v_uncond, v_img_uncond, keep)
             args = (_ext.dtype_code(x), _ext.dtype_code(v_cond), B, P, Q, *args, out.data_ptr(), *tail)
+            if _grad_enabled() and _any_requires_grad(x, v_cond, v_uncond, v_img_uncond, given_out):
+                _flow_step_op.warn_no_backward(stacklevel=3)  # the twin records nothing, as the op would
             _twin()(*args)
             _increment_version((out,))
             # the fast path's entry, built on the second call in a row with the same objects (a
@@ -518,8 +521,9 @@ class FlowSampler:
                       and all(r() is t for r, t in zip(last, ts)))               # out or a branch copy
             self._last = tuple(_none if t is None else weakref.ref(t) for t in ts)
             self._fast = _fast_entry(self, x, v_cond, v_uncond, v_img_uncond, out, args) if replay else None
-        else:
-            impl(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, self.table, self._state, stats, mode, self.renorm_min)
+        else:  # through the op: grad mode, the no-backward warning and version counters as for any op
+            _flow_step_op(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, self.table, self._state, stats, mode,
+                          self.renorm_min)
         return out
 
     def _check_branch(self, name, t, dtype, shape):

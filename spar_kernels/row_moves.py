@@ -31,7 +31,7 @@ import torch
 from . import _aot, _ext
 from ._op import device_guard, spar_op
 from ._triton import ROW_NUM_STAGES, tl, triton
-from ._validate import as_index, check_index_range, check_tensor, may_overlap, out_or_empty
+from ._validate import as_index, check_index_range, check_tensor, host_readable, may_overlap, out_or_empty
 from .reference import row_moves as _ref
 
 _BLOCK_SMALL = 128    # column block for rows of <= 128 elements
@@ -374,7 +374,7 @@ def pack_sequences(padded: torch.Tensor, lengths: torch.Tensor | Sequence[int], 
     lengths = as_index("lengths", lengths, padded.device)
     if lengths.shape[0] != B:
         raise ValueError(f"lengths: expected {B} lengths (one per sequence of padded), got {lengths.shape[0]}")
-    if (lengths.device.type == "cpu" and not torch.compiler.is_compiling()) or host_lengths is not None:
+    if host_readable(lengths) or host_lengths is not None:
         lv = lengths.cpu() if host_lengths is None else torch.tensor(list(host_lengths), dtype=torch.int64)
         if B and (int(lv.min()) < 0 or int(lv.max()) > T):
             raise ValueError(f"lengths: expected values in [0, {T}] (T of padded), got {lv.tolist()}")
@@ -502,7 +502,7 @@ def unpack_sequences(packed: torch.Tensor, cu_seqlens: torch.Tensor | Sequence[i
         raise ValueError(f"pad_value: {pad_value!r} cannot be represented in packed's dtype {packed.dtype}"
                          + ("" if packed.is_floating_point() else
                             " (integer dtypes take integers, exactly: up to 2^53 in magnitude)"))
-    if cu.device.type == "cpu" and not torch.compiler.is_compiling():
+    if host_readable(cu):
         cl = cu.tolist()
         lens = [cl[b + 1] - cl[b] for b in range(len(cl) - 1)]
         if cl[0] < 0 or any(n < 0 for n in lens) or cl[-1] > packed.shape[0]:

@@ -28,7 +28,7 @@ import torch
 from . import _aot, _ext
 from ._op import device_guard, is_tracing, spar_op
 from ._triton import ROW_LAUNCH_WIDTHS, ROW_NUM_STAGES, ROW_WIDE_ALIGNED, row_launch_config, tl, triton
-from ._validate import FLOAT_DTYPES, as_index, check_index_range, check_out, check_tensor
+from ._validate import FLOAT_DTYPES, as_index, check_index_range, check_out, check_tensor, host_readable
 from .reference import split_by_expert as _ref
 from .row_moves import bits_view, copy_rows_triton
 
@@ -261,7 +261,7 @@ def split_by_expert(x: torch.Tensor, expert_ids: torch.Tensor | Sequence[int], n
         torch.sort(keys, stable=True, out=(sorted_ids, perm))
         torch.arange(0, E + 1, 1, out=bounds)
     offsets = torch.searchsorted(sorted_ids, bounds)
-    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+    if host_readable(offsets):
         host = tuple(int(v) for v in (offsets[1:] - offsets[:-1]).tolist())
         if counts is not None and counts != host:
             raise ValueError(f"counts: given {counts}, but expert_ids hold {host}")

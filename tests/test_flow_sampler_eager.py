@@ -210,3 +210,22 @@ def test_step_bumps_out_version_on_every_path():
     a.step(x, vc, vu, out=out)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_inputs_requiring_grad_warn_once_and_record_nothing(backend):
+    """As for every op: with grad mode on and an input requiring grad, one "has no backward"
+    warning, and neither the output nor the sampler's history requires grad (the reference
+    backend's torch ops used to record a graph that grew across steps)."""
+    import warnings
+
+    from spar_kernels import _op
+
+    s = sk.FlowSampler("dpmsolver++2m", num_steps=4, guidance=2.0)
+    x, vc, vu = (torch.randn(1, 4, 3, 5) for _ in range(3))
+    _op.REGISTRY["flow_sampler_step"]._warned_grad = False
+    with sk.backend(backend), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [s.step(x.clone().requires_grad_(), vc, vu) for _ in range(2)] + [s.step(x, vc, vu)]
+    assert sum("flow_sampler_step has no backward" in str(c.message) for c in caught) == 1
+    assert not any(o.requires_grad for o in outs) and not s._h1.requires_grad

@@ -348,3 +348,37 @@ def test_eager_ops_bump_the_versions_of_what_they_write():
     sk.rms_norm(x, w, 1e-6, residual=res, out=out, residual_out=res_out)
     assert (x._version, w._version, res._version) == (vx, vw, vr)
     assert out._version > vo and res_out._version > vro
+
+
+def test_out_buffers_on_meta_are_not_taken_for_overlapping():
+    """Meta tensors have no memory (every data_ptr is 0): calls with out= on meta run the fake, as
+    calls without out= do, instead of reporting shared memory."""
+    M = "meta"
+    sk.quantize_fp8(torch.empty(4, 32, device=M), "token",
+                    (torch.empty(4, 32, dtype=torch.float8_e4m3fn, device=M), torch.empty(4, 1, device=M)))
+    sk.gather_rows(torch.empty(6, 5, device=M), torch.tensor([1, 0], device=M), out=torch.empty(2, 5, device=M))
+    sk.dwconv_glu(torch.empty(1, 12, 16, device=M), torch.empty(16, 3, 3, device=M), None, 3, 4,
+                  out=torch.empty(1, 12, 8, device=M))
+
+
+def test_value_checks_step_aside_under_fake_tracing():
+    """The host-side value checks (index ranges, expert counts, attention intervals) read CPU
+    values; under make_fx's fake tracing (as under torch.compile) there are none, and each call
+    traces to its one spar op."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, idx = torch.randn(6, 5), torch.tensor([1, 0, 5])
+    q, k, v = torch.randn(8, 2, 32), torch.randn(8, 1, 32), torch.randn(8, 1, 32)
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    st, en = torch.zeros(8, dtype=torch.int32), torch.arange(1, 9, dtype=torch.int32)
+    cases = {
+        "gather_rows": (lambda x, i: sk.gather_rows(x, i), (x, idx)),
+        "split_by_expert": (lambda x, i: sk.split_by_expert(x, i, 2).rows, (x, torch.tensor([1, 0, 1, 1, 0, 0]))),
+        "hybrid_attention": (lambda q, k, v, cu, st, en: sk.hybrid_attention_varlen(q, k, v, cu, cu, st, en, 8, 8),
+                             (q, k, v, cu, st, en)),
+    }
+    for name, (f, args) in cases.items():
+        g = make_fx(f, tracing_mode="fake")(*args)
+        assert [str(n.target) for n in g.graph.nodes if "spar" in str(n.target)] == [f"spar.{name}.default"]
+    with pytest.raises(ValueError, match="index out of range"):  # eager calls still check
+        sk.gather_rows(x, torch.tensor([6]))

@@ -30,7 +30,7 @@ import torch
 
 from .._device import same_device
 from .._op import spar_op
-from .._validate import check_out, check_tensor
+from .._validate import check_out, check_tensor, host_readable
 from ..reference import attention as _ref
 from . import kernels as _kernels
 from .cpu import _impl_cpu
@@ -115,13 +115,6 @@ def _descale_vector(t, heads: int, buf, device):
     if t.numel() == 1:
         return buf.copy_(t.reshape(1).expand(heads))
     return buf.view(t.shape[0], heads // t.shape[0]).copy_(t.view(-1, 1).expand(-1, heads // t.shape[0])).view(heads)
-
-
-def _is_compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # pragma: no cover
-        return False
 
 
 def hybrid_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -222,7 +215,7 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen
     q_descale = _check_descale("q_descale", q_descale, Hq, dev, fp8, kv_heads=Hkv)
     k_descale = _check_descale("k_descale", k_descale, Hkv, dev, fp8)
     v_descale = _check_descale("v_descale", v_descale, Hkv, dev, fp8)
-    if check_values and dev.type == "cpu" and not _is_compiling():
+    if check_values and host_readable(cu_seqlens_q) and host_readable(kv_start):
         cu_q = cu_seqlens_q.numpy().astype(np.int64)
         cu_k = cu_seqlens_k.numpy().astype(np.int64)
         validate_intervals(cu_q, cu_k, kv_start.numpy().astype(np.int64), kv_end.numpy().astype(np.int64))
