@@ -14,6 +14,8 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+_STRIDED = torch.strided
+
 
 def _fmt(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
@@ -25,7 +27,7 @@ def check_tensor(name: str, t, *, ndim: int | Iterable[int] | None = None,
                  last_contiguous: bool = False) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.layout is not torch.strided:
+    if t.layout is not _STRIDED:
         raise ValueError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
     if not _is_compiling() and t.is_neg():  # the kernels read and write the memory, which holds the negation
         raise ValueError(f"{name}: a lazily negated view (is_neg(), e.g. the .imag of a conj() view) is not "
@@ -50,17 +52,22 @@ def check_shape(name: str, t: torch.Tensor, shape: Sequence[int]) -> None:
 
 def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors may share memory: a conservative test on the byte ranges the two views
-    span (False while tracing and for meta tensors: they have no memory)."""
+    span on one device, whatever storages they belong to (two storages can wrap one buffer, e.g.
+    two ``torch.from_numpy`` views of one array); False while tracing and for meta tensors: they
+    have no memory."""
     if (is_tracing(a) or is_tracing(b) or a.is_meta or b.is_meta or a.numel() == 0 or b.numel() == 0
-            or a.device != b.device or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()):
+            or a.device != b.device):
         return False
-
-    def span(v):
-        lo = v.data_ptr()
-        return lo, lo + (sum((n - 1) * st for n, st in zip(v.shape, v.stride())) + 1) * v.element_size()
-
-    (a0, a1), (b0, b1) = span(a), span(b)
+    (a0, a1), (b0, b1) = byte_span(a), byte_span(b)
     return a0 < b1 and b0 < a1
+
+
+def byte_span(v: torch.Tensor) -> tuple[int, int]:
+    """[first byte, last byte + 1) of the elements of v (numel > 0)."""
+    lo = v.data_ptr()
+    if v.is_contiguous():
+        return lo, lo + v.nbytes
+    return lo, lo + (sum((n - 1) * st for n, st in zip(v.shape, v.stride())) + 1) * v.element_size()
 
 
 def check_no_overlap(out_name: str, out: torch.Tensor, in_name: str, t: torch.Tensor) -> None:

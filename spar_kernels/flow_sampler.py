@@ -16,6 +16,7 @@ is shared through csrc/flow_sampler/flow_sampler.h.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 
@@ -26,7 +27,7 @@ from . import _backend, _ext
 from ._device import resolve_device
 from ._op import (_any_requires_grad, _grad_enabled, _increment_version, _is_compiling, _len_dispatch_stack,
                   device_guard, is_tracing, spar_op)
-from ._validate import FLOAT_DTYPES, check_out, check_tensor, may_overlap
+from ._validate import FLOAT_DTYPES, byte_span, check_out, check_tensor
 from .schedules import _check_shift, dpmsolver_flow_sigmas_f64, flow_sigmas
 
 METHODS = ("euler", "heun", "dpmsolver++2m")
@@ -336,7 +337,8 @@ class FlowSampler:
         self.eval_sigmas = torch.from_numpy(eval_sigmas).to(dev)
         self.table = torch.from_numpy(table).to(dev)
         # {evaluation index, the CUDA kernel's block-done count}; .counter is the first
-        self._state = torch.zeros(2, dtype=torch.int32, device=dev)
+        with _normal_tensors():  # written by every step, in inference mode or not
+            self._state = torch.zeros(2, dtype=torch.int32, device=dev)
         self.counter = self._state[:1]
         self._host_step = 0
         self._shape = None
@@ -418,11 +420,12 @@ class FlowSampler:
             self._twin_tail = None
             dev = self.device
             needs_h1 = self.method != "euler"
-            self._h1 = torch.zeros(shape, dtype=torch.float32, device=dev) if needs_h1 else None
-            self._h2 = torch.zeros(shape, dtype=torch.float32, device=dev) if self.method == "heun" else None
             # the CUDA kernel's fixed-order reductions: global keeps per-sample then per-row sums
             n = {RENORM_GLOBAL: B * (P + 1), RENORM_COL: B * Q}.get(mode, 0)
-            self._stats = torch.zeros(2 * n, dtype=torch.float32, device=dev) if n else None
+            with _normal_tensors():
+                self._h1 = torch.zeros(shape, dtype=torch.float32, device=dev) if needs_h1 else None
+                self._h2 = torch.zeros(shape, dtype=torch.float32, device=dev) if self.method == "heun" else None
+                self._stats = torch.zeros(2 * n, dtype=torch.float32, device=dev) if n else None
             self._shape = key
         return self._h1, self._h2, self._stats
 
@@ -455,8 +458,8 @@ class FlowSampler:
             k = self._host_step
             if k < self.num_evals and not self._host_flags[k] & f[5] and _same_layouts(f[6], x, v_cond, v_uncond,
                                                                                          v_img_uncond, out):
-                self._host_step = k + 1
                 f[8](f[9])
+                self._host_step = k + 1
                 _increment_version((out,))  # as the dispatcher would (see _op.SparOp._written)
                 return out
         dev = self.device
@@ -492,9 +495,9 @@ class FlowSampler:
         B, P, Q, channels_last = _layout(x)
         mode = self._renorm_mode(channels_last)
         h1, h2, stats = self._buffers(x, B, P, Q, mode)
-        self._host_step = k + 1
         if x.numel() == 0:
             self.counter.add_(1)
+            self._host_step = k + 1
             return out
         if is_tracing(x):
             _flow_step_op(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, self.table, self._state, stats, mode,
@@ -524,6 +527,7 @@ class FlowSampler:
         else:  # through the op: grad mode, the no-backward warning and version counters as for any op
             _flow_step_op(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, self.table, self._state, stats, mode,
                           self.renorm_min)
+        self._host_step = k + 1  # after the step ran: a step that raised leaves host and device counters as they were
         return out
 
     def _check_branch(self, name, t, dtype, shape):
@@ -532,19 +536,35 @@ class FlowSampler:
             raise ValueError(f"{name}: expected x's shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
+def _normal_tensors():
+    """A context making the tensors created in it normal tensors even inside torch.inference_mode:
+    the sampler's state and history are written by every step, and an inference tensor cannot be
+    written outside inference mode (the first step's mode must not decide the later ones')."""
+    if not _is_compiling() and torch.is_inference_mode_enabled():  # (dynamo cannot trace the query)
+        return torch.inference_mode(False)
+    return contextlib.nullcontext()
+
+
 def _check_out_aliasing(out, x, v_cond, v_uncond, v_img_uncond):
     """out may be x itself (the same elements: an in-place update) but share no other memory with
-    x or any branch: the kernels read and write elements in an order of their choosing. (Tensors
-    on other storages cannot overlap out: one storage pointer each rules them out.)"""
-    if is_tracing(out) or out.numel() == 0:
-        return
-    base = out.untyped_storage().data_ptr()
-    if (out is not x and x.untyped_storage().data_ptr() == base and may_overlap(out, x)
-            and not (out.data_ptr() == x.data_ptr() and out.stride() == x.stride())):
-        raise ValueError("out: must be x itself (an in-place update) or share no memory with x, but it overlaps "
-                         "x elsewhere")
+    x or any branch: the kernels read and write elements in an order of their choosing. The
+    arguments are validated (one device, x's shape); out's byte range is taken once
+    (_validate.may_overlap's test, whatever storages the tensors belong to)."""
+    ts = (x, v_cond, v_uncond, v_img_uncond)
+    if (is_tracing(out) or out.is_meta or out.numel() == 0
+            or any(t is not None and type(t) is not torch.Tensor for t in ts)):
+        return  # fake and meta tensors have no memory
+    o0, o1 = byte_span(out)
+    if out is not x:
+        x0, x1 = byte_span(x)
+        if o0 < x1 and x0 < o1 and not (o0 == x0 and out.stride() == x.stride()):
+            raise ValueError("out: must be x itself (an in-place update) or share no memory with x, but it "
+                             "overlaps x elsewhere")
     for name, t in (("v_cond", v_cond), ("v_uncond", v_uncond), ("v_img_uncond", v_img_uncond)):
-        if t is not None and t.untyped_storage().data_ptr() == base and may_overlap(out, t):
+        if t is None:
+            continue
+        t0, t1 = byte_span(t)
+        if o0 < t1 and t0 < o1:
             raise ValueError(f"out: must not share memory with {name} (pass x for an in-place update, or a "
                              "separate buffer)")
 
@@ -552,22 +572,27 @@ def _check_out_aliasing(out, x, v_cond, v_uncond, v_img_uncond):
 def _aliases(x, v_cond, v_uncond, v_img_uncond, out):
     """What the twin's arguments were computed from: for each tensor (None where absent, and for
     out when it is x) a detached alias (same storage, offset, sizes and strides, fixed from now
-    on) and its dtype."""
+    on), its dtype and its data pointer."""
     ts = (x, v_cond, v_uncond, v_img_uncond, None if out is x else out)
     return (tuple(None if t is None else t.detach() for t in ts),
-            tuple(None if t is None else t.dtype for t in ts))
+            tuple(None if t is None else t.dtype for t in ts),
+            tuple(None if t is None else t.data_ptr() for t in ts))
 
 
 def _same_layouts(aliases, x, v_cond, v_uncond, v_img_uncond, out):
     """True when each tensor still has the storage, offset, sizes, strides (``is_set_to`` its
-    alias: one call, not four) and dtype it had (a resize_, set_, in-place view op or .data
-    assignment changes one). The caller has checked that the same objects are passed, so an
-    argument is None exactly where its alias is."""
-    a, d = aliases
-    return (x.is_set_to(a[0]) and x.dtype is d[0] and v_cond.is_set_to(a[1]) and v_cond.dtype is d[1]
-            and (a[2] is None or (v_uncond.is_set_to(a[2]) and v_uncond.dtype is d[2]))
-            and (a[3] is None or (v_img_uncond.is_set_to(a[3]) and v_img_uncond.dtype is d[3]))
-            and (a[4] is None or (out.is_set_to(a[4]) and out.dtype is d[4])))
+    alias: one call, not four), dtype and data pointer it had (a resize_, set_, in-place view op
+    or .data assignment changes one of the first; share_memory_, a growing resize_ or a storage
+    resize_ moves the storage's bytes, and the alias with them, so only the pointer tells). The
+    caller has checked that the same objects are passed, so an argument is None exactly where
+    its alias is."""
+    a, d, p = aliases
+    return (x.is_set_to(a[0]) and x.dtype is d[0] and x.data_ptr() == p[0]
+            and v_cond.is_set_to(a[1]) and v_cond.dtype is d[1] and v_cond.data_ptr() == p[1]
+            and (a[2] is None or (v_uncond.is_set_to(a[2]) and v_uncond.dtype is d[2] and v_uncond.data_ptr() == p[2]))
+            and (a[3] is None or (v_img_uncond.is_set_to(a[3]) and v_img_uncond.dtype is d[3]
+                                  and v_img_uncond.data_ptr() == p[3]))
+            and (a[4] is None or (out.is_set_to(a[4]) and out.dtype is d[4] and out.data_ptr() == p[4])))
 
 
 def _none():

@@ -752,3 +752,20 @@ def test_step_sigmas_host_is_the_schedule_on_the_host(method):
     s = sk.FlowSampler(method, num_steps=7, shift=3.0)
     assert s.step_sigmas_host.device.type == "cpu"
     assert torch.equal(s.step_sigmas_host, s.step_sigmas.cpu()) and s.step_sigmas_host.shape == (8,)
+
+
+@pytest.mark.parametrize("renorm", ["global", "token", "channel", "text_token"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 1e20])
+def test_renorm_of_a_non_finite_norm_stays_nan_as_in_the_reference(renorm, bad):
+    """One inf / NaN in a renorm group (or a finite value whose square overflows fp32) makes the
+    group's factor NaN, as torch.clamp keeps it (BAGEL's renorm); the twin's fmaxf used to turn it
+    into renorm_min, which with renorm_min = 0 silently returned x."""
+    torch.manual_seed(0)
+    x, vc, vu = (torch.randn(1, 4, 8) for _ in range(3))
+    vc[0, 0, 0] = bad
+    kw = dict(num_steps=4, guidance=3.0, renorm=renorm, renorm_min=0.0)
+    twin = sk.FlowSampler("euler", **kw).step(x, vc, vu)
+    with sk.backend("reference"):
+        ref = sk.FlowSampler("euler", **kw).step(x, vc, vu)
+    assert ref.isnan().any()
+    torch.testing.assert_close(twin, ref, atol=1e-5, rtol=1e-5, equal_nan=True)

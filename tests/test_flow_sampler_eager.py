@@ -229,3 +229,70 @@ def test_inputs_requiring_grad_warn_once_and_record_nothing(backend):
         outs = [s.step(x.clone().requires_grad_(), vc, vu) for _ in range(2)] + [s.step(x, vc, vu)]
     assert sum("flow_sampler_step has no backward" in str(c.message) for c in caught) == 1
     assert not any(o.requires_grad for o in outs) and not s._h1.requires_grad
+
+
+def _grow_and_back(t):
+    shape = t.shape
+    t.resize_(t.numel() * 4)
+    t.resize_(shape)
+
+
+@pytest.mark.parametrize("move", [lambda t: t.share_memory_(), _grow_and_back,
+                                  lambda t: t.untyped_storage().resize_(t.untyped_storage().nbytes() * 4)],
+                         ids=["share_memory_", "resize_grow_and_back", "storage_resize_"])
+def test_a_storage_moved_to_new_memory_is_validated_again(move):
+    """share_memory_, a growing resize_ and a storage resize_ move a storage's bytes to a new
+    allocation inside the same storage object (the detached alias moves too, so is_set_to still
+    holds): the replay compares the data pointers as well, and never touches the freed memory."""
+    s, r = _pair("euler")
+    shape = (1, 4, 8, 8)
+    x, vc, vu, out = (torch.randn(shape) for _ in range(4))
+    for i in range(4):
+        if i == 2:
+            move(vc)
+        vc.copy_(torch.randn(shape))
+        got = s.step(x, vc, vu, out=out)
+        torch.testing.assert_close(got, _ref_step(r, x.clone(), vc.clone(), vu.clone()), atol=1e-5, rtol=1e-5)
+        x.copy_(got)
+
+
+def test_out_sharing_memory_through_another_storage_is_refused():
+    """Two torch.from_numpy views of one array are two storages over the same bytes."""
+    import numpy as np
+
+    buf = np.random.default_rng(0).standard_normal(3 * 40).astype(np.float32)
+    x = torch.randn(1, 4, 10)
+    vc = torch.from_numpy(buf[:40]).view(1, 4, 10)
+    out = torch.from_numpy(buf[20:60]).view(1, 4, 10)   # overlaps vc's second half
+    s, _ = _pair()
+    with pytest.raises(ValueError, match="out: must not share memory with v_cond"):
+        s.step(x, vc, torch.randn(1, 4, 10), out=out)
+
+
+def test_state_made_in_inference_mode_serves_later_steps_and_errors_leave_counters_equal(monkeypatch):
+    """The sampler's counter and history are normal tensors even when made under inference_mode
+    (an inference tensor cannot be written outside it, which broke the torch backends); and a
+    step that raises leaves the host and device counters equal."""
+    with torch.inference_mode():
+        s = sk.FlowSampler("dpmsolver++2m", num_steps=6, guidance=3.0)
+        x, vc, vu = (torch.randn(1, 4, 8, 8) for _ in range(3))
+        s.step(x, vc, vu, out=x.clone())
+    s.reset()
+    x, vc, vu = x.clone(), vc.clone(), vu.clone()
+    with sk.backend("reference"):
+        s.step(x, vc, vu)
+    s.step(x, vc, vu)
+    assert s._host_step == int(s.counter) == 2
+    from spar_kernels import _op
+
+    def broken(*args):
+        raise RuntimeError("backend failed")
+
+    monkeypatch.setitem(_op.REGISTRY["flow_sampler_step"].impls, "reference", broken)
+    with sk.backend("reference"), pytest.raises(RuntimeError, match="backend failed"):
+        s.step(x, vc, vu)
+    assert s._host_step == int(s.counter) == 2
+    monkeypatch.undo()
+    with sk.backend("reference"):
+        s.step(x, vc, vu)
+    assert s._host_step == int(s.counter) == 3

@@ -72,7 +72,7 @@ SPAR_HD float guide(float vc, float vu, float vi, const Row& r) {
 // clamp(sqrt(ss_cond) / (sqrt(ss_guided) + eps), lo, 1) from the two sums of squares.
 SPAR_HD float renorm_scale(float ss_cond, float ss_guided, float lo) {
   const float s = sqrtf(ss_cond) / (sqrtf(ss_guided) + kRenormEps);
-  return fminf(fmaxf(s, lo), 1.0f);
+  return s != s ? s : fminf(fmaxf(s, lo), 1.0f);  // a NaN stays NaN, as torch.clamp keeps it (fmaxf drops it)
 }
 
 // The guided velocity (kCfg on) given the renorm factor (1 when renorm is off): kImg the image
