@@ -75,6 +75,17 @@ def is_tracing(t: torch.Tensor | None = None) -> bool:
             or (t is not None and type(t) is not torch.Tensor))
 
 
+def normal_tensors():
+    """A context in which new tensors are normal tensors even inside ``torch.inference_mode``: for
+    state that later calls write in place (a sampler's counter, a KV cache), since an inference
+    tensor cannot be written outside inference mode and the first call's mode must not decide
+    the later ones'. A null context when not in inference mode, and while compiling (dynamo
+    cannot trace the query)."""
+    if not _is_compiling() and torch.is_inference_mode_enabled():
+        return torch.inference_mode(False)
+    return contextlib.nullcontext()
+
+
 def device_guard(t: torch.Tensor):
     """Make t's CUDA device current for a kernel launch (a null context for CPU tensors)."""
     if t.device.type == "cuda":

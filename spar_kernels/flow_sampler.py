@@ -16,7 +16,6 @@ is shared through csrc/flow_sampler/flow_sampler.h.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import weakref
 
@@ -26,7 +25,7 @@ import torch
 from . import _backend, _ext
 from ._device import resolve_device
 from ._op import (_any_requires_grad, _grad_enabled, _increment_version, _is_compiling, _len_dispatch_stack,
-                  device_guard, is_tracing, spar_op)
+                  device_guard, is_tracing, normal_tensors, spar_op)
 from ._validate import FLOAT_DTYPES, byte_span, check_out, check_tensor
 from .schedules import _check_shift, dpmsolver_flow_sigmas_f64, flow_sigmas
 
@@ -337,7 +336,7 @@ class FlowSampler:
         self.eval_sigmas = torch.from_numpy(eval_sigmas).to(dev)
         self.table = torch.from_numpy(table).to(dev)
         # {evaluation index, the CUDA kernel's block-done count}; .counter is the first
-        with _normal_tensors():  # written by every step, in inference mode or not
+        with normal_tensors():  # written by every step, in inference mode or not
             self._state = torch.zeros(2, dtype=torch.int32, device=dev)
         self.counter = self._state[:1]
         self._host_step = 0
@@ -393,6 +392,14 @@ class FlowSampler:
         return s, t
 
     # -- state ---------------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """For copy / deepcopy / pickle: everything but the caches of raw pointers into this
+        sampler's tensors (the twin's argument tail, the fast path's entry and its weak
+        references), which a copy rebuilds from its own tensors on its first step."""
+        state = self.__dict__.copy()
+        state.update(_twin_tail=None, _fast=None, _last=None)
+        return state
+
     def reset(self) -> None:
         """Back to the first evaluation (zeroes the device counter; no host sync)."""
         self._state.zero_()
@@ -422,7 +429,7 @@ class FlowSampler:
             needs_h1 = self.method != "euler"
             # the CUDA kernel's fixed-order reductions: global keeps per-sample then per-row sums
             n = {RENORM_GLOBAL: B * (P + 1), RENORM_COL: B * Q}.get(mode, 0)
-            with _normal_tensors():
+            with normal_tensors():
                 self._h1 = torch.zeros(shape, dtype=torch.float32, device=dev) if needs_h1 else None
                 self._h2 = torch.zeros(shape, dtype=torch.float32, device=dev) if self.method == "heun" else None
                 self._stats = torch.zeros(2 * n, dtype=torch.float32, device=dev) if n else None
@@ -534,15 +541,6 @@ class FlowSampler:
         check_tensor(name, t, dtypes=(dtype,), device=self.device)
         if t.shape != shape:
             raise ValueError(f"{name}: expected x's shape {tuple(shape)}, got {tuple(t.shape)}")
-
-
-def _normal_tensors():
-    """A context making the tensors created in it normal tensors even inside torch.inference_mode:
-    the sampler's state and history are written by every step, and an inference tensor cannot be
-    written outside inference mode (the first step's mode must not decide the later ones')."""
-    if not _is_compiling() and torch.is_inference_mode_enabled():  # (dynamo cannot trace the query)
-        return torch.inference_mode(False)
-    return contextlib.nullcontext()
 
 
 def _check_out_aliasing(out, x, v_cond, v_uncond, v_img_uncond):

@@ -355,9 +355,10 @@ _FP32_TINY = torch.finfo(torch.float32).tiny
 def _impl_cpu(q, k, v, eps, out, workspace):
     B, Nq, H, D = q.shape
     E = v.shape[-1]
-    # the C++ twin multiplies by 1 / (den + eps): with eps below fp32's smallest normal number that
-    # reciprocal overflows where den is 0 (0 * inf), so such an eps takes the dividing matmul path
-    if D == E and D in _CPU_TWIN_DIMS and not 0 < eps < _FP32_TINY:  # the C++ twin: register-blocked state
+    # the C++ twin multiplies by 1 / (den + eps): with eps 0 or below fp32's smallest normal number
+    # that reciprocal overflows where den is 0 or subnormal (0 * inf, or inf where num / den is
+    # finite), so such an eps takes the dividing matmul path
+    if D == E and D in _CPU_TWIN_DIMS and not 0 <= eps < _FP32_TINY:  # the C++ twin: register-blocked state
         if _ext.cpu_twin("linear_attention")(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ext.dtype_code(q), B, Nq,
                                              k.shape[1], H, D, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                                              out.data_ptr(), *out.stride()[:3], eps):

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 import spar_kernels as sk
+from spar_kernels._op import normal_tensors
 
 from .fp8 import linear
 from .sana import SanaContext
@@ -350,8 +351,9 @@ class DecodePlan:
         self.lm = lm
         self.cache = lm.new_cache(B, capacity)
         dev = lm.device
-        self.tok = torch.zeros(B, dtype=torch.int64, device=dev)
-        self.logits = torch.zeros((B, lm.config.vocab_size), dtype=torch.float32, device=dev)
+        with normal_tensors():  # written in place by every step, in any mode
+            self.tok = torch.zeros(B, dtype=torch.int64, device=dev)
+            self.logits = torch.zeros((B, lm.config.vocab_size), dtype=torch.float32, device=dev)
         self.graphs = bool(graphs) and dev.type == "cuda" and not simulated_device()
         self.graph: StepGraph | None = None
         self.steps = 0

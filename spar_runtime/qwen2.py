@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import spar_kernels as sk
+from spar_kernels._op import normal_tensors
 
 from .fp8 import Fp8Weight, linear
 from .loading import CheckpointError, check_state_dict, load_safetensors_dir, read_json
@@ -256,9 +257,11 @@ class KVCache:
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {v!r}")
         shape = (num_layers, batch_size * capacity, num_kv_heads, head_dim)
-        # zeros, not empty: a kernel's boundary tile may load (and multiply by 0) unused slots
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # zeros, not empty: a kernel's boundary tile may load (and multiply by 0) unused slots;
+        # normal tensors even in inference mode: later calls in any mode write them in place
+        with normal_tensors():
+            self.k = torch.zeros(shape, device=device, dtype=dtype)
+            self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.capacity = capacity
         self.batch_size = batch_size
         self.lengths = [0] * batch_size      # host-side: known without reading the device
@@ -275,11 +278,12 @@ class KVCache:
         staged copy); each step then appends one token to every sequence on the device."""
         dev, B, cap = self.k.device, self.batch_size, self.capacity
         if self._decode is None:
-            base = torch.arange(B, device=dev, dtype=torch.int64) * cap
-            layout = sk.AttentionLayout.from_intervals(list(range(B + 1)), [b * cap for b in range(B + 1)],
-                                                       [0] * B, [1] * B)
-            self._decode = (torch.zeros(B, dtype=torch.int64, device=dev), base,
-                            torch.zeros(B, dtype=torch.int64, device=dev), layout.to(dev))
+            with normal_tensors():  # written in place by later decoding steps, in any mode
+                base = torch.arange(B, device=dev, dtype=torch.int64) * cap
+                layout = sk.AttentionLayout.from_intervals(list(range(B + 1)), [b * cap for b in range(B + 1)],
+                                                           [0] * B, [1] * B)
+                self._decode = (torch.zeros(B, dtype=torch.int64, device=dev), base,
+                                torch.zeros(B, dtype=torch.int64, device=dev), layout.to(dev))
         pos = torch.tensor(self.lengths, dtype=torch.int64)
         if dev.type == "cpu":
             self._decode[0].copy_(pos)

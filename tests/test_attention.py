@@ -526,3 +526,24 @@ def test_sequences_are_independent_of_non_finite_keys_elsewhere(backend, poison)
         rest = slice(cq[1], None)
         torch.testing.assert_close(o[rest].double(), want[rest], atol=1e-5, rtol=1e-5, msg=lambda m: f"{lay}: {m}")
         torch.testing.assert_close(lse[:, rest].double(), want_lse[:, rest], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["query_row", "only_key_seen"])
+def test_cpu_path_keeps_a_nan_row_nan(where):
+    """ATen's fused CPU kernel takes a row's max with a NaN-dropping max: a row whose every visible
+    score is NaN came out as zeros with lse 0. A non-finite q or k sends the call down the explicit
+    path, which agrees with the reference (NaN rows, other rows unchanged)."""
+    torch.manual_seed(0)
+    S, H, D = 6, 2, 64
+    layout = sk.AttentionLayout.from_segments([[("causal", S)]])
+    q, k, v = (torch.randn(S, H, D) for _ in range(3))
+    if where == "query_row":
+        q[2] = float("nan")
+    else:
+        k[0, 0, 5] = float("nan")          # row 0 sees key 0 only
+    out, lse = sk.hybrid_attention(q, k, v, layout, return_lse=True)
+    with sk.backend("reference"):
+        ro, rl = sk.hybrid_attention(q, k, v, layout, return_lse=True)
+    assert torch.isnan(ro).any()
+    torch.testing.assert_close(out, ro, atol=1e-5, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(lse, rl, atol=1e-5, rtol=1e-5, equal_nan=True)

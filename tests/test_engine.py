@@ -321,3 +321,43 @@ def test_dryrun_fp8_on_an_a100_is_refused(capsys):
 
     assert dryrun.main(["--config", "tiny", "--capability", "8.0", "--quantization", "fp8"]) == 2
     assert "needs FP8 tensor cores" in capsys.readouterr().err
+
+
+def test_kv_cache_and_decode_plans_serve_calls_in_any_mode(eager):
+    """A KV cache or decode plans first used under inference_mode keep working under no_grad:
+    their lazily made state is made of normal tensors (an inference tensor cannot be written in
+    place outside inference mode)."""
+    from spar_runtime.engine import generate_tokens
+
+    lm = eager.mllm.lm
+    ids = torch.tensor([5, 17, 99, 3])
+
+    def decode(cache, n_new=3):
+        cache.reset()
+        layout, pos = cache.append([ids.numel()])
+        tok = lm.logits(lm.forward(lm.embed_tokens(ids), layout, pos, kv_cache=cache)[-1:]).argmax(-1)
+        out = [int(tok)]
+        cache.start_decode()
+        for _ in range(n_new - 1):
+            layout, pos = cache.decode_inputs()
+            h = lm.forward(lm.embed_tokens(tok), layout, pos, kv_cache=cache)
+            pos.add_(1)
+            cache.advance()
+            tok = lm.logits(h).argmax(-1)
+            out.append(int(tok))
+        return out
+
+    cache = lm.new_cache(1, 16)
+    with torch.inference_mode():
+        first = decode(cache)
+    with torch.no_grad():
+        assert decode(cache) == first == decode(lm.new_cache(1, 16))
+    plans, emb = {}, lm.embed_tokens(ids)
+
+    def pick(logits):
+        return logits.argmax(-1)
+
+    with torch.inference_mode():
+        a = generate_tokens(lm, emb, [4], 5, pick=pick, eos=(), plans=plans)
+    with torch.no_grad():
+        assert generate_tokens(lm, emb, [4], 5, pick=pick, eos=(), plans=plans) == a

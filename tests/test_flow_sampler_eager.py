@@ -296,3 +296,25 @@ def test_state_made_in_inference_mode_serves_later_steps_and_errors_leave_counte
     with sk.backend("reference"):
         s.step(x, vc, vu)
     assert s._host_step == int(s.counter) == 3
+
+
+@pytest.mark.parametrize("method", ["euler", "dpmsolver++2m"])
+def test_a_deep_copy_mid_run_steps_on_its_own_state(method):
+    """copy.deepcopy after a step (diffusers' from_scheduler does one) copies the state and history
+    but not the cached raw pointers into the original's: each then steps independently."""
+    import copy
+
+    a, b = _pair(method)
+    x, vc, vu = (torch.randn(1, 4, 4, 4) for _ in range(3))
+    out = torch.empty_like(x)
+    a.step(x, vc, vu, out=out)
+    a.step(x, vc, vu, out=out)          # the twin's tail and a fast entry are cached
+    c = copy.deepcopy(a)
+    for _ in range(2):
+        _ref_step(b, x, vc, vu)
+    want = _ref_step(b, x, vc, vu)      # the third evaluation
+    got_c = c.step(x, vc, vu, out=torch.empty_like(x))
+    assert int(a.counter) == a._host_step == 2 and int(c.counter) == c._host_step == 3
+    got_a = a.step(x, vc, vu, out=out)
+    torch.testing.assert_close(got_c, got_a, atol=0, rtol=0)
+    torch.testing.assert_close(got_a, want, atol=1e-5, rtol=1e-5)

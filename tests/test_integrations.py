@@ -518,3 +518,32 @@ def test_errors():
         FlowStepScheduler.from_scheduler(diffusers.DPMSolverMultistepScheduler())
     with pytest.raises(ValueError, match="guidance_embeds"):
         patch(_sana(guidance_embeds=True))
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_spar_attention_maps_a_mask_written_in_place_again(mode):
+    """The layout of a 4-D mask is kept by mask object; a mask written in place between forwards
+    (its version counter, or for an inference tensor its values, tell) is mapped again."""
+    import copy
+
+    import transformers
+
+    from spar_runtime.integrations import patch
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                   intermediate_size=96, vocab_size=101, max_position_embeddings=128)
+    stock = transformers.Qwen2ForCausalLM(cfg).eval()
+    patched = patch(copy.deepcopy(stock))
+    T = 8
+    ids = torch.randint(1, 101, (1, T))
+    ctx = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with ctx:
+        mask = torch.tril(torch.ones(T, T, dtype=torch.bool))[None, None].clone()
+        torch.testing.assert_close(patched(ids, attention_mask=mask, use_cache=False).logits,
+                                   stock(ids, attention_mask=mask, use_cache=False).logits, atol=1e-5, rtol=1e-5)
+        mask[..., :3] = False                  # the same object, new values: keys 0..2 hidden
+        mask[..., 3:, 3:] = torch.tril(torch.ones(T - 3, T - 3, dtype=torch.bool))
+        mask[..., :3, 0] = True
+        torch.testing.assert_close(patched(ids, attention_mask=mask, use_cache=False).logits,
+                                   stock(ids, attention_mask=mask, use_cache=False).logits, atol=1e-5, rtol=1e-5)

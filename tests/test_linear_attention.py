@@ -372,3 +372,17 @@ def test_linear_attention_other_lane_counts_match_reference(tmp_path, lanes, fla
             got = (raw.view(torch.bfloat16) if dtype == torch.bfloat16 else raw).view(B, Nq, H, d)
             want64 = ref.linear_attention(q.double(), k.double(), v.double(), eps, compute_dtype=torch.float64)
             assert_close_fa(got, ref.linear_attention(q, k, v, eps), want64, name=f"{lanes} lanes {code} {(B, Nq, Nk, H, d)}")
+
+
+@pytest.mark.parametrize("d", [16, 32, 64])
+def test_eps_zero_with_a_subnormal_normaliser_stays_finite(d):
+    """eps = 0 and a query row whose normaliser relu(q).z is subnormal: num / den is finite; the
+    twin's 1 / (den + eps) would overflow, so such an eps takes the dividing path."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 1, d) for _ in range(3))
+    q[0, 1] = 1e-40
+    got = sk.linear_attention(q, k, v, eps=0.0)
+    with sk.backend("reference"):
+        want = sk.linear_attention(q, k, v, eps=0.0)
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -359,3 +359,17 @@ def test_route_layers_eager_provider_matches_the_reference():
     hidden, ids, logits, alpha, w, b = _inputs(6, 37, 96, 4, torch.float32, seed=11)
     got = ref.route_layers_eager(hidden, ids.tolist(), logits, alpha, w, b, tau=0.7, eps=1e-5)
     _check(got, hidden, ids, logits, alpha, w, b, 0.7, 1e-5, None)
+
+
+def test_a_nan_variance_stays_nan():
+    """Centred values beyond fp32's range make the LayerNorm variance inf - inf = NaN; the twin's
+    clamp at 0 used to turn it into 0 (rstd = 1/sqrt(eps), the row +-inf) where the reference is NaN."""
+    row = torch.tensor([3e38, -3e38, 3e38, -3e38, 3e38])
+    D = row.numel()
+    args = (row.view(1, 1, D), torch.tensor([0]), torch.zeros(1, 1), torch.ones(1), None,
+            torch.arange(D, dtype=torch.float32))
+    got = sk.route_layers(*args, eps=1e-5)
+    with sk.backend("reference"):
+        want = sk.route_layers(*args, eps=1e-5)
+    assert torch.isnan(want).all()
+    torch.testing.assert_close(got, want, equal_nan=True)

@@ -177,7 +177,8 @@ void run(const T* hidden, int64_t L, int64_t N, int64_t D, int64_t stride_l, int
       const float mean0 = route::ln_mean(msum, D);
       const Centered cs = row_centered(m, D, mean0);
       const float mean = mean0 + cs.sum / float(D);
-      const float rstd = route::ln_rstd(std::max(0.f, cs.sq - cs.sum * (cs.sum / float(D))), D, eps);
+      const float var = cs.sq - cs.sum * (cs.sum / float(D));
+      const float rstd = route::ln_rstd(var < 0.f ? 0.f : var, D, eps);  // a NaN variance stays NaN (std::max drops it)
       int64_t d0 = 0;
 #ifdef SPAR_CPU_AVX2
       {

@@ -335,19 +335,31 @@ def _chunks(st: np.ndarray, en: np.ndarray, q0: int, rows: int, merge: bool):
         a = r1
 
 
+def _has_nonfinite(t: torch.Tensor) -> bool:
+    """Whether t holds an inf or NaN (float8_e4m3fn: a NaN code; it has no inf)."""
+    if t.dtype == torch.float8_e4m3fn:
+        return bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())
+    return not bool(torch.isfinite(t).all())
+
+
 def _impl_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_q, max_seqlen_k, softmax_scale,
               out, lse, q_descale, k_descale, v_descale, workspace):
     Hq = q.shape[1]
     g = Hq // k.shape[1]
-    chunk_fn = _cpu_chunk_fused if _CPU_FUSED is not None else _cpu_chunk_explicit
-    per_key = 4 * (g if _CPU_FUSED is not None else Hq)  # bytes per (query row, key) of a chunk
+    # ATen's fused CPU kernel takes a row's max with a NaN-dropping max: a row whose every visible
+    # score is NaN (a NaN query, or NaN in each key it sees) comes out as a fully masked row (zeros)
+    # instead of NaN. A call with a non-finite query or key takes the explicit path throughout
+    # (non-finite values only: one read of q and k; NaN in v reaches the output sums, checked below).
+    fused = _CPU_FUSED is not None and not (_has_nonfinite(q) or _has_nonfinite(k))
+    chunk_fn = _cpu_chunk_fused if fused else _cpu_chunk_explicit
+    per_key = 4 * (g if fused else Hq)  # bytes per (query row, key) of a chunk
     # CPU tensors: numpy views (no copy, no device sync); the path is planned on the host
     plan = _cpu_plan(Hq, q.shape[2], cu_seqlens_q.numpy(), cu_seqlens_k.numpy(), kv_start.numpy(), kv_end.numpy())
-    if _cpu_uniform(q, k, v, plan, softmax_scale, out, lse, q_descale, k_descale, v_descale):
+    if fused and _cpu_uniform(q, k, v, plan, softmax_scale, out, lse, q_descale, k_descale, v_descale):
         return
-    if _cpu_packed_masked(q, k, v, plan, softmax_scale, out, lse, q_descale, k_descale, v_descale):
+    if fused and _cpu_packed_masked(q, k, v, plan, softmax_scale, out, lse, q_descale, k_descale, v_descale):
         return
-    if _cpu_slots(q, k, v, plan, softmax_scale, out, lse, q_descale, k_descale, v_descale):
+    if fused and _cpu_slots(q, k, v, plan, softmax_scale, out, lse, q_descale, k_descale, v_descale):
         return
     f32 = torch.float32
     cq, ck, kind, lo_b, hi_b = plan.cq, plan.ck, plan.kind, plan.lo, plan.hi
@@ -358,7 +370,7 @@ def _impl_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_
         # fp32 (and per-head dequantized) keys and values of this sequence (a view when already fp32)
         kb = _ref.dequantize(k[k0:k1], k_descale, f32)
         vb = _ref.dequantize(v[k0:k1], v_descale, f32)
-        if _CPU_FUSED is not None and kind[b] == _SAME:
+        if fused and kind[b] == _SAME:
             # every row sees the same keys (cross-attention, a fully bidirectional sequence):
             # one fused call without a mask; it never forms the [rows, keys] scores
             lo, hi = lo_b[b], hi_b[b]
@@ -368,7 +380,7 @@ def _impl_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_
             if lse is not None:
                 lse[:, q0:q1] = l
             continue
-        if _CPU_FUSED is not None and kind[b] == _CAUSAL:
+        if fused and kind[b] == _CAUSAL:
             # a plain causal sequence: one fused causal call, no mask
             qh = _ref.dequantize(q[q0:q1], q_descale, f32).transpose(0, 1).unsqueeze(0)
             kh, vh = _fused_kv(kb.transpose(0, 1).unsqueeze(0), vb.transpose(0, 1).unsqueeze(0), g)
@@ -378,8 +390,7 @@ def _impl_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_start, kv_end, max_seqlen_
                 lse[:, q0:q1] = l[0]
             continue
         rows = max(1, min(_CPU_CHUNK_ROWS, _CPU_CHUNK_BYTES // (per_key * max(1, k1 - k0))))
-        for c0, c1 in _chunks(kv_start[q0:q1].numpy(), kv_end[q0:q1].numpy(), q0, rows,
-                              _CPU_FUSED is not None):
+        for c0, c1 in _chunks(kv_start[q0:q1].numpy(), kv_end[q0:q1].numpy(), q0, rows, fused):
             st, en = kv_start[c0:c1].long(), kv_end[c0:c1].long()
             nonempty = en > st
             if not bool(nonempty.any()):

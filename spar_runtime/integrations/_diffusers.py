@@ -23,8 +23,8 @@ referenced until the next call with other tensors, or ``unpatch``; the cross-att
 depends only on the context lengths and the latent size and is kept by those (a new context of
 the same shape builds none). Reading the encoder mask's values (one host sync on a GPU) happens
 once per new context. Calls the
-runtime does not cover run the original forward: gradients enabled on trainable weights,
-``attention_mask`` / ``guidance`` / ``controlnet_block_samples`` / ``attention_kwargs`` given, a
+runtime does not cover run the original forward: grad mode on with trainable weights or an
+input that requires grad, ``attention_mask`` / ``guidance`` / ``controlnet_block_samples`` / ``attention_kwargs`` given, a
 pre-built 3-D ``encoder_attention_mask``, a sample with no unmasked context token, mixed dtypes.
 """
 
@@ -35,6 +35,8 @@ import types
 
 import numpy as np
 import torch
+
+from ._stamp import stamp, unchanged
 
 SUPPORTED = ("SanaTransformer2DModel", "AutoencoderDC")
 
@@ -54,8 +56,11 @@ def _version(t: torch.Tensor) -> int:
         return -1
 
 
-def _grad_needed(module: torch.nn.Module) -> bool:
-    return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+def _grad_needed(module: torch.nn.Module, *inputs) -> bool:
+    """Whether autograd must see this call (grad mode on, and a parameter or a tensor input that
+    requires grad): then the stock forward runs, since spar's runtime objects record nothing."""
+    return torch.is_grad_enabled() and (any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+                                        or any(p.requires_grad for p in module.parameters()))
 
 
 class _Cached:
@@ -94,23 +99,6 @@ def _build_dit(model):
     return SanaDiT(config, {k: state[k].detach() for k in names})
 
 
-def _stamp(t):
-    """What tells whether ``t`` changed in place: its version counter, or for inference tensors
-    (which have none) a copy of its values."""
-    if t is None:
-        return None
-    return ("copy", t.clone()) if t.is_inference() else ("version", t._version)
-
-
-def _unchanged(t, stamp) -> bool:
-    if t is None:
-        return stamp is None
-    kind, v = stamp
-    if kind == "version":
-        return not t.is_inference() and t._version == v
-    return torch.equal(t, v)
-
-
 def _cached_context(cached, dit, ehs, mask):
     """The SanaContext of the previous call when it had the same DiT weights and the very same
     ``encoder_hidden_states`` and mask tensors, unmodified (a denoising loop's steps)."""
@@ -120,7 +108,7 @@ def _cached_context(cached, dit, ehs, mask):
     c_dit, c_ehs, c_stamp, c_mask, c_mstamp, ctx = c
     if c_dit is not dit or c_ehs is not ehs or c_mask is not mask:
         return None
-    if not (_unchanged(ehs, c_stamp) and _unchanged(mask, c_mstamp)):
+    if not (unchanged(ehs, c_stamp) and unchanged(mask, c_mstamp)):
         return None
     return ctx
 
@@ -133,10 +121,13 @@ def _sana_forward(self, hidden_states, encoder_hidden_states, timestep, guidance
                 return_dict=return_dict)
     mask = encoder_attention_mask
     if (guidance is not None or attention_mask is not None or attention_kwargs or controlnet_block_samples is not None
-            or _grad_needed(self) or encoder_hidden_states.dim() != 3 or (mask is not None and mask.dim() != 2)):
+            or _grad_needed(self, hidden_states, encoder_hidden_states, timestep)
+            or encoder_hidden_states.dim() != 3 or (mask is not None and mask.dim() != 2)):
         return stock(self, hidden_states, encoder_hidden_states, timestep, **args)
     cached = self._spar_dit
     dit = cached.get(self)
+    if hidden_states.dtype != dit.dtype or encoder_hidden_states.dtype != dit.dtype:  # mixed dtypes: as stock
+        return stock(self, hidden_states, encoder_hidden_states, timestep, **args)
     ctx = _cached_context(cached, dit, encoder_hidden_states, mask)
     if ctx is None:
         B, L, _ = encoder_hidden_states.shape
@@ -171,7 +162,7 @@ def _sana_forward(self, hidden_states, encoder_hidden_states, timestep, guidance
         with torch.no_grad():
             ctx = dit.prepare_context(context.to(dit.dtype), lens, layouts={n_img: layouts[key]})
         # kept (with the tensors it came from, so their ids stay theirs) for the next call
-        cached.context = (dit, encoder_hidden_states, _stamp(encoder_hidden_states), mask, _stamp(mask), ctx)
+        cached.context = (dit, encoder_hidden_states, stamp(encoder_hidden_states), mask, stamp(mask), ctx)
     with torch.no_grad():
         out = dit(hidden_states, timestep, ctx)
     if not return_dict:
@@ -188,10 +179,12 @@ def _build_decoder(config: dict, decoder):
 
 
 def _decoder_forward(self, hidden_states):
-    if _grad_needed(self) or hidden_states.dim() != 4:
+    if _grad_needed(self, hidden_states) or hidden_states.dim() != 4:
         return type(self).forward(self, hidden_states)
     dec = self._spar_decoder.get(self)
-    return dec.decode(hidden_states.to(dec.dtype))
+    if hidden_states.dtype != dec.dtype:  # mixed dtypes: as stock (which raises or promotes)
+        return type(self).forward(self, hidden_states)
+    return dec.decode(hidden_states)
 
 
 def patch_model(model, record) -> None:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 import spar_kernels as sk
+from spar_runtime.integrations._stamp import stamp, unchanged
 from spar_runtime.qwen2 import attention as _packed_attention
 
 ATTN_NAME = "spar"
@@ -44,7 +45,8 @@ _MASKED_BELOW = -1e4        # additive masks: a value <= this is a masked key (e
 
 _warned: set[str] = set()
 # The layout of the last mask seen: (its key, the mask and cu_seq_lens objects, kept alive so
-# that their ids stay theirs, layout or None for a fallback). Every layer of one forward gets the
+# that their ids stay theirs, with their stamps (_stamp: a mask written in place is mapped
+# again), layout or None for a fallback). Every layer of one forward gets the
 # same mask object: only the first layer maps it.
 _last: list = [None, None, None]
 # Layouts by value (shapes, cu_seq_lens values), the most recent last: the same padding-free or
@@ -158,10 +160,12 @@ def packed_layout(T: int, causal: bool, kwargs, device):
 def _layout_for(attention_mask, B, Q, K, causal, kwargs, device):
     cu = kwargs.get("cu_seq_lens_q")
     key = (id(attention_mask), id(cu), B, Q, K, causal, device)
-    if _last[0] == key and _last[1] is not None and _last[1][0] is attention_mask and _last[1][1] is cu:
+    seen = _last[1]
+    if (_last[0] == key and seen is not None and seen[0] is attention_mask and seen[1] is cu
+            and unchanged(attention_mask, seen[2]) and unchanged(cu, seen[3])):  # the same objects, not written since
         return _last[2]
     layout = _build_layout(attention_mask, B, Q, K, causal, kwargs, device)
-    _last[:] = [key, (attention_mask, cu), layout]
+    _last[:] = [key, (attention_mask, cu, stamp(attention_mask), stamp(cu)), layout]
     return layout
 
 
