@@ -30,6 +30,7 @@ import math
 import numbers
 import os
 import time
+import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -123,6 +124,28 @@ def _check_sampler(sampler) -> None:
         raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
 
 
+# component (MLLM, SanaDiT) -> the live pipelines built on it (a registry, not an attribute of the
+# component: a WeakSet attribute would make the component impossible to deepcopy)
+_USERS: "weakref.WeakKeyDictionary[object, weakref.WeakSet]" = weakref.WeakKeyDictionary()
+
+
+def _claim_components(pipe, quantization) -> None:
+    """Record ``pipe`` as a user of its MLLM and DiT, whose linears ``quantization="fp8"`` converts
+    in place: refuse that while another live pipeline uses them (its results would change under
+    it), and refuse components another pipeline already converted for a pipeline that is not FP8."""
+    for name, part in (("mllm", pipe.mllm), ("dit", pipe.dit)):
+        users = _USERS.setdefault(part, weakref.WeakSet())
+        others = [p for p in users if p is not pipe]
+        if quantization == "fp8" and others:
+            raise ValueError(f"{name}: already used by another SparPipeline, and quantization='fp8' converts its "
+                             "linears in place, which would change that pipeline's results; build this one from "
+                             "separate components (loaded or built again)")
+        if quantization != "fp8" and any(p.quantization == "fp8" for p in others):
+            raise ValueError(f"{name}: its linears were converted to FP8 in place by another SparPipeline "
+                             "(quantization='fp8'); pass quantization='fp8' or separate components")
+        users.add(pipe)
+
+
 class SparPipeline:
     """A loaded SPAR model: MLLM (+ latent queries, DTR, connector, projector), SANA DiT, DC-AE decoder.
 
@@ -159,6 +182,7 @@ class SparPipeline:
         self.timings: dict[str, float] = {}
         self.sync_timings = False  # synchronize the device at stage boundaries (exact per-stage times)
         # FP8: every eligible linear of the LLM, connector, DTR, projector and DiT, quantized here
+        _claim_components(self, quantization)
         self.quantization = quantization
         self.quantized = quantize_linears(self._linear_slots()) if quantization == "fp8" else {}
         # graphs: text-to-image runs from static plans (CUDA graphs on CUDA); None = on for CUDA
@@ -438,6 +462,8 @@ class SparPipeline:
         if isinstance(start_step, bool) or not isinstance(start_step, numbers.Integral) \
                 or not 0 <= start_step < num_steps:
             raise ValueError(f"start_step: expected an int in [0, num_steps = {num_steps}), got {start_step!r}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback: expected a callable (step, steps_run) or None, got {type(callback).__name__}")
         t_start = time.perf_counter()
         if self.graphs and img is None and not start_step:
             # text to image from a static plan (engine.py): the DiT context in fixed slots, no host sync

@@ -267,11 +267,13 @@ class KVCache:
         self.lengths = [0] * batch_size      # host-side: known without reading the device
         self._slots: torch.Tensor | None = None
         self._decode = None                  # (positions, slot base, slots, layout) of static decoding
+        self._decoding = False               # the device positions match the host lengths (start_decode)
 
     def reset(self) -> None:
         """Forget every cached token (the buffers are kept; stale values are never attended to)."""
         self.lengths = [0] * self.batch_size
         self._slots = None
+        self._decoding = False
 
     def start_decode(self) -> None:
         """Static decoding from the current lengths: the device positions are set once (one
@@ -285,6 +287,7 @@ class KVCache:
                 self._decode = (torch.zeros(B, dtype=torch.int64, device=dev), base,
                                 torch.zeros(B, dtype=torch.int64, device=dev), layout.to(dev))
         pos = torch.tensor(self.lengths, dtype=torch.int64)
+        self._decoding = True
         if dev.type == "cpu":
             self._decode[0].copy_(pos)
         else:
@@ -299,8 +302,9 @@ class KVCache:
         """``(layout, positions)`` of one new token per sequence at the device positions (device
         work only). After the forward pass the caller adds 1 to ``positions`` (device) and calls
         :meth:`advance` (host)."""
-        if self._decode is None:
-            raise ValueError("kv_cache: call start_decode() before decode_inputs()")
+        if not self._decoding:
+            raise ValueError("kv_cache: call start_decode() before decode_inputs() (again after append() or "
+                             "reset(): the device positions are set from the host lengths there)")
         if any(n + 1 > self.capacity for n in self.lengths):
             raise ValueError(f"kv_cache: one more token does not fit: cached {self.lengths}, capacity "
                              f"{self.capacity} per sequence")
@@ -341,6 +345,7 @@ class KVCache:
             layout = layout.to(device)
         self._slots = slots.to(device)
         self.lengths = [self.lengths[b] + n for b, n in enumerate(lens)]
+        self._decoding = False
         return layout, positions.to(device)
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -581,13 +586,18 @@ class Qwen2LM:
             the new token ids of each prompt (an emitted EOS is included as the last id).
         """
         lens = _lengths("lengths", lengths)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"top_k: expected None or an integer >= 0 (0: no top-k filter), got {top_k!r}")
+        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                                  or not 0 < top_p <= 1):
+            raise ValueError(f"top_p: expected None or a number in (0, 1] (1: no nucleus filter), got {top_p!r}")
         if embeds.dim() != 2 or embeds.shape[0] != sum(lens):
             raise ValueError(f"embeds: expected [{sum(lens)}, {self.config.hidden_size}] (sum of lengths), "
                              f"got {tuple(embeds.shape)}")
-        if do_sample and not temperature > 0:
-            raise ValueError(f"temperature: expected > 0 when sampling, got {temperature!r}")
+        if do_sample and not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+            raise ValueError(f"temperature: expected a finite number > 0 when sampling, got {temperature!r}")
         eos = self.config.eos_ids if eos_token_id is None else (
             (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
         from .engine import generate_tokens   # the loop lives in the execution layer

@@ -400,3 +400,47 @@ def test_components_must_match_the_pipeline_dtype(rpipe):
     del spar["dtr.alpha"]
     with pytest.raises(ValueError, match="missing keys.*dtr.alpha"):
         SparPipeline(rpipe.config, rpipe.mllm, spar, rpipe.dit, rpipe.vae)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(max_new_tokens=True), "max_new_tokens"),
+    (dict(max_new_tokens=2, do_sample=True, top_p=1.7), "top_p"),
+    (dict(max_new_tokens=2, do_sample=True, top_p=-0.5), "top_p"),
+    (dict(max_new_tokens=2, do_sample=True, top_k=-3), "top_k"),
+    (dict(max_new_tokens=2, do_sample=True, temperature=float("inf")), "temperature"),
+])
+def test_describe_refuses_bad_sampling_arguments(rpipe, kw, match):
+    with pytest.raises(ValueError, match=match):
+        rpipe.describe(torch.randn(1, 3, 64, 64), "hi", **kw)
+
+
+def test_a_callback_that_is_not_callable_is_refused_before_any_work(rpipe, monkeypatch):
+    ran = []
+    monkeypatch.setattr(rpipe, "denoise", lambda *a, **k: ran.append(1))
+    monkeypatch.setattr(rpipe.engine, "generate_latents", lambda *a, **k: ran.append(1))
+    with pytest.raises(TypeError, match="callback: expected a callable"):
+        rpipe.generate_latents([[1]], uncond_ids=[], noise=torch.randn(1, 32, 8, 8), num_steps=2, callback=True)
+    assert not ran
+
+
+def test_fp8_pipeline_does_not_convert_components_another_pipeline_uses():
+    """quantization="fp8" converts the MLLM's and DiT's linears in place: refused while another live
+    pipeline uses them (its results would change under it), and a non-FP8 pipeline is refused
+    components that an FP8 pipeline converted."""
+    import gc
+
+    from spar_runtime.pipeline import spar_random_weights
+
+    a = SparPipeline.random("tiny", seed=1)
+    spar = spar_random_weights(a.config, torch.Generator().manual_seed(5))
+    with pytest.raises(ValueError, match="mllm: already used by another SparPipeline"):
+        SparPipeline(a.config, a.mllm, spar, a.dit, a.vae, quantization="fp8")
+    assert not any(type(v).__name__ == "Fp8Weight" for v in vars(a.dit.blocks[0]).values())
+    shared = SparPipeline(a.config, a.mllm, spar, a.dit, a.vae)     # sharing without FP8 is fine
+    mllm, dit, vae, cfg = a.mllm, a.dit, a.vae, a.config
+    del a, shared
+    gc.collect()
+    q = SparPipeline(cfg, mllm, spar, dit, vae, quantization="fp8")  # the only user now
+    assert q.quantized
+    with pytest.raises(ValueError, match="converted to FP8 in place by another SparPipeline"):
+        SparPipeline(cfg, mllm, spar, dit, vae)

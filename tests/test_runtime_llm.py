@@ -436,3 +436,26 @@ def test_bad_calls(qwen_dirs):
         DecoderStack(lm.config, {}, num_layers=0)
     with pytest.raises(CheckpointError, match="missing keys"):
         DecoderStack(lm.config, {}, num_layers=1)
+
+
+def test_kv_cache_decode_needs_start_decode_again_after_append(qwen_dirs):
+    """The device positions are set from the host lengths by start_decode(); after an append() (or
+    reset()) decode_inputs() asks for start_decode() again instead of writing at stale positions."""
+    _, folder = qwen_dirs["gqa2"]
+    lm = Qwen2LM.from_dir(folder)
+    cache = lm.new_cache(1, 16)
+    with pytest.raises(ValueError, match="call start_decode"):
+        cache.decode_inputs()
+    cache.append([4])
+    cache.start_decode()
+    cache.decode_inputs()
+    cache.advance()
+    cache.decode_inputs()                      # still decoding: positions advanced by the step
+    cache.append([3])
+    with pytest.raises(ValueError, match="call start_decode"):
+        cache.decode_inputs()
+    cache.start_decode()
+    assert int(cache.positions[0]) == cache.lengths[0] == 8
+    cache.reset()
+    with pytest.raises(ValueError, match="call start_decode"):
+        cache.decode_inputs()
