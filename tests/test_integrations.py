@@ -547,3 +547,63 @@ def test_spar_attention_maps_a_mask_written_in_place_again(mode):
         mask[..., :3, 0] = True
         torch.testing.assert_close(patched(ids, attention_mask=mask, use_cache=False).logits,
                                    stock(ids, attention_mask=mask, use_cache=False).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_dpm_solver_converted_mid_run_continues_with_its_history():
+    """The stock DPM-Solver++'s history (model_outputs) is not the fused sampler's: a scheduler
+    converted after a step finishes that run with the stock step (it restarted at first order,
+    ~5e-2 off), and the next run is fused again."""
+    import copy
+
+    import diffusers
+
+    from spar_runtime.integrations import FlowStepScheduler
+
+    stock = diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0,
+                                                  prediction_type="flow_prediction")
+    stock.set_timesteps(6)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 4, 4, generator=g)
+    vs = [torch.randn(1, 4, 4, 4, generator=g) for _ in range(6)]
+    for k in range(2):
+        x = stock.step(vs[k], stock.timesteps[k], x).prev_sample
+    fused, ref = FlowStepScheduler.from_scheduler(stock), copy.deepcopy(stock)
+    xa, xb = x.clone(), x.clone()
+    for k in range(2, 6):
+        xa = ref.step(vs[k], ref.timesteps[k], xa).prev_sample
+        xb = fused.step(vs[k], fused.timesteps[k], xb).prev_sample
+        torch.testing.assert_close(xb, xa, atol=1e-5, rtol=1e-5)
+    for s in (fused, ref):                              # a new run: fused from its first step
+        s.set_timesteps(6)
+    xa, xb = x.clone(), x.clone()
+    for k in range(6):
+        xa = ref.step(vs[k], ref.timesteps[k], xa).prev_sample
+        xb = fused.step(vs[k], fused.timesteps[k], xb).prev_sample
+        assert fused._spar["sampler"] is not None
+        torch.testing.assert_close(xb, xa, atol=1e-4, rtol=1e-4)
+
+
+def test_patched_sana_sees_a_replaced_submodule():
+    """The runtime DiT is rebuilt when a submodule is replaced (model.proj_out = nn.Linear(...)),
+    not only when a parameter changes in place."""
+    import copy
+
+    import diffusers
+
+    from spar_runtime.configs import TINY
+    from spar_runtime.integrations import patch
+
+    torch.manual_seed(0)
+    cfg = {k: v for k, v in TINY.dit_config.items() if not k.startswith("_")}
+    stock = diffusers.SanaTransformer2DModel(**cfg).eval()
+    for p in stock.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    patched = patch(copy.deepcopy(stock))
+    x, ctx, t = torch.randn(1, cfg["in_channels"], 8, 8), torch.randn(1, 5, cfg["caption_channels"]), torch.tensor([500.0])
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x, ctx, t).sample, stock(x, ctx, t).sample, atol=1e-5, rtol=1e-4)
+        torch.manual_seed(1)
+        new = torch.nn.Linear(stock.proj_out.in_features, stock.proj_out.out_features)
+        torch.nn.init.normal_(new.weight, std=0.05)
+        stock.proj_out, patched.proj_out = new, copy.deepcopy(new)
+        torch.testing.assert_close(patched(x, ctx, t).sample, stock(x, ctx, t).sample, atol=1e-5, rtol=1e-4)

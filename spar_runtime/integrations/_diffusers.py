@@ -68,21 +68,31 @@ class _Cached:
 
     The change check reads every parameter and buffer of the module's submodules (listed once:
     walking the tree with ``named_modules`` on every call cost ~2 ms on the tiny models) for
-    their storage, version counter, dtype and device."""
+    their storage, version counter, dtype and device, and checks that every listed child is
+    still its parent's (a submodule replaced, ``model.proj_out = nn.Linear(...)``, lists them
+    again). Weights that are inference tensors have no version counter: their in-place updates
+    are not seen (docs/integrations.md)."""
 
     def __init__(self, build):
         self.build = build
         self.sig = None
         self.obj = None
         self.modules = None
+        self.edges = None  # (parent's _modules dict, name, child) of every listed submodule
 
     def _signature(self) -> tuple:
         return tuple((t.data_ptr(), _version(t), t.dtype, t.device) for m in self.modules
                      for d in (m._parameters, m._buffers) for t in d.values() if t is not None)
 
+    def _same_tree(self) -> bool:
+        return all(len(d) == n and d.get(name) is child for d, n, name, child in self.edges)
+
     def get(self, module):
-        if self.modules is None:
+        if self.modules is None or not self._same_tree():
             self.modules = list(module.modules())
+            self.edges = [(m._modules, len(m._modules), name, child) for m in self.modules
+                          for name, child in m._modules.items()]
+            self.sig = None
         sig = self._signature()
         if self.obj is None or sig != self.sig:
             self.obj = self.build(module)

@@ -85,6 +85,10 @@ class FlowStepScheduler:
             return st["sampler"]
         sampler = None
         method = _method(self)
+        if method == "dpmsolver++2m" and idx > 0 and getattr(self, "lower_order_nums", 0) > 0:
+            # a run already under way without a fused sampler following it (a scheduler converted
+            # mid-run): its solver history is the stock scheduler's, so the stock step continues it
+            method = None
         if method is not None:
             try:
                 sampler = sk.FlowSampler(method, sigmas=self.sigmas[idx:].detach().float().cpu(), device=sample.device)
