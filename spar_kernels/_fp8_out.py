@@ -30,7 +30,7 @@ import torch
 
 from . import _ext
 from ._triton import HAS_TRITON, tl, triton
-from ._validate import check_out
+from ._validate import check_no_overlap, check_out
 from .reference import quantize_fp8 as _ref_q
 
 FP8 = torch.float8_e4m3fn
@@ -106,13 +106,18 @@ def outputs(out, shape: tuple, device: torch.device, name: str = "out",
     ``shape[:-1] + (1,)``); ``name`` is the argument named in errors."""
     scale_shape = tuple(shape[:-1]) + (1,) if scale_shape is None else tuple(scale_shape)
     if out is None:
-        return (torch.empty(shape, dtype=FP8, device=device),
-                torch.empty(scale_shape, dtype=torch.float32, device=device))
-    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise TypeError(f"{name}: with fp8=True expected a (q, scales) pair of tensors, got {type(out).__name__}")
-    q, scales = out
-    check_out(f"{name}[0] (q)", q, shape, FP8, device)
-    check_out(f"{name}[1] (scales)", scales, scale_shape, torch.float32, device)
+        q, scales = (torch.empty(shape, dtype=FP8, device=device),
+                     torch.empty(scale_shape, dtype=torch.float32, device=device))
+    else:
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise TypeError(f"{name}: with fp8=True expected a (q, scales) pair of tensors, got {type(out).__name__}")
+        q, scales = out
+        check_out(f"{name}[0] (q)", q, shape, FP8, device)
+        check_out(f"{name}[1] (scales)", scales, scale_shape, torch.float32, device)
+        check_no_overlap(f"{name}[1] (scales)", scales, f"{name}[0] (q)", q)
+    if q.numel() == 0 and scales.numel():
+        # empty token rows: no kernel writes them; the scale quantize_fp8 gives an all-zero row
+        scales.fill_(MIN_AMAX / FP8_MAX)
     return q, scales
 
 

@@ -67,6 +67,14 @@ def on_fake_dispatch(hook: Callable[[str, str, torch.device], None]):
         _FAKE_HOOKS.remove(hook)
 
 
+def byte_span(v: torch.Tensor) -> tuple[int, int]:
+    """[first byte, last byte + 1) of the elements of v (numel > 0)."""
+    lo = v.data_ptr()
+    if v.is_contiguous():
+        return lo, lo + v.nbytes
+    return lo, lo + (sum((n - 1) * st for n, st in zip(v.shape, v.stride())) + 1) * v.element_size()
+
+
 def is_tracing(t: torch.Tensor | None = None) -> bool:
     """True when a call must go through the dispatcher: torch.compile / dynamo is tracing, a
     ``TorchDispatchMode`` (FakeTensorMode, make_fx, a profiler of ops) is active, or ``t`` is a
@@ -103,9 +111,11 @@ def _backend_name(impls: Mapping[str, Callable], fn: Callable) -> str:
 class SparOp:
     """A defined spar op: call it like the schema function; see the module docstring."""
 
-    def __init__(self, name: str, impls: dict[str, Callable], op, device_arg: int, mutated: Sequence[int] = ()):
+    def __init__(self, name: str, impls: dict[str, Callable], op, device_arg: int, mutated: Sequence[int] = (),
+                 arg_names: Sequence[str] = ()):
         self.name = name
         self.mutated = tuple(mutated)  # positions of the arguments the op writes
+        self.arg_names = tuple(arg_names)
         self.impls = impls  # backend name -> implementation (same arguments as the op)
         self.op = op        # the torch.library custom op (torch.ops.spar.<name>)
         self.device_arg = device_arg
@@ -129,6 +139,8 @@ class SparOp:
             impl = impls.get("cpu") or impls.get("reference") or select(self.name, t.device, impls)
         else:
             impl = select(self.name, t.device, impls)
+        if self.mutated:
+            self._check_disjoint(args)
         if _grad_enabled() and _any_requires_grad(*args):
             # as through the dispatcher (no autograd kernel): nothing is recorded, the outputs do
             # not require grad. Without this, a backend written with torch ops would record a
@@ -152,6 +164,33 @@ class SparOp:
             warnings.warn(f"spar_kernels' {self.name} has no backward: its outputs do not require grad "
                           "(an input requires grad and grad mode is on); run inference under "
                           "torch.inference_mode() or torch.no_grad()", stacklevel=stacklevel)
+
+    def _check_disjoint(self, args) -> None:
+        """ValueError when a tensor the op writes shares memory with another tensor argument (the
+        backends read and write in an order of their choosing), other than exactly (the same
+        elements: an in-place update) with an input, or overlaps itself (an expanded view). Byte
+        ranges, whatever storages the tensors belong to; the public functions' own checks name
+        the argument first where they have one."""
+        spans = {}
+        for i in self.mutated:
+            o = args[i]
+            if type(o) is not torch.Tensor or o.numel() == 0:
+                continue
+            o0, o1 = spans.get(i) or spans.setdefault(i, byte_span(o))
+            if not o.is_contiguous() and torch._debug_has_internal_overlap(o) == 1:
+                raise ValueError(f"{self.name}: {self.arg_names[i]} overlaps itself (an expanded or "
+                                 f"self-overlapping view), strides {o.stride()}")
+            for j, a in enumerate(args):
+                if j == i or type(a) is not torch.Tensor or a.numel() == 0:
+                    continue
+                a0, a1 = spans.get(j) or spans.setdefault(j, byte_span(a))
+                if o0 < a1 and a0 < o1 and a.device == o.device:
+                    same = (j not in self.mutated and o0 == a0 and a.dtype == o.dtype and a.shape == o.shape
+                            and a.stride() == o.stride())
+                    if not same:
+                        raise ValueError(f"{self.name}: {self.arg_names[i]} shares memory with "
+                                         f"{self.arg_names[j]} (pass a separate buffer, or the input itself "
+                                         "where an in-place update is documented)")
 
     def _written(self, args) -> None:
         """Bump the version counters of the tensors the op wrote, as the dispatcher's
@@ -196,7 +235,7 @@ def spar_op(name: str, *, mutates_args: Sequence[str], impls: Mapping[str, Calla
 
         op.register_fake(fake if fake is not None else default_fake)
         names = list(inspect.signature(schema_fn).parameters)
-        REGISTRY[name] = SparOp(name, impls, op, device_arg, [names.index(m) for m in mutates_args])
+        REGISTRY[name] = SparOp(name, impls, op, device_arg, [names.index(m) for m in mutates_args], names)
         return REGISTRY[name]
 
     return deco

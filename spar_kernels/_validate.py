@@ -8,7 +8,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ._device import same_device
-from ._op import _is_compiling, is_tracing
+from ._op import _is_compiling, byte_span, is_tracing
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -60,14 +60,6 @@ def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     (a0, a1), (b0, b1) = byte_span(a), byte_span(b)
     return a0 < b1 and b0 < a1
-
-
-def byte_span(v: torch.Tensor) -> tuple[int, int]:
-    """[first byte, last byte + 1) of the elements of v (numel > 0)."""
-    lo = v.data_ptr()
-    if v.is_contiguous():
-        return lo, lo + v.nbytes
-    return lo, lo + (sum((n - 1) * st for n, st in zip(v.shape, v.stride())) + 1) * v.element_size()
 
 
 def check_no_overlap(out_name: str, out: torch.Tensor, in_name: str, t: torch.Tensor) -> None:

@@ -382,3 +382,87 @@ def test_value_checks_step_aside_under_fake_tracing():
         assert [str(n.target) for n in g.graph.nodes if "spar" in str(n.target)] == [f"spar.{name}.default"]
     with pytest.raises(ValueError, match="index out of range"):  # eager calls still check
         sk.gather_rows(x, torch.tensor([6]))
+
+
+def _two_views(inp, out_shape, shift):
+    """(a copy of inp, out): two torch.from_numpy views of one array (two storages over the same
+    bytes), out starting ``shift`` elements after the input."""
+    import numpy as np
+
+    n_out = int(np.prod(out_shape))
+    arr = np.zeros(inp.numel() + n_out + abs(shift) + 8, np.float32)
+    a0, o0 = (0, shift) if shift >= 0 else (-shift, 0)
+    i = torch.from_numpy(arr[a0:a0 + inp.numel()]).view(inp.shape)
+    i.copy_(inp)
+    return i, torch.from_numpy(arr[o0:o0 + n_out]).view(out_shape)
+
+
+_X3 = torch.randn(3, 5, 40)
+_LAY = sk.AttentionLayout.from_segments([[("causal", 5)], [("full", 7)]])
+_OVERLAP_CASES = {
+    "rms_norm out/x": (lambda x, w, o: sk.rms_norm(x, w, out=o), [_X3, torch.randn(40)], 0, (3, 5, 40), 40),
+    "rms_norm out/weight": (lambda x, w, o: sk.rms_norm(x, w, out=o), [_X3, torch.randn(40)], 1, (3, 5, 40), -7),
+    "adaln out/scale": (lambda x, sh, sc, o: sk.adaln_layernorm(x, sh, sc, eps=1e-6, out=o),
+                        [_X3, torch.randn(3, 40), torch.randn(3, 40)], 2, (3, 5, 40), 40),
+    "gated_residual out/y": (lambda x, y, g, o: sk.gated_residual(x, y, g, o),
+                             [_X3, torch.randn(3, 5, 40), torch.randn(3, 40)], 1, (3, 5, 40), 40),
+    "linear_attention out/q": (lambda q, k, v, o: sk.linear_attention(q, k, v, out=o),
+                               [torch.randn(2, 6, 3, 32), torch.randn(2, 7, 3, 32), torch.randn(2, 7, 3, 32)], 0,
+                               (2, 6, 3, 32), 32),
+    "hybrid_attention out/k": (lambda q, k, v, o: sk.hybrid_attention(q, k, v, _LAY, out=o),
+                               [torch.randn(12, 4, 16), torch.randn(12, 2, 16), torch.randn(12, 2, 16)], 1,
+                               (12, 4, 16), 16),
+    "dwconv_glu out/bias": (lambda b, o: sk.dwconv_glu(torch.randn(1, 12, 8), torch.ones(8, 1, 3, 3) / 9, b, 3, 4, o),
+                            [torch.randn(8)], 0, (1, 12, 4), -3),
+}
+
+
+@pytest.mark.parametrize("case", list(_OVERLAP_CASES))
+def test_an_output_partly_overlapping_an_input_is_refused(case):
+    """Every op refuses an output sharing memory with another argument (here through a second
+    storage over the same bytes), on its CPU path and on the reference, before writing."""
+    fn, inputs, which, out_shape, shift = _OVERLAP_CASES[case]
+    for backend in ("auto", "reference"):
+        args = list(inputs)
+        args[which], out = _two_views(inputs[which], out_shape, shift)
+        with sk.backend(backend), pytest.raises(ValueError, match="shares memory|must not share memory"):
+            fn(*args, out)
+
+
+def test_written_tensors_that_overlap_themselves_or_hold_the_index_are_refused():
+    idx, src = [1, 4, 6], torch.randn(3, 8)
+    with pytest.raises(ValueError, match="x overlaps itself"):
+        sk.scatter_rows(torch.randn(1, 8).expand(8, 8), idx, src)
+    buf = torch.arange(32, dtype=torch.int64) + 100
+    x, index = buf.view(8, 4), buf[:3]
+    index.copy_(torch.tensor([0, 5, 7]))
+    with pytest.raises(ValueError, match="x shares memory with index"):
+        sk.scatter_rows(x, index, torch.zeros(3, 4, dtype=torch.int64))
+
+
+def test_fp8_outputs_empty_rows_get_the_zero_row_scale_and_the_pair_must_not_overlap():
+    """Empty token rows (C = 0, H = 0): scales as quantize_fp8 gives them, not uninitialised; a
+    (q, scales) pair sharing memory is refused."""
+    want = sk.quantize_fp8(torch.empty(2, 3, 0))[1]
+    _, s = sk.adaln_layernorm(torch.randn(2, 3, 0), torch.randn(2, 0), torch.randn(2, 0), eps=1e-6, fp8=True,
+                              out=(torch.empty(2, 3, 0, dtype=torch.float8_e4m3fn), torch.full((2, 3, 1), float("nan"))))
+    torch.testing.assert_close(s, want)
+    _, s = sk.linear_attention(torch.randn(2, 3, 0, 16), torch.randn(2, 4, 0, 16), torch.randn(2, 4, 0, 16), fp8=True)
+    torch.testing.assert_close(s, want)
+    buf = torch.zeros(2 * 3 * 8 + 16, dtype=torch.uint8)
+    q = buf[:48].view(torch.float8_e4m3fn).view(2, 3, 8)
+    s = buf[40:64].view(torch.float32).view(2, 3, 1)
+    with pytest.raises(ValueError, match="scales\\): must not share memory with out\\[0\\]"):
+        sk.adaln_layernorm(torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 8), eps=1e-6, fp8=True, out=(q, s))
+
+
+def test_fp8_attention_descale_parameter_with_a_workspace():
+    """A descale that requires grad (an nn.Parameter of an FP8 module) is staged into the workspace
+    as a value: no autograd error, the workspace is left as it was."""
+    q = torch.randn(_LAY.total_q, 4, 16).to(torch.float8_e4m3fn)
+    k, v = (torch.randn(_LAY.total_k, 2, 16).to(torch.float8_e4m3fn) for _ in range(2))
+    d = torch.nn.Parameter(torch.tensor([0.5]))
+    want = sk.hybrid_attention(q, k, v, _LAY, q_descale=d)
+    ws = sk.hybrid_attention_workspace(q, k, _LAY)
+    torch.testing.assert_close(sk.hybrid_attention(q, k, v, _LAY, q_descale=d, workspace=ws), want)
+    assert not ws.requires_grad

@@ -112,6 +112,7 @@ def _descale_vector(t, heads: int, buf, device):
         buf = torch.empty(heads, dtype=torch.float32, device=device)
     if t is None:
         return buf.fill_(1.0)
+    t = t.detach()  # a descale that requires grad (a Parameter): the kernels take values, nothing to record
     if t.numel() == 1:
         return buf.copy_(t.reshape(1).expand(heads))
     return buf.view(t.shape[0], heads // t.shape[0]).copy_(t.view(-1, 1).expand(-1, heads // t.shape[0])).view(heads)
