@@ -210,7 +210,13 @@ class SparOp:
         """Bump the version counters of the tensors the op wrote, as the dispatcher's
         ADInplaceOrView kernel does: a backend writing through pointers does not, and autograd
         would then use an overwritten saved tensor without an error."""
-        ts = [a for i in self.mutated if (a := args[i]) is not None]
+        m = self.mutated
+        if len(m) == 1:
+            t = args[m[0]]
+            if t is not None:
+                _increment_version((t,))
+            return
+        ts = [args[i] for i in m if args[i] is not None]
         if ts:
             _increment_version(ts)
 
