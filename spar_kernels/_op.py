@@ -20,8 +20,9 @@ The decorated function only declares the schema (its annotations); the returned 
   costs about 30 us per call on a CPU, more than several of spar's CPU kernels take; the fast
   path about 1.6 us with nothing written, 3.1 us for three tensor arguments with one written and
   4.9 us for five with two written (a no-op implementation, one thread, the Xeon of
-  docs/measurements/cpu-avx512-2026-12-01.md). Under ``torch.compile``, ``make_fx``, ``FakeTensorMode`` or any dispatch mode the call goes
-  through ``torch.ops.spar.my_op`` so tracers and recorders see one op.
+  docs/measurements/cpu-avx512-2026-12-01.md). Under ``torch.compile``, ``make_fx``,
+  ``FakeTensorMode`` or any dispatch mode the call goes through ``torch.ops.spar.my_op`` so
+  tracers and recorders see one op.
 
 Every op returns None and writes into tensors it lists in ``mutates_args`` (outputs are passed
 in, so nothing allocates inside a captured CUDA graph). Ops are inference-only: no op has a

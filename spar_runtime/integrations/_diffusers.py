@@ -22,10 +22,10 @@ passes them at every step (the stock model recomputes it at every step); the las
 referenced until the next call with other tensors, or ``unpatch``; the cross-attention layout
 depends only on the context lengths and the latent size and is kept by those (a new context of
 the same shape builds none). Reading the encoder mask's values (one host sync on a GPU) happens
-once per new context. Calls the
-runtime does not cover run the original forward: grad mode on with trainable weights or an
-input that requires grad, ``attention_mask`` / ``guidance`` / ``controlnet_block_samples`` / ``attention_kwargs`` given, a
-pre-built 3-D ``encoder_attention_mask``, a sample with no unmasked context token, mixed dtypes.
+once per new context. Calls the runtime does not cover run the original forward: grad mode on
+with trainable weights or an input that requires grad, ``attention_mask`` / ``guidance`` /
+``controlnet_block_samples`` / ``attention_kwargs`` given, a pre-built 3-D
+``encoder_attention_mask``, a sample with no unmasked context token, mixed dtypes.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class _Cached:
         self.sig = None
         self.obj = None
         self.modules = None
-        self.edges = None  # (parent's _modules dict, name, child) of every listed submodule
+        self.edges = None  # (parent's _modules dict, its length, name, child) of every listed submodule
 
     def _signature(self) -> tuple:
         return tuple((t.data_ptr(), _version(t), t.dtype, t.device) for m in self.modules
