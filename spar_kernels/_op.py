@@ -15,7 +15,7 @@ The decorated function only declares the schema (its annotations); the returned 
 - when called from eager code (nothing compiling, no ``TorchDispatchMode`` active, plain tensors)
   calls the selected implementation directly, after checking that no tensor it writes shares
   memory with another argument (byte ranges, whatever storages; the same elements as an input
-  is an in-place update and allowed) or overlaps itself, and then bumps the written tensors'
+  only where ``inplace`` declares the pair) or overlaps itself, and then bumps the written tensors'
   version counters as the dispatcher's ADInplaceOrView kernel would. The custom-op dispatcher
   costs about 30 us per call on a CPU, more than several of spar's CPU kernels take; the fast
   path about 1.6 us with nothing written, 3.1 us for three tensor arguments with one written and
@@ -119,10 +119,11 @@ class SparOp:
     """A defined spar op: call it like the schema function; see the module docstring."""
 
     def __init__(self, name: str, impls: dict[str, Callable], op, device_arg: int, mutated: Sequence[int] = (),
-                 arg_names: Sequence[str] = ()):
+                 arg_names: Sequence[str] = (), inplace: Sequence[tuple[int, int]] = ()):
         self.name = name
         self.mutated = tuple(mutated)  # positions of the arguments the op writes
         self.arg_names = tuple(arg_names)
+        self.inplace = frozenset(inplace)  # (written, read) positions that may be the same elements
         self.impls = impls  # backend name -> implementation (same arguments as the op)
         self.op = op        # the torch.library custom op (torch.ops.spar.<name>)
         self.device_arg = device_arg
@@ -206,9 +207,9 @@ class SparOp:
         o, a = args[i], args[j]
         if a.device != o.device:
             return  # two address spaces
-        if (j not in self.mutated and a.data_ptr() == o.data_ptr() and a.dtype == o.dtype and a.shape == o.shape
+        if ((i, j) in self.inplace and a.data_ptr() == o.data_ptr() and a.dtype == o.dtype and a.shape == o.shape
                 and a.stride() == o.stride()):
-            return  # the same elements: an in-place update
+            return  # the same elements: a documented in-place update
         raise ValueError(f"{self.name}: {self.arg_names[i]} shares memory with {self.arg_names[j]} (pass a "
                          "separate buffer, or the input itself where an in-place update is documented)")
 
@@ -228,7 +229,7 @@ class SparOp:
 
 
 def spar_op(name: str, *, mutates_args: Sequence[str], impls: Mapping[str, Callable], device_arg: int = 0,
-            fake: Callable | None = None) -> Callable[[Callable], SparOp]:
+            fake: Callable | None = None, inplace: Sequence[tuple[str, str]] = ()) -> Callable[[Callable], SparOp]:
     """Define ``torch.ops.spar.<name>`` from a schema function; see the module docstring.
 
     Args:
@@ -240,6 +241,9 @@ def spar_op(name: str, *, mutates_args: Sequence[str], impls: Mapping[str, Calla
         device_arg: index of the tensor argument whose device selects the backend.
         fake: optional fake implementation; the default selects the backend, reports it to the
             :func:`on_fake_dispatch` hooks and writes nothing.
+        inplace: ``(written, read)`` argument names that may be the very same elements (an
+            in-place update the op supports); any other sharing of memory with a written argument
+            is refused on the eager path.
     """
     if not isinstance(impls, dict):
         impls = dict(impls)
@@ -261,7 +265,8 @@ def spar_op(name: str, *, mutates_args: Sequence[str], impls: Mapping[str, Calla
 
         op.register_fake(fake if fake is not None else default_fake)
         names = list(inspect.signature(schema_fn).parameters)
-        REGISTRY[name] = SparOp(name, impls, op, device_arg, [names.index(m) for m in mutates_args], names)
+        REGISTRY[name] = SparOp(name, impls, op, device_arg, [names.index(m) for m in mutates_args], names,
+                                [(names.index(w), names.index(r)) for w, r in inplace])
         return REGISTRY[name]
 
     return deco

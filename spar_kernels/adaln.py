@@ -67,7 +67,8 @@ def _adaln_kernel(X, SHIFT, SCALE, Y, Q, S, N, C, stride_xb, stride_xn, stride_x
         mean = tl.sum(h, axis=0) / C
         d = tl.where(mask, h - mean, 0.0)
         corr = tl.sum(d, axis=0) / C
-        rstd = tl.rsqrt(tl.maximum(tl.sum(d * d, axis=0) / C - corr * corr, 0.0) + eps)
+        var = tl.sum(d * d, axis=0) / C - corr * corr
+        rstd = tl.rsqrt(tl.where(var < 0.0, 0.0, var) + eps)  # a NaN variance stays NaN (maximum drops it)
         sc = tl.load(sc_row + c64 * stride_scc, mask=mask, other=0.0).to(tl.float32)
         sh = tl.load(sh_row + c64 * stride_shc, mask=mask, other=0.0).to(tl.float32)
         y = ((d - corr) * rstd * (1.0 + sc) + sh).to(OUT_TY)
@@ -94,7 +95,8 @@ def _adaln_kernel(X, SHIFT, SCALE, Y, Q, S, N, C, stride_xb, stride_xn, stride_x
             acc_d += d
             acc += d * d
         corr = tl.sum(acc_d, axis=0) / C
-        rstd = tl.rsqrt(tl.maximum(tl.sum(acc, axis=0) / C - corr * corr, 0.0) + eps)
+        var = tl.sum(acc, axis=0) / C - corr * corr
+        rstd = tl.rsqrt(tl.where(var < 0.0, 0.0, var) + eps)  # a NaN variance stays NaN (maximum drops it)
         if FP8_OUT:  # one more pass for the row's amax, then the codes (y recomputed: no scratch), in
             # half chunks (elementwise, so the values are the same): full ones spill on sm_90a
             half = tl.arange(0, BLOCK_C // 2)

@@ -117,7 +117,8 @@ def _impl_cuda(*a):
 _IMPLS = {"cuda": _impl_cuda, "cpu": _impl_cpu, "reference": _impl_reference}
 
 
-@spar_op("flow_sampler_step", mutates_args=("out", "h1", "h2", "counter", "stats"), impls=_IMPLS)
+@spar_op("flow_sampler_step", mutates_args=("out", "h1", "h2", "counter", "stats"), impls=_IMPLS,
+         inplace=(("out", "x"),))
 def _flow_step_op(x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor | None,
                   v_img_uncond: torch.Tensor | None, out: torch.Tensor, h1: torch.Tensor | None,
                   h2: torch.Tensor | None, table: torch.Tensor, counter: torch.Tensor,

@@ -178,7 +178,7 @@ def _impl_cpu(x, weight, eps, residual, out, residual_out):
                               residual_out.data_ptr() if residual_out is not None else 0)
 
 
-@spar_op("rms_norm", mutates_args=("out", "residual_out"),
+@spar_op("rms_norm", mutates_args=("out", "residual_out"), inplace=(("residual_out", "residual"),),
          impls={"triton": _impl_triton, "cpu": _impl_cpu, "reference": _impl_reference})
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
                  out: torch.Tensor, residual_out: torch.Tensor | None) -> None: ...

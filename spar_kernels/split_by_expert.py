@@ -28,7 +28,8 @@ import torch
 from . import _aot, _ext
 from ._op import device_guard, is_tracing, spar_op
 from ._triton import ROW_LAUNCH_WIDTHS, ROW_NUM_STAGES, ROW_WIDE_ALIGNED, row_launch_config, tl, triton
-from ._validate import FLOAT_DTYPES, as_index, check_index_range, check_out, check_tensor, host_readable
+from ._validate import (FLOAT_DTYPES, as_index, check_index_range, check_no_overlap, check_out, check_tensor,
+                        host_readable)
 from .reference import split_by_expert as _ref
 from .row_moves import bits_view, copy_rows_triton
 
@@ -255,6 +256,9 @@ def split_by_expert(x: torch.Tensor, expert_ids: torch.Tensor | Sequence[int], n
         bounds = torch.arange(E + 1, device=x.device, dtype=torch.int64)
     else:
         check_out("workspace", workspace, (2 * N + E + 1,), torch.int64, x.device)
+        for name, t in (("expert_ids", ids), ("x", x), ("out", out), ("norm_weights", norm_weights)):
+            if isinstance(t, torch.Tensor):  # the sort writes the workspace before they are read
+                check_no_overlap("workspace", workspace, name, t)
         keys, sorted_ids, bounds = workspace[:N], workspace[N:2 * N], workspace[2 * N:]
         keys.copy_(ids)
         perm = torch.empty(N, dtype=torch.int64, device=x.device)

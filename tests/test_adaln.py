@@ -363,3 +363,17 @@ def test_adaln_aot_specs_cover_runtime_specializations(x_layout, C):
         spec = _aot.launch_spec("x", mod._gated_residual_kernel, "x", args, consts, num_warps=warps,
                                 num_stages=stages)
         assert _launch_key(spec) in have, (spec.types, spec.constexprs, spec.aligned)
+
+
+@requires_triton
+def test_adaln_triton_keeps_a_nan_variance():
+    """Centred values beyond fp32's range: the variance is inf - inf = NaN, and the row is NaN as in
+    the reference (tl.maximum(var, 0) used to drop the NaN)."""
+    x = torch.tensor([3e38, -3e38, 3e38, -3e38, 3e38]).view(1, 1, 5)
+    sh, sc = torch.zeros(1, 5), torch.zeros(1, 5)
+    with sk.backend("triton"):
+        got = sk.adaln_layernorm(x, sh, sc, eps=1e-6)
+    with sk.backend("reference"):
+        want = sk.adaln_layernorm(x, sh, sc, eps=1e-6)
+    assert torch.isnan(want).all()
+    torch.testing.assert_close(got, want, equal_nan=True)

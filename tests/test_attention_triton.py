@@ -274,3 +274,37 @@ def test_intervals_outside_the_sequence_are_clamped(small_decode, decode):
     want, want_lse = ref.hybrid_attention(q, k, v, cu_q, cu_k, cst, cen, 0.2)
     torch.testing.assert_close(out.float(), want.float(), atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-5)
+
+
+def test_nan_scores_give_nan_rows_and_lse_and_an_all_minus_inf_row_is_empty(monkeypatch):
+    """A NaN query row (prefill) or a NaN key in one KV split (decode): the row and its lse are
+    NaN, as in the reference (the kernels read a NaN sum as an empty row: lse -inf, or a finite
+    lse from the other splits). A -inf query component against positive keys in unmasked key tiles
+    makes every score -inf: zeros and lse -inf, not NaN (exp2(-inf - -inf))."""
+    torch.manual_seed(0)
+
+    def both(q, k, v, lay):
+        with sk.backend("triton"):
+            got = sk.hybrid_attention(q, k, v, lay, return_lse=True)
+        with sk.backend("reference"):
+            want = sk.hybrid_attention(q, k, v, lay, return_lse=True)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.float(), w.float(), atol=2e-2, rtol=2e-2, equal_nan=True)
+        return got
+
+    lay = sk.AttentionLayout.from_segments([[("causal", 6)]])
+    q, k, v = (torch.randn(6, 2, 64) for _ in range(3))
+    q[2] = float("nan")
+    assert torch.isnan(both(q, k, v, lay)[1][:, 2]).all()
+    monkeypatch.setattr(ak, "DECODE_MIN_KEYS", 128)
+    monkeypatch.setattr(ak, "DECODE_KEYS_PER_SPLIT", 64)
+    lay = sk.AttentionLayout.from_intervals([0, 1], [0, 300], [0], [300])
+    q, k, v = torch.randn(1, 2, 64, dtype=torch.float16), torch.randn(300, 1, 64, dtype=torch.float16), \
+        torch.randn(300, 1, 64, dtype=torch.float16)
+    k[250, 0, 3] = float("nan")
+    assert torch.isnan(both(q, k, v, lay)[1]).all()
+    lay = sk.AttentionLayout.from_segments([[("full", 64)]])
+    q, k, v = torch.randn(64, 1, 32), torch.rand(64, 1, 32) + 0.1, torch.randn(64, 1, 32)
+    q[0, 0, 0] = float("-inf")
+    out, lse = both(q, k, v, lay)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and lse[0, 0] == float("-inf")

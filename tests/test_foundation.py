@@ -466,3 +466,28 @@ def test_fp8_attention_descale_parameter_with_a_workspace():
     ws = sk.hybrid_attention_workspace(q, k, _LAY)
     torch.testing.assert_close(sk.hybrid_attention(q, k, v, _LAY, q_descale=d, workspace=ws), want)
     assert not ws.requires_grad
+
+
+def test_exact_aliasing_only_where_an_op_declares_it():
+    """The very same elements as an input are an in-place update only where the op supports one
+    (rms_norm's residual_out=residual, the sampler's out=x); attention's out=k and split_by_expert's
+    out=norm_weights read the input after writing it and are refused."""
+    lay = sk.AttentionLayout.from_segments([[("causal", 6)]])
+    q, k, v = (torch.randn(6, 2, 16) for _ in range(3))
+    with pytest.raises(ValueError, match="out shares memory with k"):
+        sk.hybrid_attention(q, k, v, lay, out=k)
+    w = torch.rand(3, 8) + 0.5
+    with pytest.raises(ValueError, match="out shares memory with norm_weights"):
+        sk.split_by_expert(torch.randn(3, 8), [2, 0, 1], 3, w, out=w)
+    x, r = torch.randn(4, 8), torch.randn(4, 8)
+    want = sk.rms_norm(x, torch.ones(8), residual=r.clone())
+    got = sk.rms_norm(x, torch.ones(8), residual=r, residual_out=r)   # documented in place
+    torch.testing.assert_close(got, want)
+
+
+def test_split_by_expert_workspace_must_not_hold_the_ids():
+    ws = torch.zeros(2 * 6 + 3 + 1, dtype=torch.int64)
+    ids = ws[:6]
+    ids.copy_(torch.tensor([1, 0, 2, 2, 0, 1]))
+    with pytest.raises(ValueError, match="workspace: must not share memory with expert_ids"):
+        sk.split_by_expert(torch.randn(6, 8), ids, 3, workspace=ws)

@@ -117,9 +117,9 @@ def _step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, seqle
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
-    else:
+    else:  # every score -inf (a -inf query component) is a row that has seen nothing yet too
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = m_new
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_use)
     p = tl.math.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -234,7 +234,7 @@ def _hybrid_attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, KV_START, KV_END, Q_DESCALE, K
         tl.atomic_add(TILES, visited)
         tl.atomic_add(TILES + 1, visited - unmasked)
 
-    has = l_i > 0.0
+    has = (l_i > 0.0) | (l_i != l_i)  # a NaN sum (NaN scores) gives a NaN row and lse, not an empty one
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     if IS_FP8:
         out = out * tl.load(V_DESCALE + hk)
@@ -290,7 +290,7 @@ def _hybrid_attn_decode(Q, K, V, O_PART, LSE_PART, CU_Q, CU_K, KV_START, KV_END,
     acc, m_i, l_i, visited, unmasked = _attend(q, k_base, v_base, stride_km, stride_vm, st, en, lo, hi, full_lo,
                                                full_hi, seqlen_k, qk_scale, head_dim, offs_n, offs_d, BLOCK_M,
                                                BLOCK_N, BLOCK_D, IS_FP8, IS_FP32, DOT_UPCAST)
-    has = l_i > 0.0
+    has = (l_i > 0.0) | (l_i != l_i)  # NaN scores: a NaN partial and lse, which the combine keeps
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     if IS_FP8:
         out = out * tl.load(V_DESCALE + hk)
@@ -326,9 +326,10 @@ def _combine_kernel(O_PART, LSE_PART, O, LSE, num_splits, head_dim, total_q,
         acc += w * tl.load(part_row + offs_d, mask=offs_d < head_dim, other=0.0)
         lse_row += stride_ls
         part_row += stride_ps
-    out = acc / tl.where(total > 0.0, total, 1.0)
+    has = (total > 0.0) | (total != total)  # a NaN split makes the row NaN (its lse too)
+    out = acc / tl.where(has, total, 1.0)
     tl.store(O + i * stride_om + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=offs_d < head_dim)
-    lse = tl.where(total > 0.0, (m_use + tl.math.log2(tl.where(total > 0.0, total, 1.0))) / _LOG2E, float("-inf"))
+    lse = tl.where(has, (m_use + tl.math.log2(tl.where(has, total, 1.0))) / _LOG2E, float("-inf"))
     tl.store(LSE + h * stride_lo + i, lse)
 
 
