@@ -138,6 +138,8 @@ def _cpu_rows(t: torch.Tensor):
 
 
 def _impl_triton(x, weight, eps, residual, out, residual_out):
+    if x.numel() == 0:  # no rows, or rows of zero length (view(-1, 0) is ambiguous): nothing to write
+        return
     x2, y2 = _rows(x), out.view(-1, x.shape[-1])
     n_rows, D = x2.shape
     if n_rows == 0:

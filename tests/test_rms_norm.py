@@ -268,3 +268,12 @@ def test_rms_norm_weight_in_the_other_16_bit_dtype(backend):
             y = sk.rms_norm(x, w, 1e-6)
         assert_close_fa(y, ref.rms_norm(x, w, 1e-6, compute_dtype=xd),
                         fp64(ref.rms_norm, x, w, 1e-6, compute_dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("triton", marks=requires_triton)])
+def test_rows_of_zero_length(backend):
+    """x of shape [3, 0]: nothing to normalize; every backend returns the empty result (the Triton
+    path's view(-1, 0) raised)."""
+    with sk.backend(backend):
+        y = sk.rms_norm(torch.randn(3, 0), torch.randn(0))
+    assert y.shape == (3, 0)
