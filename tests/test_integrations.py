@@ -607,3 +607,24 @@ def test_patched_sana_sees_a_replaced_submodule():
         torch.nn.init.normal_(new.weight, std=0.05)
         stock.proj_out, patched.proj_out = new, copy.deepcopy(new)
         torch.testing.assert_close(patched(x, ctx, t).sample, stock(x, ctx, t).sample, atol=1e-5, rtol=1e-4)
+
+
+def test_mask_stamps_never_compare_device_values():
+    """The attention checks its cached mask at every layer: an inference-mode mask off the CPU is
+    kept by identity (no value comparison, which would sync the host), one on the CPU by value,
+    a normal tensor by its version counter."""
+    from spar_runtime.integrations._stamp import stamp, unchanged
+
+    with torch.inference_mode():
+        dev = torch.ones(4, 4, device="meta")
+        cpu = torch.ones(4, 4)
+    assert stamp(dev, by_value=False) == ("identity", None) and unchanged(dev, stamp(dev, by_value=False))
+    st = stamp(cpu, by_value=False)
+    assert st[0] == "copy" and unchanged(cpu, st)
+    with torch.inference_mode():
+        cpu[0, 0] = 0
+    assert not unchanged(cpu, st)
+    t = torch.ones(3)
+    st = stamp(t, by_value=False)
+    t.add_(1)
+    assert st[0] == "version" and not unchanged(t, st)

@@ -165,7 +165,9 @@ def _layout_for(attention_mask, B, Q, K, causal, kwargs, device):
             and unchanged(attention_mask, seen[2]) and unchanged(cu, seen[3])):  # the same objects, not written since
         return _last[2]
     layout = _build_layout(attention_mask, B, Q, K, causal, kwargs, device)
-    _last[:] = [key, (attention_mask, cu, stamp(attention_mask), stamp(cu)), layout]
+    # every layer checks the stamps: an inference-mode mask on a GPU is kept by identity (comparing
+    # its values would sync the host once per layer; docs/integrations.md, Limits)
+    _last[:] = [key, (attention_mask, cu, stamp(attention_mask, by_value=False), stamp(cu, by_value=False)), layout]
     return layout
 
 
