@@ -25,7 +25,7 @@ import torch
 from . import _backend, _ext
 from ._device import resolve_device
 from ._op import (_any_requires_grad, _grad_enabled, _increment_version, _is_compiling, _len_dispatch_stack,
-                  device_guard, is_tracing, normal_tensors, spar_op)
+                  device_guard, is_tracing, layout_guard, normal_tensors, spar_op)
 from ._validate import FLOAT_DTYPES, byte_span, check_out, check_tensor
 from .schedules import _check_shift, dpmsolver_flow_sigmas_f64, flow_sigmas
 
@@ -461,12 +461,17 @@ class FlowSampler:
         if (f is not None and f[0]() is x and f[1]() is v_cond and f[2]() is v_uncond and f[3]() is v_img_uncond
                 and f[4]() is out and not _is_compiling() and not _len_dispatch_stack()
                 and _current_backend() == "auto"):
-            # the tensors of the last eager twin call: validated then, still valid if their layout is
-            # unchanged (a resize_, set_ or .data assignment changes a pointer, shape, stride or dtype)
+            # the tensors of the last eager twin call: validated then, still valid if their layout
+            # and memory are unchanged (a resize_, set_, share_memory_ or .data assignment changes a
+            # pointer, dtype, size or stride)
             k = self._host_step
-            if k < self.num_evals and not self._host_flags[k] & f[5] and _same_layouts(f[6], x, v_cond, v_uncond,
-                                                                                         v_img_uncond, out):
-                f[8](f[9])
+            u = _ABSENT if v_uncond is None else v_uncond
+            i = _ABSENT if v_img_uncond is None else v_img_uncond
+            p = f[7]
+            if (k < self.num_evals and not self._host_flags[k] & f[5] and f[6].check(x, v_cond, u, i, out)
+                    and x.data_ptr() == p[0] and v_cond.data_ptr() == p[1] and u.data_ptr() == p[2]
+                    and i.data_ptr() == p[3] and out.data_ptr() == p[4]):
+                f[9](f[10])
                 self._host_step = k + 1
                 _increment_version((out,))  # as the dispatcher would (see _op.SparOp._written)
                 return out
@@ -568,32 +573,6 @@ def _check_out_aliasing(out, x, v_cond, v_uncond, v_img_uncond):
                              "separate buffer)")
 
 
-def _aliases(x, v_cond, v_uncond, v_img_uncond, out):
-    """What the twin's arguments were computed from: for each tensor (None where absent, and for
-    out when it is x) a detached alias (same storage, offset, sizes and strides, fixed from now
-    on), its dtype and its data pointer."""
-    ts = (x, v_cond, v_uncond, v_img_uncond, None if out is x else out)
-    return (tuple(None if t is None else t.detach() for t in ts),
-            tuple(None if t is None else t.dtype for t in ts),
-            tuple(None if t is None else t.data_ptr() for t in ts))
-
-
-def _same_layouts(aliases, x, v_cond, v_uncond, v_img_uncond, out):
-    """True when each tensor still has the storage, offset, sizes, strides (``is_set_to`` its
-    alias: one call, not four), dtype and data pointer it had (a resize_, set_, in-place view op
-    or .data assignment changes one of the first; share_memory_, a growing resize_ or a storage
-    resize_ moves the storage's bytes, and the alias with them, so only the pointer tells). The
-    caller has checked that the same objects are passed, so an argument is None exactly where
-    its alias is."""
-    a, d, p = aliases
-    return (x.is_set_to(a[0]) and x.dtype is d[0] and x.data_ptr() == p[0]
-            and v_cond.is_set_to(a[1]) and v_cond.dtype is d[1] and v_cond.data_ptr() == p[1]
-            and (a[2] is None or (v_uncond.is_set_to(a[2]) and v_uncond.dtype is d[2] and v_uncond.data_ptr() == p[2]))
-            and (a[3] is None or (v_img_uncond.is_set_to(a[3]) and v_img_uncond.dtype is d[3]
-                                  and v_img_uncond.data_ptr() == p[3]))
-            and (a[4] is None or (out.is_set_to(a[4]) and out.dtype is d[4] and out.data_ptr() == p[4])))
-
-
 def _none():
     return None
 
@@ -602,11 +581,10 @@ def _fast_entry(sampler, x, v_cond, v_uncond, v_img_uncond, out, args):
     """What FlowSampler.step's fast path replays: weak references to the validated tensors (so
     the sampler does not keep a step's velocities alive; when one dies the entry is dropped, so a
     dead reference never matches a None argument), the flags of a row that would need a branch
-    that is absent, the tensors' detached aliases and dtypes (_aliases; an alias holds its storage
-    only while the entry lives, and the entry goes when a tensor dies), the twin's arguments (all
-    pointers, no copy) packed as
-    csrc/flow_sampler/api.h's flow_sampler_step_cpu_packed reads them, that entry point (looked up
-    by _twin) and the array's address."""
+    that is absent, a layout guard (_op.layout_guard) over the five tensors (_ABSENT in the place
+    of a missing branch) and their data pointers, the twin's arguments (all pointers, no copy)
+    packed as csrc/flow_sampler/api.h's flow_sampler_step_cpu_packed reads them, that entry point
+    (looked up by _twin) and the array's address."""
     owner = weakref.ref(sampler)
 
     def drop(ref):
@@ -616,10 +594,15 @@ def _fast_entry(sampler, x, v_cond, v_uncond, v_img_uncond, out, args):
 
     refs = tuple(_none if t is None else weakref.ref(t, drop) for t in (x, v_cond, v_uncond, v_img_uncond, out))
     missing = (F_CFG if v_uncond is None else 0) | (F_IMG if v_img_uncond is None else 0)
+    ts = (x, v_cond, _ABSENT if v_uncond is None else v_uncond,
+          _ABSENT if v_img_uncond is None else v_img_uncond, out)
     packed = np.array((*args[:-1], 0), dtype=np.int64)
     packed[-1:].view(np.float64)[0] = args[-1]  # renorm_min
     addr = packed.__array_interface__["data"][0]  # (ndarray.ctypes builds a ctypes object: ~5 us)
-    return (*refs, missing, _aliases(x, v_cond, v_uncond, v_img_uncond, out), packed, _TWIN[1], addr)
+    return (*refs, missing, layout_guard(*ts), tuple(t.data_ptr() for t in ts), packed, _TWIN[1], addr)
+
+
+_ABSENT = torch.empty(0)  # stands for a missing branch in the fast path's guard (never written)
 
 
 _TWIN = []

@@ -13,6 +13,19 @@ from conftest import record_ops
 pytest.importorskip("spar_kernels._C_cpu")
 
 
+@pytest.fixture(autouse=True, params=["torch", "portable"])
+def guard_form(request, monkeypatch):
+    """Every test runs with both forms of the replay's layout guard (_op.layout_guard): torch's
+    C++ tensor check where this torch has it, and the portable is_set_to form."""
+    from spar_kernels import _op
+
+    if request.param == "portable":
+        monkeypatch.setattr(_op, "_TENSOR_GUARDS", None)
+    elif _op._TENSOR_GUARDS is None:
+        pytest.skip("this torch has no usable C++ tensor check")
+    return request.param
+
+
 def _pair(method="euler", **kw):
     kw = dict(num_steps=6, shift=3.0, guidance=4.0, **kw)
     return sk.FlowSampler(method, **kw), sk.FlowSampler(method, **kw)
@@ -155,8 +168,8 @@ def test_no_replay_without_out_or_after_a_branch_dies():
 
 
 def test_layout_check_sees_dtype_views_and_transposes_that_keep_the_strides():
-    # the fast path compares each tensor with a detached alias (is_set_to: storage, offset, sizes,
-    # strides) and its dtype; these changes keep the pointer, the numel and the strides
+    # the fast path's layout guard compares each tensor's dtype, sizes and strides (and data
+    # pointer); these changes keep the pointer, the numel and the strides
     s = sk.FlowSampler("euler", num_steps=20, guidance=4.0)
     x, vc, vu, out = (torch.randn(8, 1) for _ in range(4))     # [T, C] with C = 1: strides (1, 1)
     s.step(x, vc, vu, out=out)
@@ -237,22 +250,28 @@ def _grow_and_back(t):
     t.resize_(shape)
 
 
+@pytest.mark.parametrize("which", ["x", "v_cond", "v_uncond", "v_img_uncond", "out"])
 @pytest.mark.parametrize("move", [lambda t: t.share_memory_(), _grow_and_back,
                                   lambda t: t.untyped_storage().resize_(t.untyped_storage().nbytes() * 4)],
                          ids=["share_memory_", "resize_grow_and_back", "storage_resize_"])
-def test_a_storage_moved_to_new_memory_is_validated_again(move):
+def test_a_storage_moved_to_new_memory_is_validated_again(move, which):
     """share_memory_, a growing resize_ and a storage resize_ move a storage's bytes to a new
-    allocation inside the same storage object (the detached alias moves too, so is_set_to still
-    holds): the replay compares the data pointers as well, and never touches the freed memory."""
-    s, r = _pair("euler")
+    allocation inside the same storage object (the layout is unchanged, and the portable guard's
+    detached alias moves too, so is_set_to still holds): the replay compares the data pointers
+    as well, and never touches the freed memory. Each of the five tensors in turn (BAGEL's three
+    branches, global renorm)."""
+    s, r = _pair("euler", image_guidance=2.0, renorm="global")
     shape = (1, 4, 8, 8)
-    x, vc, vu, out = (torch.randn(shape) for _ in range(4))
+    ts = dict(zip(["x", "v_cond", "v_uncond", "v_img_uncond", "out"], (torch.randn(shape) for _ in range(5))))
     for i in range(4):
         if i == 2:
-            move(vc)
-        vc.copy_(torch.randn(shape))
-        got = s.step(x, vc, vu, out=out)
-        torch.testing.assert_close(got, _ref_step(r, x.clone(), vc.clone(), vu.clone()), atol=1e-5, rtol=1e-5)
+            move(ts[which])
+        ts["v_cond"].copy_(torch.randn(shape))
+        x, vc, vu, vi, out = ts.values()
+        want = _ref_step(r, x.clone(), vc.clone(), vu.clone(), vi.clone())
+        got = s.step(x, vc, vu, vi, out=out)
+        assert got is ts["out"]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         x.copy_(got)
 
 

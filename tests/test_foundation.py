@@ -491,3 +491,30 @@ def test_split_by_expert_workspace_must_not_hold_the_ids():
     ids.copy_(torch.tensor([1, 0, 2, 2, 0, 1]))
     with pytest.raises(ValueError, match="workspace: must not share memory with expert_ids"):
         sk.split_by_expert(torch.randn(6, 8), ids, 3, workspace=ws)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["torch", "portable"])
+def test_layout_guard_sees_every_layout_change_and_not_values(portable):
+    """_op.layout_guard (the fast paths' replay check): by layout, not identity or values; any
+    change of dtype, size, stride or requires_grad fails it; a wrong count raises."""
+    from spar_kernels import _op
+
+    if not portable and _op._TENSOR_GUARDS is None:
+        pytest.skip("this torch has no usable C++ tensor check; the portable form is used")
+    a, b = torch.randn(4, 6), torch.randn(2, 3, 5)
+    g = _op.layout_guard(a, b, portable=portable)
+    assert type(g) is (_op._AliasGuard if portable else type(g))
+    assert g.check(a, b)
+    a.add_(1.0)
+    assert g.check(a, b)                                    # values are not layout
+    assert not g.check(a.t().contiguous().t(), b)           # same sizes, other strides
+    assert not g.check(a.view(6, 4), b)
+    assert not g.check(a, b.double())
+    assert not g.check(a, b.clone().requires_grad_())
+    assert not g.check(a[:, :3], b)
+    b.unsqueeze_(0).squeeze_(0)                             # back to the same layout
+    assert g.check(a, b)
+    b.transpose_(0, 1)                                      # in place, same object
+    assert not g.check(a, b)
+    with pytest.raises(TypeError):
+        g.check(a)
