@@ -469,8 +469,9 @@ class FlowSampler:
             i = _ABSENT if v_img_uncond is None else v_img_uncond
             p = f[7]
             if (k < self.num_evals and not self._host_flags[k] & f[5] and f[6].check(x, v_cond, u, i, out)
-                    and x.data_ptr() == p[0] and v_cond.data_ptr() == p[1] and u.data_ptr() == p[2]
-                    and i.data_ptr() == p[3] and out.data_ptr() == p[4]):
+                    and x.data_ptr() == p[0] and v_cond.data_ptr() == p[1]
+                    and (v_uncond is None or v_uncond.data_ptr() == p[2])
+                    and (v_img_uncond is None or v_img_uncond.data_ptr() == p[3]) and out.data_ptr() == p[4]):
                 f[9](f[10])
                 self._host_step = k + 1
                 _increment_version((out,))  # as the dispatcher would (see _op.SparOp._written)

@@ -2,6 +2,9 @@
 // elements and DType codes; nothing here links against torch.
 #include <pybind11/pybind11.h>
 
+#include <stdexcept>
+#include <string>
+
 #include "quantize_fp8/api.h"
 #include "rms_norm/api.h"
 #include "route_layers/api.h"
@@ -13,6 +16,50 @@
 #include "row_moves/api.h"
 
 namespace py = pybind11;
+
+namespace {
+
+// flow_sampler_step_packed as a plain CPython METH_O function: FlowSampler.step's replay calls it
+// once per step, and a step of a small latent takes about 1.5 us, in which pybind11's argument
+// dispatch and a GIL release would be a large share. The GIL is released only for work of
+// kReleaseGilElems or more (B * P * Q, read from the packed array).
+constexpr int64_t kReleaseGilElems = int64_t(1) << 16;
+
+PyObject* flow_sampler_step_packed_raw(PyObject*, PyObject* arg) {
+  const unsigned long long addr = PyLong_AsUnsignedLongLong(arg);
+  if (addr == static_cast<unsigned long long>(-1) && PyErr_Occurred()) return nullptr;
+  if (addr == 0) {
+    PyErr_SetString(PyExc_ValueError, "flow_sampler_step_packed: args must be the address of the packed array, got 0");
+    return nullptr;
+  }
+  const int64_t* a = reinterpret_cast<const int64_t*>(static_cast<uintptr_t>(addr));
+  const bool release = a[2] * a[3] * a[4] >= kReleaseGilElems;  // B * P * Q
+  PyThreadState* ts = release ? PyEval_SaveThread() : nullptr;
+  const char* err = nullptr;
+  std::string what;
+  try {
+    spar::flow_sampler_step_cpu_packed(static_cast<uintptr_t>(addr));
+  } catch (const std::invalid_argument& e) {
+    what = e.what();
+    err = "value";
+  } catch (const std::exception& e) {
+    what = e.what();
+    err = "runtime";
+  }
+  if (release) PyEval_RestoreThread(ts);
+  if (err) {
+    PyErr_SetString(err[0] == 'v' ? PyExc_ValueError : PyExc_RuntimeError, what.c_str());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef kFlowSamplerStepPacked = {
+    "flow_sampler_step_packed", flow_sampler_step_packed_raw, METH_O,
+    "flow_sampler_step with its arguments packed in an int64 array at address `args` (see "
+    "csrc/flow_sampler/api.h)"};
+
+}  // namespace
 
 PYBIND11_MODULE(_C_cpu, m) {
   m.doc() = "spar CPU kernels (twins of the CUDA kernels)";
@@ -28,9 +75,8 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("flow_sampler_step", &spar::flow_sampler_step_cpu,
         "fused flow-sampler step (arguments: see csrc/flow_sampler/api.h)",
         py::call_guard<py::gil_scoped_release>());
-  m.def("flow_sampler_step_packed", &spar::flow_sampler_step_cpu_packed, py::arg("args"),
-        "flow_sampler_step with its arguments packed in an int64 array (see csrc/flow_sampler/api.h)",
-        py::call_guard<py::gil_scoped_release>());
+  m.add_object("flow_sampler_step_packed",
+                py::reinterpret_steal<py::object>(PyCFunction_NewEx(&kFlowSamplerStepPacked, nullptr, m.ptr())));
   m.def("rms_norm", &spar::rms_norm_cpu, py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("D"),
         py::arg("x_row_stride"), py::arg("x_d_stride"), py::arg("residual"), py::arg("r_row_stride"),
         py::arg("r_d_stride"), py::arg("weight"), py::arg("weight_dtype"), py::arg("eps"), py::arg("out"),
