@@ -337,3 +337,36 @@ def test_a_deep_copy_mid_run_steps_on_its_own_state(method):
     got_a = a.step(x, vc, vu, out=out)
     torch.testing.assert_close(got_c, got_a, atol=0, rtol=0)
     torch.testing.assert_close(got_a, want, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_entry_point_errors_and_large_replays():
+    """The replay's entry point is a plain CPython function: a bad address or argument is a
+    Python error, an unsupported dtype code in the packed array a ValueError naming it; a step of
+    64Ki elements or more (the GIL is released around it) matches the reference."""
+    import numpy as np
+
+    from spar_kernels import _ext
+
+    fn = _ext.cpu_twin("flow_sampler_step_packed")
+    with pytest.raises(ValueError, match="got 0"):
+        fn(0)
+    with pytest.raises(TypeError):
+        fn("x")
+    s = sk.FlowSampler("euler", num_steps=4, guidance=3.0)
+    x, vc, vu, out = (torch.randn(1, 4, 8, 8) for _ in range(4))
+    s.step(x, vc, vu, out=out)
+    s.step(x, vc, vu, out=out)
+    bad = s._fast[8].copy()
+    bad[0] = 99  # no such dtype code
+    with pytest.raises(ValueError, match="unsupported dtype code 99"):
+        fn(bad.__array_interface__["data"][0])
+
+    a, b = _pair("dpmsolver++2m")
+    shape = (1, 16, 64, 72)  # 73728 elements
+    x, vc, vu, out = (torch.randn(shape) for _ in range(4))
+    for _ in range(3):
+        want = _ref_step(b, x.clone(), vc, vu)
+        got = a.step(x, vc, vu, out=out)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        x.copy_(got)
+    assert a._fast is not None and isinstance(a._fast[8], np.ndarray)
