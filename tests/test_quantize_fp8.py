@@ -304,3 +304,39 @@ def test_quantize_fp8_lane_warns_when_an_output_requires_grad():
     _op.REGISTRY["quantize_fp8"]._warned_grad = False
     with pytest.warns(UserWarning, match="has no backward"):
         sk.quantize_fp8(x, "token", out=(q, s))
+
+
+def _every_bf16_up_to(amax_bits: int, g: torch.Generator) -> torch.Tensor:
+    """Every finite bf16 magnitude up to the one with bits amax_bits, amax itself twice, random
+    signs, shuffled: one row whose amax is that value."""
+    mags = torch.arange(0, amax_bits + 1, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    row = torch.cat([mags, mags[-1:]])
+    sign = torch.randint(0, 2, row.shape, generator=g).bool()
+    row = torch.where(sign, -row, row)
+    return row[torch.randperm(row.numel(), generator=g)]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_quantize_fp8_bf16_every_value_under_many_scales(monkeypatch, isa):
+    """Every bf16 magnitude up to a row's amax, for amaxes that make the scale 1, a power of two,
+    3 (x / s exactly at e4m3 midpoints), random, at kMinAmax's clamp and a bf16 subnormal: the
+    twin's codes equal the reference's bit for bit, per token and per tensor. On a CPU with
+    AVX512-VBMI the avx512 variant codes bf16 rows by a per-scale table (quantize_fp8_kernels.h),
+    whose cases (zeros, e4m3 subnormals, bf16 subnormals, the carry into the next binade,
+    saturation at 448) all occur here; the avx2 variant divides."""
+    monkeypatch.setenv("SPAR_CPU_ISA", isa)
+    g = torch.Generator().manual_seed(1402)
+    bits = lambda v: int(torch.tensor([v]).to(torch.bfloat16).view(torch.int16))  # noqa: E731
+    amaxes = [bits(448.0), bits(448.0 * 2**-7), bits(448.0 * 2**5), bits(448.0 * 3), bits(1e-13), bits(1e-39),
+              bits(1.0), bits(3.0e38)]
+    amaxes += torch.randint(0x0080, 0x7F7F, (10,), generator=g).tolist()
+    for a in amaxes:
+        row = _every_bf16_up_to(a, g)
+        n = row.numel() // 32 * 32  # also whole rows of 32-element blocks, two per tensor
+        batch = row[:n].reshape(2, -1) if n >= 64 and (n // 2) % 32 == 0 else row[None, :n]
+        for x in (row[None], batch) if n else (row[None],):
+            for granularity in ("token", "tensor"):
+                q, s = sk.quantize_fp8(x, granularity)
+                want_q, want_s = ref.quantize_fp8(x, granularity)
+                assert torch.equal(s, want_s.reshape(s.shape)), (hex(a), granularity)
+                assert torch.equal(_bits(q), _bits(want_q)), (hex(a), granularity, x.shape)

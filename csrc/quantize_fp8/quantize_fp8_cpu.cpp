@@ -8,6 +8,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif

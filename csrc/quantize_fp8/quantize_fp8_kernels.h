@@ -258,6 +258,92 @@ inline float amax_value(__m512i acc) {
   const T* tag = nullptr;
   return amax_value<T>(amax_merge(tag, _mm512_castsi512_si256(acc), _mm512_extracti64x4_epi64(acc, 1)));
 }
+
+// ---- bf16 rows by table (AVX512-VBMI) ----
+// For a finite scale s = 2^sigma * m_s (m_s in [1, 2)) and a bf16 x = 2^(e-127) (1 + f/128),
+// RN(|x| / s) = 2^(e-127-sigma) RN((1 + f/128) / m_s) exactly whenever the quotient is a normal
+// float, so its e4m3 code, where the quotient is at least 2^-6 (e4m3's normal range), is
+//   code = 8 e + H[f] + C,  H[f] = code(RN((1 + f/128) / m_s)) + 104 (in 152..168),  C = -1120 - 8 sigma
+// (the code of a normal value is 8 (exponent + 7) + its 3-bit mantissa rounded to nearest even,
+// linear in the exponent, a carry included). A row builds the 128 entries of H with the exact
+// division and encode above (Div, e4m3_code16_abs), then codes 32 elements with one byte permute
+// (vpermi2b) and a few integer operations instead of two divisions and two encodes. Zeros get
+// code 0. A formula code of 8 or more is exact: either the quotient is at least 2^-6, or it lies
+// in [2^-6 - 2^-11, 2^-6), where the binade below rounds up to 2^-6 (the carry) and so does the
+// subnormal grid (steps of 2^-9: 7.75 steps and more round to 8). A block holding a nonzero
+// element whose formula code is below 8 (e4m3 subnormals, whose rounding step differs from the
+// binade's, bf16 subnormals, tiny values) takes the exact quantize32 instead, so every code is
+// bit-identical to it.
+#define SPAR_QUANT_VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma,f16c")))
+
+struct Bf16Table {
+  uint32_t scale_bits = 0;  // the scale the table is for (0: none; a usable scale has nonzero bits)
+  __m512i lo, hi;           // H[f] as bytes, f = 0..63 and 64..127
+  __m512i c;                // C in every 16-bit lane
+};
+
+// builds t for scale (kept when t already holds it); false when the table does not apply: scale not
+// finite or not positive, or below 2^-120 (then a bf16 subnormal's formula code could pass the
+// test; quantize_fp8's scales are at least 1e-12 / 448)
+inline bool bf16_table(float scale, Bf16Table& t) {
+  const uint32_t sb = float_to_bits(scale);
+  const int es = int(sb >> 23);  // the sign bit is 0 for scale > 0
+  if (!(scale > 0.f) || es < 7 || es >= 255) return false;
+  if (t.scale_bits == sb) return true;
+  const Div div(bits_to_float((sb & 0x7fffffu) | (127u << 23)));  // m_s
+  // 1 + f/128 for f = 16 j + lane: the bits 127 << 23 | f << 16
+  const __m512i y0 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i one = _mm512_set1_epi32(127 << 23);
+  __m128i b[8];
+  for (int j = 0; j < 8; ++j) {
+    const __m512 y = _mm512_castsi512_ps(_mm512_or_si512(_mm512_slli_epi32(_mm512_add_epi32(y0, _mm512_set1_epi32(16 * j)), 16), one));
+    // 16 (code + 1128) -> its low byte after >> 4: code + 104 (1128 = 4 * 256 + 104; codes 48..64)
+    b[j] = _mm512_cvtepi32_epi8(_mm512_srli_epi32(e4m3_code16_abs(div(y)), 4));
+  }
+  const auto cat = [](__m128i a0, __m128i a1, __m128i a2, __m128i a3) {
+    return _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(a0), a1, 1), a2, 2), a3, 3);
+  };
+  t.lo = cat(b[0], b[1], b[2], b[3]);
+  t.hi = cat(b[4], b[5], b[6], b[7]);
+  t.c = _mm512_set1_epi16(int16_t(-1120 - 8 * (es - 127)));
+  t.scale_bits = sb;
+  return true;
+}
+
+// 32 bf16 elements -> 32 bytes by the table; false (nothing stored) when a nonzero element's code
+// is below 8
+SPAR_QUANT_VBMI inline bool quantize32_table(const bf16_t* p, const Bf16Table& t, uint8_t* q) {
+  const __m512i b = _mm512_loadu_si512(p);
+  // H[f] from each element's low byte (bits 0-6: f); the high bytes zeroed
+  const __m512i g = _mm512_maskz_permutex2var_epi8(0x5555555555555555ull, t.lo, b, t.hi);
+  const __m512i e8 = _mm512_and_si512(_mm512_srli_epi16(b, 4), _mm512_set1_epi16(0x7f8));  // 8 e
+  const __mmask32 nz = _mm512_test_epi16_mask(b, _mm512_set1_epi16(0x7fff));
+  const __m512i code = _mm512_maskz_add_epi16(nz, _mm512_add_epi16(e8, g), t.c);  // zeros: 0
+  if (_mm512_mask_cmplt_epi16_mask(nz, code, _mm512_set1_epi16(8))) return false;
+  // code | (sign >> 8): A | (B & C)
+  const __m512i v = _mm512_ternarylogic_epi32(code, _mm512_srli_epi16(b, 8), _mm512_set1_epi16(0x80), 0xf8);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm512_cvtepi16_epi8(v));
+  return true;
+}
+
+// the 32-element steps of a bf16 row [0, n32) by table (blocks that fail it: quantize32), with
+// quantize_row_amax_next's fused amax of `next` (when acc is not null) and prefetch of `ahead`
+SPAR_QUANT_VBMI inline void quantize_row_table(const bf16_t* x, const Bf16Table& t, const Div& div, uint8_t* q,
+                                               int64_t n32, const bf16_t* next, const bf16_t* ahead, AmaxAcc* acc) {
+  AmaxAcc a = acc ? *acc : amax_zero();
+  for (int64_t c = 0; c < n32; c += 32) {
+    if (ahead) _mm_prefetch(reinterpret_cast<const char*>(ahead + c), _MM_HINT_T0);
+    if (acc) amax32(next + c, a);
+    if (!quantize32_table(x + c, t, q + c)) quantize32(x + c, div, q + c);
+  }
+  if (acc) *acc = a;
+}
+
+// the table of this thread's last scale: per tensor every row reuses it
+inline Bf16Table& bf16_table_cache() {
+  static thread_local Bf16Table t;
+  return t;
+}
 #else
 using AmaxAcc = __m256i;
 inline AmaxAcc amax_zero() { return _mm256_setzero_si256(); }
@@ -285,6 +371,16 @@ void quantize_row(const T* x, float scale, uint8_t* q, int64_t n, const T* next)
 #if SPAR_ISA_AVX2
   if (scale > 0.f && scale < INFINITY) {  // a NaN or infinite scale takes the scalar loop
     const Div div(scale);
+#if SPAR_QUANT_ZMM
+    if constexpr (std::is_same_v<T, bf16_t>) {
+      Bf16Table& t = bf16_table_cache();
+      if (cpu::has_avx512vbmi() && bf16_table(scale, t)) {
+        const int64_t n32 = n & ~int64_t(31);
+        quantize_row_table(x, t, div, q, n32, nullptr, next, nullptr);
+        c = n32;
+      }
+    }
+#endif
     if (next) {
       for (; c + 32 <= n; c += 32) {
         for (int64_t b = 0; b < int64_t(32 * sizeof(T)); b += 64)
@@ -312,6 +408,15 @@ float quantize_row_amax_next(const T* x, float scale, uint8_t* q, int64_t n, con
   if (scale > 0.f && scale < INFINITY && n >= 32) {
     const Div div(scale);
     AmaxAcc acc = amax_zero();
+#if SPAR_QUANT_ZMM
+    if constexpr (std::is_same_v<T, bf16_t>) {
+      Bf16Table t;  // per token: a new scale every row
+      if (cpu::has_avx512vbmi() && bf16_table(scale, t)) {
+        c = n & ~int64_t(31);
+        quantize_row_table(x, t, div, q, c, next, ahead, &acc);
+      }
+    }
+#endif
     if (ahead) {
       for (; c + 32 <= n; c += 32) {
         for (int64_t b = 0; b < int64_t(32 * sizeof(T)); b += 64)
