@@ -47,9 +47,10 @@ def _dwconv_glu_tile(x_b, Wt, Bias, row, col, p_mask, c, c_mask, Hh, Ww, C, stri
         wa = tl.load(Wt + c * stride_w + t, mask=c_mask, other=0.0).to(tl.float32)
         wg = tl.load(Wt + (c + C) * stride_w + t, mask=c_mask, other=0.0).to(tl.float32)
         # explicit fused multiply-adds: what the GPU compiler contracts these to anyway, and what
-        # torch's CPU depthwise conv does, so the interpreter rounds as both do
-        acc_a = tl.fma(xa, wa[None, :], acc_a)
-        acc_g = tl.fma(xg, wg[None, :], acc_g)
+        # torch's CPU depthwise conv does, so the interpreter rounds as both do. Taps on the zero
+        # padding are skipped, not multiplied (an infinite weight times the padding's 0 is NaN)
+        acc_a = tl.where(m, tl.fma(xa, wa[None, :], acc_a), acc_a)
+        acc_g = tl.where(m, tl.fma(xg, wg[None, :], acc_g), acc_g)
     if HAS_BIAS:
         acc_a += tl.load(Bias + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
         acc_g += tl.load(Bias + C + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]

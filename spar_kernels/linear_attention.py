@@ -83,6 +83,9 @@ def _la_state_kernel(K, V, S, Z, Nk, H, D, E, E_PAD, n_per_split,
             acc = tl.dot(kt.to(V.dtype.element_ty), vt, acc, input_precision=PRECISION)
         z += tl.sum(kt, axis=1)
     slot = bh.to(tl.int64) * nsplit + split
+    # padded key dims: 0 * v there, NaN for an infinite v, which the output's dot would carry into
+    # the column (times q's zero padding); the reference has no such rows
+    acc = tl.where(d_mask[:, None], acc, 0.0)
     tl.store(S + slot * (BLOCK_D * E_PAD) + offs_d[:, None] * E_PAD + offs_e[None, :], acc)
     if et == 0:
         tl.store(Z + slot * BLOCK_D + offs_d, z)

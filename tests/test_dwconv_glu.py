@@ -124,6 +124,39 @@ def test_dwconv_glu_cpu_silu_of_large_negative_gates(isa, dtype, monkeypatch):
     torch.testing.assert_close(got[ok], want[ok], atol=1e-30, rtol=1e-6 if dtype == torch.float32 else 8e-3)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tap", [0, 4, 8])
+def test_dwconv_glu_infinite_weight_skips_the_padding(backend, tap):
+    """An infinite weight at one tap of a channel: the outputs whose window puts that tap on the
+    zero padding get nothing from it (the reference skips padded taps; 0 * inf would be NaN),
+    the others inf or NaN as the reference has them."""
+    g = torch.Generator().manual_seed(tap)
+    B, H, W, C = 1, 5, 6, 8
+    x = torch.rand(B, H * W, 2 * C, generator=g) + 0.5
+    weight = torch.rand(2 * C, 1, 3, 3, generator=g) * 0.1
+    weight[2, 0, tap // 3, tap % 3] = float("inf")          # a value channel
+    weight[C + 5, 0, tap // 3, tap % 3] = -float("inf")     # a gate channel
+    with sk.backend(backend):
+        got = sk.dwconv_glu(x, weight, None, H, W)
+    # the oracle: taps summed over the grid only, in fp64 (torch's fp64 conv2d multiplies the
+    # padding, its fp32 CPU conv skips it: spar's backends all skip it)
+    img = x.double().reshape(B, H, W, 2 * C)
+    h = torch.zeros_like(img)
+    for t in range(9):
+        dy, dx = t // 3 - 1, t % 3 - 1
+        w = weight.double()[:, 0, t // 3, t % 3]
+        ys, yd = slice(max(dy, 0), H + min(dy, 0)), slice(max(-dy, 0), H - max(dy, 0))
+        xs, xd = slice(max(dx, 0), W + min(dx, 0)), slice(max(-dx, 0), W - max(dx, 0))
+        h[:, yd, xd] += img[:, ys, xs] * w
+    a, gate = h[..., :C], h[..., C:]
+    want = (a * F.silu(gate)).reshape(B, H * W, C)
+    assert not want.isfinite().all()
+    assert torch.equal(got.isnan(), want.isnan()), (int(got.isnan().sum()), int(want.isnan().sum()))
+    assert torch.equal(got.isinf(), want.isinf())
+    ok = want.isfinite()
+    torch.testing.assert_close(got[ok].double(), want[ok], atol=1e-5, rtol=1e-5)
+
+
 def test_dwconv_glu_out_must_not_overlap_x():
     buf = torch.randn(12 * 16 + 12 * 8)
     x = buf[:12 * 16].view(1, 12, 16)

@@ -112,6 +112,27 @@ def test_linear_attention_nan_inputs_propagate_as_in_torch(backend, d, where):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d, e", [(24, 40), (16, 16), (72, 72), (32, 20)])
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_linear_attention_inf_inputs_match_torch_with_padded_head_dims(backend, d, e, where):
+    """An infinite key or value element with positive q and k: torch gives inf (not NaN) where
+    every product is finite or inf of one sign; the head dims a kernel pads (d or e below its
+    block) must not turn that into NaN (0 * inf in the padding)."""
+    g = torch.Generator().manual_seed(d + e)
+    q, k = (torch.rand(1, 9, 2, d, generator=g) + 0.1 for _ in range(2))
+    v = torch.rand(1, 9, 2, e, generator=g) + 0.1
+    {"k": k, "v": v}[where][0, 3, 1, 2] = float("inf")
+    with sk.backend(backend):
+        got = sk.linear_attention(q, k, v)
+    want = ref.linear_attention(q.double(), k.double(), v.double())
+    assert (want.isinf() | want.isnan()).any()
+    assert torch.equal(got.isnan(), want.isnan()), (int(got.isnan().sum()), int(want.isnan().sum()))
+    assert torch.equal(got.isinf(), want.isinf()), (int(got.isinf().sum()), int(want.isinf().sum()))
+    ok = want.isfinite()
+    torch.testing.assert_close(got[ok].double(), want[ok], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_attention_empty(backend):
     q, k, v = _inputs(2, 0, 5, 2, 32, 32, torch.float32)
     with sk.backend(backend):
