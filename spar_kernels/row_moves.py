@@ -135,8 +135,9 @@ def _aot_specs():
 # layout helpers
 
 def _rows_view(t: torch.Tensor, name: str, *, writable: bool = False) -> torch.Tensor:
-    """``t`` as [rows, C] with unit inner stride, viewed as an int type of its element size (a
-    view when the layout allows; read-only inputs are copied otherwise)."""
+    """``t`` as [rows, C] with unit inner stride, viewed as an int type of its element size, or as
+    int64 pairs ([rows, 2C]) for 16-byte elements (complex128) (a view when the layout allows;
+    read-only inputs are copied otherwise). Callers take C and the element size from the view."""
     n = t.shape[0]
     C = math.prod(t.shape[1:])
     try:
@@ -151,7 +152,12 @@ def _rows_view(t: torch.Tensor, name: str, *, writable: bool = False) -> torch.T
             raise ValueError(f"{name}: the rows of a tensor written in place need unit inner stride, "
                              f"got strides {t.stride()}")
         v = v.contiguous()
-    return v.view(_BITS_DTYPE[t.element_size()]) if t.element_size() in _BITS_DTYPE else v
+    es = t.element_size()
+    if es in _BITS_DTYPE:
+        return v.view(_BITS_DTYPE[es])
+    if es == 16 and (C <= 1 or v.stride(1) == 1):
+        return v.view(torch.int64)  # [rows, 2C]: the kernels move rows of 8-byte words
+    return v
 
 
 def bits_view(t: torch.Tensor) -> torch.Tensor:
@@ -249,10 +255,11 @@ def _scatter_cpu(x, index, src):
         except ValueError:
             xv = None
         if xv is not None:
-            sv, idx, es = _rows_view(src, "src"), index.contiguous(), x.element_size()
+            sv, idx = _rows_view(src, "src"), index.contiguous()
+            es, ses = xv.element_size(), sv.element_size()  # the views' (int64 pairs for complex128)
             _ext.cpu_twin("scatter_rows")(xv.data_ptr(), xv.shape[0], xv.stride(0) * es, idx.data_ptr(),
                                           idx.dtype == torch.int64, idx.shape[0], sv.data_ptr(),
-                                          sv.stride(0) * es, xv.shape[1] * es)
+                                          sv.stride(0) * ses, xv.shape[1] * es)
             return
     _scatter_index_put(x, index, src)
 
@@ -316,6 +323,7 @@ def _pack_triton(padded, cu, out):
         return
     src = _rows_view(padded.reshape((B * T,) + tuple(padded.shape[2:])), "padded")
     dst = _rows_view(out, "out", writable=True)
+    C = src.shape[1]  # in the view's elements
     _grid_launch(_varlen_rows_kernel, B * T, C, src, dst, cu, T, out.shape[0], src.stride(0), dst.stride(0), C, 0,
                  PACK=True)
 
@@ -436,8 +444,14 @@ def _unpack_triton(packed, cu, max_len, pad_value, out):
         out.fill_(pad_value)
         return
     src = _rows_view(packed, "packed")
+    pad = _pad_bits(pad_value, packed.dtype)
+    split_pad = packed.element_size() == 16 and pad != 0  # complex128: (pad, 0) is two different words
     _grid_launch(_varlen_rows_kernel, n, C, src, dst, cu, max_len, packed.shape[0], src.stride(0), dst.stride(0), C,
-                 _pad_bits(pad_value, packed.dtype), PACK=False)
+                 0 if split_pad else pad, PACK=False)
+    if split_pad:  # the rows past each length, written as zeros, get the pad (device ops, no sync)
+        lens = (cu[1:] - cu[:-1]).view((B, 1) + (1,) * (out.dim() - 2))
+        t = torch.arange(max_len, device=out.device).view((1, max_len) + (1,) * (out.dim() - 2))
+        out.copy_(torch.where(t >= lens, torch.full((), pad_value, dtype=out.dtype, device=out.device), out))
 
 
 def _unpack_cpu(packed, cu, max_len, pad_value, out):

@@ -428,3 +428,34 @@ def test_row_moves_refuse_an_out_sharing_the_input():
     assert torch.equal(sk.gather_rows(buf[:6], [5, 4], out=buf[6:8]), buf[[5, 4]])
     want = buf[[11, 10]].clone()  # and an out that ends where the input starts
     assert torch.equal(sk.gather_rows(buf[6:], [5, 4], out=buf[4:6]), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pad_value", [0.0, 1.5])
+def test_row_moves_on_16_byte_elements(backend, pad_value):
+    """complex128 rows (16-byte elements, moved as int64 pairs): gather, scatter, pack and unpack
+    (a nonzero pad is (pad, 0): two different words) equal indexing, on every backend; rows of one
+    element and of several, a strided x."""
+    g = torch.Generator().manual_seed(16)
+    for shape in [(6, 3), (6, 1), (6, 2, 5)]:
+        x = torch.randn(shape, dtype=torch.complex128, generator=g)
+        idx = torch.tensor([5, 0, 2, 2])
+        src = torch.randn((4,) + shape[1:], dtype=torch.complex128, generator=g)
+        with sk.backend(backend):
+            assert torch.equal(sk.gather_rows(x, idx), x[idx])
+            assert torch.equal(sk.gather_rows(x[::2], idx[:2] // 2), x[::2][idx[:2] // 2])
+            y = x.clone()
+            sk.scatter_rows(y, idx[:3], src[:3])
+        want = x.clone()
+        want[idx[:3]] = src[:3]
+        assert torch.equal(y, want)
+        lengths = [2, 0, 3]
+        padded = torch.randn((3, 4) + shape[1:], dtype=torch.complex128, generator=g)
+        with sk.backend(backend):
+            packed = sk.pack_sequences(padded, torch.tensor(lengths))
+            back = sk.unpack_sequences(packed, torch.tensor([0, 2, 2, 5]), 4, pad_value=pad_value)
+        assert torch.equal(packed, torch.cat([padded[b, :n] for b, n in enumerate(lengths)]))
+        want = torch.full_like(padded, pad_value)
+        for b, n in enumerate(lengths):
+            want[b, :n] = padded[b, :n]
+        assert torch.equal(back, want)
