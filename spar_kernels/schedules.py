@@ -152,11 +152,18 @@ def flow_sigmas(num_steps: int, *, shift: float = 1.0, schedule: str = "diffuser
                                use_karras_sigmas, use_exponential_sigmas, num_train_timesteps)
         out = torch.from_numpy(np.ascontiguousarray(sig)).to(torch.float32)
         if not bool(torch.isfinite(out).all()):
+            if shift_terminal is None:
+                raise ValueError(f"shift: with shift={shift} the schedule is not finite (the shifted sigmas "
+                                 f"underflow), got {out.tolist()}")
             raise ValueError(f"shift_terminal, num_steps: the schedule is not finite (shift_terminal="
                              f"{shift_terminal} with num_steps={num_steps} divides by zero), got {out.tolist()}")
     elif schedule == "dpmsolver":
         s = math.exp(mu) if mu is not None else shift
         out = torch.from_numpy(dpmsolver_flow_sigmas_f64(num_steps, s, num_train_timesteps)).to(torch.float32)
+        if mu is None and not bool((out[1:] < out[:-1]).all()):
+            # two sigmas of 1 in a row: DPM-Solver's step in log(alpha / sigma) is -inf - -inf (NaN latents)
+            raise ValueError(f"shift: with shift={shift} the float32 DPM-Solver sigmas are not strictly decreasing "
+                             f"(the shift pushes them together at 1), got {out.tolist()[:4]}...")
     else:  # BAGEL: float32 torch arithmetic
         t = torch.linspace(1, 0, num_steps + 1)
         t = shift * t / (1 + (shift - 1) * t)

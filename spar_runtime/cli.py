@@ -16,6 +16,7 @@ the output size.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import time
@@ -181,11 +182,18 @@ def _reconstruct(args, parser) -> int:
     run_s = time.perf_counter() - t1
     out.save(args.out)
     target = image.resize(out.size, Image.BICUBIC)
-    with Image.open(args.out) as saved:   # the file as written: a lossy format (JPEG) loses more
-        saved = saved.convert("RGB")
-    print(f"wrote {args.out} ({out.size[0]}x{out.size[1]}); PSNR {psnr(saved, target):.2f} dB against the input "
-          f"resized to {out.size[0]}x{out.size[1]}" + ("" if psnr(saved, target) == psnr(out, target) else
-                                                     f" ({psnr(out, target):.2f} dB before saving)"))
+    try:
+        with Image.open(args.out) as saved:   # the file as written: a lossy format (JPEG) loses more
+            saved = saved.convert("RGB")
+    except (OSError, ValueError):  # a format PIL writes but cannot read back (PDF, EPS without Ghostscript)
+        saved = None
+    if saved is None:
+        print(f"wrote {args.out} ({out.size[0]}x{out.size[1]}); PSNR {psnr(out, target):.2f} dB against the input "
+              f"resized to {out.size[0]}x{out.size[1]}, before saving (PIL cannot read this format back)")
+    else:
+        print(f"wrote {args.out} ({out.size[0]}x{out.size[1]}); PSNR {psnr(saved, target):.2f} dB against the "
+              f"input resized to {out.size[0]}x{out.size[1]}" + ("" if psnr(saved, target) == psnr(out, target)
+                                                                 else f" ({psnr(out, target):.2f} dB before saving)"))
     print(f"load {load_s:.3f} s, reconstruct {run_s:.3f} s (encode {pipe.timings.get('encode_image', 0):.3f} s, "
           f"decode {pipe.timings.get('decode', 0):.3f} s)", file=sys.stderr)
     return 0
@@ -230,6 +238,10 @@ def main(argv=None) -> int:
         fmt = Image.registered_extensions().get(os.path.splitext(out)[1].lower())
         if fmt is None or fmt not in Image.SAVE:
             parser.error(f"--out: {out!r} has no image extension PIL can write (e.g. .png)")
+        try:  # a registered writer may still be a stub or refuse RGB: write a small RGB image in memory
+            Image.new("RGB", (8, 8)).save(io.BytesIO(), format=fmt)
+        except Exception as e:  # noqa: BLE001 - whatever the plugin raises, it would raise after the run
+            parser.error(f"--out: PIL cannot write an RGB image as {fmt} ({out!r}): {e}")
         if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
             parser.error(f"--out: the folder of {out!r} does not exist")
     try:

@@ -426,13 +426,17 @@ def _normalize_keys(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     """Accept the InternVL key layout of newer transformers saves (``model.language_model.*``...)."""
     if not any(k.startswith("model.language_model.") for k in weights):
         return dict(weights)
-    out = {}
-    for k, v in weights.items():
+    out, source = {}, {}
+    for key, v in weights.items():
+        k = key
         for old, new in _NEW_STYLE_PREFIXES:
             if k.startswith(old):
                 k = new + k[len(old):]
                 break
-        out[k] = v
+        if k in out:  # both spellings of one tensor: which to load is not ours to guess
+            raise CheckpointError(f"weights: {source[k]!r} and {key!r} are the same tensor {k!r} under InternVL's two key "
+                             "layouts; a checkpoint must use one")
+        out[k], source[k] = v, key
     return out
 
 
@@ -477,6 +481,10 @@ class MLLM:
         self.proj_act_inplace = _ACTS_INPLACE[proj_act]
         self.proj_ln_s = self.proj_ln_w - 1      # the LayerNorm as adaln_layernorm on the CPU (see the tower)
         self.downsample_ratio = ratio
+        vocab = self.config.vocab_size
+        if isinstance(image_token_id, bool) or not 0 <= image_token_id < vocab:
+            raise CheckpointError(f"InternVL config: image_token_id {image_token_id} must be a token of the text "
+                                  f"vocabulary [0, {vocab})")
         self.image_token_id = image_token_id
         r = round(1 / ratio)
         self.image_seq_length = (vcfg.grid[0] // r) * (vcfg.grid[1] // r)

@@ -64,6 +64,26 @@ def _refuse_pickle(path: str) -> None:
             "convert the weights to safetensors (safetensors.torch.save_file) first")
 
 
+_CONVERTIBLE: dict[torch.dtype, bool] = {}
+
+
+def _convertible(dtype: torch.dtype) -> bool:
+    """False for a floating dtype that torch cannot cast to float32 (the packed float4 of
+    ``float4_e2m1fn_x2``); True otherwise (other dtypes are check_state_dict's to refuse)."""
+    if not dtype.is_floating_point:
+        return True
+    ok = _CONVERTIBLE.get(dtype)
+    if ok is None:
+        try:
+            torch.zeros(1, dtype=torch.uint8).view(dtype).to(torch.float32) if dtype.itemsize == 1 else \
+                torch.zeros(1, dtype=dtype).to(torch.float32)
+            ok = True
+        except (RuntimeError, NotImplementedError, TypeError):
+            ok = False
+        _CONVERTIBLE[dtype] = ok
+    return ok
+
+
 def _convert(t: torch.Tensor, device, dtype) -> torch.Tensor:
     if dtype is not None and t.is_floating_point():
         return t.to(device=device, dtype=dtype) if device is not None else t.to(dtype=dtype)
@@ -93,7 +113,11 @@ def _read_file(path: str, prefix: str | None, device, dtype, names: Iterable[str
                     name = key
                 if name in out:
                     raise CheckpointError(f"{path}: key {key!r} appears in more than one file")
-                out[name] = _convert(f.get_tensor(key), device, dtype)
+                t = f.get_tensor(key)
+                if not _convertible(t.dtype):
+                    raise CheckpointError(f"{path}: key {key!r} is {t.dtype}, which this torch cannot convert to "
+                                          "the load dtype (expected a float32 / bfloat16 / float16 / float8 weight)")
+                out[name] = _convert(t, device, dtype)
     except SafetensorError as e:
         raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from e
     except OSError as e:
@@ -196,33 +220,38 @@ def _listing(names: list[str]) -> str:
     return shown + (f", ... ({len(names) - _LIST_LIMIT} more)" if len(names) > _LIST_LIMIT else "")
 
 
-def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], where: str) -> None:
+def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], where: str,
+                     key_prefix: str = "") -> None:
     """Raise :class:`CheckpointError` unless ``sd`` holds exactly the ``expected`` names and shapes,
-    every one a floating-point tensor (weights are cast to the load dtype: an integer or bool tensor
-    there is a wrong file, not a value to convert; BatchNorm's ``num_batches_tracked`` excepted).
+    every one a floating-point tensor torch can cast (weights are cast to the load dtype: an integer
+    or bool tensor there is a wrong file, not a value to convert; BatchNorm's ``num_batches_tracked``
+    excepted).
 
     The message lists every missing key, every unexpected key, every mis-shaped key (name, shape
     got, shape expected) and every non-float one (name, dtype), prefixed with ``where`` (e.g. the
-    folder it came from).
+    folder it came from); names carry ``key_prefix`` (the prefix a loader stripped), so they are
+    the file's keys.
     """
     missing = sorted(k for k in expected if k not in sd)
     unexpected = sorted(k for k in sd if k not in expected)
     misshaped = sorted(k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k]))
-    not_float = sorted(k for k in expected if k in sd and not sd[k].is_floating_point()
+    not_float = sorted(k for k in expected if k in sd and not (sd[k].is_floating_point() and _convertible(sd[k].dtype))
                        and not k.endswith(".num_batches_tracked"))   # BatchNorm's step counter: an int
     if not (missing or unexpected or misshaped or not_float):
         return
+    p = key_prefix
     parts = []
     if missing:
-        parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+        parts.append(f"missing keys ({len(missing)}): {_listing([p + k for k in missing])}")
     if unexpected:
-        parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+        parts.append(f"unexpected keys ({len(unexpected)}): {_listing([p + k for k in unexpected])}")
     if misshaped:
-        shown = [f"{k}: got {tuple(sd[k].shape)}, expected {tuple(expected[k])}" for k in misshaped]
+        shown = [f"{p}{k}: got {tuple(sd[k].shape)}, expected {tuple(expected[k])}" for k in misshaped]
         parts.append(f"mis-shaped keys ({len(misshaped)}): {_listing(shown)}")
     if not_float:
-        shown = [f"{k}: {sd[k].dtype}" for k in not_float]
-        parts.append(f"keys that are not floating-point tensors ({len(not_float)}): {_listing(shown)}")
+        shown = [f"{p}{k}: {sd[k].dtype}" for k in not_float]
+        parts.append(f"keys that are not floating-point tensors torch can cast ({len(not_float)}): "
+                     f"{_listing(shown)}")
     raise CheckpointError(f"{where}: " + "; ".join(parts))
 
 
@@ -249,7 +278,7 @@ def load_component(folder: str | os.PathLike, kind: str, validate, param_shapes,
     weights = load_safetensors_dir(folder, prefix=prefix, device=device, dtype=dtype)
     if prefix is not None and not weights:
         raise CheckpointError(f"{folder}: no '{prefix}*' tensors found (expected a {kind} checkpoint)")
-    check_state_dict(weights, param_shapes(config), folder)
+    check_state_dict(weights, param_shapes(config), folder, key_prefix=prefix or "")
     return config, weights
 
 

@@ -82,8 +82,27 @@ def spar_random_weights(config: SparConfig, generator: torch.Generator | None = 
     return out
 
 
+def _check_seed(seed) -> int:
+    """``seed`` as the int torch.Generator.manual_seed takes (any integer type; -2**63 <= seed < 2**64)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__} {seed!r}")
+    seed = int(seed)
+    if not -2**63 <= seed < 2**64:
+        raise ValueError(f"seed: expected an int in [-2**63, 2**64), got {seed}")
+    return seed
+
+
 def _default_device_dtype(device, dtype):
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+    if device.type == "cpu":
+        device = torch.device("cpu")  # one CPU device: "cpu:0" is "cpu" (CPU tensors report no index)
+    elif device.type != "cuda":
+        raise ValueError(f"device: expected cpu or cuda, got {device}")
+    elif not torch.cuda.is_available():
+        raise ValueError(f"device: {device} was asked for, but this torch has no usable CUDA device")
     if dtype is None:
         dtype = default_dtype(device)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -107,8 +126,12 @@ def _as_ids(name: str, ids, vocab: int, *, allow_empty: bool) -> torch.Tensor:
             raise ValueError(f"{name}: expected a 1-D integer tensor of token ids, got shape {tuple(ids.shape)} "
                              f"dtype {ids.dtype}")
         t = ids.detach().to("cpu", torch.int64)
-    elif isinstance(ids, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        t = torch.tensor(list(ids), dtype=torch.int64)
+    elif isinstance(ids, (list, tuple)):
+        bad = [i for i, v in enumerate(ids) if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
+        if bad:
+            raise TypeError(f"{name}: expected a list of ints (token ids), but item {bad[0]} is "
+                            f"{type(ids[bad[0]]).__name__} {ids[bad[0]]!r}")
+        t = torch.tensor([int(v) for v in ids], dtype=torch.int64)
     else:
         raise TypeError(f"{name}: expected a 1-D integer tensor or a list of ints, got {type(ids).__name__}")
     if t.numel() == 0 and not allow_empty:
@@ -244,7 +267,7 @@ class SparPipeline:
         config = _configs.get_config(config)
         device, dtype = _default_device_dtype(device, dtype)
         _check_engine_args(device, quantization, graphs)
-        gen = torch.Generator().manual_seed(int(seed))
+        gen = torch.Generator().manual_seed(_check_seed(seed))
 
         def place(ws):
             return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in ws.items()}
@@ -272,16 +295,19 @@ class SparPipeline:
     def _check_generate_args(self, prompt_ids, uncond_ids, noise, num_steps, guidance, sampler, shift):
         if isinstance(prompt_ids, torch.Tensor) and prompt_ids.dim() == 2:
             prompt_ids = list(prompt_ids)             # [B, n]: B prompts of n tokens
-        if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids or \
-                not all(isinstance(p, (torch.Tensor, list, tuple)) for p in prompt_ids):
+        if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
             raise TypeError("prompt_ids: expected a non-empty list of 1-D token-id sequences (one per image), got "
-                            f"{type(prompt_ids).__name__}")
+                            f"{type(prompt_ids).__name__}" + (" (empty)" if isinstance(prompt_ids, (list, tuple)) else ""))
+        odd = [b for b, p in enumerate(prompt_ids) if not isinstance(p, (torch.Tensor, list, tuple))]
+        if odd:
+            raise TypeError(f"prompt_ids[{odd[0]}]: expected a 1-D token-id sequence (a list of ints or an integer "
+                            f"tensor), got {type(prompt_ids[odd[0]]).__name__}")
         B = len(prompt_ids)
         prompts = [_as_ids(f"prompt_ids[{b}]", p, self.vocab_size, allow_empty=False) for b, p in enumerate(prompt_ids)]
         if isinstance(uncond_ids, torch.Tensor) and uncond_ids.dim() == 2:
             uncond_ids = list(uncond_ids)             # [B, n]: one per image
         one = isinstance(uncond_ids, torch.Tensor) or (
-            isinstance(uncond_ids, (list, tuple)) and all(isinstance(i, int) for i in uncond_ids))
+            isinstance(uncond_ids, (list, tuple)) and all(isinstance(i, numbers.Integral) for i in uncond_ids))
         if one:
             u = _as_ids("uncond_ids", uncond_ids, self.vocab_size, allow_empty=True)
             unconds = [u] * B
@@ -482,8 +508,8 @@ class SparPipeline:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """DC-AE decode of ``latents / vae_scale_factor``: ``[B, 3, H, W]``, unclamped, in the pipeline's dtype."""
         C = self.config.latent_channels
-        if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[1] != C:
-            raise ValueError(f"latents: expected a [B, {C}, h, w] tensor, got "
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[1] != C or latents.shape[0] < 1:
+            raise ValueError(f"latents: expected a [B, {C}, h, w] tensor with B >= 1, got "
                              f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}")
         with self._stage("decode"):
             z = (latents.to(self.device, torch.float32) / self.config.vae_scale_factor).to(self.dtype)
@@ -514,7 +540,7 @@ class SparPipeline:
                                          generation=True), dtype=torch.int64)
 
     def _noise(self, B: int, seed: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(int(seed))
+        g = torch.Generator().manual_seed(_check_seed(seed))
         s = self.config.latent_size
         return torch.randn((B, self.config.latent_channels, s, s), generator=g)
 
@@ -595,6 +621,10 @@ class SparPipeline:
             pv = image[None] if image.dim() == 3 else image
             if pv.dim() != 4 or pv.shape[1] != 3:
                 raise ValueError(f"image: expected pixel values [B, 3, H, W], got {tuple(image.shape)}")
+            if not pv.is_floating_point():  # raw 0..255 pixels would pass as normalized values
+                raise ValueError(f"image: expected normalized float pixel values (ImageNet mean/std, as "
+                                 f"InternVL's processor gives), got dtype {image.dtype}; pass a PIL image for "
+                                 "raw pixels")
             return pv.to(self.device, self.dtype)
         from PIL import Image
 

@@ -22,6 +22,7 @@ final normed output (the raw output of the last layer is not kept).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -586,31 +587,52 @@ class Qwen2LM:
             the new token ids of each prompt (an emitted EOS is included as the last id).
         """
         lens = _lengths("lengths", lengths)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        # any integer / real type (numpy scalars included), never a bool
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        max_new_tokens = int(max_new_tokens)
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
             raise ValueError(f"top_k: expected None or an integer >= 0 (0: no top-k filter), got {top_k!r}")
-        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+        top_k = None if top_k is None else int(top_k)
+        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)
                                   or not 0 < top_p <= 1):
             raise ValueError(f"top_p: expected None or a number in (0, 1] (1: no nucleus filter), got {top_p!r}")
+        top_p = None if top_p is None else float(top_p)
         if embeds.dim() != 2 or embeds.shape[0] != sum(lens):
             raise ValueError(f"embeds: expected [{sum(lens)}, {self.config.hidden_size}] (sum of lengths), "
                              f"got {tuple(embeds.shape)}")
-        if do_sample and not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        if do_sample and not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+                              and 0 < temperature < float("inf")):
             raise ValueError(f"temperature: expected a finite number > 0 when sampling, got {temperature!r}")
-        eos = self.config.eos_ids if eos_token_id is None else (
-            (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+        temperature = float(temperature) if isinstance(temperature, numbers.Real) else temperature
+        eos = self.config.eos_ids if eos_token_id is None else _eos_ids(eos_token_id, self.config.vocab_size)
         from .engine import generate_tokens   # the loop lives in the execution layer
 
         pick = lambda logits: _pick(logits, do_sample, temperature, top_k, top_p, generator)  # noqa: E731
         return generate_tokens(self, embeds, lens, max_new_tokens, pick=pick, eos=eos, plans=plans, graphs=graphs)
 
 
+def _eos_ids(eos_token_id, vocab: int) -> tuple[int, ...]:
+    """``eos_token_id`` (one id or a sequence of ids, each in [0, vocab)) as a tuple of ints."""
+    ids = [eos_token_id] if isinstance(eos_token_id, numbers.Integral) else eos_token_id
+    try:
+        ids = list(ids)
+    except TypeError:
+        ids = None
+    if (ids is None or isinstance(eos_token_id, (str, bytes)) or not ids
+            or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < vocab for i in ids)):
+        raise ValueError(f"eos_token_id: expected None, a token id or a sequence of token ids in [0, {vocab}), "
+                         f"got {eos_token_id!r}")
+    return tuple(int(i) for i in ids)
+
+
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k, top_p, generator) -> torch.Tensor:
     """Next token per row: argmax, or a sample after temperature / top-k / top-p filtering."""
     if not do_sample:
         return logits.argmax(dim=-1)
-    scores = logits / temperature
+    # the row's max subtracted first: a tiny temperature then sends the others to -inf, not the
+    # max to +inf (inf - inf in the softmax would be NaN)
+    scores = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and 0 < top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))

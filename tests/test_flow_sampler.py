@@ -769,3 +769,19 @@ def test_renorm_of_a_non_finite_norm_stays_nan_as_in_the_reference(renorm, bad):
         ref = sk.FlowSampler("euler", **kw).step(x, vc, vu)
     assert ref.isnan().any()
     torch.testing.assert_close(twin, ref, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+def test_extreme_shifts_are_refused_naming_shift():
+    """A shift that pushes DPM-Solver's float32 sigmas together at 1 (two sigmas of 1 in a row
+    made NaN latents) and one whose Euler schedule underflows are errors naming shift (the latter
+    used to name shift_terminal, which the caller never passed); a large shift that keeps them
+    strictly decreasing steps to finite values."""
+    with pytest.raises(ValueError, match="shift: with shift=100000000.0 the float32 DPM-Solver sigmas"):
+        sk.FlowSampler("dpmsolver++2m", num_steps=20, shift=1e8)
+    with pytest.raises(ValueError, match="shift: with shift=1e-13 the schedule is not finite"):
+        sk.FlowSampler("euler", num_steps=20, shift=1e-13)
+    s = sk.FlowSampler("dpmsolver++2m", num_steps=20, shift=1e6, guidance=1.0)
+    x = torch.randn(1, 4, 8, 8)
+    for _ in range(s.num_evals):
+        x = s.step(x, torch.randn(1, 4, 8, 8))
+    assert bool(torch.isfinite(x).all())

@@ -161,6 +161,8 @@ def test_bf16_pipeline_close_to_fp32():
     (dict(prompt_ids=[[1, 100000]]), ValueError, "prompt_ids"),
     (dict(prompt_ids=[torch.tensor([1.5])]), ValueError, "prompt_ids"),
     (dict(uncond_ids=[[1], [2]]), ValueError, "uncond_ids"),
+    (dict(prompt_ids=[[1, 2.0]]), TypeError, r"prompt_ids\[0\]: expected a list of ints .* item 1 is float"),
+    (dict(prompt_ids=[[1], "ab"]), TypeError, r"prompt_ids\[1\]: expected a 1-D token-id sequence"),
 ])
 def test_bad_calls(rpipe, kwargs, exc, match):
     pipe = rpipe
@@ -408,6 +410,9 @@ def test_components_must_match_the_pipeline_dtype(rpipe):
     (dict(max_new_tokens=2, do_sample=True, top_p=-0.5), "top_p"),
     (dict(max_new_tokens=2, do_sample=True, top_k=-3), "top_k"),
     (dict(max_new_tokens=2, do_sample=True, temperature=float("inf")), "temperature"),
+    (dict(max_new_tokens=2, eos_token_id="x"), "eos_token_id"),
+    (dict(max_new_tokens=2, eos_token_id=-1), "eos_token_id"),
+    (dict(max_new_tokens=2, eos_token_id=[]), "eos_token_id"),
 ])
 def test_describe_refuses_bad_sampling_arguments(rpipe, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -444,3 +449,95 @@ def test_fp8_pipeline_does_not_convert_components_another_pipeline_uses():
     assert q.quantized
     with pytest.raises(ValueError, match="converted to FP8 in place by another SparPipeline"):
         SparPipeline(cfg, mllm, spar, dit, vae)
+
+
+def test_inputs_found_by_fuzzing_get_clear_errors_or_work(rpipe, tmp_path):
+    """Integer pixel tensors are refused (their 0..255 values would pass as normalized pixels);
+    seeds must be ints in torch's range; numpy integer ids and numpy scalar arguments work as
+    their Python values; a tiny temperature samples the top token instead of failing; an empty
+    latent batch is refused naming latents; 'cpu:0' is the CPU; devices torch cannot use are
+    refused naming device."""
+    import numpy as np
+
+    with pytest.raises(ValueError, match="image: expected normalized float pixel values.*uint8"):
+        rpipe.describe(torch.zeros(1, 3, 64, 64, dtype=torch.uint8), "hi", max_new_tokens=1)
+    with pytest.raises(ValueError, match="image: expected normalized float"):
+        rpipe.preprocess(torch.ones(3, 64, 64, dtype=torch.bool))
+    for seed, exc in ((1.9, TypeError), ("7", TypeError), (None, TypeError), (True, TypeError),
+                      (2**64, ValueError), (-2**63 - 1, ValueError)):
+        with pytest.raises(exc, match="seed"):
+            rpipe._noise(1, seed)
+    assert torch.equal(rpipe._noise(1, np.int64(5)), rpipe._noise(1, 5))
+    a = rpipe.generate_latents([[np.int64(1), np.int64(2)]], uncond_ids=[np.int64(3)], noise=torch.zeros(1, 32, 4, 4),
+                               num_steps=np.int64(1))
+    b = rpipe.generate_latents([[1, 2]], uncond_ids=[3], noise=torch.zeros(1, 32, 4, 4), num_steps=1)
+    assert torch.equal(a, b)
+    img = torch.randn(1, 3, 64, 64)
+    want = rpipe.describe(img, "hi", max_new_tokens=2)
+    got = rpipe.describe(img, "hi", max_new_tokens=np.int64(2), do_sample=True, temperature=1e-45,
+                         top_p=np.float32(0.9))
+    assert got == want  # a temperature near 0 is greedy
+    with pytest.raises(ValueError, match="latents: .*B >= 1"):
+        rpipe.decode(torch.zeros(0, 32, 4, 4))
+    p = SparPipeline.random("tiny", seed=0, device="cpu:0")
+    assert p.device == torch.device("cpu")
+    for device, match in (("meta", "device: expected cpu or cuda"), ("bogus", "device: expected a torch device")):
+        with pytest.raises(ValueError, match=match):
+            SparPipeline.random("tiny", device=device)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device: cuda was asked for"):
+            SparPipeline.random("tiny", device="cuda")
+
+
+def test_checkpoint_problems_found_by_fuzzing(ckpt_copy):
+    """Both InternVL key spellings of one tensor in the mllm file; a float4 tensor (a float dtype
+    torch cannot cast); a VAE error names the file's own keys (with their decoder. prefix)."""
+    f = ckpt_copy / "mllm"
+    files = sorted(f.glob("*.safetensors"))
+    holder = next(x for x in files if "language_model.model.norm.weight" in load_file(x))
+    t = load_file(holder)
+    t["model.language_model.norm.weight"] = torch.full_like(t["language_model.model.norm.weight"], 7.0)
+    save_file(t, holder)
+    import json
+
+    index = next(f.glob("*.index.json"))
+    meta = json.loads(index.read_text())
+    meta["weight_map"]["model.language_model.norm.weight"] = holder.name
+    index.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="same tensor .* two key layouts"):
+        SparPipeline.from_pretrained(ckpt_copy)
+    del t["model.language_model.norm.weight"], meta["weight_map"]["model.language_model.norm.weight"]
+    save_file(t, holder)
+    index.write_text(json.dumps(meta))
+
+    spar = load_file(ckpt_copy / "spar.safetensors")
+    orig = dict(spar)
+    spar["dtr.alpha"] = torch.zeros(spar["dtr.alpha"].numel(), dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    save_file(spar, ckpt_copy / "spar.safetensors")
+    with pytest.raises(CheckpointError, match="'dtr.alpha' is torch.float4_e2m1fn_x2"):
+        SparPipeline.from_pretrained(ckpt_copy)
+    save_file(orig, ckpt_copy / "spar.safetensors")
+
+    vae = next((ckpt_copy / "vae").glob("*.safetensors"))
+    w = load_file(vae)
+    key = next(k for k in w if k.startswith("decoder.") and k.endswith(".weight") and w[k].dim() == 4)
+    w[key] = w[key][:1].clone()
+    save_file(w, vae)
+    with pytest.raises(CheckpointError, match=f"mis-shaped keys \\(1\\): {key}: got"):
+        SparPipeline.from_pretrained(ckpt_copy)
+
+
+def test_cli_out_formats_pil_cannot_write_or_read_back(tmp_path, capsys):
+    from PIL import Image
+
+    from spar_runtime.cli import main
+
+    with pytest.raises(SystemExit) as e:   # XBM refuses RGB: found before the run
+        main(["generate", "--config", "tiny", "--random-weights", "--prompt", "x", "--out", str(tmp_path / "y.xbm")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--out" in err and "XBM" in err, err
+    src = tmp_path / "in.png"
+    Image.new("RGB", (40, 30), (200, 30, 60)).save(src)
+    out = tmp_path / "rec.pdf"   # PIL writes PDF but cannot read it back for the PSNR
+    assert main(["reconstruct", "--config", "tiny", "--random-weights", "--image", str(src), "--out", str(out)]) == 0
+    assert out.is_file() and "before saving (PIL cannot read this format back)" in capsys.readouterr().out
