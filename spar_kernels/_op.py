@@ -15,7 +15,7 @@ The decorated function only declares the schema (its annotations); the returned 
 - when called from eager code (nothing compiling, no ``TorchDispatchMode`` active, plain tensors)
   calls the selected implementation directly, after checking that no tensor it writes shares
   memory with another argument (byte ranges, whatever storages; the same elements as an input
-  only where ``inplace`` declares the pair) or overlaps itself, and then bumps the written tensors'
+  only where ``inplace`` declares the pair) or overlaps itself and bumping the written tensors'
   version counters as the dispatcher's ADInplaceOrView kernel would. The custom-op dispatcher
   costs about 30 us per call on a CPU, more than several of spar's CPU kernels take; the fast
   path about 1.6 us with nothing written, 3.1 us for three tensor arguments with one written and
@@ -202,6 +202,9 @@ class SparOp:
             impl = select(self.name, t.device, impls)
         if self.mutated:
             self._check_disjoint(args)
+            # the versions first, as the dispatcher's ADInplaceOrView kernel bumps them before the
+            # kernel runs: a tensor that cannot take the write raises with nothing written
+            self._written(args)
         if _grad_enabled() and _any_requires_grad(*args):
             # as through the dispatcher (no autograd kernel): nothing is recorded, the outputs do
             # not require grad. Without this, a backend written with torch ops would record a
@@ -215,7 +218,6 @@ class SparOp:
                 _set_grad_enabled(True)
         else:
             impl(*args)
-        self._written(args)
 
     def warn_no_backward(self, stacklevel: int = 3) -> None:
         """The once-per-op warning for a call with grad mode on and an input requiring grad (also

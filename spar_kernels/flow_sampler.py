@@ -343,7 +343,6 @@ class FlowSampler:
         self._host_step = 0
         self._shape = None
         self._h1 = self._h2 = self._stats = None
-        self._twin_tail = None  # the C++ twin's trailing arguments (history, table, counter pointers)
         self._fast = None  # the last eager twin call, replayed by step's fast path (see _fast_entry)
         self._last = None  # weak references to the last twin call's tensors (step builds _fast on a repeat)
 
@@ -395,11 +394,22 @@ class FlowSampler:
     # -- state ---------------------------------------------------------------------------------
     def __getstate__(self) -> dict:
         """For copy / deepcopy / pickle: everything but the caches of raw pointers into this
-        sampler's tensors (the twin's argument tail, the fast path's entry and its weak
-        references), which a copy rebuilds from its own tensors on its first step."""
+        sampler's tensors (the fast path's entry and its weak references), which a copy rebuilds
+        from its own tensors on its first step."""
         state = self.__dict__.copy()
-        state.update(_twin_tail=None, _fast=None, _last=None)
+        state.update(_fast=None, _last=None)
+        # copies of the tensors the twin reaches by pointer: a torch.multiprocessing pickler moves
+        # the tensors it is given into shared memory in place, which would leave this sampler's
+        # pointers dangling; the counter is a view of the state, remade by __setstate__
+        for k in ("_state", "table", "_h1", "_h2", "_stats"):
+            if state.get(k) is not None:
+                state[k] = state[k].clone()
+        del state["counter"]
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.counter = self._state[:1]
 
     def reset(self) -> None:
         """Back to the first evaluation (zeroes the device counter; no host sync)."""
@@ -425,7 +435,6 @@ class FlowSampler:
                              f"{tuple(x.shape)}; use one FlowSampler per latent shape")
         shape = (B, P, Q)
         if self._shape is None:
-            self._twin_tail = None
             dev = self.device
             needs_h1 = self.method != "euler"
             # the CUDA kernel's fixed-order reductions: global keeps per-sample then per-row sums
@@ -471,10 +480,15 @@ class FlowSampler:
             if (k < self.num_evals and not self._host_flags[k] & f[5] and f[6].check(x, v_cond, u, i, out)
                     and x.data_ptr() == p[0] and v_cond.data_ptr() == p[1]
                     and (v_uncond is None or v_uncond.data_ptr() == p[2])
-                    and (v_img_uncond is None or v_img_uncond.data_ptr() == p[3]) and out.data_ptr() == p[4]):
+                    and (v_img_uncond is None or v_img_uncond.data_ptr() == p[3]) and out.data_ptr() == p[4]
+                    # the sampler's own counter and table, public attributes (a share_memory_ moves them)
+                    and self._state.data_ptr() == p[5] and self.table.data_ptr() == p[6]
+                    and (not f[11] or not _grad_enabled())):  # an input requires grad: the warning's path
+                # the version first, as the dispatcher bumps it: a tensor that cannot take the write
+                # raises before anything is written
+                _increment_version((out,))
                 f[9](f[10])
                 self._host_step = k + 1
-                _increment_version((out,))  # as the dispatcher would (see _op.SparOp._written)
                 return out
         dev = self.device
         check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=(2, 3, 4, 5), device=dev)
@@ -517,18 +531,18 @@ class FlowSampler:
             _flow_step_op(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, self.table, self._state, stats, mode,
                           self.renorm_min)
         elif _flow_step_op.select(x.device) is _impl_cpu:
-            # eager on the C++ twin: the sampler's own pointers are packed once per shape
-            tail = self._twin_tail
-            if tail is None or tail[-2] != mode:
-                tail = self._twin_tail = (_ptr(h1), _ptr(h2), self.table.data_ptr(), self.table.shape[0],
-                                          self._state.data_ptr(), _ptr(stats), mode, self.renorm_min)
+            # eager on the C++ twin. The sampler's own pointers are read every call: a
+            # share_memory_ (or a torch.multiprocessing queue) moves a tensor's bytes in place
+            tail = (_ptr(h1), _ptr(h2), self.table.data_ptr(), self.table.shape[0], self._state.data_ptr(),
+                    _ptr(stats), mode, self.renorm_min)
             keep = []
             args = _branch_args(B, P, Q, x, v_cond, v_uncond, v_img_uncond, keep)
             args = (_ext.dtype_code(x), _ext.dtype_code(v_cond), B, P, Q, *args, out.data_ptr(), *tail)
-            if _grad_enabled() and _any_requires_grad(x, v_cond, v_uncond, v_img_uncond, given_out):
+            rg = _any_requires_grad(x, v_cond, v_uncond, v_img_uncond, given_out)
+            if rg and _grad_enabled():
                 _flow_step_op.warn_no_backward(stacklevel=3)  # the twin records nothing, as the op would
+            _increment_version((out,))  # first, as the dispatcher: a tensor that cannot take it raises unwritten
             _twin()(*args)
-            _increment_version((out,))
             # the fast path's entry, built on the second call in a row with the same objects (a
             # loop over static buffers): a caller passing fresh views each step (the runtime's
             # v[:B], v[B:]) does not pay for an entry it never replays. Weak references, not ids:
@@ -537,7 +551,7 @@ class FlowSampler:
             replay = (given_out is not None and not keep and last is not None  # nothing to replay for a fresh
                       and all(r() is t for r, t in zip(last, ts)))               # out or a branch copy
             self._last = tuple(_none if t is None else weakref.ref(t) for t in ts)
-            self._fast = _fast_entry(self, x, v_cond, v_uncond, v_img_uncond, out, args) if replay else None
+            self._fast = _fast_entry(self, x, v_cond, v_uncond, v_img_uncond, out, args, rg) if replay else None
         else:  # through the op: grad mode, the no-backward warning and version counters as for any op
             _flow_step_op(x, v_cond, v_uncond, v_img_uncond, out, h1, h2, self.table, self._state, stats, mode,
                           self.renorm_min)
@@ -578,14 +592,16 @@ def _none():
     return None
 
 
-def _fast_entry(sampler, x, v_cond, v_uncond, v_img_uncond, out, args):
+def _fast_entry(sampler, x, v_cond, v_uncond, v_img_uncond, out, args, requires_grad):
     """What FlowSampler.step's fast path replays: weak references to the validated tensors (so
     the sampler does not keep a step's velocities alive; when one dies the entry is dropped, so a
     dead reference never matches a None argument), the flags of a row that would need a branch
     that is absent, a layout guard (_op.layout_guard) over the five tensors (_ABSENT in the place
-    of a missing branch) and their data pointers, the twin's arguments (all pointers, no copy)
-    packed as csrc/flow_sampler/api.h's flow_sampler_step_cpu_packed reads them, that entry point
-    (looked up by _twin) and the array's address."""
+    of a missing branch), their data pointers and those of the sampler's counter and table, the
+    twin's arguments (all pointers, no copy) packed as csrc/flow_sampler/api.h's
+    flow_sampler_step_cpu_packed reads them, that entry point (looked up by _twin), the array's
+    address and whether an input requires grad (then a call in grad mode takes the full path,
+    which warns)."""
     owner = weakref.ref(sampler)
 
     def drop(ref):
@@ -600,7 +616,8 @@ def _fast_entry(sampler, x, v_cond, v_uncond, v_img_uncond, out, args):
     packed = np.array((*args[:-1], 0), dtype=np.int64)
     packed[-1:].view(np.float64)[0] = args[-1]  # renorm_min
     addr = packed.__array_interface__["data"][0]  # (ndarray.ctypes builds a ctypes object: ~5 us)
-    return (*refs, missing, layout_guard(*ts), tuple(t.data_ptr() for t in ts), packed, _TWIN[1], addr)
+    ptrs = tuple(t.data_ptr() for t in ts) + (sampler._state.data_ptr(), sampler.table.data_ptr())
+    return (*refs, missing, layout_guard(*ts), ptrs, packed, _TWIN[1], addr, requires_grad)
 
 
 _ABSENT = torch.empty(0)  # stands for a missing branch in the fast path's guard (never written)

@@ -108,8 +108,8 @@ def quantize_fp8(x: torch.Tensor, granularity: str = "token", out=None, *, works
             x_end = xp + ((rows - 1) * x.stride(0) + cols) * x.element_size()
             q_end, s_end = qp + rows * cols, sp + 4 * scales.numel()
             if (x_end <= qp or q_end <= xp) and (x_end <= sp or s_end <= xp) and (q_end <= sp or s_end <= qp):
+                _increment_version((q, scales))  # first, as the dispatcher (see _op.SparOp._written)
                 _ext.cpu_twin("quantize_fp8")(xp, code, rows, cols, x.stride(0), qp, sp, granularity == "token")
-                _increment_version((q, scales))  # as the dispatcher would (see _op.SparOp._written)
                 return q, scales
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() == 0:

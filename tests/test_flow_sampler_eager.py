@@ -370,3 +370,85 @@ def test_packed_entry_point_errors_and_large_replays():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         x.copy_(got)
     assert a._fast is not None and isinstance(a._fast[8], np.ndarray)
+
+
+@pytest.mark.parametrize("move", ["counter", "table", "queue"])
+def test_the_samplers_own_tensors_moving_to_shared_memory_is_seen(move):
+    """The twin reaches the counter, the table and the history by pointer. counter.share_memory_()
+    or table.share_memory_() (public attributes) move their bytes in place; a torch.multiprocessing
+    pickler would move every tensor the sampler's state gives it (the state now gives copies).
+    Stepping on, the full path and the replay use the new memory: results and counters equal the
+    reference's (the twin used to write the freed counter)."""
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers the pickler's tensor reductions)
+
+    s, r = _pair("dpmsolver++2m")
+    shape = (1, 4, 8, 8)
+    x, vc, vu, out = (torch.randn(shape) for _ in range(4))
+    for i in range(5):
+        if i == 2:
+            if move == "queue":
+                ForkingPickler.dumps(s)
+            else:
+                getattr(s, move).share_memory_()
+        want = _ref_step(r, x.clone(), vc, vu)
+        got = s.step(x, vc, vu, out=out)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert int(s.counter) == int(r.counter) == s._host_step == i + 1
+        x.copy_(got)
+
+
+def test_pickled_sampler_keeps_its_counter_a_view_of_its_state():
+    import pickle
+
+    s = sk.FlowSampler("euler", num_steps=6, guidance=3.0)
+    x, vc, vu, out = (torch.randn(1, 4, 5) for _ in range(4))
+    s.step(x, vc, vu, out=out)
+    c = pickle.loads(pickle.dumps(s))
+    for _ in range(2):
+        c.step(x, vc, vu, out=out)
+    assert int(c.counter) == c._host_step == 3 and int(s.counter) == 1
+    torch.testing.assert_close(c.current_timestep(), c.timesteps[3:4])
+
+
+def test_a_write_that_cannot_happen_raises_before_the_step_runs():
+    """An inference-mode `out` given normal storage by `.data =` keeps a disabled version counter:
+    the version bump raises. It now comes first, as in the dispatcher, so nothing is written and
+    the host and device counters stay equal on the full path and the replay alike."""
+    shape = (5, 7)
+    for replay in (False, True):
+        s = sk.FlowSampler("euler", num_steps=6, guidance=4.0)
+        x, vc, vu = (torch.randn(shape) for _ in range(3))
+        with torch.inference_mode():
+            out = torch.empty(shape)
+        out.data = torch.zeros(shape)
+        with torch.inference_mode():
+            s.step(x, vc, vu, out=out)
+            s.step(x, vc, vu, out=out)
+        if not replay:
+            s._fast = s._last = None
+        before = out.clone()
+        with pytest.raises(RuntimeError, match="inference"):
+            s.step(x, vc, vu, out=out)
+        assert torch.equal(out, before) and int(s.counter) == s._host_step == 2
+
+
+def test_grad_mode_turned_on_after_the_entry_was_built_still_warns():
+    import warnings
+
+    from spar_kernels import _op
+
+    _op.REGISTRY["flow_sampler_step"]._warned_grad = False
+    s = sk.FlowSampler("euler", num_steps=4, guidance=2.0)
+    x, vu, out = torch.randn(1, 4, 8), torch.randn(1, 4, 8), torch.empty(1, 4, 8)
+    vc = torch.randn(1, 4, 8, requires_grad=True)
+    with torch.no_grad():
+        s.step(x, vc, vu, out=out)
+        s.step(x, vc, vu, out=out)
+    assert s._fast is not None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s.step(x, vc, vu, out=out)
+    assert sum("has no backward" in str(c.message) for c in caught) == 1
+    assert not out.requires_grad
