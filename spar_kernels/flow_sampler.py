@@ -474,10 +474,13 @@ class FlowSampler:
             # and memory are unchanged (a resize_, set_, share_memory_ or .data assignment changes a
             # pointer, dtype, size or stride)
             k = self._host_step
-            u = _ABSENT if v_uncond is None else v_uncond
-            i = _ABSENT if v_img_uncond is None else v_img_uncond
-            p = f[7]
-            if (k < self.num_evals and not self._host_flags[k] & f[5] and f[6].check(x, v_cond, u, i, out)
+            g, p = f[6], f[7]
+            # the guard holds the tensors given (the same objects: the same branches are None)
+            if v_img_uncond is not None:
+                same = g.check(x, v_cond, v_uncond, v_img_uncond, out)
+            else:
+                same = g.check(x, v_cond, out) if v_uncond is None else g.check(x, v_cond, v_uncond, out)
+            if (same and k < self.num_evals and (not f[5] or not self._host_flags[k] & f[5])
                     and x.data_ptr() == p[0] and v_cond.data_ptr() == p[1]
                     and (v_uncond is None or v_uncond.data_ptr() == p[2])
                     and (v_img_uncond is None or v_img_uncond.data_ptr() == p[3]) and out.data_ptr() == p[4]
@@ -596,8 +599,9 @@ def _fast_entry(sampler, x, v_cond, v_uncond, v_img_uncond, out, args, requires_
     """What FlowSampler.step's fast path replays: weak references to the validated tensors (so
     the sampler does not keep a step's velocities alive; when one dies the entry is dropped, so a
     dead reference never matches a None argument), the flags of a row that would need a branch
-    that is absent, a layout guard (_op.layout_guard) over the five tensors (_ABSENT in the place
-    of a missing branch), their data pointers and those of the sampler's counter and table, the
+    that is absent, a layout guard (_op.layout_guard) over the tensors given (x, v_cond, the
+    branches that are not None, out), the data pointers of the five (0 for a missing branch) and
+    those of the sampler's counter and table, the
     twin's arguments (all pointers, no copy) packed as csrc/flow_sampler/api.h's
     flow_sampler_step_cpu_packed reads them, that entry point (looked up by _twin), the array's
     address and whether an input requires grad (then a call in grad mode takes the full path,
@@ -611,16 +615,13 @@ def _fast_entry(sampler, x, v_cond, v_uncond, v_img_uncond, out, args, requires_
 
     refs = tuple(_none if t is None else weakref.ref(t, drop) for t in (x, v_cond, v_uncond, v_img_uncond, out))
     missing = (F_CFG if v_uncond is None else 0) | (F_IMG if v_img_uncond is None else 0)
-    ts = (x, v_cond, _ABSENT if v_uncond is None else v_uncond,
-          _ABSENT if v_img_uncond is None else v_img_uncond, out)
+    given = [t for t in (x, v_cond, v_uncond, v_img_uncond, out) if t is not None]
     packed = np.array((*args[:-1], 0), dtype=np.int64)
     packed[-1:].view(np.float64)[0] = args[-1]  # renorm_min
     addr = packed.__array_interface__["data"][0]  # (ndarray.ctypes builds a ctypes object: ~5 us)
-    ptrs = tuple(t.data_ptr() for t in ts) + (sampler._state.data_ptr(), sampler.table.data_ptr())
-    return (*refs, missing, layout_guard(*ts), ptrs, packed, _TWIN[1], addr, requires_grad)
-
-
-_ABSENT = torch.empty(0)  # stands for a missing branch in the fast path's guard (never written)
+    ptrs = tuple(0 if t is None else t.data_ptr() for t in (x, v_cond, v_uncond, v_img_uncond, out)) + (
+        sampler._state.data_ptr(), sampler.table.data_ptr())
+    return (*refs, missing, layout_guard(*given), ptrs, packed, _TWIN[1], addr, requires_grad)
 
 
 _TWIN = []
