@@ -489,7 +489,7 @@ class FlowSampler:
                     and (not f[11] or not _grad_enabled())):  # an input requires grad: the warning's path
                 # the version first, as the dispatcher bumps it: a tensor that cannot take the write
                 # raises before anything is written
-                _increment_version((out,))
+                _increment_version((out, self._state))  # the counter (a public view) advances too
                 f[9](f[10])
                 self._host_step = k + 1
                 return out
@@ -544,7 +544,7 @@ class FlowSampler:
             rg = _any_requires_grad(x, v_cond, v_uncond, v_img_uncond, given_out)
             if rg and _grad_enabled():
                 _flow_step_op.warn_no_backward(stacklevel=3)  # the twin records nothing, as the op would
-            _increment_version((out,))  # first, as the dispatcher: a tensor that cannot take it raises unwritten
+            _increment_version((out, self._state))  # first, as the dispatcher (out and the counter)
             _twin()(*args)
             # the fast path's entry, built on the second call in a row with the same objects (a
             # loop over static buffers): a caller passing fresh views each step (the runtime's

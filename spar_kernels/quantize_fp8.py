@@ -43,7 +43,7 @@ def _out_ok(t, shape, dtype, device) -> bool:
     """True when ``t`` passes check_out (a cheaper test for the per-call path; check_out explains
     a failure)."""
     return (type(t) is torch.Tensor and t.layout is _STRIDED and t.dtype == dtype and t.shape == shape
-            and t.device == device and t.is_contiguous() and not t.is_neg())
+            and t.device == device and t.is_contiguous() and (_is_compiling() or not t.is_neg()))
 
 
 def _impl_cuda(x, q, scales, per_token, workspace):

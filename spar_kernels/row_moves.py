@@ -155,7 +155,9 @@ def _rows_view(t: torch.Tensor, name: str, *, writable: bool = False) -> torch.T
     es = t.element_size()
     if es in _BITS_DTYPE:
         return v.view(_BITS_DTYPE[es])
-    if es == 16 and (C <= 1 or v.stride(1) == 1):
+    if es == 16:
+        if C <= 1 and v.stride(-1) != 1:  # rows of one element: any column stride names the same element
+            v = v.as_strided((n, C), (v.stride(0), 1))
         return v.view(torch.int64)  # [rows, 2C]: the kernels move rows of 8-byte words
     return v
 

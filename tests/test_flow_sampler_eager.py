@@ -452,3 +452,19 @@ def test_grad_mode_turned_on_after_the_entry_was_built_still_warns():
         s.step(x, vc, vu, out=out)
     assert sum("has no backward" in str(c.message) for c in caught) == 1
     assert not out.requires_grad
+
+
+def test_the_counter_version_advances_with_every_step():
+    """The twin advances the public counter in place: its version is bumped too (on the full path
+    and the replay), so a graph that saved it refuses backward, as with the reference backend."""
+    s = sk.FlowSampler("euler", num_steps=6, guidance=3.0)
+    x, vc, vu, out = (torch.randn(1, 4, 5) for _ in range(4))
+    for _ in range(3):  # full, full (builds the entry), replay
+        v = s.counter._version
+        s.step(x, vc, vu, out=out)
+        assert s.counter._version > v
+    emb = torch.randn(8, 3, requires_grad=True)
+    y = emb.index_select(0, s.counter).sum()  # saves the int32 counter itself for backward
+    s.step(x, vc, vu, out=out)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()

@@ -92,6 +92,10 @@ def test_quantize_fp8_opcheck_and_compile():
                           test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
     f = torch.compile(lambda x: sk.quantize_fp8(x, "token")[1] * 2, fullgraph=True, backend="eager")
     torch.testing.assert_close(f(x), ref.quantize_fp8(x, "token")[1] * 2)
+    # with given buffers too (the eager lane's is_neg check used to break the graph)
+    g = torch.compile(lambda x, q, s: sk.quantize_fp8(x, "token", out=(q, s))[1] * 2, fullgraph=True,
+                      backend="aot_eager")
+    torch.testing.assert_close(g(x, q, s), ref.quantize_fp8(x, "token")[1] * 2)
 
 
 @pytest.mark.parametrize("call, match, exc", [

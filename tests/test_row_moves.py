@@ -444,6 +444,8 @@ def test_row_moves_on_16_byte_elements(backend, pad_value):
         with sk.backend(backend):
             assert torch.equal(sk.gather_rows(x, idx), x[idx])
             assert torch.equal(sk.gather_rows(x[::2], idx[:2] // 2), x[::2][idx[:2] // 2])
+            one = x.reshape(-1)[::2]  # rows of one element, strided
+            assert torch.equal(sk.gather_rows(one, idx % one.shape[0]), one[idx % one.shape[0]])
             y = x.clone()
             sk.scatter_rows(y, idx[:3], src[:3])
         want = x.clone()
