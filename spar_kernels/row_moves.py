@@ -447,7 +447,8 @@ def _unpack_triton(packed, cu, max_len, pad_value, out):
         return
     src = _rows_view(packed, "packed")
     pad = _pad_bits(pad_value, packed.dtype)
-    split_pad = packed.element_size() == 16 and pad != 0  # complex128: (pad, 0) is two different words
+    # complex128: (pad, 0) is two different words unless pad is +0.0 (-0.0 has its sign bit)
+    split_pad = packed.element_size() == 16 and (pad != 0 or math.copysign(1.0, pad) < 0)
     _grid_launch(_varlen_rows_kernel, n, C, src, dst, cu, max_len, packed.shape[0], src.stride(0), dst.stride(0), C,
                  0 if split_pad else pad, PACK=False)
     if split_pad:  # the rows past each length, written as zeros, get the pad (device ops, no sync)
@@ -474,7 +475,7 @@ def _unpack_reference(packed, cu, max_len, pad_value, out):
 def _int_pad(f):
     """The op's schema carries pad_value as a float; an integer output gets it back as an int."""
     def run(packed, cu_seqlens, max_len, pad_value, out):
-        if not out.is_floating_point() and float(pad_value).is_integer():
+        if not (out.is_floating_point() or out.is_complex()) and float(pad_value).is_integer():
             pad_value = int(pad_value)
         f(packed, cu_seqlens, max_len, pad_value, out)
     return run

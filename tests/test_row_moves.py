@@ -431,7 +431,7 @@ def test_row_moves_refuse_an_out_sharing_the_input():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("pad_value", [0.0, 1.5])
+@pytest.mark.parametrize("pad_value", [0.0, 1.5, -0.0])
 def test_row_moves_on_16_byte_elements(backend, pad_value):
     """complex128 rows (16-byte elements, moved as int64 pairs): gather, scatter, pack and unpack
     (a nonzero pad is (pad, 0): two different words) equal indexing, on every backend; rows of one
@@ -461,3 +461,4 @@ def test_row_moves_on_16_byte_elements(backend, pad_value):
         for b, n in enumerate(lengths):
             want[b, :n] = padded[b, :n]
         assert torch.equal(back, want)
+        assert torch.equal(torch.signbit(back.real), torch.signbit(want.real))  # -0.0 keeps its sign
