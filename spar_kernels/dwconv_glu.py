@@ -200,7 +200,16 @@ def _aot_specs():
 # implementations (write into the preallocated out); weight arrives as [2C, 9]
 
 
+def _check_grid(x, H, W, out):
+    """The op body's own check of what the kernels index by (a direct torch.ops.spar.dwconv_glu
+    call skips the public function's validation; a wrong grid would read and write out of bounds)."""
+    if H < 1 or W < 1 or H * W != x.shape[1] or tuple(out.shape) != (x.shape[0], x.shape[1], x.shape[2] // 2):
+        raise ValueError(f"dwconv_glu: H={H}, W={W} must tile x's {x.shape[1]} tokens and out must be "
+                         f"{(x.shape[0], x.shape[1], x.shape[2] // 2)}, got {tuple(out.shape)}")
+
+
 def _impl_triton(x, weight, bias, H, W, out):
+    _check_grid(x, H, W, out)
     grid, args, consts, warps, stages = _launch(x, weight, bias, H, W, out)
     with device_guard(x):
         _dwconv_glu_kernel[grid](**args, **consts, num_warps=warps, num_stages=stages)
@@ -211,6 +220,7 @@ def _impl_reference(x, weight, bias, H, W, out):
 
 
 def _impl_cpu(x, weight, bias, H, W, out):
+    _check_grid(x, H, W, out)
     B, HW, C2 = x.shape
     C = C2 // 2
     # the C++ twin: one pass, fp32 accumulators per pixel; an fp32 weight ([2C, 9]) and bias are

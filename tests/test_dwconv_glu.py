@@ -384,3 +384,13 @@ def test_dwconv_glu_other_lane_counts_match_reference(tmp_path, lanes, flags):
             got = (raw if code == "f32" else raw.view(torch.bfloat16)).reshape(B, H * W, C)
             want64 = ref.dwconv_glu(x.double(), w.double(), b.double(), H, W, compute_dtype=torch.float64)
             assert_close_fa(got, _torch_same_dtype(x, w, b, H, W), want64, name=f"{lanes} lanes {code} {(B, H, W, C)}")
+
+
+def test_the_op_body_checks_the_grid_a_direct_call_gives():
+    """torch.ops.spar.dwconv_glu called directly skips the public checks; a grid that does not tile
+    the tokens is still refused before the kernels index by it (the twin read out of bounds)."""
+    x, w, b = torch.randn(2, 12, 16), torch.randn(16, 9), torch.randn(16)
+    out = torch.empty(2, 12, 8)
+    for backend in ("cpu", "reference"):
+        with sk.backend(backend), pytest.raises((ValueError, RuntimeError)):
+            torch.ops.spar.dwconv_glu(x, w, b, 99, 4, out)
