@@ -601,11 +601,10 @@ def _fast_entry(sampler, x, v_cond, v_uncond, v_img_uncond, out, args, requires_
     dead reference never matches a None argument), the flags of a row that would need a branch
     that is absent, a layout guard (_op.layout_guard) over the tensors given (x, v_cond, the
     branches that are not None, out), the data pointers of the five (0 for a missing branch) and
-    those of the sampler's counter and table, the
-    twin's arguments (all pointers, no copy) packed as csrc/flow_sampler/api.h's
-    flow_sampler_step_cpu_packed reads them, that entry point (looked up by _twin), the array's
-    address and whether an input requires grad (then a call in grad mode takes the full path,
-    which warns)."""
+    those of the sampler's counter and table, the twin's arguments (all pointers, no copy) packed
+    as csrc/flow_sampler/api.h's flow_sampler_step_cpu_packed reads them, that entry point (looked
+    up by _twin), the array's address and whether an input requires grad (then a call in grad
+    mode takes the full path, which warns)."""
     owner = weakref.ref(sampler)
 
     def drop(ref):

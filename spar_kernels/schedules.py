@@ -160,16 +160,15 @@ def flow_sigmas(num_steps: int, *, shift: float = 1.0, schedule: str = "diffuser
     elif schedule == "dpmsolver":
         s = math.exp(mu) if mu is not None else shift
         out = torch.from_numpy(dpmsolver_flow_sigmas_f64(num_steps, s, num_train_timesteps)).to(torch.float32)
-        if mu is None and not bool((out[1:] < out[:-1]).all()):
-            # two sigmas of 1 in a row: DPM-Solver's step in log(alpha / sigma) is -inf - -inf (NaN latents)
-            raise ValueError(f"shift: with shift={shift} the float32 DPM-Solver sigmas are not strictly decreasing "
-                             f"(the shift pushes them together at 1), got {out.tolist()[:4]}...")
     else:  # BAGEL: float32 torch arithmetic
         t = torch.linspace(1, 0, num_steps + 1)
         t = shift * t / (1 + (shift - 1) * t)
         return t.to(device=device)
-    if mu is not None and (use_dynamic_shifting or schedule == "dpmsolver"):
+    # sigmas pushed together (two of 1 in a row: DPM-Solver's step in log(alpha / sigma) is
+    # -inf - -inf, NaN latents), by mu where given, else by a DPM-Solver shift
+    if (mu is not None and (use_dynamic_shifting or schedule == "dpmsolver")) or schedule == "dpmsolver":
         if not bool((out[1:] < out[:-1]).all()):
-            raise ValueError(f"mu: with mu={mu} the float32 sigmas are not strictly decreasing "
-                             f"(the shift exp(mu) pushes them together), got {out.tolist()}")
+            what = f"mu: with mu={mu}" if mu is not None else f"shift: with shift={shift}"
+            raise ValueError(f"{what} the float32 sigmas are not strictly decreasing "
+                             f"(the shift pushes them together), got {out.tolist()[:8]}...")
     return torch.cat([out, torch.zeros(1)]).to(device=device)

@@ -776,7 +776,7 @@ def test_extreme_shifts_are_refused_naming_shift():
     made NaN latents) and one whose Euler schedule underflows are errors naming shift (the latter
     used to name shift_terminal, which the caller never passed); a large shift that keeps them
     strictly decreasing steps to finite values."""
-    with pytest.raises(ValueError, match="shift: with shift=100000000.0 the float32 DPM-Solver sigmas"):
+    with pytest.raises(ValueError, match="shift: with shift=100000000.0 the float32 sigmas are not strictly decreasing"):
         sk.FlowSampler("dpmsolver++2m", num_steps=20, shift=1e8)
     with pytest.raises(ValueError, match="shift: with shift=1e-13 the schedule is not finite"):
         sk.FlowSampler("euler", num_steps=20, shift=1e-13)
